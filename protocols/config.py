@@ -145,9 +145,15 @@ class RunConfig(_Strict):
         return -(-self.train.steps // h)
 
 
+_PROTOCOL_KINDS = ("diloco", "ddp")
+
+
 def _describe(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    parts = [str(p) for p in first["loc"]]
+    if len(parts) > 1 and parts[0] == "protocol" and parts[1] in _PROTOCOL_KINDS:
+        parts.pop(1)  # pydantic puts the union tag in the path; users never write it
+    loc = ".".join(parts) or "<root>"
     extra = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
     return f"invalid config at '{loc}': {first['msg']}{extra}"
 

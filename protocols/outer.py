@@ -1,0 +1,82 @@
+"""Outer optimizers as pure functions over dicts of tensors with explicit state.
+
+The coordinator treats the averaged pseudo-gradient as a gradient and steps an outer optimizer on the
+global parameters (DiLoCo, Douillard et al., arXiv:2311.08105, Algorithm 1: outer SGD with Nesterov
+momentum). These kernels never mutate their inputs: they return new parameter and state dicts, so the
+coordinator can keep the previous global state (for checkpoints, or when a round is abandoned).
+"""
+
+from __future__ import annotations
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+def _check_hyperparameters(lr: float, momentum: float) -> None:
+    if lr < 0.0:
+        raise ValueError(f"outer lr must be >= 0, got {lr}")
+    if momentum < 0.0:
+        raise ValueError(f"outer momentum must be >= 0, got {momentum}")
+
+
+def _check_grads(params: Params, grads: Params) -> None:
+    unknown = sorted(set(grads) - set(params))
+    if unknown:
+        raise ValueError(f"gradients for tensors that are not parameters: {unknown}")
+    for name, g in grads.items():
+        if g.shape != params[name].shape:
+            raise ValueError(
+                f"gradient for {name!r} has shape {tuple(g.shape)}, parameter has {tuple(params[name].shape)}"
+            )
+
+
+def nesterov_sgd(
+    params: Params,
+    grads: Params,
+    momentum_buf: Params,
+    lr: float,
+    momentum: float,
+    nesterov: bool = True,
+) -> tuple[Params, Params]:
+    """One step of SGD with (Nesterov) momentum, exactly as `torch.optim.SGD(lr, momentum, nesterov)`.
+
+    params:       name -> tensor [any shape]; the current parameters.
+    grads:        name -> tensor [same shape as params[name]]; a subset of params' names. Parameters
+                  without a gradient are left unchanged and keep their momentum buffer, as torch skips
+                  parameters whose `.grad` is None.
+    momentum_buf: name -> tensor [same shape]; a missing name means this is that tensor's first step.
+    Returns (new_params, new_momentum_buf). Every returned parameter is a new tensor in its input dtype;
+    momentum buffers are kept in at least float32 so low-precision parameters do not lose the
+    momentum's small increments.
+
+    Torch's recurrence (dampening 0, no weight decay):
+        buf = g                  on the first step, else   buf = momentum * buf + g
+        d   = g + momentum * buf if nesterov,              else   d = buf
+        p   = p - lr * d
+    With momentum 0 there is no buffer and the step is plain SGD (`nesterov` then changes nothing).
+    """
+    _check_hyperparameters(lr, momentum)
+    _check_grads(params, grads)
+    new_params: Params = {}
+    # Buffers of parameters that got no gradient carry over untouched (never mutated, so sharing is safe).
+    new_buf: Params = {name: b for name, b in momentum_buf.items() if name not in grads}
+    for name, param in params.items():
+        p = param.detach()
+        grad = grads.get(name)
+        if grad is None:
+            new_params[name] = p.clone()
+            continue
+        work_dtype = torch.promote_types(p.dtype, torch.float32)
+        g = grad.detach().to(device=p.device, dtype=work_dtype)
+        if momentum != 0.0:
+            prev = momentum_buf.get(name)
+            # torch's first step sets the buffer to the gradient itself (a clone: no aliasing of grads).
+            buf = g.clone() if prev is None else prev.detach().to(g).mul(momentum).add(g)
+            new_buf[name] = buf
+            direction = g.add(buf, alpha=momentum) if nesterov else buf
+        else:
+            direction = g
+        # `torch.add(..., alpha=-lr)` mirrors torch.optim.SGD's `p.add_(d, alpha=-lr)` bit for bit.
+        new_params[name] = torch.add(p.to(work_dtype), direction, alpha=-lr).to(p.dtype)
+    return new_params, new_buf
