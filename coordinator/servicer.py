@@ -1,0 +1,166 @@
+"""The gRPC servicer: thin. It converts wire messages with `serde`, calls the state machine, and maps
+`Rejected` / `WireError` onto gRPC status codes whose message says exactly what was wrong."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import grpc
+
+from compression.payload import dense
+from coordinator.errors import Code, Rejected
+from coordinator.state import CoordinatorState, Phase
+from protocols.base import Update
+from protocols.wire import lowband_pb2_grpc, serde
+from protocols.wire import messages as m
+
+log = logging.getLogger(__name__)
+
+_STATUS = {
+    Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    Code.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+_PHASE = {
+    Phase.WAITING: m.Phase.WAITING_FOR_WORKERS,
+    Phase.TRAINING: m.Phase.TRAINING,
+    Phase.FINISHED: m.Phase.FINISHED,
+}
+# A worker never needs to wait longer than this per WaitRound call; it simply asks again.
+MAX_WAIT_S = 30.0
+
+
+def _abort(context: grpc.ServicerContext, err: Exception) -> NoReturn:
+    if isinstance(err, Rejected):
+        status, message = _STATUS[err.code], err.message
+    else:
+        status, message = grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}"
+    log.warning("rejected: %s", message)
+    context.abort(status, message)
+    raise AssertionError("unreachable: context.abort raises")
+
+
+class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
+    def __init__(self, state: CoordinatorState, chunk_bytes: int = m.DEFAULT_CHUNK_BYTES) -> None:
+        self.state = state
+        self.chunk_bytes = chunk_bytes
+
+    def _check_run(self, env: m.Envelope) -> None:
+        if env.run_id and env.run_id != self.state.run_id:
+            raise Rejected(Code.FAILED_PRECONDITION, f"wrong run id {env.run_id!r} (this run is {self.state.run_id!r})")
+
+    def Join(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            req = serde.from_pb(request)
+            assert isinstance(req, m.JoinRequest)
+            env = req.envelope
+            member = self.state.join(req.hostname, env.token, env.protocol_version, env.worker_id)
+            reply = m.JoinReply(
+                worker_id=member.worker_id,
+                worker_index=member.index,
+                run_id=self.state.run_id,
+                round=self.state.round,
+                config_yaml=self.state.config_yaml,
+                has_global_state=self.state.params is not None,
+                heartbeat_interval_s=self.state.cfg.cluster.heartbeat_interval_s,
+            )
+            return serde.to_pb(reply)
+        except (Rejected, m.WireError) as err:
+            _abort(context, err)
+
+    def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            req = serde.from_pb(request)
+            assert isinstance(req, m.HeartbeatRequest)
+            self._check_run(req.envelope)
+            loss = None if req.last_loss != req.last_loss else req.last_loss  # NaN means "no loss yet"
+            eval_loss = None if req.eval_loss != req.eval_loss else req.eval_loss
+            self.state.heartbeat(req.envelope.worker_id, req.envelope.token, req.inner_step, loss, eval_loss)
+            return serde.to_pb(m.HeartbeatReply(round=self.state.round, phase=_PHASE[self.state.phase]))
+        except (Rejected, m.WireError) as err:
+            _abort(context, err)
+
+    def Leave(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            req = serde.from_pb(request)
+            assert isinstance(req, m.LeaveRequest)
+            self._check_run(req.envelope)
+            self.state.leave(req.envelope.worker_id, req.envelope.token)
+            return serde.to_pb(m.LeaveReply())
+        except (Rejected, m.WireError) as err:
+            _abort(context, err)
+
+    def PullState(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            req = serde.from_pb(request)
+            assert isinstance(req, m.PullRequest)
+            self._check_run(req.envelope)
+            snap = self.state.snapshot(req.envelope.worker_id, req.envelope.token)
+        except (Rejected, m.WireError) as err:
+            _abort(context, err)
+        entries = {name: dense(t) for name, t in snap.params.items()}
+        header = m.StateHeader(
+            round=snap.round,
+            num_entries=len(entries),
+            total_bytes=sum(p.nbytes() for p in entries.values()),
+            state_hash=snap.state_hash,
+        )
+        sent = 0
+        for msg in serde.pull_stream(header, entries, self.chunk_bytes):
+            sent += msg.ByteSize()
+            yield msg
+        self.state.count_download(req.envelope.worker_id, sent)
+
+    def WaitRound(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            req = serde.from_pb(request)
+            assert isinstance(req, m.WaitRequest)
+            self._check_run(req.envelope)
+            self.state.check_member(req.envelope.worker_id, req.envelope.token)
+            wait = min(req.max_wait_s or MAX_WAIT_S, MAX_WAIT_S)
+            round_, phase, state_hash = self.state.wait_for_round(req.after_round, wait)
+            info = m.RoundInfo(round_, _PHASE[phase], state_hash, self.state.total_rounds)
+            return serde.to_pb(info)
+        except (Rejected, m.WireError) as err:
+            _abort(context, err)
+
+    def PushUpdate(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        counted = _CountingIterator(request_iterator)
+        try:
+            header, entries = serde.read_push(counted, self.state.max_push_bytes)
+            env = header.envelope
+            self._check_run(env)
+            if header.kind is m.PushKind.INITIAL_STATE:
+                self.state.offer_initial_state(env.worker_id, env.token, entries)
+                round_ = self.state.round
+            else:
+                metrics = dict(header.metrics)
+                metrics.setdefault("tokens", float(header.tokens))
+                if header.train_loss == header.train_loss:
+                    metrics.setdefault("train_loss", header.train_loss)
+                update = Update(payloads=entries, weight=header.weight)
+                round_ = self.state.submit(env.worker_id, env.token, env.round, update, metrics, counted.nbytes)
+            return serde.to_pb(m.PushReply(accepted=True, round=round_, bytes_received=counted.nbytes))
+        except (Rejected, m.WireError) as err:
+            _abort(context, err)
+
+
+class _CountingIterator:
+    """Counts the serialized bytes of every message a client stream delivers."""
+
+    def __init__(self, inner: Iterator[Any]) -> None:
+        self.inner = inner
+        self.nbytes = 0
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        msg = next(self.inner)
+        self.nbytes += msg.ByteSize()
+        return msg

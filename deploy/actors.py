@@ -1,0 +1,62 @@
+"""The Ray actors: thin shells that run the coordinator and worker processes inside Ray.
+
+All logic lives in `coordinator/` and `worker/`; these only give Ray something to schedule with
+explicit `num_cpus`, and return plain dicts to the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import ray
+
+from coordinator.server import CoordinatorServer
+from protocols.config import RunConfig
+from worker.client import CoordinatorClient
+from worker.faults import Faults
+from worker.runtime import run_worker
+
+
+@ray.remote
+class CoordinatorActor:
+    def __init__(self, cfg_json: dict[str, Any], run_dir: str) -> None:
+        logging.basicConfig(level=logging.WARNING)
+        self.server = CoordinatorServer(RunConfig.model_validate(cfg_json), bind="127.0.0.1:0", run_dir=run_dir)
+
+    def start(self) -> str:
+        return self.server.start().address
+
+    def progress(self) -> dict[str, Any]:
+        return self.server.progress()
+
+    def finish(self, grace_s: float) -> dict[str, Any]:
+        """Wait for the last round, let workers report their final eval, stop, and summarize."""
+        self.server.wait_finished()
+        self.server.wait_departed(grace_s)
+        summary = self.server.summary()
+        self.server.stop()
+        return summary
+
+
+@ray.remote
+class WorkerActor:
+    def run(self, address: str, token: str, threads: int, faults: dict[str, Any]) -> dict[str, Any]:
+        logging.basicConfig(level=logging.WARNING)
+        client = CoordinatorClient(address, token=token)
+        try:
+            return asdict(run_worker(client, threads=threads, faults=Faults(**faults)))
+        finally:
+            client.close()
+
+
+@ray.remote
+class DDPActor:
+    def run(self, rank: int, world: int, init_method: str, cfg_json: dict[str, Any], threads: int) -> dict[str, Any]:
+        import torch
+
+        from worker.ddp import run_ddp_worker
+
+        torch.set_num_threads(threads)
+        return run_ddp_worker(rank, world, init_method, RunConfig.model_validate(cfg_json))

@@ -1,0 +1,189 @@
+"""The `lowband` command line: run, coordinator, worker, sample."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from dataclasses import asdict
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from protocols.config import ConfigError, RunConfig, load_config
+
+DEFAULT_RECIPE = "diloco.yaml"
+
+
+def recipe_path(recipe: str | None) -> Path:
+    """A recipe file path, or the name of a recipe shipped in deploy/recipes (with or without .yaml)."""
+    if recipe is None:
+        recipe = DEFAULT_RECIPE
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = files("deploy") / "recipes" / (recipe if recipe.endswith(".yaml") else f"{recipe}.yaml")
+    if shipped.is_file():
+        return Path(str(shipped))
+    known = sorted(p.name for p in (files("deploy") / "recipes").iterdir() if p.name.endswith(".yaml"))
+    raise ConfigError(f"recipe {recipe!r} is neither a file nor a shipped recipe (shipped: {', '.join(known)})")
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    return load_config(recipe_path(args.recipe), args.set)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help=f"recipe YAML path or shipped recipe name (default {DEFAULT_RECIPE})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field with a dotted key, e.g. --set protocol.inner_steps=30")
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from deploy.launcher import run
+    from deploy.report import print_final
+
+    cfg = _load(args)
+    summaries = [run(cfg, address=args.address, console=console)]
+    if args.compare == "ddp":
+        ddp_cfg = RunConfig.model_validate({**cfg.model_dump(), "name": f"{cfg.name}-ddp", "protocol": {"kind": "ddp"}})
+        summaries.insert(0, run(ddp_cfg, address=args.address, console=console))
+    print_final(summaries, console)
+    console.print(f"run directory: {summaries[-1]['run_dir']}")
+    return 0
+
+
+def _read_tls(cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ConfigError("--tls-cert and --tls-key must be given together")
+    return Path(cert).read_bytes(), Path(key).read_bytes()
+
+
+def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
+    from coordinator.server import CoordinatorServer
+    from deploy.report import plot_loss, print_final
+
+    cfg = _load(args)
+    if args.token:
+        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": args.token})})
+    run_dir = Path(cfg.run_dir) / cfg.name
+    server = CoordinatorServer(cfg, bind=args.bind, run_dir=run_dir, resume=args.resume,
+                               tls=_read_tls(args.tls_cert, args.tls_key)).start()
+    if args.address_file:
+        Path(args.address_file).write_text(server.address + "\n")
+    console.print(f"coordinator for run [bold]{server.state.run_id}[/bold] listening on {server.address}; "
+                  f"waiting for {cfg.cluster.workers} workers")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.wait_finished()
+        server.wait_departed(120.0)
+    finally:
+        summary = server.summary()
+        server.stop()
+    if server.run_dir is not None:
+        server.run_dir.write_summary(summary)
+        plot_loss(run_dir, summary)
+    print_final([summary], console)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, console: Console) -> int:
+    from worker.client import CoordinatorClient
+    from worker.faults import Faults
+    from worker.runtime import run_worker
+
+    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    client = CoordinatorClient(args.join, token=args.token, tls_ca=ca, retry_for_s=args.retry_for)
+
+    def show(event: dict[str, Any]) -> None:
+        ev = f", eval {event['eval_loss']:.3f}" if "eval_loss" in event else ""
+        console.print(f"{event['worker']} round {event['round']} step {event['step']}: "
+                      f"train {event['train_loss']:.3f}{ev}")
+
+    faults = Faults(step_delay_s=args.step_delay, crash_at_step=args.crash_at_step)
+    result = run_worker(client, threads=args.threads, progress=show, faults=faults, worker_name=args.name)
+    client.close()
+    if args.result_json:
+        Path(args.result_json).write_text(json.dumps(asdict(result), indent=2) + "\n")
+    console.print(f"{result.worker_id}: {result.rounds} rounds, {result.steps} steps, final eval loss "
+                  f"{result.final_eval_loss}, sent {result.bytes_sent} B, received {result.bytes_received} B")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace, console: Console) -> int:
+    from deploy.sampling import sample_run
+
+    console.print(sample_run(Path(args.run_dir), args.prompt, args.tokens, args.temperature, args.top_k, args.seed),
+                  markup=False, highlight=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowband", description="Train PyTorch models across machines joined by slow, unreliable links.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a recipe on a local Ray cluster (or join one with --address)")
+    _add_config_args(p)
+    p.add_argument("--address", default=None, help="address of an existing Ray cluster (default: start one)")
+    p.add_argument("--compare", choices=["ddp"], default=None,
+                   help="also run the DDP baseline on the same token budget and compare")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("coordinator", help="run the coordinator as a plain process (no Ray)")
+    _add_config_args(p)
+    p.add_argument("--bind", default="127.0.0.1:7070", help="HOST:PORT to listen on (port 0 picks a free one)")
+    p.add_argument("--token", default="", help="shared secret workers must present")
+    p.add_argument("--resume", default=None, help="checkpoint.pt to resume the global state from")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key")
+    p.add_argument("--address-file", default=None, help="write the bound HOST:PORT here once listening")
+    p.set_defaults(func=cmd_coordinator)
+
+    p = sub.add_parser("worker", help="join a coordinator as a worker (no Ray)")
+    p.add_argument("--join", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    p.add_argument("--token", default="", help="the coordinator's shared secret")
+    p.add_argument("--name", default="", help="worker id to ask for (default: the coordinator assigns one)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for this worker")
+    p.add_argument("--tls-ca", default=None, help="PEM root certificate to verify the coordinator (enables TLS)")
+    p.add_argument("--retry-for", type=float, default=60.0, help="seconds to keep retrying an unreachable coordinator")
+    p.add_argument("--step-delay", type=float, default=0.0, help="seconds added to every step (simulate a straggler)")
+    p.add_argument("--crash-at-step", type=int, default=-1, help="SIGKILL this worker at that step (fault injection)")
+    p.add_argument("--result-json", default=None, help="write this worker's result (rounds, bytes, hashes) here")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("sample", help="print text generated by a trained run's final checkpoint")
+    p.add_argument("run_dir", help="a run directory, e.g. runs/diloco")
+    p.add_argument("--prompt", default="ROMEO:", help="text to start from")
+    p.add_argument("--tokens", type=int, default=300, help="characters to generate")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = Console()
+    try:
+        return int(args.func(args, console))
+    except ConfigError as err:
+        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""`lowband run`: a local (or joined) Ray cluster with the coordinator and N workers as actors.
+
+The driver only schedules actors, shows progress and writes the human-facing files (summary.json,
+loss.png); the coordinator actor writes config.yaml, metrics.jsonl and the checkpoints itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from coordinator.rundir import RunDir
+from deploy.actors import CoordinatorActor, DDPActor, WorkerActor
+from deploy.report import human_bytes, plot_loss
+from protocols.config import RunConfig
+
+log = logging.getLogger(__name__)
+# Long enough for every worker to pull the final state and evaluate it.
+FINAL_EVAL_GRACE_S = 120.0
+
+
+def start_ray(cfg: RunConfig, address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return
+    needed = cfg.cluster.workers * cfg.cluster.cpus_per_worker
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+
+
+def _threads(cfg: RunConfig) -> int:
+    return max(1, int(cfg.cluster.cpus_per_worker))
+
+
+def _progress_table(cfg: RunConfig, prog: dict[str, Any], started: float) -> Table:
+    table = Table(title=f"{cfg.name}: round {prog['round']}/{prog['rounds']} ({prog['phase']}) "
+                        f"{time.monotonic() - started:.0f}s")
+    for col in ("worker", "alive", "step", "train loss", "eval loss", "bytes sent"):
+        table.add_column(col)
+    for wid, w in sorted(prog["workers"].items()):
+        loss, ev = w.get("loss"), w.get("eval_loss")
+        table.add_row(wid, "yes" if w["alive"] else "no", str(w["step"]),
+                      f"{loss:.3f}" if loss is not None else "-", f"{ev:.3f}" if ev is not None else "-",
+                      human_bytes(w["bytes_up"]))
+    return table
+
+
+def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: list[dict[str, Any]] | None = None
+                    ) -> dict[str, Any]:
+    """A coordinator-driven protocol (diloco, ...). Returns the run summary."""
+    cfg_json = cfg.model_dump(mode="json")
+    coord = CoordinatorActor.options(num_cpus=0, max_concurrency=8).remote(cfg_json, str(run_dir))  # type: ignore[attr-defined]
+    address = ray.get(coord.start.remote())
+    workers = [WorkerActor.options(num_cpus=cfg.cluster.cpus_per_worker).remote()  # type: ignore[attr-defined]
+               for _ in range(cfg.cluster.workers)]
+    faults = faults or [{} for _ in workers]
+    refs = [w.run.remote(address, cfg.cluster.token, _threads(cfg), f) for w, f in zip(workers, faults, strict=True)]
+    finish = coord.finish.remote(FINAL_EVAL_GRACE_S)
+    started = time.monotonic()
+    with Live(console=console, refresh_per_second=2, transient=not console.is_terminal) as live:
+        pending = list(refs)
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            live.update(_progress_table(cfg, ray.get(coord.progress.remote()), started))
+    results: list[dict[str, Any]] = []
+    for i, ref in enumerate(refs):
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayError as err:  # a killed worker is an expected outcome in fault runs
+            console.print(f"[yellow]worker {i} did not finish: {type(err).__name__}[/yellow]")
+    summary = ray.get(finish)
+    for actor in [*workers, coord]:
+        ray.kill(actor)
+    finals = [r["final_eval_loss"] for r in results if r.get("final_eval_loss") is not None]
+    n = max(len(results), 1)
+    summary.update(
+        final_eval_loss=sum(finals) / len(finals) if finals else summary.get("final_eval_loss"),
+        tokens=sum(r["tokens"] for r in results),
+        wall_s=time.monotonic() - started,
+        bytes_up_per_worker=sum(r["bytes_sent"] for r in results) / n,
+        bytes_down_per_worker=sum(r["bytes_received"] for r in results) / n,
+        worker_results=results,
+    )
+    return summary
+
+
+def run_ddp(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
+    """The DDP baseline: N Ray actors form a torch.distributed group (file store in the run dir)."""
+    n = cfg.cluster.workers
+    store = run_dir / "ddp_store"
+    store.unlink(missing_ok=True)
+    actors = [DDPActor.options(num_cpus=cfg.cluster.cpus_per_worker).remote() for _ in range(n)]  # type: ignore[attr-defined]
+    started = time.monotonic()
+    with console.status(f"{cfg.name}: DDP with {n} workers, {cfg.train.steps} steps each"):
+        results = ray.get([a.run.remote(r, n, f"file://{store}", cfg.model_dump(mode="json"), _threads(cfg))
+                           for r, a in enumerate(actors)])
+    for actor in actors:
+        ray.kill(actor)
+    rundir = RunDir(run_dir, cfg)
+    for point in results[0]["evals"]:
+        rundir.log("eval", step=point["step"], tokens=point["tokens_total"], eval_loss=point["eval_loss"],
+                   train_loss=point["train_loss"], bytes_up=point["bytes_sent"] * n)
+    return {
+        "name": cfg.name,
+        "protocol": "ddp",
+        "rounds": cfg.train.steps,
+        "final_eval_loss": results[0]["eval_loss"],
+        "tokens": sum(r["tokens"] for r in results),
+        "wall_s": time.monotonic() - started,
+        "bytes_up_per_worker": sum(r["bytes_sent"] for r in results) / n,
+        "bytes_down_per_worker": sum(r["bytes_received"] for r in results) / n,
+        "state_hash": results[0]["param_hash"],
+        "workers": {f"rank{r['rank']}": {"bytes_up": r["bytes_sent"], "tokens": r["tokens"]} for r in results},
+    }
+
+
+def run(cfg: RunConfig, address: str | None = None, console: Console | None = None,
+        faults: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run one job to completion and write runs/<name>/. Returns summary.json's content."""
+    console = console or Console()
+    run_dir = Path(cfg.run_dir).resolve() / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start_ray(cfg, address)
+    if cfg.protocol.kind == "ddp":
+        summary = run_ddp(cfg, run_dir, console)
+    else:
+        summary = run_coordinated(cfg, run_dir, console, faults)
+    summary["run_dir"] = str(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    plot_loss(run_dir, summary)
+    return summary

@@ -1,0 +1,88 @@
+"""What a finished run leaves for people: summary.json, loss.png and the final table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def eval_curve(run_dir: Path, summary: dict[str, Any]) -> list[tuple[float, float, float]]:
+    """(tokens, bytes sent per worker, eval loss) points: one per evaluated round, plus the final one."""
+    workers = max(len(summary.get("workers", {})), 1)
+    points = [
+        (float(r["tokens"]), float(r["bytes_up"]) / workers, float(r["eval_loss"]))
+        for r in read_metrics(run_dir)
+        if r.get("event") in ("round", "eval") and r.get("eval_loss") is not None
+    ]
+    if summary.get("final_eval_loss") is not None:
+        points.append(
+            (float(summary["tokens"]), float(summary["bytes_up_per_worker"]), float(summary["final_eval_loss"]))
+        )
+    return points
+
+
+def plot_loss(run_dir: Path, summary: dict[str, Any]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = eval_curve(run_dir, summary)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if points:
+        tokens, sent, loss = zip(*points, strict=True)
+        left.plot(tokens, loss, marker="o")
+        right.plot(sent, loss, marker="o")
+    left.set(xlabel="tokens (all workers)", ylabel="eval loss", title=f"{summary.get('name', '')}: loss vs tokens")
+    right.set(xlabel="bytes sent per worker", ylabel="eval loss", title="loss vs bytes sent", xscale="symlog")
+    fig.tight_layout()
+    path = run_dir / "loss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def final_table(summaries: list[dict[str, Any]]) -> Table:
+    table = Table(title="lowband: final results")
+    for col in ("run", "protocol", "eval loss", "tokens", "bytes sent / worker", "vs first", "wall time"):
+        table.add_column(col, justify="right" if col not in ("run", "protocol") else "left")
+    base = summaries[0].get("bytes_up_per_worker") or 0
+    for s in summaries:
+        sent = s.get("bytes_up_per_worker") or 0
+        ratio = f"{base / sent:.1f}x fewer" if sent and s is not summaries[0] and sent < base else ""
+        if sent and s is not summaries[0] and sent > base and base:
+            ratio = f"{sent / base:.1f}x more"
+        loss = s.get("final_eval_loss")
+        table.add_row(
+            s.get("name", ""),
+            s.get("protocol", ""),
+            f"{loss:.4f}" if loss is not None else "-",
+            f"{s.get('tokens', 0):,}",
+            human_bytes(sent),
+            ratio,
+            f"{s.get('wall_s', 0):.1f} s",
+        )
+    return table
+
+
+def print_final(summaries: list[dict[str, Any]], console: Console | None = None) -> None:
+    (console or Console()).print(final_table(summaries))

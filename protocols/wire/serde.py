@@ -1,0 +1,218 @@
+"""The only bridge between lowband's plain data and the generated `_pb2` messages.
+
+- `to_pb` / `from_pb`: the dataclasses of `messages.py` <-> protobuf messages, validating what comes in
+  (a missing envelope, an unset or unknown enum value, a non-finite weight -> `WireError` naming the field).
+- `push_stream` / `read_push`, `pull_stream` / `read_pull`: a header plus payloads <-> the message streams
+  of the PushUpdate and PullState RPCs (tensor chunking lives in `tensor_chunks.py`).
+- `state_hash`: a digest of a parameter dict, so every worker can check it holds the same global state.
+
+The coordinator and the worker import from here (and `messages.py`) and never from `lowband_pb2`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TypeVar, overload
+
+import torch
+
+from compression.payload import Payload, PayloadError, dense_values
+from protocols.wire import lowband_pb2 as pb
+from protocols.wire import messages as m
+from protocols.wire.messages import (
+    DEFAULT_CHUNK_BYTES,
+    GRPC_OPTIONS,
+    MAX_MESSAGE_BYTES,
+    PushHeader,
+    StateHeader,
+    WireError,
+)
+from protocols.wire.tensor_chunks import EntryAssembler, encode_entries
+
+__all__ = [
+    "GRPC_OPTIONS",
+    "MAX_MESSAGE_BYTES",
+    "EntryAssembler",
+    "WireError",
+    "encode_entries",
+    "from_pb",
+    "pull_stream",
+    "push_stream",
+    "read_pull",
+    "read_push",
+    "state_hash",
+    "to_pb",
+]
+
+_MESSAGE_TYPES: tuple[type, ...] = (
+    m.Envelope, m.JoinRequest, m.JoinReply, m.HeartbeatRequest, m.HeartbeatReply, m.LeaveRequest,
+    m.LeaveReply, m.PullRequest, m.StateHeader, m.PushHeader, m.PushReply, m.WaitRequest, m.RoundInfo,
+)  # fmt: skip
+# Dataclasses and protobuf messages share their names, so the pairing is by name.
+_BY_PB_NAME: dict[str, type] = {cls.__name__: cls for cls in _MESSAGE_TYPES}
+# Python enum <-> proto enum value; 0 (*_UNSPECIFIED) is deliberately absent, so it is rejected.
+_ENUMS: dict[type[enum.Enum], dict[enum.Enum, int]] = {
+    m.Phase: {
+        m.Phase.WAITING_FOR_WORKERS: pb.PHASE_WAITING_FOR_WORKERS,
+        m.Phase.TRAINING: pb.PHASE_TRAINING,
+        m.Phase.FINISHED: pb.PHASE_FINISHED,
+    },
+    m.PushKind: {m.PushKind.UPDATE: pb.PUSH_KIND_UPDATE, m.PushKind.INITIAL_STATE: pb.PUSH_KIND_INITIAL_STATE},
+}
+_ENUMS_FROM_PB = {cls: {v: k for k, v in table.items()} for cls, table in _ENUMS.items()}
+
+Msg = TypeVar("Msg", bound=m.Message)
+
+
+def to_pb(msg: m.Message) -> Any:
+    """The protobuf message for a message dataclass (e.g. `messages.JoinRequest` -> `lowband_pb2.JoinRequest`)."""
+    name = type(msg).__name__
+    if _BY_PB_NAME.get(name) is not type(msg):
+        raise WireError(f"{name} is not a wire message dataclass")
+    out = getattr(pb, name)()
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        try:
+            if f.name == "envelope":
+                out.envelope.CopyFrom(to_pb(value))
+            elif isinstance(value, enum.Enum):
+                setattr(out, f.name, _ENUMS[type(value)][value])
+            elif isinstance(value, dict):
+                getattr(out, f.name).update(value)
+            else:
+                setattr(out, f.name, value)
+        except (TypeError, ValueError) as exc:
+            raise WireError(f"{name}.{f.name}: cannot encode {value!r}: {exc}") from exc
+    return out
+
+
+@overload
+def from_pb(message: Any, expected: type[Msg]) -> Msg: ...
+@overload
+def from_pb(message: Any, expected: None = None) -> m.Message: ...
+def from_pb(message: Any, expected: type[Any] | None = None) -> Any:
+    """The message dataclass for a received protobuf message, validated.
+
+    `expected`, when given, is the dataclass the caller needs; any other message type is a WireError.
+    """
+    name = message.DESCRIPTOR.name
+    cls = _BY_PB_NAME.get(name)
+    if cls is None or (expected is not None and cls is not expected):
+        wanted = expected.__name__ if expected is not None else "a wire message"
+        raise WireError(f"expected {wanted}, got protobuf message {name}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        where = f"{name}.{f.name}"
+        if f.name == "envelope":
+            if not message.HasField("envelope"):
+                raise WireError(f"{where} is missing")
+            values[f.name] = from_pb(message.envelope, m.Envelope)
+        elif f.name in ("phase", "kind"):
+            enum_cls = m.Phase if f.name == "phase" else m.PushKind
+            raw = getattr(message, f.name)
+            if raw not in _ENUMS_FROM_PB[enum_cls]:
+                raise WireError(f"{where}: unset or unknown {enum_cls.__name__} value {raw}")
+            values[f.name] = _ENUMS_FROM_PB[enum_cls][raw]
+        elif f.name == "metrics":
+            values[f.name] = dict(message.metrics)
+        else:
+            values[f.name] = getattr(message, f.name)
+    if cls is m.PushHeader and not (math.isfinite(values["weight"]) and values["weight"] > 0):
+        raise WireError(f"PushHeader.weight must be finite and positive, got {values['weight']}")
+    result: m.Message = cls(**values)
+    return result
+
+
+def _check_header_totals(kind: str, declared: tuple[int, int], entries: Mapping[str, Payload]) -> None:
+    actual = (len(entries), sum(p.nbytes() for p in entries.values()))
+    if declared != actual:
+        raise WireError(f"{kind} declares (num_entries, total_bytes) = {declared}, but the entries have {actual}")
+
+
+def push_stream(
+    header: PushHeader, entries: Mapping[str, Payload], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.PushMessage]:
+    """The PushUpdate request stream: the header, then every entry's chunks."""
+    _check_header_totals("PushHeader", (header.num_entries, header.total_bytes), entries)
+    yield pb.PushMessage(header=to_pb(header))
+    for chunk in encode_entries(entries, chunk_bytes):
+        yield pb.PushMessage(chunk=chunk)
+
+
+def pull_stream(
+    header: StateHeader, entries: Mapping[str, Payload], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.StateChunk]:
+    """The PullState response stream: the header, then every entry's chunks."""
+    _check_header_totals("StateHeader", (header.num_entries, header.total_bytes), entries)
+    yield pb.StateChunk(header=to_pb(header))
+    for chunk in encode_entries(entries, chunk_bytes):
+        yield pb.StateChunk(chunk=chunk)
+
+
+def _read_stream(
+    messages: Iterable[Any], header_cls: type[Msg], max_total_bytes: int
+) -> tuple[Msg, dict[str, Payload]]:
+    stream = header_cls.__name__
+    it = iter(messages)
+    first = next(it, None)
+    if first is None or first.WhichOneof("body") != "header":
+        got = "nothing" if first is None else f"a {first.WhichOneof('body') or 'empty'} message"
+        raise WireError(f"a stream must start with a {stream}, got {got}")
+    header = from_pb(first.header, header_cls)
+    num_entries: int = getattr(header, "num_entries")  # noqa: B009 - both header types have it
+    total_bytes: int = getattr(header, "total_bytes")  # noqa: B009
+    if total_bytes > max_total_bytes:
+        raise WireError(f"{stream} declares {total_bytes} bytes, over the limit of {max_total_bytes}")
+    assembler = EntryAssembler(num_entries, max_total_bytes=total_bytes)
+    for message in it:
+        body = message.WhichOneof("body")
+        if body != "chunk":
+            raise WireError(f"after the {stream}, every message must be a chunk; got {body or 'an empty one'}")
+        assembler.feed(message.chunk)
+    entries = assembler.finish()
+    if assembler.received_bytes != total_bytes:
+        raise WireError(f"{stream} declares {total_bytes} bytes, the stream carried {assembler.received_bytes}")
+    return header, entries
+
+
+def read_push(messages: Iterable[pb.PushMessage], max_total_bytes: int) -> tuple[PushHeader, dict[str, Payload]]:
+    """Receive a PushUpdate stream: the validated header and the payloads, or WireError naming the problem."""
+    return _read_stream(messages, PushHeader, max_total_bytes)
+
+
+def read_pull(
+    messages: Iterable[pb.StateChunk], max_total_bytes: int, verify_hash: bool = True
+) -> tuple[StateHeader, dict[str, Payload]]:
+    """Receive a PullState stream; with `verify_hash`, check the dense state against the header's hash."""
+    header, entries = _read_stream(messages, StateHeader, max_total_bytes)
+    if verify_hash:
+        try:
+            params = {name: dense_values(payload) for name, payload in entries.items()}
+        except PayloadError as exc:
+            raise WireError(f"pulled state is not all dense payloads: {exc}") from exc
+        got = state_hash(params)
+        if got != header.state_hash:
+            raise WireError(f"pulled state hashes to {got}, the header says {header.state_hash}")
+    return header, entries
+
+
+def state_hash(params: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) over the sorted names, dtypes, shapes and raw bytes of a parameter dict.
+
+    Bit-identical states hash equal; any difference in a bit, a name, a dtype or a shape changes it.
+    Every field is length-prefixed, so no two different states can frame to the same byte string.
+    """
+    digest = hashlib.sha256(b"lowband-state-v1\0")
+    for name in sorted(params):
+        tensor = params[name]
+        header = f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0{tensor.numel() * tensor.element_size()}\0"
+        encoded = header.encode()
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+        flat = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().data)
+    return digest.hexdigest()

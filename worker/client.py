@@ -1,0 +1,187 @@
+"""The worker's side of the gRPC star: every call to the coordinator, with reconnect and backoff.
+
+Transient failures (coordinator restarting, network blips: UNAVAILABLE, DEADLINE_EXCEEDED) are retried
+with exponential backoff up to `retry_for_s`; a coordinator that forgot us (NOT_FOUND after it restarted)
+gets a re-join under the same id. Refusals (bad shape, stale round, bad token) are never retried.
+Bytes are counted as serialized messages, i.e. what really crossed the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from compression.payload import dense, dense_values
+from protocols.base import Params, Update
+from protocols.config import PROTOCOL_VERSION
+from protocols.wire import lowband_pb2_grpc, serde
+from protocols.wire import messages as m
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class StaleRound(Exception):
+    """The round this update was for has already closed (we were too slow); nothing was applied."""
+
+
+class CoordinatorClient:
+    def __init__(
+        self,
+        address: str,
+        token: str = "",
+        tls_ca: bytes | None = None,
+        chunk_bytes: int = m.DEFAULT_CHUNK_BYTES,
+        retry_for_s: float = 60.0,
+    ) -> None:
+        self.address, self.token, self.tls_ca = address, token, tls_ca
+        self.chunk_bytes, self.retry_for_s = chunk_bytes, retry_for_s
+        self.run_id, self.worker_id, self.round = "", "", 0
+        self.hostname = ""
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.last_state_hash = ""
+        self._connect()
+
+    def _connect(self) -> None:
+        if self.tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=self.tls_ca)
+            self.channel = grpc.secure_channel(self.address, creds, options=m.GRPC_OPTIONS)
+        else:
+            self.channel = grpc.insecure_channel(self.address, options=m.GRPC_OPTIONS)
+        self.stub = lowband_pb2_grpc.CoordinatorStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _envelope(self, round_: int | None = None) -> m.Envelope:
+        r = self.round if round_ is None else round_
+        return m.Envelope(self.run_id, self.worker_id, r, PROTOCOL_VERSION, self.token)
+
+    def _call(self, fn: Callable[[], T], rejoin: bool = True) -> T:
+        delay, deadline = 0.1, time.monotonic() + self.retry_for_s
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as err:
+                code = err.code()
+                if code is grpc.StatusCode.NOT_FOUND and rejoin and self.worker_id:
+                    log.warning("coordinator does not know %s any more; re-joining", self.worker_id)
+                    self._join_once()
+                    rejoin = False
+                    continue
+                if code not in _TRANSIENT or time.monotonic() > deadline:
+                    raise
+                log.info("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+
+    def _unary(self, method: Callable[..., Any], msg: Any, timeout: float = 60.0) -> Any:
+        pb = serde.to_pb(msg)
+        self.bytes_sent += pb.ByteSize()
+        reply = method(pb, timeout=timeout)
+        self.bytes_received += reply.ByteSize()
+        return serde.from_pb(reply)
+
+    # ---- calls ---------------------------------------------------------------------------------
+    def _join_once(self) -> m.JoinReply:
+        req = m.JoinRequest(envelope=self._envelope(0), hostname=self.hostname)
+        reply = self._unary(self.stub.Join, req)
+        assert isinstance(reply, m.JoinReply)
+        self.run_id, self.worker_id, self.round = reply.run_id, reply.worker_id, reply.round
+        return reply
+
+    def join(self, hostname: str, requested_id: str = "") -> m.JoinReply:
+        self.hostname, self.worker_id = hostname, requested_id
+        return self._call(self._join_once, rejoin=False)
+
+    def heartbeat(self, step: int, loss: float | None, eval_loss: float | None) -> m.HeartbeatReply:
+        nan = float("nan")
+        req = m.HeartbeatRequest(
+            envelope=self._envelope(),
+            inner_step=step,
+            last_loss=nan if loss is None else loss,
+            bytes_sent=self.bytes_sent,
+            eval_loss=nan if eval_loss is None else eval_loss,
+        )
+        reply = self._call(lambda: self._unary(self.stub.Heartbeat, req, timeout=10.0))
+        assert isinstance(reply, m.HeartbeatReply)
+        return reply
+
+    def leave(self, reason: str = "done") -> None:
+        self._unary(self.stub.Leave, m.LeaveRequest(envelope=self._envelope(), reason=reason), timeout=10.0)
+
+    def wait_round(self, after_round: int, max_wait_s: float = 30.0) -> m.RoundInfo:
+        req = m.WaitRequest(envelope=self._envelope(), after_round=after_round, max_wait_s=max_wait_s)
+        info = self._call(lambda: self._unary(self.stub.WaitRound, req, timeout=max_wait_s + 30.0))
+        assert isinstance(info, m.RoundInfo)
+        return info
+
+    def pull(self) -> tuple[int, Params]:
+        """The current global parameters, checked against the coordinator's hash."""
+
+        def once() -> tuple[int, Params]:
+            stream = self.stub.PullState(serde.to_pb(m.PullRequest(envelope=self._envelope())), timeout=600.0)
+            # read_pull recomputes the hash of what arrived and refuses a mismatch.
+            header, entries = serde.read_pull(self._count_in(stream), max_total_bytes=1 << 40)
+            params = {name: dense_values(p) for name, p in entries.items()}
+            self.round, self.last_state_hash = header.round, header.state_hash
+            return header.round, params
+
+        return self._call(once)
+
+    def offer_state(self, params: Params) -> bool:
+        """Offer initial parameters; False when another worker's offer won (that is fine)."""
+        entries = {name: dense(t) for name, t in params.items()}
+        try:
+            self._push(m.PushKind.INITIAL_STATE, 0, entries, weight=1.0, metrics={})
+            return True
+        except grpc.RpcError as err:
+            if err.code() is grpc.StatusCode.ALREADY_EXISTS:
+                return False
+            raise
+
+    def push(self, round_: int, update: Update, metrics: dict[str, float]) -> m.PushReply:
+        try:
+            return self._push(m.PushKind.UPDATE, round_, update.payloads, update.weight, metrics)
+        except grpc.RpcError as err:
+            if err.code() is grpc.StatusCode.FAILED_PRECONDITION and "stale round" in (err.details() or ""):
+                raise StaleRound(err.details()) from None
+            raise
+
+    def _push(self, kind: m.PushKind, round_: int, entries: dict[str, Any], weight: float,
+              metrics: dict[str, float]) -> m.PushReply:
+        header = m.PushHeader(
+            envelope=self._envelope(round_),
+            kind=kind,
+            weight=weight,
+            num_entries=len(entries),
+            total_bytes=sum(p.nbytes() for p in entries.values()),
+            train_loss=metrics.get("train_loss", float("nan")),
+            tokens=int(metrics.get("tokens", 0)),
+            metrics=dict(metrics),
+        )
+
+        def once() -> m.PushReply:
+            stream = self._count_out(serde.push_stream(header, entries, self.chunk_bytes))
+            reply = serde.from_pb(self.stub.PushUpdate(stream, timeout=600.0))
+            assert isinstance(reply, m.PushReply)
+            return reply
+
+        return self._call(once)
+
+    def _count_out(self, msgs: Iterable[Any]) -> Iterator[Any]:
+        for msg in msgs:
+            self.bytes_sent += msg.ByteSize()
+            yield msg
+
+    def _count_in(self, msgs: Iterable[Any]) -> Iterator[Any]:
+        for msg in msgs:
+            self.bytes_received += msg.ByteSize()
+            yield msg

@@ -1,0 +1,189 @@
+"""The DDP baseline: every step, all-reduce gradients with torch DistributedDataParallel.
+
+This is the communication-heavy reference the low-bandwidth protocols are measured against. Each rank
+trains `cfg.train.steps` steps on its own shard of `cfg.data.split` (iid by default: the whole train
+text with the rank's own sampling stream), through the same `InnerTrainer` the DiLoCo workers use, so
+the only difference between the contenders is how they communicate.
+
+Bytes are counted with the ring all-reduce model (Patarasuk & Yuan 2009): reducing G gradient bytes
+over W ranks costs each rank 2 (W - 1) / W * G bytes sent and the same received per step (a
+reduce-scatter plus an all-gather). This is the bandwidth-optimal lower bound that NCCL's ring reaches;
+it excludes headers and DDP's bucket padding.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from protocols.config import DDPConfig, RunConfig
+from worker.data import load_corpus
+from worker.model import GPT
+from worker.trainer import InnerTrainer, params_digest
+
+
+def resolve_backend(requested: str) -> str:
+    """'auto' -> nccl when CUDA is present, else gloo; an explicit 'nccl' without CUDA is an error."""
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise ValueError("protocol.backend 'nccl' needs a CUDA GPU and none is visible; use 'gloo' or 'auto'")
+    if requested not in ("gloo", "nccl"):
+        raise ValueError(f"protocol.backend must be 'auto', 'gloo' or 'nccl', got {requested!r}")
+    return requested
+
+
+def ring_allreduce_bytes(gradient_bytes: int, world_size: int) -> float:
+    """Bytes each rank sends (and receives) to all-reduce `gradient_bytes` over a ring of `world_size`."""
+    return 2 * (world_size - 1) / world_size * gradient_bytes
+
+
+def run_ddp_worker(
+    rank: int,
+    world_size: int,
+    init_method: str,
+    cfg: RunConfig,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    num_threads: int | None = None,
+) -> dict[str, Any]:
+    """Train one DDP rank and return its summary.
+
+    Summary keys: rank, world_size, backend, steps, eval_loss (final), train_loss (last step, mean over
+    ranks), tokens
+    (this rank's), tokens_total (all ranks), wall_s (training and evals), eval_s (evals only),
+    gradient_bytes, bytes_sent / bytes_received (ring accounting, see the module docstring),
+    param_hash (SHA-256 of the final parameters) and evals: a list of {step, tokens_total, eval_loss,
+    train_loss, bytes_sent} at step 0 (train_loss None), every `eval_every_steps` and at the end. Rank 0
+    evaluates and shares the loss, so every rank reports the same numbers; `progress` gets each point.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size})")
+    backend = resolve_backend(cfg.protocol.backend if isinstance(cfg.protocol, DDPConfig) else "auto")
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        device = torch.device("cpu")
+        if backend == "nccl":
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        corpus = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars)
+        torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
+        model = GPT(cfg.model, corpus.tokenizer.vocab_size).to(device)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        batch, block = cfg.data.batch_size, cfg.model.block_size
+        sampler = corpus.shard(rank, world_size, cfg.data.split, cfg.seed).sampler(batch, block)
+        trainer = InnerTrainer(ddp, sampler, cfg.train, cfg.train.steps)
+        eval_batches = corpus.eval_batches(batch, block, cfg.train.eval_batches) if rank == 0 else []
+        gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        per_step = ring_allreduce_bytes(gradient_bytes, world_size)
+
+        evals: list[dict[str, Any]] = []
+        eval_s = 0.0
+        train_loss = 0.0  # this rank's loss at its latest step
+
+        def record(step: int) -> None:
+            nonlocal eval_s
+            began = time.perf_counter()
+            # One scalar all-reduce: rank 0's eval loss (others add 0) and the mean train loss over ranks.
+            own_eval = trainer.evaluate(eval_batches) if rank == 0 else 0.0
+            losses = torch.tensor([own_eval, train_loss / world_size], dtype=torch.float64, device=device)
+            dist.all_reduce(losses)
+            eval_s += time.perf_counter() - began
+            point = {
+                "step": step,
+                "tokens_total": step * batch * block * world_size,
+                "eval_loss": float(losses[0]),
+                "train_loss": float(losses[1]) if step > 0 else None,
+                "bytes_sent": round(step * per_step),
+            }
+            evals.append(point)
+            if progress is not None:
+                progress({"rank": rank, **point})
+
+        start = time.perf_counter()
+        record(0)
+        for step in range(1, cfg.train.steps + 1):
+            train_loss = trainer.step()
+            if step % cfg.train.eval_every_steps == 0 or step == cfg.train.steps:
+                record(step)
+        wall_s = time.perf_counter() - start
+        steps = cfg.train.steps
+        return {
+            "rank": rank,
+            "world_size": world_size,
+            "backend": backend,
+            "steps": steps,
+            "eval_loss": evals[-1]["eval_loss"],
+            "train_loss": evals[-1]["train_loss"],
+            "tokens": steps * batch * block,
+            "tokens_total": steps * batch * block * world_size,
+            "wall_s": wall_s,
+            "eval_s": eval_s,
+            "gradient_bytes": gradient_bytes,
+            "bytes_sent": round(steps * per_step),
+            "bytes_received": round(steps * per_step),
+            "param_hash": params_digest(trainer.params()),
+            "evals": evals,
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def free_loopback_port() -> int:
+    """A port the OS just reported free on 127.0.0.1 (bind to 0, read it back, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spawned_rank(
+    rank: int, world_size: int, init_method: str, cfg: RunConfig, num_threads: int, results: Any
+) -> None:
+    # On loopback, tell gloo which interface to use rather than let it resolve the hostname.
+    if "127.0.0.1" in init_method:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    results.put(run_ddp_worker(rank, world_size, init_method, cfg, num_threads=num_threads))
+
+
+def run_ddp_local(cfg: RunConfig, world_size: int, num_threads: int = 1) -> list[dict[str, Any]]:
+    """Run a DDP job of `world_size` spawned processes on loopback; their summaries, by rank.
+
+    Raises RuntimeError naming the rank if any process dies before reporting.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    init_method = f"tcp://127.0.0.1:{free_loopback_port()}"
+    procs = [
+        ctx.Process(target=_spawned_rank, args=(r, world_size, init_method, cfg, num_threads, results))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    summaries: list[dict[str, Any]] = []
+    try:
+        # Drain the queue before joining: a child blocks on exit until its result is read.
+        while len(summaries) < world_size:
+            try:
+                summaries.append(results.get(timeout=1.0))
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"DDP rank {dead[0][0]} exited with code {dead[0][1]}") from None
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    return sorted(summaries, key=lambda s: s["rank"])
