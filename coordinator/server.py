@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from compression.payload import dense_values as decode
 
+from compression.payload import dense_values as decode
 from coordinator.rundir import RunDir, load_checkpoint
 from coordinator.servicer import CoordinatorServicer
 from coordinator.state import CoordinatorState, Phase, RoundRecord

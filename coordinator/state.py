@@ -142,6 +142,8 @@ class CoordinatorState:
                 member.loss = loss
             if eval_loss is not None:
                 member.eval_loss = eval_loss
+            self._maybe_start()  # a worker dropped while it was still loading may be back
+            self._cond.notify_all()
 
     def leave(self, worker_id: str, token: str) -> None:
         with self._cond:
@@ -244,10 +246,12 @@ class CoordinatorState:
             raise Rejected(Code.UNAUTHENTICATED, "bad token: the coordinator's token differs from the one sent")
 
     def _member(self, worker_id: str, token: str) -> Member:
+        """The calling worker; any authenticated call is proof of life."""
         self._check_token(token)
         member = self.members.get(worker_id)
         if member is None:
             raise Rejected(Code.NOT_FOUND, f"unknown worker id {worker_id!r}: join first")
+        member.last_seen, member.alive = self.clock(), True
         return member
 
     def _install(self, params: Params, server_state: Any) -> None:

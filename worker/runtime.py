@@ -71,32 +71,33 @@ def run_worker(
     torch.set_num_threads(threads)
     joined = client.join(socket.gethostname(), worker_name)
     cfg: RunConfig = parse_config(yaml.safe_load(joined.config_yaml))
-    faults = faults or Faults()
-    corpus = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars)
-    torch.manual_seed(cfg.seed)  # every worker builds the same initial model
-    model = GPT(cfg.model, corpus.tokenizer.vocab_size)
-    shard = corpus.shard(joined.worker_index % cfg.cluster.workers, cfg.cluster.workers, cfg.data.split, cfg.seed)
-    trainer = InnerTrainer(
-        model, shard.sampler(cfg.data.batch_size, cfg.model.block_size), cfg.train, total_steps=cfg.train.steps
-    )
-    eval_batches = corpus.eval_batches(cfg.data.batch_size, cfg.model.block_size, cfg.train.eval_batches)
-    protocol = build_protocol(cfg)
-    if not joined.has_global_state:
-        client.offer_state(trainer.params())
-    worker_state = protocol.init_worker_state(trainer.params())
-    result = WorkerResult(worker_id=joined.worker_id)
+    # Beat from now on: building the corpus and model can take longer than the heartbeat timeout.
     status: dict[str, Any] = {"step": 0, "loss": None}
     beat = _Heartbeat(client, joined.heartbeat_interval_s, status)
     beat.start()
-    h = getattr(cfg.protocol, "inner_steps", 1)
-    tokens_per_step = cfg.data.batch_size * cfg.model.block_size
-    last_round = -1
+    result = WorkerResult(worker_id=joined.worker_id)
     try:
+        faults = faults or Faults()
+        corpus = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars)
+        torch.manual_seed(cfg.seed)  # every worker builds the same initial model
+        model = GPT(cfg.model, corpus.tokenizer.vocab_size)
+        shard = corpus.shard(joined.worker_index % cfg.cluster.workers, cfg.cluster.workers, cfg.data.split, cfg.seed)
+        trainer = InnerTrainer(
+            model, shard.sampler(cfg.data.batch_size, cfg.model.block_size), cfg.train, total_steps=cfg.train.steps
+        )
+        eval_batches = corpus.eval_batches(cfg.data.batch_size, cfg.model.block_size, cfg.train.eval_batches)
+        protocol = build_protocol(cfg)
+        if not joined.has_global_state:
+            client.offer_state(trainer.params())
+        worker_state = protocol.init_worker_state(trainer.params())
+        h = getattr(cfg.protocol, "inner_steps", 1)
+        tokens_per_step = cfg.data.batch_size * cfg.model.block_size
+        last_round = -1
         while True:
             info = client.wait_round(last_round)
             if info.phase is Phase.FINISHED:
                 break
-            if info.round <= last_round:
+            if info.phase is not Phase.TRAINING or info.round <= last_round:
                 continue  # the long-poll timed out; ask again
             round_, global_ = client.pull()
             result.state_hashes.append(client.last_state_hash)
