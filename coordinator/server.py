@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from compression.payload import dense_values as decode
+from compression.registry import decode
 from coordinator.rundir import RunDir, load_checkpoint
 from coordinator.servicer import CoordinatorServicer
 from coordinator.state import CoordinatorState, Phase, RoundRecord
