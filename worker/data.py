@@ -112,9 +112,7 @@ class CharTokenizer:
 class BatchSampler:
     """Endless random (x, y) windows of `tokens`: x (B, T) int64 and y = x shifted left by one."""
 
-    def __init__(
-        self, tokens: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator
-    ) -> None:
+    def __init__(self, tokens: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator) -> None:
         if tokens.numel() < block_size + 1:
             raise ValueError(f"{tokens.numel()} tokens cannot fill one window of block_size {block_size} + 1")
         self.tokens = tokens

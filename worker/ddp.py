@@ -13,6 +13,7 @@ it excludes headers and DDP's bucket padding.
 
 from __future__ import annotations
 
+import datetime
 import os
 import queue
 import socket
@@ -54,12 +55,13 @@ def run_ddp_worker(
     cfg: RunConfig,
     progress: Callable[[dict[str, Any]], None] | None = None,
     num_threads: int | None = None,
+    timeout_s: float = 300.0,
 ) -> dict[str, Any]:
-    """Train one DDP rank and return its summary.
+    """Train one DDP rank and return its summary. A collective that waits longer than `timeout_s`
+    (a peer died) raises instead of hanging.
 
     Summary keys: rank, world_size, backend, steps, eval_loss (final), train_loss (last step, mean over
-    ranks), tokens
-    (this rank's), tokens_total (all ranks), wall_s (training and evals), eval_s (evals only),
+    ranks), tokens (this rank's), tokens_total (all ranks), wall_s (training and evals), eval_s (evals),
     gradient_bytes, bytes_sent / bytes_received (ring accounting, see the module docstring),
     param_hash (SHA-256 of the final parameters) and evals: a list of {step, tokens_total, eval_loss,
     train_loss, bytes_sent} at step 0 (train_loss None), every `eval_every_steps` and at the end. Rank 0
@@ -70,7 +72,13 @@ def run_ddp_worker(
     backend = resolve_backend(cfg.protocol.backend if isinstance(cfg.protocol, DDPConfig) else "auto")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     try:
         device = torch.device("cpu")
         if backend == "nccl":
@@ -147,24 +155,27 @@ def free_loopback_port() -> int:
 
 
 def _spawned_rank(
-    rank: int, world_size: int, init_method: str, cfg: RunConfig, num_threads: int, results: Any
+    rank: int, world_size: int, init_method: str, cfg: RunConfig, num_threads: int, timeout_s: float, results: Any
 ) -> None:
     # On loopback, tell gloo which interface to use rather than let it resolve the hostname.
     if "127.0.0.1" in init_method:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    results.put(run_ddp_worker(rank, world_size, init_method, cfg, num_threads=num_threads))
+    summary = run_ddp_worker(rank, world_size, init_method, cfg, num_threads=num_threads, timeout_s=timeout_s)
+    results.put(summary)
 
 
-def run_ddp_local(cfg: RunConfig, world_size: int, num_threads: int = 1) -> list[dict[str, Any]]:
+def run_ddp_local(
+    cfg: RunConfig, world_size: int, num_threads: int = 1, timeout_s: float = 300.0
+) -> list[dict[str, Any]]:
     """Run a DDP job of `world_size` spawned processes on loopback; their summaries, by rank.
 
-    Raises RuntimeError naming the rank if any process dies before reporting.
+    Raises RuntimeError naming the rank if a process dies (or exits) without reporting.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init_method = f"tcp://127.0.0.1:{free_loopback_port()}"
     procs = [
-        ctx.Process(target=_spawned_rank, args=(r, world_size, init_method, cfg, num_threads, results))
+        ctx.Process(target=_spawned_rank, args=(r, world_size, init_method, cfg, num_threads, timeout_s, results))
         for r in range(world_size)
     ]
     for p in procs:
@@ -179,6 +190,8 @@ def run_ddp_local(cfg: RunConfig, world_size: int, num_threads: int = 1) -> list
                 dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
                 if dead:
                     raise RuntimeError(f"DDP rank {dead[0][0]} exited with code {dead[0][1]}") from None
+                if all(p.exitcode is not None for p in procs) and results.empty():
+                    raise RuntimeError("DDP ranks exited without reporting a summary") from None
         for p in procs:
             p.join()
     finally:

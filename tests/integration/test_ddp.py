@@ -29,7 +29,7 @@ def _single_process_on_the_union_batch() -> float:
     torch.manual_seed(CFG.seed)
     model = GPT(CFG.model, corpus.tokenizer.vocab_size)
     ranks = [corpus.shard(r, 2, "iid", CFG.seed).sampler(8, 32) for r in range(2)]
-    union = (tuple(torch.cat(parts) for parts in zip(*pair, strict=True)) for pair in zip(*ranks, strict=True))
+    union = ((torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(*ranks, strict=True))
     trainer = InnerTrainer(model, union, CFG.train, CFG.train.steps)
     trainer.train(CFG.train.steps)
     return trainer.evaluate(corpus.eval_batches(8, 32, CFG.train.eval_batches))
@@ -72,3 +72,9 @@ def test_backend_resolution() -> None:
         with pytest.raises(ValueError, match="nccl"):
             resolve_backend("nccl")
     assert resolve_backend("gloo") == "gloo"
+
+
+def test_a_failing_rank_is_reported_not_waited_on() -> None:
+    broken = CFG.model_copy(update={"data": DataConfig(max_chars=100)})  # too little text per play
+    with pytest.raises(RuntimeError, match=r"DDP rank 0 exited with code 1"):
+        run_ddp_local(broken, world_size=1)

@@ -1,0 +1,62 @@
+"""Run whole training jobs side by side (same data, same token budget) and turn them into bench rows."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from bench.common import RESULTS
+from deploy.launcher import run
+from deploy.report import eval_curve
+from protocols.config import RunConfig
+
+Curve = list[tuple[float, float]]
+
+
+def variant(base: RunConfig, name: str, protocol: dict[str, Any]) -> tuple[str, RunConfig]:
+    """`base` with another name and protocol section: everything else (model, data, budget) shared."""
+    return name, RunConfig.model_validate({**base.model_dump(), "name": name, "protocol": protocol})
+
+
+def run_all(contenders: list[tuple[str, RunConfig]], console: Console) -> tuple[list[dict[str, Any]], dict[str, Curve]]:
+    """Run each contender to completion; rows carry eval loss, tokens, bytes and ratios to the first (DDP)."""
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, Curve] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cfg in contenders:
+            console.rule(name)
+            cfg = cfg.model_copy(update={"run_dir": tmp})
+            s = run(cfg, console=console)
+            curves[name] = [(sent, loss) for _, sent, loss in eval_curve(Path(s["run_dir"]), s)]
+            rows.append({"contender": name, "eval_loss": s["final_eval_loss"], "tokens": s["tokens"],
+                         "bytes_per_worker": s["bytes_up_per_worker"],
+                         "bytes_down_per_worker": s["bytes_down_per_worker"], "wall_s": s["wall_s"],
+                         "tokens_per_s": s["tokens"] / s["wall_s"]})
+    base = rows[0]
+    for r in rows:
+        r["loss_vs_ddp"] = r["eval_loss"] / base["eval_loss"]
+        r["bytes_reduction_vs_ddp"] = base["bytes_per_worker"] / r["bytes_per_worker"]
+    return rows, curves
+
+
+def plot_curves(curves: dict[str, Curve], name: str, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=label)
+    ax.set(xscale="symlog", xlabel="bytes sent per worker", ylabel="eval loss", title=title)
+    ax.legend()
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
