@@ -53,10 +53,11 @@ class WorkerActor:
 
 @ray.remote
 class DDPActor:
-    def run(self, rank: int, world: int, init_method: str, cfg_json: dict[str, Any], threads: int) -> dict[str, Any]:
+    def run(self, rank: int, world: int, init_method: str, cfg_json: dict[str, Any], threads: int,
+            checkpoint: str) -> dict[str, Any]:
         import torch
 
         from worker.ddp import run_ddp_worker
 
         torch.set_num_threads(threads)
-        return run_ddp_worker(rank, world, init_method, RunConfig.model_validate(cfg_json))
+        return run_ddp_worker(rank, world, init_method, RunConfig.model_validate(cfg_json), checkpoint=checkpoint)

@@ -108,7 +108,8 @@ def run_ddp(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
     actors = [DDPActor.options(num_cpus=cfg.cluster.cpus_per_worker).remote() for _ in range(n)]  # type: ignore[attr-defined]
     started = time.monotonic()
     with console.status(f"{cfg.name}: DDP with {n} workers, {cfg.train.steps} steps each"):
-        results = ray.get([a.run.remote(r, n, f"file://{store}", cfg.model_dump(mode="json"), _threads(cfg))
+        results = ray.get([a.run.remote(r, n, f"file://{store}", cfg.model_dump(mode="json"), _threads(cfg),
+                                         str(run_dir / "checkpoint.pt"))
                            for r, a in enumerate(actors)])
     for actor in actors:
         ray.kill(actor)

@@ -56,6 +56,7 @@ def run_ddp_worker(
     progress: Callable[[dict[str, Any]], None] | None = None,
     num_threads: int | None = None,
     timeout_s: float = 300.0,
+    checkpoint: str | None = None,
 ) -> dict[str, Any]:
     """Train one DDP rank and return its summary. A collective that waits longer than `timeout_s`
     (a peer died) raises instead of hanging.
@@ -126,6 +127,9 @@ def run_ddp_worker(
                 record(step)
         wall_s = time.perf_counter() - start
         steps = cfg.train.steps
+        if checkpoint is not None and rank == 0:
+            # Same layout as the coordinator's checkpoints, so `lowband sample` reads either.
+            torch.save({"round": steps, "run_id": "ddp", "params": trainer.params(), "server_state": None}, checkpoint)
         return {
             "rank": rank,
             "world_size": world_size,
