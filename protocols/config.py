@@ -66,22 +66,44 @@ class TrainConfig(_Strict):
     eval_every_steps: PositiveInt = 100
 
 
-class CompressionConfig(_Strict):
-    """How a protocol's tensors are compressed on the wire (codec + error feedback)."""
+Codec = Literal[
+    "none",
+    "fp16",
+    "bf16",
+    "int8",
+    "int4",
+    "int2",
+    "topk",
+    "topk_global",
+    "randomk",
+    "sign",
+    "lowrank",
+    "sparseloco",
+]
+FeedbackKind = Literal["none", "ef14", "ef21", "econtrol"]
 
-    codec: Literal[
-        "none", "fp16", "bf16", "int8", "int4", "int2", "topk", "topk_global", "randomk", "sign", "lowrank"
-    ] = "none"
-    density: float = Field(0.015, gt=0.0, le=1.0)  # fraction kept by topk / randomk
+
+class CompressionConfig(_Strict):
+    """How a protocol's tensors are compressed on the wire (codec + error feedback).
+
+    The defaults here send dense tensors; each protocol's own subclass below carries its paper's
+    defaults, so a recipe that overrides one field of `compression:` keeps the others.
+    """
+
+    codec: Codec = "none"
+    density: float = Field(0.015, gt=0.0, le=1.0)  # fraction kept by topk / randomk / sparseloco
     chunk: PositiveInt = 4096  # elements per chunk for chunked codecs
     rank: PositiveInt = 4  # for lowrank
-    error_feedback: Literal["none", "ef14", "ef21", "econtrol"] = "none"
-    eta: PositiveFloat = 1.0  # EControl feedback strength
+    seed: int = 0  # randomk's coordinate stream, lowrank's initial factor
+    value_dtype: Literal["float16", "bfloat16", "float32"] | None = None  # topk / randomk values; None = input's
+    range_sigmas: PositiveFloat = 2.0  # 2-bit codecs clip values to mean +- this many standard deviations
+    error_feedback: FeedbackKind = "none"
+    eta: PositiveFloat = 1.0  # EControl feedback strength (of the order of the compressor's delta)
     decay: float = Field(1.0, gt=0.0, le=1.0)  # error-buffer decay (SparseLoCo uses 0.95)
 
 
 class DiLoCoConfig(_Strict):
-    """DiLoCo (Douillard et al., arXiv:2311.08105)."""
+    """DiLoCo (Douillard et al., arXiv:2311.08105); the paper sends dense pseudo-gradients."""
 
     kind: Literal["diloco"] = "diloco"
     inner_steps: PositiveInt = 50  # H
@@ -91,6 +113,60 @@ class DiLoCoConfig(_Strict):
     compression: CompressionConfig = CompressionConfig()
 
 
+class SparseLoCoCompression(CompressionConfig):
+    """SparseLoCo's wire format (arXiv:2508.15706): top-64 of every 4096-entry chunk (density 1/64),
+    2-bit values, 12-bit indices, of an error-feedback buffer decayed by 0.95 (EF14 with decay).
+
+    Each coordinate is averaged over the workers that sent it, which needs the shift-free error
+    feedbacks: "ef21" / "econtrol" (whose receiver adds a dense running shift) are not allowed.
+    """
+
+    codec: Codec = "sparseloco"
+    density: float = Field(64 / 4096, gt=0.0, le=1.0)
+    error_feedback: Literal["none", "ef14"] = "ef14"
+    decay: float = Field(0.95, gt=0.0, le=1.0)
+
+
+class SparseLoCoConfig(_Strict):
+    """SparseLoCo (Sarfi, Therien, Lidin, Belilovsky, arXiv:2508.15706).
+
+    The paper's main setting: H = 15 inner AdamW steps, outer SGD with lr 1 and no momentum (the
+    decayed error-feedback buffer plays the role of DiLoCo's outer momentum).
+    """
+
+    kind: Literal["sparseloco"] = "sparseloco"
+    inner_steps: PositiveInt = 15  # H
+    outer_lr: PositiveFloat = 1.0
+    outer_momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    # Scale each worker's update, chunk by chunk, down to the median norm across workers (robustness).
+    clip_to_median_norm: bool = False
+    compression: SparseLoCoCompression = SparseLoCoCompression()
+
+
+class EControlCompression(CompressionConfig):
+    """EControl (arXiv:2311.05645) on chunked top-10%: eta of the order of the compressor's delta
+    (0.1 here; eta = 1 diverges with top-10% on heterogeneous problems, see compression.error_feedback)."""
+
+    codec: Codec = "topk"
+    density: float = Field(0.1, gt=0.0, le=1.0)
+    error_feedback: FeedbackKind = "econtrol"
+    eta: PositiveFloat = 0.1
+
+
+class EControlConfig(_Strict):
+    """EControl (Gao, Islamov, Stich, ICLR 2024, arXiv:2311.05645): compressed data-parallel training.
+
+    inner_steps 1 sends every step's update (the paper's setting); larger values compress per-round
+    pseudo-gradients instead. Outer SGD lr 1, no momentum = plain averaging of the local updates.
+    """
+
+    kind: Literal["econtrol"] = "econtrol"
+    inner_steps: PositiveInt = 1
+    outer_lr: PositiveFloat = 1.0
+    outer_momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    compression: EControlCompression = EControlCompression()
+
+
 class DDPConfig(_Strict):
     """Baseline: all-reduce gradients every step with torch DistributedDataParallel."""
 
@@ -98,7 +174,7 @@ class DDPConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 
 
-ProtocolConfig = Annotated[DiLoCoConfig | DDPConfig, Field(discriminator="kind")]
+ProtocolConfig = Annotated[DiLoCoConfig | DDPConfig | SparseLoCoConfig | EControlConfig, Field(discriminator="kind")]
 
 
 class ClusterConfig(_Strict):
@@ -145,7 +221,7 @@ class RunConfig(_Strict):
         return -(-self.train.steps // h)
 
 
-_PROTOCOL_KINDS = ("diloco", "ddp")
+_PROTOCOL_KINDS = ("diloco", "ddp", "sparseloco", "econtrol")
 
 
 def _describe(err: ValidationError) -> str:

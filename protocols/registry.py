@@ -12,10 +12,14 @@ from typing import Any
 from protocols.base import Protocol
 from protocols.config import RunConfig
 from protocols.diloco import DiLoCo
+from protocols.econtrol import EControl
+from protocols.sparseloco import SparseLoCo
 
 # kind -> builder taking that kind's `protocol` config section.
 _BUILDERS: dict[str, Callable[[Any], Protocol]] = {
     "diloco": DiLoCo.from_config,
+    "sparseloco": SparseLoCo.from_config,
+    "econtrol": EControl.from_config,
 }
 
 # Kinds that are valid configs but never reach the coordinator's aggregation path.

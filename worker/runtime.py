@@ -7,6 +7,7 @@ state between the trainer and the coordinator client, reports progress and evalu
 from __future__ import annotations
 
 import contextlib
+import copy
 import socket
 import threading
 import time
@@ -112,6 +113,8 @@ def run_worker(
                 losses.append(trainer.step())
                 status["step"], status["loss"] = trainer.step_count, losses[-1]
             local = trainer.params()
+            # Kept so a refused (stale) update leaves error-feedback state as if it was never made.
+            state_before = copy.deepcopy(worker_state)
             update, worker_state = protocol.make_update(local, global_, worker_state)
             metrics = {"train_loss": sum(losses) / len(losses), "tokens": float(steps * tokens_per_step)}
             if eval_loss is not None:
@@ -120,6 +123,7 @@ def run_worker(
                 client.push(round_, update, metrics)
             except StaleRound:
                 result.stale_updates += 1  # the round closed without us (we were a straggler)
+                worker_state = state_before
             result.rounds += 1
             result.steps += steps
             result.tokens += steps * tokens_per_step

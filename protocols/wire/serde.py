@@ -5,6 +5,8 @@
 - `push_stream` / `read_push`, `pull_stream` / `read_pull`: a header plus payloads <-> the message streams
   of the PushUpdate and PullState RPCs (tensor chunking lives in `tensor_chunks.py`).
 - `state_hash`: a digest of a parameter dict, so every worker can check it holds the same global state.
+- `update_to_bytes` / `update_from_bytes`: one update (payloads + weight) <-> a single self-checking byte
+  string, for transports that move opaque buffers (the torch all-gather of `worker/collectives.py`).
 
 The coordinator and the worker import from here (and `messages.py`) and never from `lowband_pb2`.
 """
@@ -15,10 +17,13 @@ import dataclasses
 import enum
 import hashlib
 import math
+import struct
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
 import torch
+from google.protobuf.message import DecodeError
 
 from compression.payload import Payload, PayloadError, dense_values
 from protocols.wire import lowband_pb2 as pb
@@ -26,6 +31,7 @@ from protocols.wire import messages as m
 from protocols.wire.messages import (
     DEFAULT_CHUNK_BYTES,
     GRPC_OPTIONS,
+    MAX_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
     PushHeader,
     StateHeader,
@@ -46,6 +52,8 @@ __all__ = [
     "read_push",
     "state_hash",
     "to_pb",
+    "update_from_bytes",
+    "update_to_bytes",
 ]
 
 _MESSAGE_TYPES: tuple[type, ...] = (
@@ -216,3 +224,71 @@ def state_hash(params: Mapping[str, torch.Tensor]) -> str:
         flat = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
         digest.update(flat.view(torch.uint8).numpy().data)
     return digest.hexdigest()
+
+
+# ---- one update as one byte string ---------------------------------------------------------------
+# Layout (little-endian): magic "LBUPD" + format version byte | crc32 of everything after it (u32) |
+# num_entries (u64) | total_bytes (u64, the component bytes, as in PushHeader) | weight (f64) |
+# then the entries as `TensorChunk` messages (the same chunk encoding as the gRPC streams), each framed
+# by its serialized length (u32). The checksum makes any flipped bit a WireError rather than a silently
+# wrong update: the buffers are exchanged by collectives that, unlike gRPC, carry no framing of their own.
+_UPDATE_MAGIC = b"LBUPD\x01"
+_UPDATE_PREFIX = struct.Struct("<6sI")
+_UPDATE_FIELDS = struct.Struct("<QQd")
+_FRAME_LENGTH = struct.Struct("<I")
+
+
+def update_to_bytes(entries: Mapping[str, Payload], weight: float = 1.0) -> bytes:
+    """One update (its payloads and its weight in the average) as one self-checking byte string."""
+    if not (math.isfinite(weight) and weight > 0):
+        raise WireError(f"update weight must be finite and positive, got {weight}")
+    total = sum(p.nbytes() for p in entries.values())
+    parts = [_UPDATE_FIELDS.pack(len(entries), total, weight)]
+    for chunk in encode_entries(entries, MAX_CHUNK_BYTES):
+        message = chunk.SerializeToString()
+        parts.extend((_FRAME_LENGTH.pack(len(message)), message))
+    body = b"".join(parts)
+    return _UPDATE_PREFIX.pack(_UPDATE_MAGIC, zlib.crc32(body)) + body
+
+
+def update_from_bytes(data: bytes | bytearray | memoryview, max_total_bytes: int) -> tuple[dict[str, Payload], float]:
+    """The payloads and weight of `update_to_bytes` output, or WireError naming what was wrong.
+
+    `max_total_bytes` bounds the component bytes the update may declare (checked before allocating).
+    """
+    view = memoryview(data).cast("B")
+    header_size = _UPDATE_PREFIX.size + _UPDATE_FIELDS.size
+    if len(view) < header_size:
+        raise WireError(f"update bytes are {len(view)} long, shorter than the {header_size}-byte header")
+    magic, crc = _UPDATE_PREFIX.unpack_from(view)
+    if magic != _UPDATE_MAGIC:
+        raise WireError(
+            f"update bytes start with {magic!r}, expected {_UPDATE_MAGIC!r} (not an update, or another version)"
+        )
+    body = view[_UPDATE_PREFIX.size :]
+    if zlib.crc32(body) != crc:
+        raise WireError("update bytes fail their crc32 check: corrupted or truncated")
+    num_entries, total_bytes, weight = _UPDATE_FIELDS.unpack_from(body)
+    if not (math.isfinite(weight) and weight > 0):
+        raise WireError(f"update weight must be finite and positive, got {weight}")
+    if total_bytes > max_total_bytes:
+        raise WireError(f"update declares {total_bytes} bytes, over the limit of {max_total_bytes}")
+    assembler = EntryAssembler(num_entries, max_total_bytes=total_bytes)
+    pos = _UPDATE_FIELDS.size
+    while pos < len(body):
+        if pos + _FRAME_LENGTH.size > len(body):
+            raise WireError(f"update bytes end inside a chunk's length prefix at byte {pos}")
+        (length,) = _FRAME_LENGTH.unpack_from(body, pos)
+        pos += _FRAME_LENGTH.size
+        if pos + length > len(body):
+            raise WireError(f"a chunk declares {length} bytes at byte {pos}, but only {len(body) - pos} remain")
+        try:
+            chunk = pb.TensorChunk.FromString(bytes(body[pos : pos + length]))
+        except DecodeError as exc:
+            raise WireError(f"chunk at byte {pos} of the update is not a TensorChunk: {exc}") from exc
+        assembler.feed(chunk)
+        pos += length
+    entries = assembler.finish()
+    if assembler.received_bytes != total_bytes:
+        raise WireError(f"update declares {total_bytes} bytes, its chunks carried {assembler.received_bytes}")
+    return entries, weight

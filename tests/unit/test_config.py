@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 
 from protocols.config import (
+    CompressionConfig,
     ConfigError,
     DDPConfig,
     DiLoCoConfig,
+    EControlConfig,
     RunConfig,
+    SparseLoCoConfig,
     apply_overrides,
     load_config,
     parse_config,
@@ -52,6 +55,21 @@ def test_ddp_recipe_selects_the_ddp_branch(tmp_path: Path) -> None:
     assert cfg.rounds == cfg.train.steps  # no inner loop: one "round" per step
 
 
+def test_sparseloco_and_econtrol_parse_with_their_papers_compression_defaults() -> None:
+    sparse = parse_config({"protocol": {"kind": "sparseloco", "compression": {"density": 0.03}}})
+    assert isinstance(sparse.protocol, SparseLoCoConfig)
+    comp = sparse.protocol.compression
+    # Overriding one field keeps the paper's others (codec, EF14 with decay 0.95).
+    assert (comp.codec, comp.density, comp.error_feedback, comp.decay) == ("sparseloco", 0.03, "ef14", 0.95)
+    assert sparse.rounds == -(-sparse.train.steps // 15)
+    econtrol = parse_config({"protocol": {"kind": "econtrol", "compression": {"codec": "int8"}}})
+    assert isinstance(econtrol.protocol, EControlConfig)
+    ecomp = econtrol.protocol.compression
+    assert (ecomp.codec, ecomp.error_feedback, ecomp.eta) == ("int8", "econtrol", 0.1)
+    assert econtrol.rounds == econtrol.train.steps  # inner_steps 1: one round per step
+    assert DiLoCoConfig().compression == CompressionConfig()  # DiLoCo's paper sends dense tensors
+
+
 def test_dotted_overrides_parse_values_as_yaml_and_win_over_the_recipe(tmp_path: Path) -> None:
     path = _recipe(tmp_path, "protocol:\n  inner_steps: 10\n")
     cfg = load_config(path, ["protocol.inner_steps=30", "protocol.nesterov=false", "model.dropout=0.1"])
@@ -83,6 +101,21 @@ def test_to_yaml_round_trips(tmp_path: Path) -> None:
         ({"cluster": {"workers": 2, "min_workers": 3}}, "'cluster'", "min_workers (3) cannot exceed workers (2)"),
         ({"model": {"n_embd": 130, "n_head": 4}}, "'model'", "n_embd (130) must be a multiple of n_head (4)"),
         ({"protocol": {"compression": {"codec": "zip"}}}, "compression.codec", "'int8'"),
+        (
+            {"protocol": {"kind": "sparseloco", "compression": {"density": -0.1}}},
+            "compression.density",
+            "greater than 0",
+        ),
+        ({"protocol": {"kind": "econtrol", "compression": {"codec": "zip"}}}, "compression.codec", "'sparseloco'"),
+        ({"protocol": {"kind": "econtrol", "compression": {"eta": 0}}}, "compression.eta", "greater than 0"),
+        ({"protocol": {"kind": "econtrol", "compression": {"eta": -1.0}}}, "compression.eta", "greater than 0"),
+        (
+            {"protocol": {"kind": "sparseloco", "compression": {"decay": 1.5}}},
+            "compression.decay",
+            "less than or equal",
+        ),
+        ({"protocol": {"kind": "sparseloco", "compression": {"error_feedback": "ef21"}}}, "error_feedback", "'ef14'"),
+        ({"protocol": {"kind": "econtrol", "outer_momentum": 1.0}}, "protocol.outer_momentum", "less than 1"),
     ],
 )
 def test_invalid_config_names_the_field(data: dict[str, object], field: str, detail: str) -> None:

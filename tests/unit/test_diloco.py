@@ -194,11 +194,14 @@ def test_bad_input_raises_a_clear_error() -> None:
         protocol.aggregate(global_, stray, protocol.init_server_state(global_))
 
 
-def test_from_config_uses_the_config_and_refuses_unwired_compression() -> None:
+def test_from_config_uses_the_config_and_wires_compression() -> None:
     protocol = DiLoCo.from_config(DiLoCoConfig(outer_lr=0.5, outer_momentum=0.8, nesterov=False))
     assert (protocol.outer_lr, protocol.outer_momentum, protocol.nesterov) == (0.5, 0.8, False)
+    assert protocol.compression.is_identity
+    compressed = DiLoCo.from_config(DiLoCoConfig(compression=CompressionConfig(codec="int8", error_feedback="ef14")))
+    assert (compressed.compression.codec, compressed.compression.error_feedback) == ("int8", "ef14")
     with pytest.raises(ValueError, match="codec='int8'"):
-        DiLoCo.from_config(DiLoCoConfig(compression=CompressionConfig(codec="int8")))
+        DiLoCo(encode=lambda name, t: dense(t), compression=compressed.compression)
 
 
 def test_protocol_and_accumulator_pickle_with_default_codecs() -> None:

@@ -1,0 +1,165 @@
+"""SparseLoCo: DiLoCo whose pseudo-gradients go through a decayed error-feedback buffer, top-k, 2 bits.
+
+Sarfi, Therien, Lidin, Belilovsky, "Communication Efficient LLM Pre-training with SparseLoCo",
+arXiv:2508.15706. After H inner steps each worker folds its pseudo-gradient into a decayed error
+buffer, e <- decay * e + (theta_global - theta_local) (decay 0.95), sends the top-k entries of every
+4096-entry chunk of e (k = 64, 2-bit values, 12-bit packed indices: codec "sparseloco") and keeps
+what was not delivered, e <- e - D(C(e)). The coordinator averages each coordinate over the workers
+that sent it (a coordinate nobody sent gets no update) and takes an outer SGD step with lr 1 and no
+momentum: the decayed buffer stands in for DiLoCo's outer momentum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from compression import registry
+from compression.payload import Payload
+from protocols.base import Accumulator, Params, Update
+from protocols.compressed import AveragingProtocol, Compression
+from protocols.config import SparseLoCoCompression, SparseLoCoConfig
+
+PAPER_COMPRESSION = Compression.from_config(SparseLoCoCompression())
+
+
+def sent_coordinates(p: Payload) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat int64 indices, float32 values) a payload delivers: its kept entries, or all for dense codecs."""
+    if registry.is_sparse(p.codec):
+        indices, values = registry.sparse_view(p)
+    else:
+        values = registry.decode(p).reshape(-1)
+        indices = torch.arange(values.numel(), device=values.device)
+    return indices, values.to(torch.float32)
+
+
+@dataclass
+class SparseMeanAccumulator(Accumulator):
+    """Per coordinate, the weighted mean over the workers that sent it (0 where nobody did).
+
+    Keeps a running sum and a running sender weight per coordinate: twice the model in float32,
+    whatever the number of workers.
+    """
+
+    sums: Params = field(default_factory=dict)  # name -> flat float32 [numel]
+    weights: Params = field(default_factory=dict)  # name -> flat float32 [numel]: sender weight per coordinate
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    workers: list[str] = field(default_factory=list)
+
+    def add(
+        self, name: str, shape: tuple[int, ...], indices: torch.Tensor, values: torch.Tensor, weight: float
+    ) -> None:
+        if name not in self.sums:
+            numel = int(torch.Size(shape).numel())
+            self.sums[name] = torch.zeros(numel, device=values.device)
+            self.weights[name] = torch.zeros(numel, device=values.device)
+            self.shapes[name] = tuple(shape)
+        self.sums[name].index_add_(0, indices, values * weight)
+        self.weights[name].index_add_(0, indices, torch.full_like(values, weight))
+
+    def fold(self, worker_id: str, update: Update) -> None:
+        for name, payload in update.payloads.items():
+            indices, values = sent_coordinates(payload)
+            self.add(name, payload.shape, indices, values, update.weight)
+        self.workers.append(worker_id)
+
+    @property
+    def count(self) -> int:
+        return len(self.workers)
+
+    def mean(self) -> Params:
+        if not self.workers:
+            raise ValueError("no updates were folded into this round")
+        out: Params = {}
+        for name, total in self.sums.items():
+            weight = self.weights[name]
+            # Unsent coordinates have sum 0 and weight 0: divide by 1 there so they stay exactly 0.
+            out[name] = (total / torch.where(weight > 0, weight, torch.ones_like(weight))).view(self.shapes[name])
+        return out
+
+
+@dataclass
+class MedianClipAccumulator(Accumulator):
+    """Like `SparseMeanAccumulator`, after scaling each worker's update, chunk by chunk, to at most
+    the median norm of that chunk across the workers that sent the tensor.
+
+    A median needs every update, so this accumulator keeps all of them (sparse: indices and values)
+    until the round closes: memory grows with the number of workers.
+    """
+
+    chunk: int = 4096
+    # (worker, weight, name -> (shape, flat indices, float32 values)) per folded update.
+    updates: list[tuple[str, float, dict[str, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]]] = field(
+        default_factory=list
+    )
+
+    def fold(self, worker_id: str, update: Update) -> None:
+        entries = {name: (p.shape, *sent_coordinates(p)) for name, p in update.payloads.items()}
+        self.updates.append((worker_id, update.weight, entries))
+
+    @property
+    def count(self) -> int:
+        return len(self.updates)
+
+    def _chunk_norms(self, numel: int, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        squares = torch.zeros(-(-numel // self.chunk), device=values.device)
+        return squares.index_add_(0, indices // self.chunk, values.square()).sqrt()
+
+    def mean(self) -> Params:
+        if not self.updates:
+            raise ValueError("no updates were folded into this round")
+        out = SparseMeanAccumulator(workers=[worker for worker, _, _ in self.updates])
+        names = {name for _, _, entries in self.updates for name in entries}
+        for name in sorted(names):
+            senders = [(weight, entries[name]) for _, weight, entries in self.updates if name in entries]
+            shape = senders[0][1][0]
+            numel = int(torch.Size(shape).numel())
+            norms = torch.stack([self._chunk_norms(numel, idx, vals) for _, (_, idx, vals) in senders])
+            median = norms.median(dim=0).values  # the lower middle value for an even number of senders
+            scales = torch.where(norms > median, median / norms.clamp_min(1e-30), torch.ones_like(norms))
+            for k, (weight, (_, idx, vals)) in enumerate(senders):
+                out.add(name, shape, idx, vals * scales[k][idx // self.chunk], weight)
+        return out.mean()
+
+
+class SparseLoCo(AveragingProtocol):
+    """SparseLoCo (Sarfi et al., arXiv:2508.15706): EF14 with decay, chunked top-k at 2 bits,
+    per-coordinate averaging over senders, outer SGD (lr 1, no momentum)."""
+
+    kind: ClassVar[str] = "sparseloco"
+
+    def __init__(
+        self,
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
+        compression: Compression = PAPER_COMPRESSION,
+        clip_to_median_norm: bool = False,
+    ) -> None:
+        if compression.keeps_shift:
+            raise ValueError(
+                "SparseLoCo averages each coordinate over its senders, which a receiver shift would break: "
+                f"error_feedback must be 'none' or 'ef14', got {compression.error_feedback!r}"
+            )
+        super().__init__(outer_lr, outer_momentum, nesterov=False, compression=compression)
+        self.clip_to_median_norm = clip_to_median_norm
+
+    @classmethod
+    def from_config(cls, cfg: SparseLoCoConfig) -> SparseLoCo:
+        return cls(
+            outer_lr=cfg.outer_lr,
+            outer_momentum=cfg.outer_momentum,
+            compression=Compression.from_config(cfg.compression),
+            clip_to_median_norm=cfg.clip_to_median_norm,
+        )
+
+    def new_round(self, global_: Params) -> Accumulator:
+        if self.clip_to_median_norm:
+            return MedianClipAccumulator(chunk=int(self.compression.params.get("chunk", 4096)))
+        return SparseMeanAccumulator()
+
+    def round_mean(self, acc: Accumulator) -> Params:
+        if not isinstance(acc, SparseMeanAccumulator | MedianClipAccumulator):
+            raise TypeError(f"SparseLoCo aggregates a SparseMeanAccumulator, got {type(acc).__name__}")
+        return acc.mean()
