@@ -35,6 +35,8 @@ proto: install
 bench: install
 	$(LOOPBACK) $(PY) -m bench.diloco_vs_ddp
 	$(LOOPBACK) $(PY) -m bench.transport
+	$(LOOPBACK) $(PY) -m bench.compression
+	$(LOOPBACK) $(PY) -m bench.wire_bytes
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
