@@ -66,7 +66,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
                 run_id=self.state.run_id,
                 round=self.state.round,
                 config_yaml=self.state.config_yaml,
-                has_global_state=self.state.params is not None,
+                has_global_state=not self.state.must_offer_state(member.worker_id),
                 heartbeat_interval_s=self.state.cfg.cluster.heartbeat_interval_s,
             )
             return serde.to_pb(reply)

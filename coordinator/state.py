@@ -103,6 +103,8 @@ class CoordinatorState:
         self.state_hash = ""
         self.server_state: Any = None
         self.history: list[RoundRecord] = []
+        # The one worker asked to offer the initial state, so only one dense copy crosses the wire.
+        self.initializer: str | None = None
         self._current: _Round | None = None
         self._cond = threading.Condition()
         self.config_yaml = to_yaml(cfg)
@@ -129,9 +131,19 @@ class CoordinatorState:
                 worker_id = requested_id or f"w{index}"
                 member = Member(worker_id=worker_id, index=index, hostname=hostname, last_seen=self.clock())
                 self.members[worker_id] = member
+            if self.params is None and not self._initializer_alive():
+                self.initializer = member.worker_id
             self._maybe_start()
             self._cond.notify_all()
             return member
+
+    def must_offer_state(self, worker_id: str) -> bool:
+        """Whether this worker is the one asked to offer the initial parameters."""
+        with self._cond:
+            return self.params is None and self.initializer == worker_id
+
+    def _initializer_alive(self) -> bool:
+        return self.initializer is not None and self.members[self.initializer].alive
 
     def heartbeat(self, worker_id: str, token: str, step: int, loss: float | None, eval_loss: float | None) -> None:
         with self._cond:

@@ -236,7 +236,7 @@ class JoinReply(_message.Message):
     config_yaml: _builtins.str
     """The whole run configuration as YAML, so all workers train alike."""
     has_global_state: _builtins.bool
-    """False: no global parameters yet, the worker must push INITIAL_STATE."""
+    """False: no global parameters yet and this worker is the one asked to push INITIAL_STATE (others wait)."""
     heartbeat_interval_s: _builtins.float
     """How often the worker must call Heartbeat, in seconds."""
     def __init__(
