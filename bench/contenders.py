@@ -21,6 +21,16 @@ def variant(base: RunConfig, name: str, protocol: dict[str, Any]) -> tuple[str, 
     return name, RunConfig.model_validate({**base.model_dump(), "name": name, "protocol": protocol})
 
 
+def outer_overrides(lr: float | None, momentum: float | None) -> dict[str, float]:
+    """Outer-optimizer fields to set on DiLoCo contenders (none: the protocol's paper defaults)."""
+    out: dict[str, float] = {}
+    if lr is not None:
+        out["outer_lr"] = lr
+    if momentum is not None:
+        out["outer_momentum"] = momentum
+    return out
+
+
 def run_all(contenders: list[tuple[str, RunConfig]], console: Console) -> tuple[list[dict[str, Any]], dict[str, Curve]]:
     """Run each contender to completion; rows carry eval loss, tokens, bytes and ratios to the first (DDP)."""
     rows: list[dict[str, Any]] = []

@@ -13,7 +13,7 @@ import argparse
 from rich.console import Console
 
 from bench.common import command_line, write_result
-from bench.contenders import plot_curves, run_all, variant
+from bench.contenders import outer_overrides, plot_curves, run_all, variant
 from protocols.config import load_config
 
 
@@ -23,10 +23,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=600, help="inner steps per worker (the token budget)")
     parser.add_argument("--hs", default="10,50", help="comma-separated DiLoCo H values")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides for every contender")
+    parser.add_argument("--outer-lr", type=float, default=None, help="DiLoCo outer lr (default: the paper's 0.7)")
+    parser.add_argument("--outer-momentum", type=float, default=None,
+                        help="DiLoCo outer Nesterov momentum (default: the paper's 0.9)")
     args = parser.parse_args(argv)
     base = load_config(None, [f"cluster.workers={args.workers}", f"train.steps={args.steps}", *args.set])
     contenders = [variant(base, "ddp", {"kind": "ddp"})]
-    contenders += [variant(base, f"diloco-h{h}", {"kind": "diloco", "inner_steps": int(h)})
+    outer = outer_overrides(args.outer_lr, args.outer_momentum)
+    contenders += [variant(base, f"diloco-h{h}", {"kind": "diloco", "inner_steps": int(h), **outer})
                    for h in args.hs.split(",")]
     rows, curves = run_all(contenders, Console())
     plot_curves(curves, "diloco_vs_ddp", "DiLoCo vs DDP")

@@ -15,7 +15,7 @@ import argparse
 from rich.console import Console
 
 from bench.common import command_line, write_result
-from bench.contenders import plot_curves, run_all, variant
+from bench.contenders import outer_overrides, plot_curves, run_all, variant
 from protocols.config import load_config
 
 
@@ -25,13 +25,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=600, help="inner steps per worker (the token budget)")
     parser.add_argument("--h", type=int, default=30, help="inner steps per round for DiLoCo and SparseLoCo")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides for every contender")
+    parser.add_argument("--outer-lr", type=float, default=None, help="DiLoCo outer lr (default: the paper's 0.7)")
+    parser.add_argument("--outer-momentum", type=float, default=None,
+                        help="DiLoCo outer Nesterov momentum (default: the paper's 0.9)")
     args = parser.parse_args(argv)
     base = load_config(None, [f"cluster.workers={args.workers}", f"train.steps={args.steps}", *args.set])
     h = args.h
+    outer = outer_overrides(args.outer_lr, args.outer_momentum)
     contenders = [
         variant(base, "ddp", {"kind": "ddp"}),
-        variant(base, f"diloco-h{h}", {"kind": "diloco", "inner_steps": h}),
-        variant(base, f"diloco-h{h}-int8", {"kind": "diloco", "inner_steps": h, "compression": {"codec": "int8"}}),
+        variant(base, f"diloco-h{h}", {"kind": "diloco", "inner_steps": h, **outer}),
+        variant(base, f"diloco-h{h}-int8",
+                {"kind": "diloco", "inner_steps": h, "compression": {"codec": "int8"}, **outer}),
         variant(base, f"sparseloco-h{h}", {"kind": "sparseloco", "inner_steps": h}),
         variant(base, "econtrol-ddp", {"kind": "econtrol", "inner_steps": 1}),
     ]
