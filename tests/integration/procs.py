@@ -11,6 +11,16 @@ from pathlib import Path
 from protocols.config import RunConfig, to_yaml
 
 LOWBAND = [sys.executable, "-m", "deploy.cli"]
+# Every process a test starts, so the autouse fixture in conftest.py can kill what a failed test left.
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def kill_leftovers() -> None:
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def write_recipe(cfg: RunConfig, path: Path) -> Path:
@@ -34,6 +44,7 @@ def start_coordinator(recipe: Path, tmp: Path, *extra: str) -> tuple[subprocess.
         [*LOWBAND, "coordinator", str(recipe), "--bind", "127.0.0.1:0", "--address-file", str(address_file), *extra],
         stdout=log, stderr=subprocess.STDOUT,
     )
+    STARTED.append(proc)
     wait_for(lambda: address_file.exists() or proc.poll() is not None, 60, "the coordinator to bind")
     if proc.poll() is not None:
         raise RuntimeError(f"coordinator exited early:\n{(tmp / 'coordinator.log').read_text()}")
@@ -42,10 +53,12 @@ def start_coordinator(recipe: Path, tmp: Path, *extra: str) -> tuple[subprocess.
 
 def start_worker(address: str, tmp: Path, index: int, *extra: str) -> subprocess.Popen[bytes]:
     log = (tmp / f"worker{index}.log").open("wb")
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [*LOWBAND, "worker", "--join", address, "--result-json", str(tmp / f"worker{index}.json"), *extra],
         stdout=log, stderr=subprocess.STDOUT,
     )
+    STARTED.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
