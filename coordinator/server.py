@@ -94,17 +94,18 @@ class CoordinatorServer:
             time.sleep(0.05)
 
     def progress(self) -> dict[str, Any]:
-        members = {m.worker_id: asdict(m) for m in self.state.members.values()}
+        members = {m.worker_id: asdict(m) for m in self.state.members_copy()}
+        history = list(self.state.history)
         return {
             "round": self.state.round,
             "rounds": self.state.total_rounds,
             "phase": self.state.phase.value,
             "workers": members,
-            "last": asdict(self.state.history[-1]) if self.state.history else None,
+            "last": asdict(history[-1]) if history else None,
         }
 
     def summary(self) -> dict[str, Any]:
-        members = list(self.state.members.values())
+        members = self.state.members_copy()
         finals = [m.eval_loss for m in members if m.eval_loss is not None]
         n = max(len(members), 1)
         return {

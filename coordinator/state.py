@@ -10,6 +10,7 @@ Anything refused raises `Rejected` and leaves the state exactly as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -247,6 +248,11 @@ class CoordinatorState:
                     break
                 self._cond.wait(min(left, 1.0))
             return self.round, self.phase, self.state_hash
+
+    def members_copy(self) -> list[Member]:
+        """A consistent copy of the member table, for progress displays and summaries."""
+        with self._cond:
+            return [dataclasses.replace(m) for m in self.members.values()]
 
     def live_members(self) -> list[Member]:
         with self._cond:
