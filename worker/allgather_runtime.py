@@ -29,6 +29,7 @@ from protocols.registry import build_protocol
 from worker.collectives import allgather_bytes, decentralized_round
 from worker.data import load_corpus
 from worker.ddp import free_loopback_port, resolve_backend
+from worker.evals import EvalLog
 from worker.model import GPT
 from worker.trainer import InnerTrainer, params_digest
 
@@ -94,32 +95,14 @@ def run_allgather_worker(
         server_state = protocol.init_server_state(global_)
         worker_state = protocol.init_worker_state(global_)
         h = getattr(cfg.protocol, "inner_steps", 1)
-        evals: list[dict[str, Any]] = []
-        eval_s, sent, train_loss = 0.0, 0, 0.0
-
-        def record(step: int) -> None:
-            nonlocal eval_s
-            began = time.perf_counter()
-            own_eval = trainer.evaluate(eval_batches) if rank == 0 else 0.0
-            losses = torch.tensor([own_eval, train_loss / world_size], dtype=torch.float64, device=device)
-            dist.all_reduce(losses)
-            eval_s += time.perf_counter() - began
-            point = {
-                "step": step,
-                "tokens_total": step * batch * block * world_size,
-                "eval_loss": float(losses[0]),
-                "train_loss": float(losses[1]) if step > 0 else None,
-                "bytes_sent": sent,
-            }
-            evals.append(point)
-            if progress is not None:
-                progress({"rank": rank, **point})
+        log = EvalLog(trainer, eval_batches, rank, world_size, batch * block, device, progress)
+        sent, train_loss = 0, 0.0
 
         start = time.perf_counter()
         for round_ in range(cfg.rounds):
             trainer.load_params(global_)
             if _eval_due(round_, h, cfg.train.eval_every_steps):
-                record(trainer.step_count)
+                log.record(trainer.step_count, train_loss, sent)
             steps = min(h, cfg.train.steps - round_ * h)
             losses = trainer.train(steps)
             train_loss = sum(losses) / len(losses)
@@ -127,7 +110,7 @@ def run_allgather_worker(
             global_, server_state, round_bytes = decentralized_round(protocol, global_, update, server_state)
             sent += round_bytes
         trainer.load_params(global_)
-        record(trainer.step_count)
+        log.record(trainer.step_count, train_loss, sent)
         wall_s = time.perf_counter() - start
         steps_done = trainer.step_count
         return {
@@ -137,17 +120,17 @@ def run_allgather_worker(
             "protocol": cfg.protocol.kind,
             "steps": steps_done,
             "rounds": cfg.rounds,
-            "eval_loss": evals[-1]["eval_loss"],
-            "train_loss": evals[-1]["train_loss"],
+            "eval_loss": log.points[-1]["eval_loss"],
+            "train_loss": log.points[-1]["train_loss"],
             "tokens": steps_done * batch * block,
             "tokens_total": steps_done * batch * block * world_size,
             "wall_s": wall_s,
-            "eval_s": eval_s,
+            "eval_s": log.seconds,
             # The ring sends and receives the same number of blocks of the same (padded) size.
             "bytes_sent": sent,
             "bytes_received": sent,
             "param_hash": params_digest(global_),
-            "evals": evals,
+            "evals": log.points,
         }
 
 

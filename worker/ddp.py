@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from protocols.config import DDPConfig, RunConfig
 from worker.data import load_corpus
+from worker.evals import EvalLog
 from worker.model import GPT
 from worker.trainer import InnerTrainer, params_digest
 
@@ -96,35 +97,15 @@ def run_ddp_worker(
         gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         per_step = ring_allreduce_bytes(gradient_bytes, world_size)
 
-        evals: list[dict[str, Any]] = []
-        eval_s = 0.0
+        log = EvalLog(trainer, eval_batches, rank, world_size, batch * block, device, progress)
         train_loss = 0.0  # this rank's loss at its latest step
 
-        def record(step: int) -> None:
-            nonlocal eval_s
-            began = time.perf_counter()
-            # One scalar all-reduce: rank 0's eval loss (others add 0) and the mean train loss over ranks.
-            own_eval = trainer.evaluate(eval_batches) if rank == 0 else 0.0
-            losses = torch.tensor([own_eval, train_loss / world_size], dtype=torch.float64, device=device)
-            dist.all_reduce(losses)
-            eval_s += time.perf_counter() - began
-            point = {
-                "step": step,
-                "tokens_total": step * batch * block * world_size,
-                "eval_loss": float(losses[0]),
-                "train_loss": float(losses[1]) if step > 0 else None,
-                "bytes_sent": round(step * per_step),
-            }
-            evals.append(point)
-            if progress is not None:
-                progress({"rank": rank, **point})
-
         start = time.perf_counter()
-        record(0)
+        log.record(0, train_loss, 0)
         for step in range(1, cfg.train.steps + 1):
             train_loss = trainer.step()
             if step % cfg.train.eval_every_steps == 0 or step == cfg.train.steps:
-                record(step)
+                log.record(step, train_loss, round(step * per_step))
         wall_s = time.perf_counter() - start
         steps = cfg.train.steps
         if checkpoint is not None and rank == 0:
@@ -135,17 +116,17 @@ def run_ddp_worker(
             "world_size": world_size,
             "backend": backend,
             "steps": steps,
-            "eval_loss": evals[-1]["eval_loss"],
-            "train_loss": evals[-1]["train_loss"],
+            "eval_loss": log.points[-1]["eval_loss"],
+            "train_loss": log.points[-1]["train_loss"],
             "tokens": steps * batch * block,
             "tokens_total": steps * batch * block * world_size,
             "wall_s": wall_s,
-            "eval_s": eval_s,
+            "eval_s": log.seconds,
             "gradient_bytes": gradient_bytes,
             "bytes_sent": round(steps * per_step),
             "bytes_received": round(steps * per_step),
             "param_hash": params_digest(trainer.params()),
-            "evals": evals,
+            "evals": log.points,
         }
     finally:
         dist.destroy_process_group()
