@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=600, help="inner steps per worker (the token budget)")
     parser.add_argument("--hs", default="10,50", help="comma-separated DiLoCo H values")
     parser.add_argument("--set", action="append", default=[], help="extra config overrides for every contender")
+    parser.add_argument("--result-name", default="diloco_vs_ddp",
+                        help="name of the result files in bench/results (keeps another run's table)")
     parser.add_argument("--outer-lr", type=float, default=None, help="DiLoCo outer lr (default: the paper's 0.7)")
     parser.add_argument("--outer-momentum", type=float, default=None,
                         help="DiLoCo outer Nesterov momentum (default: the paper's 0.9)")
@@ -33,10 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     contenders += [variant(base, f"diloco-h{h}", {"kind": "diloco", "inner_steps": int(h), **outer})
                    for h in args.hs.split(",")]
     rows, curves = run_all(contenders, Console())
-    plot_curves(curves, "diloco_vs_ddp", "DiLoCo vs DDP")
+    plot_curves(curves, args.result_name, "DiLoCo vs DDP")
     columns = ["contender", "eval_loss", "loss_vs_ddp", "bytes_per_worker", "bytes_reduction_vs_ddp",
                "tokens", "wall_s", "tokens_per_s"]
-    write_result("diloco_vs_ddp", command_line("bench.diloco_vs_ddp"), rows, columns, baseline="ddp")
+    write_result(args.result_name, command_line("bench.diloco_vs_ddp"), rows, columns, baseline="ddp")
 
 
 if __name__ == "__main__":
