@@ -140,6 +140,9 @@ class SparseLoCoConfig(_Strict):
     outer_momentum: float = Field(0.0, ge=0.0, lt=1.0)
     # Scale each worker's update, chunk by chunk, down to the median norm across workers (robustness).
     clip_to_median_norm: bool = False
+    # senders: each coordinate averaged over the workers that sent it; workers: sum / all workers (the
+    # paper's (1/R) sum_r rule).
+    average_over: Literal["senders", "workers"] = "senders"
     compression: SparseLoCoCompression = SparseLoCoCompression()
 
 

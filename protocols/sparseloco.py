@@ -37,7 +37,9 @@ def sent_coordinates(p: Payload) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class SparseMeanAccumulator(Accumulator):
-    """Per coordinate, the weighted mean over the workers that sent it (0 where nobody did).
+    """Per coordinate, the weighted mean over the workers that sent it (0 where nobody did), or with
+    `over_all_workers`, the sum divided by every worker's weight (the paper's (1/R) sum_r, which damps
+    coordinates only a few workers chose).
 
     Keeps a running sum and a running sender weight per coordinate: twice the model in float32,
     whatever the number of workers.
@@ -47,6 +49,8 @@ class SparseMeanAccumulator(Accumulator):
     weights: Params = field(default_factory=dict)  # name -> flat float32 [numel]: sender weight per coordinate
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     workers: list[str] = field(default_factory=list)
+    over_all_workers: bool = False
+    total_weight: float = 0.0
 
     def add(
         self, name: str, shape: tuple[int, ...], indices: torch.Tensor, values: torch.Tensor, weight: float
@@ -64,6 +68,7 @@ class SparseMeanAccumulator(Accumulator):
             indices, values = sent_coordinates(payload)
             self.add(name, payload.shape, indices, values, update.weight)
         self.workers.append(worker_id)
+        self.total_weight += update.weight
 
     @property
     def count(self) -> int:
@@ -74,6 +79,9 @@ class SparseMeanAccumulator(Accumulator):
             raise ValueError("no updates were folded into this round")
         out: Params = {}
         for name, total in self.sums.items():
+            if self.over_all_workers:
+                out[name] = (total / self.total_weight).view(self.shapes[name])
+                continue
             weight = self.weights[name]
             # Unsent coordinates have sum 0 and weight 0: divide by 1 there so they stay exactly 0.
             out[name] = (total / torch.where(weight > 0, weight, torch.ones_like(weight))).view(self.shapes[name])
@@ -90,6 +98,7 @@ class MedianClipAccumulator(Accumulator):
     """
 
     chunk: int = 4096
+    over_all_workers: bool = False
     # (worker, weight, name -> (shape, flat indices, float32 values)) per folded update.
     updates: list[tuple[str, float, dict[str, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]]]] = field(
         default_factory=list
@@ -110,7 +119,11 @@ class MedianClipAccumulator(Accumulator):
     def mean(self) -> Params:
         if not self.updates:
             raise ValueError("no updates were folded into this round")
-        out = SparseMeanAccumulator(workers=[worker for worker, _, _ in self.updates])
+        out = SparseMeanAccumulator(
+            workers=[worker for worker, _, _ in self.updates],
+            over_all_workers=self.over_all_workers,
+            total_weight=sum(weight for _, weight, _ in self.updates),
+        )
         names = {name for _, _, entries in self.updates for name in entries}
         for name in sorted(names):
             senders = [(weight, entries[name]) for _, weight, entries in self.updates if name in entries]
@@ -136,6 +149,7 @@ class SparseLoCo(AveragingProtocol):
         outer_momentum: float = 0.0,
         compression: Compression = PAPER_COMPRESSION,
         clip_to_median_norm: bool = False,
+        average_over: str = "senders",
     ) -> None:
         if compression.keeps_shift:
             raise ValueError(
@@ -144,6 +158,9 @@ class SparseLoCo(AveragingProtocol):
             )
         super().__init__(outer_lr, outer_momentum, nesterov=False, compression=compression)
         self.clip_to_median_norm = clip_to_median_norm
+        if average_over not in ("senders", "workers"):
+            raise ValueError(f"average_over must be 'senders' or 'workers', got {average_over!r}")
+        self.over_all_workers = average_over == "workers"
 
     @classmethod
     def from_config(cls, cfg: SparseLoCoConfig) -> SparseLoCo:
@@ -152,12 +169,15 @@ class SparseLoCo(AveragingProtocol):
             outer_momentum=cfg.outer_momentum,
             compression=Compression.from_config(cfg.compression),
             clip_to_median_norm=cfg.clip_to_median_norm,
+            average_over=cfg.average_over,
         )
 
     def new_round(self, global_: Params) -> Accumulator:
         if self.clip_to_median_norm:
-            return MedianClipAccumulator(chunk=int(self.compression.params.get("chunk", 4096)))
-        return SparseMeanAccumulator()
+            return MedianClipAccumulator(
+                chunk=int(self.compression.params.get("chunk", 4096)), over_all_workers=self.over_all_workers
+            )
+        return SparseMeanAccumulator(over_all_workers=self.over_all_workers)
 
     def round_mean(self, acc: Accumulator) -> Params:
         if not isinstance(acc, SparseMeanAccumulator | MedianClipAccumulator):

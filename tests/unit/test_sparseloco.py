@@ -50,6 +50,24 @@ def test_each_coordinate_is_averaged_over_the_workers_that_sent_it() -> None:
     assert state.outer_steps == 1 and state.momentum == {}
 
 
+@pytest.mark.parametrize("clip", [False, True])
+def test_average_over_workers_divides_every_coordinate_by_all_workers(clip: bool) -> None:
+    # The paper's rule, (1/R) sum_r of the sparse updates: a coordinate one of three workers sent is damped.
+    protocol = SparseLoCo(average_over="workers", clip_to_median_norm=clip)
+    acc = protocol.new_round({"x": torch.zeros(10)})
+    acc.fold("a", _sparse_update({0: 1.0, 1: 2.0, 2: 3.0}))
+    acc.fold("b", _sparse_update({1: 4.0, 2: 5.0, 5: 6.0}))
+    acc.fold("c", _sparse_update({2: 7.0, 6: 8.0, 7: 9.0}))
+    expected = torch.tensor([1.0, 6.0, 15.0, 0.0, 0.0, 6.0, 8.0, 9.0, 0.0, 0.0]) / 3
+    mean = acc.mean()["x"]  # type: ignore[attr-defined]
+    if not clip:
+        assert torch.allclose(mean, expected)
+    else:  # clipping only ever shrinks a worker's chunk
+        assert bool((mean.abs() <= expected.abs() + 1e-6).all())
+    with pytest.raises(ValueError, match="average_over"):
+        SparseLoCo(average_over="everyone")
+
+
 def test_worker_weights_weigh_each_coordinate_among_its_senders() -> None:
     acc = SparseMeanAccumulator()
     acc.fold("a", _sparse_update({2: 3.0, 4: 1.0}))
