@@ -14,6 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
+from deploy.memory import tune_this_process
 from protocols.config import ConfigError, RunConfig, load_config
 
 DEFAULT_RECIPE = "diloco.yaml"
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_this_process()  # before anything imports torch or allocates tensors
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from coordinator.rundir import RunDir
 from deploy.actors import CoordinatorActor, DDPActor, WorkerActor
+from deploy.memory import ALLOCATOR_ENV
 from deploy.report import human_bytes, plot_loss
 from protocols.config import RunConfig
 
@@ -32,8 +33,9 @@ def start_ray(cfg: RunConfig, address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    runtime_env = {"env_vars": dict(ALLOCATOR_ENV)}
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, runtime_env=runtime_env)
         return
     needed = cfg.cluster.workers * cfg.cluster.cpus_per_worker
     ray.init(
@@ -41,6 +43,7 @@ def start_ray(cfg: RunConfig, address: str | None) -> None:
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.WARNING,
+        runtime_env=runtime_env,
     )
 
 
