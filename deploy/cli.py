@@ -12,6 +12,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import grpc
 from rich.console import Console
 
 from deploy.memory import tune_this_process
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
         return 2
+    except grpc.RpcError as err:  # the coordinator refused us, or could not be reached in time
+        console.print(f"[red]error:[/red] coordinator said {err.code().name}: {err.details()}", highlight=False)
+        return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130
