@@ -14,22 +14,20 @@ it excludes headers and DDP's bucket padding.
 from __future__ import annotations
 
 import datetime
-import os
-import queue
-import socket
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from protocols.config import DDPConfig, RunConfig
 from worker.data import load_corpus
 from worker.evals import EvalLog
 from worker.model import GPT
+from worker.spawn import spawn_on_loopback
 from worker.trainer import InnerTrainer, params_digest
 
 
@@ -132,56 +130,12 @@ def run_ddp_worker(
         dist.destroy_process_group()
 
 
-def free_loopback_port() -> int:
-    """A port the OS just reported free on 127.0.0.1 (bind to 0, read it back, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _spawned_rank(
-    rank: int, world_size: int, init_method: str, cfg: RunConfig, num_threads: int, timeout_s: float, results: Any
-) -> None:
-    # On loopback, tell gloo which interface to use rather than let it resolve the hostname.
-    if "127.0.0.1" in init_method:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    summary = run_ddp_worker(rank, world_size, init_method, cfg, num_threads=num_threads, timeout_s=timeout_s)
-    results.put(summary)
-
-
 def run_ddp_local(
     cfg: RunConfig, world_size: int, num_threads: int = 1, timeout_s: float = 300.0
 ) -> list[dict[str, Any]]:
     """Run a DDP job of `world_size` spawned processes on loopback; their summaries, by rank.
 
-    Raises RuntimeError naming the rank if a process dies (or exits) without reporting.
+    Raises RuntimeError naming the rank (with its traceback) if a process fails or exits without reporting.
     """
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    init_method = f"tcp://127.0.0.1:{free_loopback_port()}"
-    procs = [
-        ctx.Process(target=_spawned_rank, args=(r, world_size, init_method, cfg, num_threads, timeout_s, results))
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    summaries: list[dict[str, Any]] = []
-    try:
-        # Drain the queue before joining: a child blocks on exit until its result is read.
-        while len(summaries) < world_size:
-            try:
-                summaries.append(results.get(timeout=1.0))
-            except queue.Empty:
-                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"DDP rank {dead[0][0]} exited with code {dead[0][1]}") from None
-                if all(p.exitcode is not None for p in procs) and results.empty():
-                    raise RuntimeError("DDP ranks exited without reporting a summary") from None
-        for p in procs:
-            p.join()
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    return sorted(summaries, key=lambda s: s["rank"])
+    target = functools.partial(run_ddp_worker, cfg=cfg, num_threads=num_threads, timeout_s=timeout_s)
+    return spawn_on_loopback(target, world_size, num_threads=num_threads)

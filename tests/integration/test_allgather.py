@@ -20,11 +20,12 @@ from protocols.config import RunConfig
 from protocols.registry import build_protocol
 from protocols.wire import serde
 from tests.conftest import tiny_config
-from worker.allgather_runtime import process_group, run_allgather_worker, spawn_on_loopback
+from worker.allgather_runtime import process_group, run_allgather_worker
 from worker.client import CoordinatorClient
 from worker.collectives import allgather_bytes_counted, decentralized_round
 from worker.data import load_corpus
 from worker.model import GPT
+from worker.spawn import spawn_on_loopback
 
 WORLD = 2
 ROUNDS = 3  # error-feedback buffers and EControl's mirror only matter from the second round on

@@ -9,8 +9,9 @@ import torch
 
 from protocols.config import DataConfig, DDPConfig, ModelConfig, RunConfig, TrainConfig
 from worker.data import load_corpus
-from worker.ddp import free_loopback_port, resolve_backend, run_ddp_local, run_ddp_worker
+from worker.ddp import resolve_backend, run_ddp_local, run_ddp_worker
 from worker.model import GPT
+from worker.spawn import free_loopback_port
 from worker.trainer import InnerTrainer
 
 CFG = RunConfig(
@@ -76,5 +77,5 @@ def test_backend_resolution() -> None:
 
 def test_a_failing_rank_is_reported_not_waited_on() -> None:
     broken = CFG.model_copy(update={"data": DataConfig(max_chars=100)})  # too little text per play
-    with pytest.raises(RuntimeError, match=r"DDP rank 0 exited with code 1"):
+    with pytest.raises(RuntimeError, match=r"rank 0 failed:(.|\n)*max_chars"):
         run_ddp_local(broken, world_size=1)
