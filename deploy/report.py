@@ -18,13 +18,22 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def eval_curve(run_dir: Path, summary: dict[str, Any]) -> list[tuple[float, float, float]]:
-    """(tokens, bytes sent per worker, eval loss) points: one per evaluated round, plus the final one."""
+    """(tokens, bytes sent per worker, eval loss) points: one per evaluated round, plus the final one.
+
+    A round record's eval loss is of the global state the round started from, so it is placed at the
+    tokens and bytes counted before that round (the previous record's totals). DDP's eval events are
+    already taken at the step they name.
+    """
     workers = max(len(summary.get("workers", {})), 1)
-    points = [
-        (float(r["tokens"]), float(r["bytes_up"]) / workers, float(r["eval_loss"]))
-        for r in read_metrics(run_dir)
-        if r.get("event") in ("round", "eval") and r.get("eval_loss") is not None
-    ]
+    points: list[tuple[float, float, float]] = []
+    before = (0.0, 0.0)
+    for r in read_metrics(run_dir):
+        if r.get("event") == "round":
+            if r.get("eval_loss") is not None:
+                points.append((before[0], before[1], float(r["eval_loss"])))
+            before = (float(r["tokens"]), float(r["bytes_up"]) / workers)
+        elif r.get("event") == "eval" and r.get("eval_loss") is not None:
+            points.append((float(r["tokens"]), float(r["bytes_up"]) / workers, float(r["eval_loss"])))
     if summary.get("final_eval_loss") is not None:
         points.append(
             (float(summary["tokens"]), float(summary["bytes_up_per_worker"]), float(summary["final_eval_loss"]))
