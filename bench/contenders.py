@@ -60,10 +60,11 @@ def plot_curves(curves: dict[str, Curve], name: str, title: str) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in curves.items():
-        if points:
-            xs, ys = zip(*points, strict=True)
+        logged = [(x, y) for x, y in points if x > 0]  # the initial state (0 bytes) has no place on a log axis
+        if logged:
+            xs, ys = zip(*logged, strict=True)
             ax.plot(xs, ys, marker="o", label=label)
-    ax.set(xscale="symlog", xlabel="bytes sent per worker", ylabel="eval loss", title=title)
+    ax.set(xscale="log", xlabel="bytes sent per worker", ylabel="eval loss", title=title)
     ax.legend()
     fig.tight_layout()
     path = RESULTS / f"{name}.png"

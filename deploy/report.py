@@ -54,7 +54,7 @@ def plot_loss(run_dir: Path, summary: dict[str, Any]) -> Path:
         left.plot(tokens, loss, marker="o")
         right.plot(sent, loss, marker="o")
     left.set(xlabel="tokens (all workers)", ylabel="eval loss", title=f"{summary.get('name', '')}: loss vs tokens")
-    right.set(xlabel="bytes sent per worker", ylabel="eval loss", title="loss vs bytes sent", xscale="symlog")
+    right.set(xlabel="bytes sent per worker", ylabel="eval loss", title="loss vs bytes sent")
     fig.tight_layout()
     path = run_dir / "loss.png"
     fig.savefig(path, dpi=100)
