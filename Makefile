@@ -27,7 +27,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: install lint
-	$(LOOPBACK) $(PY) -m pytest -q tests
+	PYTHONUNBUFFERED=1 $(LOOPBACK) $(PY) -m pytest -q --durations=10 tests
 
 proto: install
 	$(PY) -m protocols.wire.generate

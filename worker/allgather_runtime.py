@@ -26,7 +26,7 @@ from worker.data import load_corpus
 from worker.ddp import resolve_backend
 from worker.evals import EvalLog
 from worker.model import GPT
-from worker.spawn import spawn_on_loopback
+from worker.spawn import pin_gloo_to_loopback, spawn_on_loopback
 from worker.trainer import InnerTrainer, params_digest
 
 
@@ -38,6 +38,7 @@ def process_group(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
     timeout = datetime.timedelta(seconds=timeout_s)
+    pin_gloo_to_loopback(init_method)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
     try:
         yield

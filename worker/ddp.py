@@ -27,7 +27,7 @@ from protocols.config import DDPConfig, RunConfig
 from worker.data import load_corpus
 from worker.evals import EvalLog
 from worker.model import GPT
-from worker.spawn import spawn_on_loopback
+from worker.spawn import pin_gloo_to_loopback, spawn_on_loopback
 from worker.trainer import InnerTrainer, params_digest
 
 
@@ -72,6 +72,7 @@ def run_ddp_worker(
     backend = resolve_backend(cfg.protocol.backend if isinstance(cfg.protocol, DDPConfig) else "auto")
     if num_threads is not None:
         torch.set_num_threads(num_threads)
+    pin_gloo_to_loopback(init_method)
     dist.init_process_group(
         backend,
         init_method=init_method,

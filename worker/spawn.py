@@ -24,10 +24,19 @@ def free_loopback_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pin_gloo_to_loopback(init_method: str) -> None:
+    """Make gloo open its sockets on `lo` when the rendezvous is on 127.0.0.1.
+
+    Without this gloo binds the address the machine's hostname resolves to, which may not exist inside a
+    loopback-only network namespace (CI), where connecting to it then hangs. Call before init_process_group.
+    """
+    if "127.0.0.1" in init_method or "localhost" in init_method:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
 def _spawned(rank: int, world_size: int, init_method: str, target: Callable[..., Any], args: tuple[Any, ...],
              num_threads: int, results: Any) -> None:  # fmt: skip
-    if "127.0.0.1" in init_method:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo on loopback, not the resolved hostname
+    pin_gloo_to_loopback(init_method)
     torch.set_num_threads(num_threads)
     try:
         # Plain pickle, not torch's queue reductions: those pass tensors as shared-memory handles that
