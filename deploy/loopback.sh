@@ -1,9 +1,16 @@
 #!/bin/sh
 # Run a command inside a fresh network namespace that has only loopback, so that nothing it starts
-# (Ray, gRPC servers) can reach or bind another address. Falls back to running it as-is, with a
-# warning, where no namespace can be made (not root, or unshare not permitted).
+# (Ray, gRPC servers, gloo) can reach or bind another address. As root a plain network namespace; as
+# another user, one inside a user namespace (where the kernel allows it). Falls back to running the
+# command as-is, with a warning, where no namespace can be made.
+# gloo binds the address the hostname resolves to unless told otherwise; inside the namespace `lo` is
+# the only interface, so it is pinned there (GLOO_SOCKET_IFNAME).
+inner='ip link set lo up 2>/dev/null || echo "loopback.sh: could not bring lo up" >&2; GLOO_SOCKET_IFNAME=lo exec "$@"'
 if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null 2>&1 && unshare -n true 2>/dev/null; then
-  exec unshare -n sh -c 'ip link set lo up 2>/dev/null || python3 -c "pass"; exec "$@"' sh "$@"
+  exec unshare -n sh -c "$inner" sh "$@"
+fi
+if command -v unshare >/dev/null 2>&1 && unshare -r -n true 2>/dev/null; then
+  exec unshare -r -n sh -c "$inner" sh "$@"
 fi
 echo "loopback.sh: cannot make a loopback-only network namespace here; running without isolation" >&2
 exec "$@"

@@ -11,6 +11,8 @@ from protocols.config import RunConfig, parse_config
 
 # Ray must never phone home or prompt in tests.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Every test rendezvous is on 127.0.0.1: keep gloo off whatever address the hostname resolves to.
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
 def tiny_config(**overrides: Any) -> RunConfig:
