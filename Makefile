@@ -6,6 +6,8 @@ PIP := $(PY) -m pip
 LOOPBACK := deploy/loopback.sh
 RECIPE ?= deploy/recipes/diloco.yaml
 ARGS ?=
+# The whole suite takes about 2 minutes on 2 cores; past this limit it is stuck, and fails instead of waiting.
+TEST_LIMIT_S ?= 2400
 
 .PHONY: install run test lint proto bench clean
 
@@ -27,7 +29,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: install lint
-	PYTHONUNBUFFERED=1 $(LOOPBACK) $(PY) -m pytest -q --durations=10 tests
+	PYTHONUNBUFFERED=1 $(LOOPBACK) timeout -k 30 $(TEST_LIMIT_S) $(PY) -m pytest -q --durations=10 tests
 
 proto: install
 	$(PY) -m protocols.wire.generate

@@ -11,7 +11,7 @@ from protocols.config import DataConfig, DDPConfig, ModelConfig, RunConfig, Trai
 from worker.data import load_corpus
 from worker.ddp import resolve_backend, run_ddp_local, run_ddp_worker
 from worker.model import GPT
-from worker.spawn import free_loopback_port
+from worker.spawn import spawn_on_loopback
 from worker.trainer import InnerTrainer
 
 CFG = RunConfig(
@@ -56,13 +56,21 @@ def test_two_ranks_agree_count_ring_bytes_and_match_the_union_batch() -> None:
     assert zero["eval_loss"] == pytest.approx(_single_process_on_the_union_batch(), abs=1e-3)
 
 
-def test_single_rank_reports_progress_and_sends_nothing() -> None:
+def _rank_reporting_progress(rank: int, world_size: int, init_method: str, cfg: RunConfig) -> dict[str, Any]:
     seen: list[dict[str, Any]] = []
+    summary = run_ddp_worker(rank, world_size, init_method, cfg, progress=seen.append)
+    return {"summary": summary, "seen": seen, "still_initialized": torch.distributed.is_initialized()}
+
+
+def test_single_rank_reports_progress_and_sends_nothing() -> None:
     cfg = CFG.model_copy(update={"train": TrainConfig(steps=4, eval_every_steps=2, eval_batches=2)})
-    summary = run_ddp_worker(0, 1, f"tcp://127.0.0.1:{free_loopback_port()}", cfg, progress=seen.append)
+    # In a spawned process, like every process group the tests open: one opened in the pytest process
+    # itself is where a CI run once hung inside C code, out of reach of pytest-timeout's thread.
+    [out] = spawn_on_loopback(_rank_reporting_progress, 1, (cfg,))
+    seen, summary = out["seen"], out["summary"]
     assert [p["step"] for p in seen] == [0, 2, 4] and all(p["rank"] == 0 for p in seen)
     assert summary["bytes_sent"] == 0 and summary["eval_loss"] == seen[-1]["eval_loss"]
-    assert not torch.distributed.is_initialized()  # the process group was destroyed
+    assert not out["still_initialized"]  # the process group was destroyed
 
 
 def test_backend_resolution() -> None:
