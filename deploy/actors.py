@@ -42,6 +42,9 @@ class CoordinatorActor:
 
 @ray.remote
 class WorkerActor:
+    def ready(self) -> bool:
+        return True
+
     def run(self, address: str, token: str, threads: int, faults: dict[str, Any]) -> dict[str, Any]:
         logging.basicConfig(level=logging.WARNING)
         client = CoordinatorClient(address, token=token)
@@ -53,6 +56,9 @@ class WorkerActor:
 
 @ray.remote
 class DDPActor:
+    def ready(self) -> bool:
+        return True
+
     def run(self, rank: int, world: int, init_method: str, cfg_json: dict[str, Any], threads: int,
             checkpoint: str) -> dict[str, Any]:
         import torch

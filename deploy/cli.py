@@ -46,14 +46,19 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from deploy.launcher import run
+    from deploy.launcher import LaunchError, run
     from deploy.report import print_final
 
     cfg = _load(args)
-    summaries = [run(cfg, address=args.address, console=console)]
-    if args.compare == "ddp":
-        ddp_cfg = RunConfig.model_validate({**cfg.model_dump(), "name": f"{cfg.name}-ddp", "protocol": {"kind": "ddp"}})
-        summaries.insert(0, run(ddp_cfg, address=args.address, console=console))
+    try:
+        summaries = [run(cfg, address=args.address, console=console)]
+        if args.compare == "ddp":
+            ddp_cfg = RunConfig.model_validate({**cfg.model_dump(), "name": f"{cfg.name}-ddp",
+                                                "protocol": {"kind": "ddp"}})
+            summaries.insert(0, run(ddp_cfg, address=args.address, console=console))
+    except LaunchError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False)
+        return 1
     print_final(summaries, console)
     console.print(f"run directory: {summaries[-1]['run_dir']}")
     return 0

@@ -47,6 +47,27 @@ def start_ray(cfg: RunConfig, address: str | None) -> None:
     )
 
 
+class LaunchError(RuntimeError):
+    """Ray could not start the run's actors; nothing was trained and no summary was written."""
+
+
+def _await_started(refs: list[Any], actors: list[Any], cfg: RunConfig, what: str) -> list[Any]:
+    """The values of the actors' first calls, or LaunchError (actors killed) if Ray did not start them in time."""
+    timeout_s = cfg.cluster.actor_start_timeout_s
+    try:
+        return list(ray.get(refs, timeout=timeout_s))
+    except ray.exceptions.GetTimeoutError:
+        for actor in actors:
+            ray.kill(actor)
+        cpus = ray.cluster_resources().get("CPU", 0)
+        raise LaunchError(
+            f"Ray did not start the {what} within cluster.actor_start_timeout_s={timeout_s:g} s. The run asks "
+            f"for {cfg.cluster.workers} workers x cluster.cpus_per_worker={cfg.cluster.cpus_per_worker:g} CPUs "
+            f"and the Ray cluster has {cpus:g} CPUs; see `ray status`, or lower cluster.workers or "
+            f"cluster.cpus_per_worker"
+        ) from None
+
+
 def _threads(cfg: RunConfig) -> int:
     return max(1, int(cfg.cluster.cpus_per_worker))
 
@@ -69,9 +90,10 @@ def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: lis
     """A coordinator-driven protocol (diloco, ...). Returns the run summary."""
     cfg_json = cfg.model_dump(mode="json")
     coord = CoordinatorActor.options(num_cpus=0, max_concurrency=8).remote(cfg_json, str(run_dir))  # type: ignore[attr-defined]
-    address = ray.get(coord.start.remote())
+    [address] = _await_started([coord.start.remote()], [coord], cfg, "coordinator actor")
     workers = [WorkerActor.options(num_cpus=cfg.cluster.cpus_per_worker).remote()  # type: ignore[attr-defined]
                for _ in range(cfg.cluster.workers)]
+    _await_started([w.ready.remote() for w in workers], [*workers, coord], cfg, f"{len(workers)} worker actors")
     faults = faults or [{} for _ in workers]
     refs = [w.run.remote(address, cfg.cluster.token, _threads(cfg), f) for w, f in zip(workers, faults, strict=True)]
     finish = coord.finish.remote(FINAL_EVAL_GRACE_S)
@@ -109,6 +131,7 @@ def run_ddp(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
     store = run_dir / "ddp_store"
     store.unlink(missing_ok=True)
     actors = [DDPActor.options(num_cpus=cfg.cluster.cpus_per_worker).remote() for _ in range(n)]  # type: ignore[attr-defined]
+    _await_started([a.ready.remote() for a in actors], actors, cfg, f"{n} DDP actors")
     started = time.monotonic()
     with console.status(f"{cfg.name}: DDP with {n} workers, {cfg.train.steps} steps each"):
         results = ray.get([a.run.remote(r, n, f"file://{store}", cfg.model_dump(mode="json"), _threads(cfg),

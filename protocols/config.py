@@ -187,6 +187,9 @@ class ClusterConfig(_Strict):
     heartbeat_interval_s: PositiveFloat = 2.0
     heartbeat_timeout_s: PositiveFloat = 30.0
     cpus_per_worker: PositiveFloat = 0.5
+    # How long Ray may take to place and start every actor before `lowband run` gives up with an error,
+    # instead of waiting forever on a cluster that cannot fit them.
+    actor_start_timeout_s: PositiveFloat = 120.0
     token: str = ""  # shared secret workers must present; empty = none
 
     @model_validator(mode="after")

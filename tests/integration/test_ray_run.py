@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import tiny_config
 from tests.integration.procs import LOWBAND, write_recipe
@@ -44,3 +47,31 @@ def test_lowband_run_compare_ddp_runs_both_on_the_same_budget(tmp_path: Path) ->
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "checkpoint.pt"):
         assert (tmp_path / "runs" / "cmp-ddp" / name).stat().st_size > 0, name
     assert "cmp-ddp" in done.stdout and "ddp" in done.stdout
+
+
+# A driver on a 1-CPU Ray cluster that cannot fit 2 workers of 2 CPUs each.
+TOO_SMALL_CLUSTER = """
+import json, sys
+import ray
+from deploy.launcher import LaunchError, run
+from protocols.config import RunConfig
+
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+try:
+    run(RunConfig.model_validate(json.loads(sys.argv[1])))
+except LaunchError as err:
+    print("LaunchError:", err)
+"""
+
+
+@pytest.mark.parametrize("protocol", ["diloco", "ddp"])
+def test_actors_ray_cannot_place_are_one_clear_error_not_a_hang(tmp_path: Path, protocol: str) -> None:
+    cfg = tiny_config(name="toobig", run_dir=str(tmp_path / "runs"), protocol={"kind": protocol},
+                      cluster__cpus_per_worker=2, cluster__actor_start_timeout_s=3)
+    done = subprocess.run([sys.executable, "-c", TOO_SMALL_CLUSTER, cfg.model_dump_json()], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LaunchError: Ray did not start the" in done.stdout
+    assert "cluster.actor_start_timeout_s=3 s" in done.stdout
+    assert "cluster.cpus_per_worker=2 CPUs and the Ray cluster has 1 CPUs" in done.stdout
+    assert not (tmp_path / "runs" / "toobig" / "summary.json").exists()
