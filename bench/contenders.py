@@ -31,8 +31,13 @@ def outer_overrides(lr: float | None, momentum: float | None) -> dict[str, float
     return out
 
 
+# Byte columns every bench that runs whole jobs reports, per worker (see BENCHMARKS.md).
+BYTE_COLUMNS = ["bytes_sent_per_worker", "bytes_received_per_worker", "bytes_total_per_worker"]
+
+
 def run_all(contenders: list[tuple[str, RunConfig]], console: Console) -> tuple[list[dict[str, Any]], dict[str, Curve]]:
-    """Run each contender to completion; rows carry eval loss, tokens, bytes and ratios to the first (DDP)."""
+    """Run each contender to completion; rows carry eval loss, tokens, bytes both ways and ratios to the
+    first (DDP). `bytes_reduction_vs_ddp` compares totals (sent + received per worker)."""
     rows: list[dict[str, Any]] = []
     curves: dict[str, Curve] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,13 +47,12 @@ def run_all(contenders: list[tuple[str, RunConfig]], console: Console) -> tuple[
             s = run(cfg, console=console)
             curves[name] = [(sent, loss) for _, sent, loss in eval_curve(Path(s["run_dir"]), s)]
             rows.append({"contender": name, "eval_loss": s["final_eval_loss"], "tokens": s["tokens"],
-                         "bytes_per_worker": s["bytes_up_per_worker"],
-                         "bytes_down_per_worker": s["bytes_down_per_worker"], "wall_s": s["wall_s"],
-                         "tokens_per_s": s["tokens"] / s["wall_s"]})
+                         **{key: s[key] for key in BYTE_COLUMNS}, "resyncs": s.get("resyncs", 0),
+                         "wall_s": s["wall_s"], "tokens_per_s": s["tokens"] / s["wall_s"]})
     base = rows[0]
     for r in rows:
         r["loss_vs_ddp"] = r["eval_loss"] / base["eval_loss"]
-        r["bytes_reduction_vs_ddp"] = base["bytes_per_worker"] / r["bytes_per_worker"]
+        r["bytes_reduction_vs_ddp"] = base["bytes_total_per_worker"] / r["bytes_total_per_worker"]
     return rows, curves
 
 
@@ -64,7 +68,7 @@ def plot_curves(curves: dict[str, Curve], name: str, title: str) -> Path:
         if logged:
             xs, ys = zip(*logged, strict=True)
             ax.plot(xs, ys, marker="o", label=label)
-    ax.set(xscale="log", xlabel="bytes sent per worker", ylabel="eval loss", title=title)
+    ax.set(xscale="log", xlabel="bytes per worker, sent + received", ylabel="eval loss", title=title)
     ax.legend()
     fig.tight_layout()
     path = RESULTS / f"{name}.png"

@@ -2,8 +2,9 @@
 
     python -m bench.diloco_vs_ddp [--workers 4] [--steps 600] [--hs 10,50] [--set key=value ...]
 
-Reports eval loss, bytes sent per worker and the ratios to DDP; writes bench/results/diloco_vs_ddp.json
-and .png. Every contender trains the same model on the same data for the same number of tokens.
+Reports eval loss, bytes per worker (sent, received, total) and the ratios to DDP (of totals); writes
+bench/results/diloco_vs_ddp.json and .png. Every contender trains the same model on the same data for the
+same number of tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 from rich.console import Console
 
 from bench.common import command_line, write_result
-from bench.contenders import outer_overrides, plot_curves, run_all, variant
+from bench.contenders import BYTE_COLUMNS, outer_overrides, plot_curves, run_all, variant
 from protocols.config import load_config
 
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
                    for h in args.hs.split(",")]
     rows, curves = run_all(contenders, Console())
     plot_curves(curves, args.result_name, "DiLoCo vs DDP")
-    columns = ["contender", "eval_loss", "loss_vs_ddp", "bytes_per_worker", "bytes_reduction_vs_ddp",
+    columns = ["contender", "eval_loss", "loss_vs_ddp", *BYTE_COLUMNS, "bytes_reduction_vs_ddp",
                "tokens", "wall_s", "tokens_per_s"]
     write_result(args.result_name, command_line("bench.diloco_vs_ddp"), rows, columns, baseline="ddp")
 

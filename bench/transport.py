@@ -1,6 +1,8 @@
-"""Loopback throughput of the gRPC star (push / pull through a real coordinator) next to a gloo all-reduce.
+"""Loopback throughput of the gRPC star (push / pull through a real coordinator) next to a gloo all-reduce,
+and whole rounds of one protocol over each transport.
 
     python -m bench.transport [--sizes 16,256] [--repeat 3] [--warmup 2] [--chunk-mb 1] [--allocators default,tuned]
+                              [--rounds 30] [--round-model 256x4]
 
 Run it inside a loopback-only namespace: `deploy/loopback.sh .venv/bin/python -m bench.transport`.
 Sizes are MiB of fp32 (2**20 bytes); rates are GB/s (1e9 bytes/s) of tensor bytes, headers excluded.
@@ -12,11 +14,16 @@ Sizes are MiB of fp32 (2**20 bytes); rates are GB/s (1e9 bytes/s) of tensor byte
   does, and the coordinator then runs the outer Nesterov step and re-hashes the state before replying.
   That push is reported alongside as `seconds_with_outer_step`, so the fold path and the round-closing
   path are both visible instead of blended.
-- grpc-pull-<n>mb: the worker's `CoordinatorClient.pull` of the n MiB global state (server stream, the
-  coordinator's default 1 MiB chunks), end to end: the stream, reassembly, and the client's SHA-256 check.
+- grpc-pull-<n>mb: the worker's `CoordinatorClient.pull` of the n MiB replica (the parameters: the run has
+  no outer momentum; server stream, the coordinator's default 1 MiB chunks), end to end: the stream,
+  reassembly, and the client's SHA-256 check. Workers pull it only to join or resync; every round they
+  pull the aggregate instead.
 - gloo-allreduce-<n>mb: 2 processes (torch.distributed, gloo, tcp://127.0.0.1 init) all-reduce one
   n MiB fp32 tensor; seconds per call is the slower rank's. (A bandwidth-optimal all-reduce over 2 ranks,
   a reduce-scatter then an all-gather of halves, moves n MiB each way per rank: as much as a push.)
+- rounds-grpc / rounds-allgather: seconds per round of dense DiLoCo (one inner step per round, 2 workers)
+  on a GPT of `--round-model`, over the gRPC star and over all-gather, through the same round loop; see
+  bench/transport_rounds.py.
 - `--allocators default,tuned` runs every contender under each allocator setting; rows of `tuned` end in
   `-tuned`. The gRPC path allocates fresh memory for every chunk (bytes objects, protobuf arenas, ~1 MiB
   each) and several fresh tensors per push, and on this VM the first touch of fresh 4 KiB pages costs
@@ -48,6 +55,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.common import command_line, write_result
+from bench.transport_rounds import bench_rounds
 from compression.payload import dense
 from coordinator.server import CoordinatorServer
 from deploy.memory import ALLOCATOR_ENV
@@ -55,7 +63,8 @@ from protocols.base import Update
 from protocols.config import RunConfig, parse_config
 from worker.client import CoordinatorClient
 
-COLUMNS = ["contender", "megabytes", "gb_per_s", "seconds", "seconds_min", "seconds_max", "seconds_with_outer_step"]
+COLUMNS = ["contender", "megabytes", "gb_per_s", "seconds", "seconds_min", "seconds_max", "seconds_with_outer_step",
+           "seconds_vs_grpc", "bytes_sent_per_round", "bytes_received_per_round"]
 MIB = 1 << 20
 TENSORS_PER_STATE = 4  # a model-like state: a few large tensors rather than one flat buffer
 KINDS = ("grpc-push", "grpc-pull", "gloo-allreduce")  # row order of the table
@@ -99,7 +108,8 @@ def bench_config(rounds: int) -> RunConfig:
         {
             "name": "transport-bench",
             "train": {"steps": rounds},
-            "protocol": {"kind": "diloco", "inner_steps": 1},
+            # No outer momentum: the replica a pull moves is then the parameters alone (plus two scalars).
+            "protocol": {"kind": "diloco", "inner_steps": 1, "outer_momentum": 0.0},
             "cluster": {"workers": 2, "round_deadline_s": 3600, "heartbeat_timeout_s": 3600},
         }
     )
@@ -130,7 +140,7 @@ def _drive(address: str, megabytes: int, rounds: int, chunk_bytes: int, results:
         folded = time.perf_counter()
         closer.push(round_, update, {"tokens": 0.0})
         closed = time.perf_counter()
-        pulled, _ = folder.pull()
+        pulled = folder.pull().round
         fold_s.append(folded - began)
         close_s.append(closed - folded)
         pull_s.append(time.perf_counter() - closed)
@@ -292,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per contender (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before them")
     parser.add_argument("--chunk-mb", type=float, default=1.0, help="push chunk size in MiB, 1 to 4")
+    parser.add_argument("--rounds", type=int, default=30,
+                        help="timed rounds of DiLoCo over grpc and over allgather (0 skips them)")
+    parser.add_argument("--round-model", default="256x4", help="the GPT of the rounds rows: n_embd x n_layer")
     parser.add_argument(
         "--allocators",
         type=parse_allocators,
@@ -303,8 +316,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--repeat must be >= 1 and --warmup >= 0, got {args.repeat} and {args.warmup}")
     if not 1 <= args.chunk_mb <= 4:
         parser.error(f"--chunk-mb must be in [1, 4], got {args.chunk_mb}")
+    try:
+        n_embd, n_layer = (int(x) for x in args.round_model.split("x"))
+    except ValueError:
+        parser.error(f"--round-model must be N_EMBDxN_LAYER like 256x4, got {args.round_model!r}")
     load_before = os.getloadavg()[0]  # other jobs on the machine disturb the timings: say how busy it was
-    rows = []
+    rows = bench_rounds(args.rounds, args.warmup, n_embd, n_layer) if args.rounds > 0 else []
     for allocator in args.allocators:
         for mb in args.sizes:
             rows += bench_grpc(mb, args.warmup, args.repeat, int(args.chunk_mb * MIB), allocator)
@@ -312,8 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     order = list(ALLOCATORS)
     rows.sort(
         key=lambda r: (
-            next(i for i, k in enumerate(KINDS) if r["contender"].startswith(k)),
-            order.index(r["allocator"]),
+            next((i for i, k in enumerate(KINDS) if r["contender"].startswith(k)), -1),
+            order.index(r.get("allocator", "default")),
             r["megabytes"],
         )
     )

@@ -97,3 +97,15 @@ def sparse_view(p: Payload) -> tuple[torch.Tensor, torch.Tensor]:
 
 def is_sparse(codec: str) -> bool:
     return isinstance(_DECODERS.get(ALIASES.get(codec, codec)), SparseCompressor)
+
+
+def contraction(codec: str, **params: Any) -> float | None:
+    """A lower bound on the codec's contraction delta, ||C(x) - x||^2 <= (1 - delta) ||x||^2, where one is
+    known in closed form: 1 for the lossless and half-precision codecs, the kept fraction for the
+    sparsifiers (top-k's bound; SparseLoCo's 2-bit values only loosen it). None for the quantizers, sign
+    and low rank, whose delta depends on the tensor."""
+    compressor = build(codec, **params)
+    if isinstance(compressor, Dense | Fp16 | Bf16):
+        return 1.0
+    density = getattr(compressor, "density", None)
+    return float(density) if isinstance(compressor, SparseCompressor) and density is not None else None

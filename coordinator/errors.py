@@ -1,23 +1,7 @@
-"""Why the coordinator refused a request. The servicer maps `code` onto a gRPC status code."""
+"""The coordinator's refusals: `protocols.refusals`, where the in-process transport can see them too."""
 
 from __future__ import annotations
 
-from enum import Enum
+from protocols.refusals import Code, Rejected, is_stale
 
-
-class Code(Enum):
-    INVALID_ARGUMENT = "INVALID_ARGUMENT"  # malformed update: shape, dtype, NaN/Inf, unknown tensor name
-    NOT_FOUND = "NOT_FOUND"  # unknown worker id
-    FAILED_PRECONDITION = "FAILED_PRECONDITION"  # stale round, wrong run, no state yet, run finished
-    ALREADY_EXISTS = "ALREADY_EXISTS"  # second update for the same round, second initial state
-    UNAUTHENTICATED = "UNAUTHENTICATED"  # bad token
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # oversized message
-
-
-class Rejected(Exception):
-    """A request the coordinator refused; nothing from it was applied."""
-
-    def __init__(self, code: Code, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+__all__ = ["Code", "Rejected", "is_stale"]

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from coordinator.state import RoundRecord
-from protocols.base import Params
 from protocols.config import RunConfig, to_yaml
+from protocols.replica import Replica
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -39,10 +39,13 @@ class RunDir:
     def log_round(self, record: RoundRecord) -> None:
         self.log("round", **asdict(record))
 
-    def save_checkpoint(self, round_: int, params: Params, server_state: Any, run_id: str) -> Path:
+    def save_checkpoint(self, replica: Replica, aggregator_state: Any, downlink_state: Any, run_id: str) -> Path:
+        """The replica after its last round plus what only the aggregator keeps (shifts, downlink residual).
+        `params` is kept at the top level so `lowband sample` reads any checkpoint alike."""
         path = self.path / "checkpoint.pt"
         tmp = path.with_name("checkpoint.pt.tmp")
-        torch.save({"round": round_, "run_id": run_id, "params": params, "server_state": server_state}, tmp)
+        torch.save({"round": replica.round, "run_id": run_id, "params": replica.params, "replica": replica,
+                    "aggregator_state": aggregator_state, "downlink_state": downlink_state}, tmp)
         os.replace(tmp, path)
         return path
 
@@ -55,7 +58,7 @@ class RunDir:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by `RunDir.save_checkpoint` (our own file, so full unpickling is fine)."""
     ckpt: dict[str, Any] = torch.load(Path(path), map_location="cpu", weights_only=False)
-    for key in ("round", "params", "server_state"):
+    for key in ("round", "params"):
         if key not in ckpt:
             raise ValueError(f"{path}: not a lowband checkpoint (no {key!r})")
     return ckpt

@@ -100,10 +100,10 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             req = serde.from_pb(request)
             assert isinstance(req, m.PullRequest)
             self._check_run(req.envelope)
-            snap = self.state.snapshot(req.envelope.worker_id, req.envelope.token)
+            snap = self.state.snapshot(req.envelope.worker_id, req.envelope.token, req.resync)
         except (Rejected, m.WireError) as err:
             _abort(context, err)
-        entries = {name: dense(t) for name, t in snap.params.items()}
+        entries = {name: dense(t) for name, t in snap.replica.to_tensors().items()}
         header = m.StateHeader(
             round=snap.round,
             num_entries=len(entries),
@@ -112,6 +112,29 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         )
         sent = 0
         for msg in serde.pull_stream(header, entries, self.chunk_bytes):
+            sent += msg.ByteSize()
+            yield msg
+        self.state.count_download(req.envelope.worker_id, sent)
+
+    def PullAggregate(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            req = serde.from_pb(request)
+            assert isinstance(req, m.AggregateRequest)
+            self._check_run(req.envelope)
+            aggregate, state_hash, own = self.state.aggregate_for(req.envelope.worker_id, req.envelope.token, req.round)
+        except (Rejected, m.WireError) as err:
+            _abort(context, err)
+        entries, weights = serde.aggregate_entries(aggregate, omit=own)
+        header = m.AggregateHeader(
+            round=aggregate.round,
+            num_entries=len(entries),
+            total_bytes=sum(p.nbytes() for p in entries.values()),
+            state_hash=state_hash,
+            relayed_weights=weights,
+            own_slot=0 if own is None else own + 1,
+        )
+        sent = 0
+        for msg in serde.aggregate_stream(header, entries, self.chunk_bytes):
             sent += msg.ByteSize()
             yield msg
         self.state.count_download(req.envelope.worker_id, sent)
@@ -131,12 +154,18 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
 
     def PushUpdate(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
         counted = _CountingIterator(request_iterator)
-        try:
-            header, entries = serde.read_push(counted, self.state.max_push_bytes)
+
+        def refuse_early(header: m.PushHeader) -> None:
             env = header.envelope
             self._check_run(env)
+            initial = header.kind is m.PushKind.INITIAL_STATE
+            self.state.check_push(env.worker_id, env.token, env.round, initial)
+
+        try:
+            header, entries = serde.read_push(counted, self.state.max_push_bytes, refuse_early)
+            env = header.envelope
             if header.kind is m.PushKind.INITIAL_STATE:
-                self.state.offer_initial_state(env.worker_id, env.token, entries)
+                self.state.offer_initial_state(env.worker_id, env.token, entries, counted.nbytes)
                 round_ = self.state.round
             else:
                 metrics = dict(header.metrics)

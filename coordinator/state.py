@@ -4,6 +4,10 @@ Phases: WAITING (for `cluster.workers` to join and for an initial state) -> TRAI
 -> FINISHED. A round closes when every live worker has reported, or when its deadline has passed
 and at least `cluster.quorum` have. Workers whose heartbeats stop are dropped from the live set.
 
+The aggregation itself is `protocols.round.RoundAggregator`, the same pure code the all-gather ranks run.
+When a round closes, its `Aggregate` is kept (the last `KEPT_AGGREGATES`) for workers to pull, with the
+digest of the replica after it, which every worker compares with its own.
+
 Every public method takes the lock; `wait_for_round` blocks on a condition so workers can long-poll.
 Anything refused raises `Rejected` and leaves the state exactly as it was.
 """
@@ -21,9 +25,15 @@ from typing import Any
 
 from compression.payload import Payload
 from coordinator.errors import Code, Rejected
-from coordinator.validate import Decoder, check_initial_state, check_update
-from protocols.base import Accumulator, Params, Protocol, Update
+from coordinator.validate import check_initial_state
+from protocols.base import Aggregate, Protocol, Update
 from protocols.config import PROTOCOL_VERSION, RunConfig, to_yaml
+from protocols.downlink import Downlink
+from protocols.replica import Replica
+from protocols.round import RoundAggregator, UpdateRejected
+
+# Closed rounds whose aggregate stays available; a worker further behind resyncs its whole replica.
+KEPT_AGGREGATES = 4
 
 
 class Phase(Enum):
@@ -42,9 +52,12 @@ class Member:
     step: int = 0
     loss: float | None = None
     eval_loss: float | None = None
-    bytes_up: int = 0
-    bytes_down: int = 0
+    # Bytes this worker sent to / received from the coordinator, as the coordinator counted them.
+    bytes_sent: int = 0
+    bytes_received: int = 0
     tokens: int = 0
+    resyncs: int = 0  # whole replicas pulled because the worker's fell behind or differed
+    pulls: int = 0  # whole replicas pulled in all (joins and rejoins included)
 
 
 @dataclass
@@ -56,8 +69,12 @@ class RoundRecord:
     train_loss: float | None
     eval_loss: float | None
     tokens: int
-    bytes_up: int
-    bytes_down: int
+    # Per worker, averaged over every worker that joined: bytes it sent, received, and both.
+    bytes_sent_per_worker: float
+    bytes_received_per_worker: float
+    bytes_total_per_worker: float
+    downlink_bytes: int  # this round's aggregate (component bytes)
+    resyncs: int  # whole-replica pulls after the first, all workers, so far
     seconds: float
     closed_by: str  # "all" | "deadline"
 
@@ -66,7 +83,7 @@ class RoundRecord:
 class Snapshot:
     round: int
     phase: Phase
-    params: Params
+    replica: Replica
     state_hash: str
 
 
@@ -74,7 +91,6 @@ class Snapshot:
 class _Round:
     number: int
     started: float
-    acc: Accumulator
     reported: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -82,17 +98,14 @@ class CoordinatorState:
     def __init__(
         self,
         cfg: RunConfig,
-        protocol: Protocol,
-        decode: Decoder,
-        hasher: Callable[[Params], str],
+        protocol: Protocol[Any, Any],
         run_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
-        on_round: Callable[[RoundRecord, Params, Any], None] | None = None,
+        on_round: Callable[[RoundRecord, RoundAggregator], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.protocol = protocol
-        self.decode = decode
-        self.hasher = hasher
+        self.downlink = Downlink.from_config(getattr(cfg.protocol, "downlink"), protocol)  # noqa: B009
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.clock = clock
         self.on_round = on_round
@@ -100,9 +113,12 @@ class CoordinatorState:
         self.members: dict[str, Member] = {}
         self.phase = Phase.WAITING
         self.round = 0
-        self.params: Params | None = None
+        self.aggregator: RoundAggregator | None = None
         self.state_hash = ""
-        self.server_state: Any = None
+        # round -> (its aggregate, digest of the replica after it), the last KEPT_AGGREGATES closed rounds,
+        # and who sent which relayed update (fold order).
+        self.aggregates: dict[int, tuple[Aggregate, str]] = {}
+        self.senders: dict[int, list[str]] = {}
         self.history: list[RoundRecord] = []
         # The one worker asked to offer the initial state, so only one dense copy crosses the wire.
         self.initializer: str | None = None
@@ -132,7 +148,7 @@ class CoordinatorState:
                 worker_id = requested_id or f"w{index}"
                 member = Member(worker_id=worker_id, index=index, hostname=hostname, last_seen=self.clock())
                 self.members[worker_id] = member
-            if self.params is None and not self._initializer_alive():
+            if self.aggregator is None and not self._initializer_alive():
                 self.initializer = member.worker_id
             self._maybe_start()
             self._cond.notify_all()
@@ -141,7 +157,7 @@ class CoordinatorState:
     def must_offer_state(self, worker_id: str) -> bool:
         """Whether this worker is the one asked to offer the initial parameters."""
         with self._cond:
-            return self.params is None and self.initializer == worker_id
+            return self.aggregator is None and self.initializer == worker_id
 
     def _initializer_alive(self) -> bool:
         return self.initializer is not None and self.members[self.initializer].alive
@@ -166,53 +182,98 @@ class CoordinatorState:
             self._cond.notify_all()
 
     # ---- state -------------------------------------------------------------------------------
-    def offer_initial_state(self, worker_id: str, token: str, payloads: dict[str, Payload]) -> None:
+    def offer_initial_state(
+        self, worker_id: str, token: str, payloads: dict[str, Payload], wire_bytes: int = 0
+    ) -> None:
         with self._cond:
-            self._member(worker_id, token)
-            if self.params is not None:
+            member = self._member(worker_id, token)
+            if self.aggregator is not None:
                 raise Rejected(Code.ALREADY_EXISTS, "the coordinator already holds the global state")
-            params = check_initial_state(worker_id, payloads, self.decode)
-            self._install(params, self.protocol.init_server_state(params))
+            params = check_initial_state(worker_id, payloads)
+            member.bytes_sent += wire_bytes
+            self._install(RoundAggregator(self.protocol, self.downlink, Replica(self.round, params),
+                                          fold_in_order=self.cfg.cluster.fold_order == "worker"))
             self._maybe_start()
             self._cond.notify_all()
 
-    def restore(self, round_: int, params: Params, server_state: Any) -> None:
-        """Resume from a checkpoint: global state and round, before any worker joins."""
+    def restore(self, replica: Replica, aggregator_state: Any, downlink_state: Any) -> None:
+        """Resume from a checkpoint (replica, aggregator and downlink state), before any worker joins."""
         with self._cond:
-            self._install(params, server_state)
-            self.round = round_
+            self._install(RoundAggregator(self.protocol, self.downlink, replica, aggregator_state, downlink_state,
+                                          fresh=False, fold_in_order=self.cfg.cluster.fold_order == "worker"))
+            self.round = replica.round
 
     def check_member(self, worker_id: str, token: str) -> None:
         with self._cond:
             self._member(worker_id, token)
 
-    def snapshot(self, worker_id: str, token: str) -> Snapshot:
+    def snapshot(self, worker_id: str, token: str, resync: bool = False) -> Snapshot:
+        """The whole replica, for a worker that joins (`resync` False) or whose replica fell behind or
+        differed from the coordinator's (`resync` True, counted)."""
         with self._cond:
             self._member(worker_id, token)
-            if self.params is None:
+            if self.aggregator is None:
                 raise Rejected(Code.FAILED_PRECONDITION, "no global state yet: a worker must offer it first")
-            return Snapshot(self.round, self.phase, self.params, self.state_hash)
+            member = self.members[worker_id]
+            member.resyncs += resync
+            member.pulls += 1
+            return Snapshot(self.round, self.phase, self.aggregator.replica, self.state_hash)
+
+    def aggregate_for(self, worker_id: str, token: str, round_: int) -> tuple[Aggregate, str, int | None]:
+        """The aggregate that closed `round_`, the digest of the replica after it, and, for a relayed
+        aggregate, the slot of this worker's own update (it holds that one: no need to send it back)."""
+        with self._cond:
+            self._member(worker_id, token)
+            kept = self.aggregates.get(round_)
+            if kept is None:
+                raise Rejected(
+                    Code.FAILED_PRECONDITION,
+                    f"the aggregate of round {round_} is not available (the coordinator is at round {self.round} and "
+                    f"keeps rounds {sorted(self.aggregates)}): pull the whole state instead",
+                )
+            aggregate, digest_after = kept
+            senders = self.senders.get(round_, [])
+            own = senders.index(worker_id) if aggregate.relayed and worker_id in senders else None
+            return aggregate, digest_after, own
+
+    def check_push(self, worker_id: str, token: str, round_: int, initial_state: bool) -> None:
+        """Refuse a push from its header alone (bad token, unknown worker, stale round, a second update or
+        initial state), before its payload is read. `submit` checks all of it again under the lock."""
+        with self._cond:
+            if initial_state:
+                self._member(worker_id, token)
+                if self.aggregator is not None:
+                    raise Rejected(Code.ALREADY_EXISTS, "the coordinator already holds the global state")
+            else:
+                self._open_round_for(worker_id, token, round_)
+
+    def _open_round_for(self, worker_id: str, token: str, round_: int) -> tuple[Member, _Round]:
+        member = self._member(worker_id, token)
+        if self.phase is not Phase.TRAINING or self._current is None or self.aggregator is None:
+            raise Rejected(Code.FAILED_PRECONDITION, f"no round is open (phase {self.phase.value})")
+        current = self._current
+        if round_ != current.number:
+            raise Rejected(
+                Code.FAILED_PRECONDITION,
+                f"stale round: update is for round {round_}, the coordinator is at round {current.number}",
+            )
+        if worker_id in current.reported:
+            raise Rejected(Code.ALREADY_EXISTS, f"worker {worker_id} already sent its update for round {round_}")
+        return member, current
 
     def submit(
         self, worker_id: str, token: str, round_: int, update: Update, metrics: dict[str, float], wire_bytes: int
     ) -> int:
         """Validate and fold one worker's update into the open round. Returns the round it counted for."""
         with self._cond:
-            member = self._member(worker_id, token)
-            if self.phase is not Phase.TRAINING or self._current is None or self.params is None:
-                raise Rejected(Code.FAILED_PRECONDITION, f"no round is open (phase {self.phase.value})")
-            current = self._current
-            if round_ != current.number:
-                raise Rejected(
-                    Code.FAILED_PRECONDITION,
-                    f"stale round: update is for round {round_}, the coordinator is at round {current.number}",
-                )
-            if worker_id in current.reported:
-                raise Rejected(Code.ALREADY_EXISTS, f"worker {worker_id} already sent its update for round {round_}")
-            check_update(worker_id, update.payloads, self.params, self.decode)
-            current.acc.fold(worker_id, update)
+            member, current = self._open_round_for(worker_id, token, round_)
+            assert self.aggregator is not None  # _open_round_for checked it
+            try:
+                self.aggregator.submit(worker_id, update, member.index)
+            except UpdateRejected as err:
+                raise Rejected(Code.ALREADY_EXISTS if err.duplicate else Code.INVALID_ARGUMENT, str(err)) from None
             current.reported[worker_id] = dict(metrics)
-            member.bytes_up += wire_bytes
+            member.bytes_sent += wire_bytes
             member.tokens += int(metrics.get("tokens", 0))
             member.last_seen, member.alive = self.clock(), True
             self._maybe_close()
@@ -222,7 +283,7 @@ class CoordinatorState:
     def count_download(self, worker_id: str, nbytes: int) -> None:
         with self._cond:
             if worker_id in self.members:
-                self.members[worker_id].bytes_down += nbytes
+                self.members[worker_id].bytes_received += nbytes
 
     # ---- time --------------------------------------------------------------------------------
     def tick(self) -> None:
@@ -272,18 +333,17 @@ class CoordinatorState:
         member.last_seen, member.alive = self.clock(), True
         return member
 
-    def _install(self, params: Params, server_state: Any) -> None:
-        self.params = {k: v.detach().clone() for k, v in params.items()}
-        self.server_state = server_state
-        self.state_hash = self.hasher(self.params)
-        self.max_push_bytes = 2 * sum(t.numel() * t.element_size() for t in self.params.values()) + (16 << 20)
+    def _install(self, aggregator: RoundAggregator) -> None:
+        self.aggregator = aggregator
+        self.state_hash = aggregator.replica.digest()
+        params = aggregator.replica.params
+        self.max_push_bytes = 2 * sum(t.numel() * t.element_size() for t in params.values()) + (16 << 20)
 
     def _open_round(self) -> None:
-        assert self.params is not None
-        self._current = _Round(self.round, self.clock(), self.protocol.new_round(self.params))
+        self._current = _Round(self.round, self.clock())
 
     def _maybe_start(self) -> None:
-        if self.phase is not Phase.WAITING or self.params is None:
+        if self.phase is not Phase.WAITING or self.aggregator is None:
             return
         if sum(m.alive for m in self.members.values()) < self.cfg.cluster.workers:
             return
@@ -295,7 +355,7 @@ class CoordinatorState:
 
     def _maybe_close(self) -> None:
         current = self._current
-        if self.phase is not Phase.TRAINING or current is None or self.params is None:
+        if self.phase is not Phase.TRAINING or current is None or self.aggregator is None:
             return
         live = {m.worker_id for m in self.members.values() if m.alive}
         reported = set(current.reported)
@@ -308,31 +368,42 @@ class CoordinatorState:
             closed_by = "deadline"
         else:
             return
-        new_params, self.server_state = self.protocol.aggregate(self.params, current.acc, self.server_state)
-        self._install(new_params, self.server_state)
-        record = self._record(current, closed_by)
+        aggregate = self.aggregator.close()
+        self.state_hash = self.aggregator.replica.digest()
+        self.aggregates[current.number] = (aggregate, self.state_hash)
+        self.senders[current.number] = self.aggregator.last_fold_order
+        for old in sorted(self.aggregates)[:-KEPT_AGGREGATES]:
+            del self.aggregates[old]
+            self.senders.pop(old, None)
+        record = self._record(current, closed_by, aggregate.nbytes())
         self.history.append(record)
         self.round += 1
         if self.on_round is not None:
-            self.on_round(record, self.params, self.server_state)
+            self.on_round(record, self.aggregator)
         if self.round >= self.total_rounds:
             self.phase, self._current = Phase.FINISHED, None
         else:
             self._open_round()
 
-    def _record(self, current: _Round, closed_by: str) -> RoundRecord:
+    def _record(self, current: _Round, closed_by: str, downlink_bytes: int) -> RoundRecord:
         def mean(key: str) -> float | None:
             vals = [m[key] for m in current.reported.values() if key in m]
             return sum(vals) / len(vals) if vals else None
 
+        n = max(len(self.members), 1)
+        sent = sum(m.bytes_sent for m in self.members.values())
+        received = sum(m.bytes_received for m in self.members.values())
         return RoundRecord(
             round=current.number,
             workers=sorted(current.reported),
             train_loss=mean("train_loss"),
             eval_loss=mean("eval_loss"),
             tokens=sum(m.tokens for m in self.members.values()),
-            bytes_up=sum(m.bytes_up for m in self.members.values()),
-            bytes_down=sum(m.bytes_down for m in self.members.values()),
+            bytes_sent_per_worker=sent / n,
+            bytes_received_per_worker=received / n,
+            bytes_total_per_worker=(sent + received) / n,
+            downlink_bytes=downlink_bytes,
+            resyncs=sum(m.resyncs for m in self.members.values()),
             seconds=self.clock() - current.started,
             closed_by=closed_by,
         )

@@ -16,7 +16,7 @@ from coordinator.server import CoordinatorServer
 from protocols.config import RunConfig
 from worker.client import CoordinatorClient
 from worker.faults import Faults
-from worker.runtime import run_worker
+from worker.runners import run_grpc_worker
 
 
 @ray.remote
@@ -49,7 +49,7 @@ class WorkerActor:
         logging.basicConfig(level=logging.WARNING)
         client = CoordinatorClient(address, token=token)
         try:
-            return asdict(run_worker(client, threads=threads, faults=Faults(**faults)))
+            return asdict(run_grpc_worker(client, threads=threads, faults=Faults(**faults)))
         finally:
             client.close()
 
@@ -67,3 +67,29 @@ class DDPActor:
 
         torch.set_num_threads(threads)
         return run_ddp_worker(rank, world, init_method, RunConfig.model_validate(cfg_json), checkpoint=checkpoint)
+
+
+@ray.remote
+class AllGatherActor:
+    def ready(self) -> bool:
+        return True
+
+    def run(self, rank: int, world: int, init_method: str, cfg_json: dict[str, Any], threads: int) -> dict[str, Any]:
+        from worker.runners import run_allgather_rank
+
+        return run_allgather_rank(rank, world, init_method, RunConfig.model_validate(cfg_json), num_threads=threads)
+
+
+@ray.remote
+class InprocActor:
+    def ready(self) -> bool:
+        return True
+
+    def run(self, cfg_json: dict[str, Any], run_dir: str, threads: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        import torch
+
+        from deploy.inproc import run_inproc
+
+        torch.set_num_threads(threads)
+        summary, results = run_inproc(RunConfig.model_validate(cfg_json), run_dir)
+        return summary, [asdict(r) for r in results]

@@ -103,7 +103,7 @@ def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
 def cmd_worker(args: argparse.Namespace, console: Console) -> int:
     from worker.client import CoordinatorClient
     from worker.faults import Faults
-    from worker.runtime import run_worker
+    from worker.runners import run_grpc_worker
 
     ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
     client = CoordinatorClient(args.join, token=args.token, tls_ca=ca, retry_for_s=args.retry_for)
@@ -113,13 +113,15 @@ def cmd_worker(args: argparse.Namespace, console: Console) -> int:
         console.print(f"{event['worker']} round {event['round']} step {event['step']}: "
                       f"train {event['train_loss']:.3f}{ev}")
 
-    faults = Faults(step_delay_s=args.step_delay, crash_at_step=args.crash_at_step)
-    result = run_worker(client, threads=args.threads, progress=show, faults=faults, worker_name=args.name)
+    faults = Faults(step_delay_s=args.step_delay, crash_at_step=args.crash_at_step,
+                    corrupt_replica_at_round=args.corrupt_replica_at_round)
+    result = run_grpc_worker(client, threads=args.threads, progress=show, faults=faults, worker_name=args.name)
     client.close()
     if args.result_json:
         Path(args.result_json).write_text(json.dumps(asdict(result), indent=2) + "\n")
     console.print(f"{result.worker_id}: {result.rounds} rounds, {result.steps} steps, final eval loss "
-                  f"{result.final_eval_loss}, sent {result.bytes_sent} B, received {result.bytes_received} B")
+                  f"{result.final_eval_loss}, sent {result.bytes_sent} B, received {result.bytes_received} B, "
+                  f"{result.resyncs} resyncs")
     return 0
 
 
@@ -163,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-for", type=float, default=60.0, help="seconds to keep retrying an unreachable coordinator")
     p.add_argument("--step-delay", type=float, default=0.0, help="seconds added to every step (simulate a straggler)")
     p.add_argument("--crash-at-step", type=int, default=-1, help="SIGKILL this worker at that step (fault injection)")
+    p.add_argument("--corrupt-replica-at-round", type=int, default=-1, metavar="R",
+                   help="flip one parameter of the replica after round R (fault injection: the worker must resync)")
     p.add_argument("--result-json", default=None, help="write this worker's result (rounds, bytes, hashes) here")
     p.set_defaults(func=cmd_worker)
 

@@ -1,4 +1,6 @@
-"""`lowband run`: a local (or joined) Ray cluster with the coordinator and N workers as actors.
+"""`lowband run`: a local (or joined) Ray cluster running one job, by `cluster.transport`: the coordinator
+and N workers as actors (grpc), N ranks that all-gather (allgather), or one actor holding the whole run
+(inproc); the DDP baseline as N ranks that all-reduce.
 
 The driver only schedules actors, shows progress and writes the human-facing files (summary.json,
 loss.png); the coordinator actor writes config.yaml, metrics.jsonl and the checkpoints itself.
@@ -19,7 +21,7 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.rundir import RunDir
-from deploy.actors import CoordinatorActor, DDPActor, WorkerActor
+from deploy.actors import AllGatherActor, CoordinatorActor, DDPActor, InprocActor, WorkerActor
 from deploy.memory import ALLOCATOR_ENV
 from deploy.report import human_bytes, plot_loss
 from protocols.config import RunConfig
@@ -75,14 +77,34 @@ def _threads(cfg: RunConfig) -> int:
 def _progress_table(cfg: RunConfig, prog: dict[str, Any], started: float) -> Table:
     table = Table(title=f"{cfg.name}: round {prog['round']}/{prog['rounds']} ({prog['phase']}) "
                         f"{time.monotonic() - started:.0f}s")
-    for col in ("worker", "alive", "step", "train loss", "eval loss", "bytes sent"):
+    for col in ("worker", "alive", "step", "train loss", "eval loss", "bytes sent", "bytes received", "resyncs"):
         table.add_column(col)
     for wid, w in sorted(prog["workers"].items()):
         loss, ev = w.get("loss"), w.get("eval_loss")
         table.add_row(wid, "yes" if w["alive"] else "no", str(w["step"]),
                       f"{loss:.3f}" if loss is not None else "-", f"{ev:.3f}" if ev is not None else "-",
-                      human_bytes(w["bytes_up"]))
+                      human_bytes(w["bytes_sent"]), human_bytes(w["bytes_received"]), str(w["resyncs"]))
     return table
+
+
+def merge_worker_results(summary: dict[str, Any], results: list[dict[str, Any]], started: float) -> dict[str, Any]:
+    """The run summary with what the workers measured themselves: bytes both ways (every message they sent
+    or received), tokens, final eval, resyncs, averaged per worker."""
+    finals = [r["final_eval_loss"] for r in results if r.get("final_eval_loss") is not None]
+    n = max(len(results), 1)
+    sent, received = sum(r["bytes_sent"] for r in results), sum(r["bytes_received"] for r in results)
+    summary.update(
+        final_eval_loss=sum(finals) / len(finals) if finals else summary.get("final_eval_loss"),
+        tokens=sum(r["tokens"] for r in results),
+        wall_s=time.monotonic() - started,
+        bytes_sent_per_worker=sent / n,
+        bytes_received_per_worker=received / n,
+        bytes_total_per_worker=(sent + received) / n,
+        resyncs=sum(r.get("resyncs", 0) for r in results),
+        stale_updates=sum(r.get("stale_updates", 0) for r in results),
+        worker_results=results,
+    )
+    return summary
 
 
 def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: list[dict[str, Any]] | None = None
@@ -112,17 +134,49 @@ def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: lis
     summary = ray.get(finish)
     for actor in [*workers, coord]:
         ray.kill(actor)
-    finals = [r["final_eval_loss"] for r in results if r.get("final_eval_loss") is not None]
-    n = max(len(results), 1)
-    summary.update(
-        final_eval_loss=sum(finals) / len(finals) if finals else summary.get("final_eval_loss"),
-        tokens=sum(r["tokens"] for r in results),
-        wall_s=time.monotonic() - started,
-        bytes_up_per_worker=sum(r["bytes_sent"] for r in results) / n,
-        bytes_down_per_worker=sum(r["bytes_received"] for r in results) / n,
-        worker_results=results,
-    )
-    return summary
+    return merge_worker_results(summary, results, started)
+
+
+def _log_evals(run_dir: Path, cfg: RunConfig, evals: list[dict[str, Any]]) -> None:
+    """Eval points of a run without a coordinator (DDP, all-gather) into metrics.jsonl."""
+    rundir = RunDir(run_dir, cfg)
+    for point in evals:
+        # DDP's points carry only bytes_sent: a ring all-reduce receives as much as it sends.
+        total = point["bytes_sent"] + point.get("bytes_received", point["bytes_sent"])
+        rundir.log("eval", step=point["step"], tokens=point["tokens_total"], eval_loss=point["eval_loss"],
+                   train_loss=point.get("train_loss"), bytes_total_per_worker=total)
+
+
+def run_allgather(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
+    """A coordinated protocol over torch all-gather: N Ray actors form a process group (file store in the
+    run dir) and every rank aggregates."""
+    n = cfg.cluster.workers
+    store = run_dir / "allgather_store"
+    store.unlink(missing_ok=True)
+    actors = [AllGatherActor.options(num_cpus=cfg.cluster.cpus_per_worker).remote()  # type: ignore[attr-defined]
+              for _ in range(n)]
+    _await_started([a.ready.remote() for a in actors], actors, cfg, f"{n} all-gather actors")
+    started = time.monotonic()
+    with console.status(f"{cfg.name}: {cfg.protocol.kind} over all-gather, {n} ranks, {cfg.rounds} rounds"):
+        results = ray.get([a.run.remote(r, n, f"file://{store}", cfg.model_dump(mode="json"), _threads(cfg))
+                           for r, a in enumerate(actors)])
+    for actor in actors:
+        ray.kill(actor)
+    _log_evals(run_dir, cfg, results[0]["evals"])
+    summary = {"name": cfg.name, "protocol": cfg.protocol.kind, "transport": "allgather", "rounds": cfg.rounds,
+               "state_hash": results[0]["state_hashes"][-1] if results[0]["state_hashes"] else ""}
+    return merge_worker_results(summary, results, started)
+
+
+def run_inproc_actor(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
+    """Every worker and the coordinator's state machine in one Ray actor (threads)."""
+    actor = InprocActor.options(num_cpus=cfg.cluster.workers * cfg.cluster.cpus_per_worker).remote()  # type: ignore[attr-defined]
+    _await_started([actor.ready.remote()], [actor], cfg, "in-process actor")
+    started = time.monotonic()
+    with console.status(f"{cfg.name}: {cfg.protocol.kind} in process, {cfg.cluster.workers} workers"):
+        summary, results = ray.get(actor.run.remote(cfg.model_dump(mode="json"), str(run_dir), _threads(cfg)))
+    ray.kill(actor)
+    return merge_worker_results(summary, results, started)
 
 
 def run_ddp(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
@@ -139,10 +193,7 @@ def run_ddp(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
                            for r, a in enumerate(actors)])
     for actor in actors:
         ray.kill(actor)
-    rundir = RunDir(run_dir, cfg)
-    for point in results[0]["evals"]:
-        rundir.log("eval", step=point["step"], tokens=point["tokens_total"], eval_loss=point["eval_loss"],
-                   train_loss=point["train_loss"], bytes_up=point["bytes_sent"] * n)
+    _log_evals(run_dir, cfg, results[0]["evals"])
     return {
         "name": cfg.name,
         "protocol": "ddp",
@@ -150,10 +201,12 @@ def run_ddp(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
         "final_eval_loss": results[0]["eval_loss"],
         "tokens": sum(r["tokens"] for r in results),
         "wall_s": time.monotonic() - started,
-        "bytes_up_per_worker": sum(r["bytes_sent"] for r in results) / n,
-        "bytes_down_per_worker": sum(r["bytes_received"] for r in results) / n,
+        "bytes_sent_per_worker": sum(r["bytes_sent"] for r in results) / n,
+        "bytes_received_per_worker": sum(r["bytes_received"] for r in results) / n,
+        "bytes_total_per_worker": sum(r["bytes_total"] for r in results) / n,
         "state_hash": results[0]["param_hash"],
-        "workers": {f"rank{r['rank']}": {"bytes_up": r["bytes_sent"], "tokens": r["tokens"]} for r in results},
+        "workers": {f"rank{r['rank']}": {"bytes_sent": r["bytes_sent"], "bytes_received": r["bytes_received"],
+                                         "tokens": r["tokens"]} for r in results},
     }
 
 
@@ -166,8 +219,13 @@ def run(cfg: RunConfig, address: str | None = None, console: Console | None = No
     start_ray(cfg, address)
     if cfg.protocol.kind == "ddp":
         summary = run_ddp(cfg, run_dir, console)
+    elif cfg.cluster.transport == "allgather":
+        summary = run_allgather(cfg, run_dir, console)
+    elif cfg.cluster.transport == "inproc":
+        summary = run_inproc_actor(cfg, run_dir, console)
     else:
         summary = run_coordinated(cfg, run_dir, console, faults)
+    summary.setdefault("transport", "allreduce" if cfg.protocol.kind == "ddp" else cfg.cluster.transport)
     summary["run_dir"] = str(run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot_loss(run_dir, summary)

@@ -18,25 +18,24 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def eval_curve(run_dir: Path, summary: dict[str, Any]) -> list[tuple[float, float, float]]:
-    """(tokens, bytes sent per worker, eval loss) points: one per evaluated round, plus the final one.
+    """(tokens, bytes per worker both ways, eval loss) points: one per evaluated round, plus the final one.
 
     A round record's eval loss is of the global state the round started from, so it is placed at the
-    tokens and bytes counted before that round (the previous record's totals). DDP's eval events are
-    already taken at the step they name.
+    tokens and bytes counted before that round (the previous record's totals). Eval events (DDP, the
+    all-gather transport) are already taken at the step they name.
     """
-    workers = max(len(summary.get("workers", {})), 1)
     points: list[tuple[float, float, float]] = []
     before = (0.0, 0.0)
     for r in read_metrics(run_dir):
         if r.get("event") == "round":
             if r.get("eval_loss") is not None:
                 points.append((before[0], before[1], float(r["eval_loss"])))
-            before = (float(r["tokens"]), float(r["bytes_up"]) / workers)
+            before = (float(r["tokens"]), float(r["bytes_total_per_worker"]))
         elif r.get("event") == "eval" and r.get("eval_loss") is not None:
-            points.append((float(r["tokens"]), float(r["bytes_up"]) / workers, float(r["eval_loss"])))
+            points.append((float(r["tokens"]), float(r["bytes_total_per_worker"]), float(r["eval_loss"])))
     if summary.get("final_eval_loss") is not None:
         points.append(
-            (float(summary["tokens"]), float(summary["bytes_up_per_worker"]), float(summary["final_eval_loss"]))
+            (float(summary["tokens"]), float(summary["bytes_total_per_worker"]), float(summary["final_eval_loss"]))
         )
     return points
 
@@ -54,7 +53,7 @@ def plot_loss(run_dir: Path, summary: dict[str, Any]) -> Path:
         left.plot(tokens, loss, marker="o")
         right.plot(sent, loss, marker="o")
     left.set(xlabel="tokens (all workers)", ylabel="eval loss", title=f"{summary.get('name', '')}: loss vs tokens")
-    right.set(xlabel="bytes sent per worker", ylabel="eval loss", title="loss vs bytes sent")
+    right.set(xlabel="bytes per worker (sent + received)", ylabel="eval loss", title="loss vs bytes on the wire")
     fig.tight_layout()
     path = run_dir / "loss.png"
     fig.savefig(path, dpi=100)
@@ -71,24 +70,26 @@ def human_bytes(n: float) -> str:
 
 
 def final_table(summaries: list[dict[str, Any]]) -> Table:
-    table = Table(title="lowband: final results")
-    for col in ("run", "protocol", "eval loss", "tokens", "bytes sent / worker", "vs first", "wall time"):
+    table = Table(title="lowband: final results (bytes per worker)")
+    # Bytes per worker, sent + received (summary.json has each direction); every comparison uses the total.
+    columns = ("run", "protocol", "eval loss", "tokens", "bytes", "vs first", "wall")
+    for col in columns:
         table.add_column(col, justify="right" if col not in ("run", "protocol") else "left")
-    base = summaries[0].get("bytes_up_per_worker") or 0
+    base = summaries[0].get("bytes_total_per_worker") or 0
     for s in summaries:
-        sent = s.get("bytes_up_per_worker") or 0
-        ratio = f"{base / sent:.1f}x fewer" if sent and s is not summaries[0] and sent < base else ""
-        if sent and s is not summaries[0] and sent > base and base:
-            ratio = f"{sent / base:.1f}x more"
+        total = s.get("bytes_total_per_worker") or 0
+        ratio = f"{base / total:.1f}x fewer" if total and s is not summaries[0] and total < base else ""
+        if total and s is not summaries[0] and total > base and base:
+            ratio = f"{total / base:.1f}x more"
         loss = s.get("final_eval_loss")
         table.add_row(
             s.get("name", ""),
             s.get("protocol", ""),
             f"{loss:.4f}" if loss is not None else "-",
-            f"{s.get('tokens', 0):,}",
-            human_bytes(sent),
+            f"{s.get('tokens', 0) / 1e6:.2f}M",
+            human_bytes(total),
             ratio,
-            f"{s.get('wall_s', 0):.1f} s",
+            f"{s.get('wall_s', 0):.0f} s",
         )
     return table
 

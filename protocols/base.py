@@ -1,25 +1,34 @@
 """The Protocol interface: the outer algorithm as pure functions over dicts of tensors.
 
-A protocol has a worker half (`make_update`: what to send after local training) and a coordinator
-half (`new_round` / `Accumulator.fold` / `aggregate`: how updates become the next global state).
-No I/O, no clocks, no threads: transports and the coordinator's state machine call these.
+A protocol has two halves, both free of I/O, clocks and threads:
 
-The coordinator folds each update into an `Accumulator` as it arrives, so its memory stays a small
-multiple of the model whatever the number of workers; a protocol whose aggregator needs every
-update (trimmed mean, median-norm clipping) keeps them in its own accumulator and says so.
+- worker half: `make_update(local, replica, state)` (what to send after local training) and
+  `apply(update, replica)` (the outer step every replica takes with the round's aggregate update);
+- aggregator half: `expect(replica)` (what a valid update looks like), `new_round` + `Accumulator.fold`
+  (updates folded as they arrive) and `close(acc, state)` (the round's aggregate update).
+
+`protocols/round.py` runs the aggregator half for the coordinator, the all-gather ranks and the in-process
+transport alike, and puts the downlink (`protocols/downlink.py`) between `close` and `apply`.
+
+The accumulator folds each checked update as it arrives, so its memory stays a small multiple of the model
+whatever the number of workers; a protocol whose aggregator needs every update (a median, per-worker
+shifts) keeps them in its own accumulator and says so in its docstring.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 
 from compression.payload import Payload
+from protocols.replica import Params, Replica
+from protocols.settings import ProtocolSettings
 
-Params = dict[str, torch.Tensor]
+WorkerState = TypeVar("WorkerState")
+AggregatorState = TypeVar("AggregatorState")
 
 
 @dataclass
@@ -34,12 +43,56 @@ class Update:
         return sum(p.nbytes() for p in self.payloads.values())
 
 
+@dataclass(frozen=True)
+class Aggregate:
+    """What every replica applies once round `round` closed: the one message the coordinator broadcasts.
+
+    Either `payloads` (the aggregate update, per tensor, as the downlink encoded it) or `relayed` (the
+    senders' own updates in the order the aggregator folded them, which each replica folds again).
+    """
+
+    round: int
+    payloads: dict[str, Payload] = field(default_factory=dict)
+    relayed: tuple[Update, ...] = ()
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes() for p in self.payloads.values()) + sum(u.nbytes() for u in self.relayed)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One tensor of a checked update, decoded exactly as the accumulator folds it.
+
+    indices: flat int64 [k] coordinates when the view is "coordinates" (checked in range, unique), else None.
+    values:  float32 [k] at `indices`, or the dense tensor [shape] in the payload's dtype.
+    """
+
+    shape: tuple[int, ...]
+    values: torch.Tensor
+    indices: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class CheckedUpdate:
+    """An update that passed `protocols.round.check_update`: every tensor decoded, nothing left to fail."""
+
+    tensors: dict[str, Decoded]
+    weight: float
+    raw: Update  # kept for a relayed downlink
+
+
+View = Literal["dense", "coordinates"]
+
+
 class Accumulator(ABC):
-    """Running aggregate of one round's updates."""
+    """Running aggregate of one round's checked updates."""
+
+    # How `check_update` must decode payloads for this accumulator: dense tensors or (indices, values).
+    view: ClassVar[View] = "dense"
 
     @abstractmethod
-    def fold(self, worker_id: str, update: Update) -> None:
-        """Add one complete, already validated update."""
+    def fold(self, worker_id: str, update: CheckedUpdate) -> None:
+        """Add one complete, checked update (it cannot fail half-way: everything was decoded)."""
 
     @property
     @abstractmethod
@@ -51,14 +104,13 @@ class Accumulator(ABC):
 class MeanAccumulator(Accumulator):
     """Weighted running mean of dense-decoded updates, per tensor."""
 
-    decode: Any  # Callable[[Payload], torch.Tensor]; Any keeps the dataclass picklable
     sums: Params = field(default_factory=dict)
     total_weight: float = 0.0
     workers: list[str] = field(default_factory=list)
 
-    def fold(self, worker_id: str, update: Update) -> None:
-        for name, payload in update.payloads.items():
-            value = self.decode(payload).to(torch.float32) * update.weight
+    def fold(self, worker_id: str, update: CheckedUpdate) -> None:
+        for name, decoded in update.tensors.items():
+            value = decoded.values.to(torch.float32) * update.weight
             if name in self.sums:
                 self.sums[name].add_(value)
             else:
@@ -76,29 +128,60 @@ class MeanAccumulator(Accumulator):
         return {name: s / self.total_weight for name, s in self.sums.items()}
 
 
-class Protocol(ABC):
-    """An outer training protocol. Subclasses cite their paper in the class docstring."""
+class Protocol(ABC, Generic[WorkerState, AggregatorState]):
+    """An outer training protocol. Subclasses cite their paper in the class docstring and name their
+    config section in `settings`; that registers them under the section's `kind`."""
 
+    registry: ClassVar[dict[str, type[Protocol[Any, Any]]]] = {}
+    settings: ClassVar[type[ProtocolSettings]]
     kind: ClassVar[str]
+    # The downlink a recipe's `downlink.codec: auto` means: "none" (dense) or "sparse".
+    default_downlink: ClassVar[str] = "none"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        settings = cls.__dict__.get("settings")
+        if settings is not None:
+            cls.kind = settings.model_fields["kind"].default
+            Protocol.registry[cls.kind] = cls
+
+    @classmethod
+    @abstractmethod
+    def from_settings(cls, settings: Any) -> Protocol[WorkerState, AggregatorState]:
+        """Build from the `protocol` section of a run config."""
 
     # ---- worker half -------------------------------------------------------------------------
-    def init_worker_state(self, params: Params) -> Any:
+    @abstractmethod
+    def init_worker_state(self, params: Params) -> WorkerState:
         """Per-worker state kept across rounds (error-feedback buffers, ...)."""
-        return None
 
     @abstractmethod
-    def make_update(self, local: Params, global_: Params, state: Any) -> tuple[Update, Any]:
-        """After local training: the update to send, and the worker's next state."""
-
-    # ---- coordinator half --------------------------------------------------------------------
-    def init_server_state(self, global_: Params) -> Any:
-        """Coordinator state kept across rounds (outer optimizer momentum, ...)."""
-        return None
+    def make_update(self, local: Params, replica: Params, state: WorkerState) -> tuple[Update, WorkerState]:
+        """After local training from `replica`: the update to send, and the worker's next state."""
 
     @abstractmethod
-    def new_round(self, global_: Params) -> Accumulator:
+    def apply(self, update: Params, replica: Replica) -> Replica:
+        """The outer step every replica takes with the round's (decoded) aggregate update."""
+
+    # ---- aggregator half ---------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def uplink_codec(self) -> str:
+        """The codec every update's payloads must carry (the run's configured uplink codec)."""
+
+    @abstractmethod
+    def init_aggregator_state(self, replica: Replica) -> AggregatorState:
+        """Aggregator state kept across rounds beyond the replica (per-worker shifts, ...)."""
+
+    @abstractmethod
+    def new_round(self) -> Accumulator:
         """An empty accumulator for one round."""
 
     @abstractmethod
-    def aggregate(self, global_: Params, acc: Accumulator, state: Any) -> tuple[Params, Any]:
-        """Close the round: the new global parameters and the next server state."""
+    def close(self, acc: Accumulator, state: AggregatorState) -> tuple[Params, AggregatorState]:
+        """The round's aggregate update (what `apply` steps with) and the next aggregator state."""
+
+    @property
+    def relayable(self) -> bool:
+        """Whether `close` depends on the folded updates alone, so replicas can refold relayed updates."""
+        return False

@@ -1,40 +1,45 @@
-"""Compression plumbing shared by every protocol that averages (compressed) pseudo-gradients.
+"""The skeleton shared by every protocol that averages (compressed) pseudo-gradients: DiLoCo,
+SparseLoCo and EControl.
 
 `Compression` is a picklable description of a `compression:` config block. It builds the worker's
-`ErrorFeedback` (kept as the worker state, so its buffers persist across rounds) and tells the
-coordinator whether it must keep a `Mirror` shift (ef21 / econtrol: the update used is h + mean(d)).
+`ErrorFeedback` (kept as the worker state, so its buffers persist across rounds) and tells the aggregator
+whether it must keep the workers' shifts (ef21 / econtrol: the update used is the mean of the h_i).
 
-`AveragingProtocol` is the common skeleton of DiLoCo, SparseLoCo and EControl: the worker sends
-`global - local` through its error feedback; the coordinator averages the decoded messages, passes
-the mean through the mirror and takes one outer (Nesterov) SGD step. With codec "none" and error
-feedback "none" it is exactly dense DiLoCo: dense payloads, no worker state, no shift.
+`AveragingProtocol`: the worker sends `replica - local` through its error feedback; the aggregator
+averages the decoded messages (ef21 / econtrol: adds each worker's message to that worker's shift h_i and
+takes the mean of all h_i, so a worker that missed a round leaves no lasting bias); every replica takes one
+outer (Nesterov) SGD step with the result. With codec "none" and error feedback "none" it is exactly dense
+DiLoCo.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from compression import registry
-from compression.error_feedback import ErrorFeedback, Mirror
-from compression.payload import Payload, dense, dense_values
-from protocols.base import Accumulator, MeanAccumulator, Params, Protocol, Update
-from protocols.config import CompressionConfig
+from compression.error_feedback import ErrorFeedback
+from compression.payload import dense
+from protocols.base import Accumulator, CheckedUpdate, MeanAccumulator, Protocol, Update
 from protocols.outer import nesterov_sgd
-
-Encode = Callable[[str, torch.Tensor], Payload]
-Decode = Callable[[Payload], torch.Tensor]
+from protocols.replica import Params, Replica
+from protocols.settings import CompressionConfig, DownlinkConfig, ProtocolSettings
 
 # Config fields that are codec parameters (the rest describe error feedback).
-_CODEC_FIELDS = ("density", "chunk", "rank", "seed", "value_dtype", "range_sigmas")
+CODEC_FIELDS = ("density", "chunk", "rank", "seed", "value_dtype", "range_sigmas")
 
 
-def dense_encode(name: str, tensor: torch.Tensor) -> Payload:
-    """Send the tensor uncompressed (module-level so protocols holding it pickle)."""
-    return dense(tensor)
+class AveragingSettings(ProtocolSettings):
+    """Fields every averaging protocol's `protocol:` section has (each subclass sets its paper's defaults)."""
+
+    inner_steps: PositiveInt = 50  # H
+    outer_lr: PositiveFloat = 0.7
+    outer_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    compression: CompressionConfig = CompressionConfig()
+    downlink: DownlinkConfig = DownlinkConfig()
 
 
 @dataclass(frozen=True)
@@ -51,23 +56,32 @@ class Compression:
         self.new_feedback()  # fail at construction (unknown codec, bad eta, ...), not on the first round
 
     @classmethod
-    def from_config(cls, cfg: CompressionConfig) -> Compression:
-        return cls(
-            codec=cfg.codec,
-            error_feedback=cfg.error_feedback,
-            eta=cfg.eta,
-            decay=cfg.decay,
-            params={name: getattr(cfg, name) for name in _CODEC_FIELDS},
-        )
+    def from_config(cls, cfg: CompressionConfig, where: str = "compression") -> Compression:
+        """From a config block; an unset `eta` is the codec's contraction delta (EControl's regime)."""
+        params = {name: getattr(cfg, name) for name in CODEC_FIELDS}
+        eta = cfg.eta
+        if eta is None:
+            eta = registry.contraction(cfg.codec, **params) if cfg.error_feedback == "econtrol" else 1.0
+            if eta is None:
+                raise ValueError(
+                    f"{where}.eta: codec {cfg.codec!r} has no closed-form contraction delta to derive EControl's "
+                    f"eta from; set {where}.eta (of the order of the codec's delta)"
+                )
+        return cls(codec=cfg.codec, error_feedback=cfg.error_feedback, eta=eta, decay=cfg.decay, params=params)
+
+    @property
+    def wire_codec(self) -> str:
+        """The codec name payloads carry ("none" travels as "dense")."""
+        return registry.ALIASES.get(self.codec, self.codec)
 
     @property
     def is_identity(self) -> bool:
         """Dense payloads and no feedback: the protocol runs exactly as its uncompressed paper."""
-        return self.codec in ("none", "dense") and self.error_feedback == "none"
+        return self.wire_codec == "dense" and self.error_feedback == "none"
 
     @property
     def keeps_shift(self) -> bool:
-        """Whether the receiver must keep the mean shift h (ef21, econtrol)."""
+        """Whether the receiver must keep the shifts h (ef21, econtrol)."""
         return self.error_feedback in ("ef21", "econtrol")
 
     def new_feedback(self) -> ErrorFeedback:
@@ -94,40 +108,55 @@ def pseudo_gradient(local: Params, global_: Params) -> Params:
     return out
 
 
-def mirror_step(kind: str, shift: Params, mean: Params) -> tuple[Params, Params]:
-    """(update to apply, next shift) from the mean decoded message; `shift` is not modified.
-
-    A tensor's shift only moves in rounds where it was sent, and it equals the mean of the workers'
-    shifts only while every worker's message reaches every round (a dropped update leaves that
-    worker's h ahead of the coordinator's mean; the next rounds do not repair it).
-    """
-    mirror = Mirror(kind)
-    mirror.load_state_dict(dict(shift))  # Mirror.update builds new tensors, so `shift` stays intact
-    update = {name: mirror.update(name, m) for name, m in mean.items()}
-    return update, mirror.state_dict()
-
-
 @dataclass
-class OuterState:
-    """What the coordinator keeps between rounds."""
+class ShiftAccumulator(Accumulator):
+    """Keeps every sender's decoded message until the round closes (ef21 / econtrol need each worker's
+    own message for its shift h_i): memory grows with the number of senders."""
 
-    # name -> outer momentum buffer [same shape as the parameter], at least float32.
-    momentum: Params = field(default_factory=dict)
-    # Outer steps applied so far.
-    outer_steps: int = 0
-    # name -> receiver shift h (ef21 / econtrol): the running mean of the workers' shifts.
-    shift: Params = field(default_factory=dict)
+    messages: dict[str, tuple[float, Params]] = field(default_factory=dict)
+
+    def fold(self, worker_id: str, update: CheckedUpdate) -> None:
+        self.messages[worker_id] = (update.weight, {n: d.values.to(torch.float32) for n, d in update.tensors.items()})
+
+    @property
+    def count(self) -> int:
+        return len(self.messages)
 
 
-class AveragingProtocol(Protocol):
-    """Workers send (compressed) `global - local`; the coordinator averages and steps outer SGD.
+@dataclass(frozen=True)
+class WorkerShifts:
+    """The aggregator's copy of every worker's shift h_i (what that worker's error feedback holds) and
+    the weight of its latest update."""
 
-    encode / decode are an escape hatch that replaces the codec entirely (a stateless encoder gets
-    the tensor name and the pseudo-gradient); with `compression` the worker state is the
-    `ErrorFeedback` from `init_worker_state`, and payloads are decoded with the codec registry.
-    """
+    shifts: dict[str, Params] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
 
-    state_class: ClassVar[type[OuterState]] = OuterState
+    def advanced(self, messages: dict[str, tuple[float, Params]]) -> WorkerShifts:
+        """h_i <- h_i + D(d_i) for every sender; absent workers keep theirs. Inputs are not modified."""
+        shifts, weights = dict(self.shifts), dict(self.weights)
+        for worker, (weight, message) in messages.items():
+            old = shifts.get(worker, {})
+            shifts[worker] = {n: (old[n] + m if n in old else m.clone()) for n, m in message.items()}
+            shifts[worker].update({n: h for n, h in old.items() if n not in message})
+            weights[worker] = weight
+        return WorkerShifts(shifts, weights)
+
+    def mean(self) -> Params:
+        """Weighted mean of every known worker's h_i (workers in a fixed order, so it is reproducible)."""
+        total = sum(self.weights.values())
+        sums: Params = {}
+        for worker in sorted(self.shifts):
+            for name, h in self.shifts[worker].items():
+                value = h * self.weights[worker]
+                if name in sums:
+                    sums[name].add_(value)
+                else:
+                    sums[name] = value.clone()
+        return {name: s / total for name, s in sums.items()}
+
+
+class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
+    """Workers send (compressed) `replica - local`; the aggregator averages; replicas step outer SGD."""
 
     def __init__(
         self,
@@ -135,43 +164,32 @@ class AveragingProtocol(Protocol):
         outer_momentum: float,
         nesterov: bool,
         compression: Compression = NO_COMPRESSION,
-        encode: Encode | None = None,
-        decode: Decode | None = None,
     ) -> None:
         name = type(self).__name__
         if outer_lr <= 0.0:
             raise ValueError(f"{name} outer_lr must be > 0, got {outer_lr}")
         if not 0.0 <= outer_momentum < 1.0:
             raise ValueError(f"{name} outer_momentum must be in [0, 1), got {outer_momentum}")
-        if (encode is not None or decode is not None) and not compression.is_identity:
-            raise ValueError(
-                f"{name}: give either encode/decode or a compression, not both "
-                f"(got codec={compression.codec!r}, error_feedback={compression.error_feedback!r})"
-            )
         self.outer_lr = outer_lr
         self.outer_momentum = outer_momentum
         self.nesterov = nesterov
         self.compression = compression
-        self.encode: Encode = encode if encode is not None else dense_encode
-        if decode is not None:
-            self.decode: Decode = decode
-        else:
-            self.decode = dense_values if compression.is_identity else registry.decode
 
     # ---- worker half -------------------------------------------------------------------------
     def init_worker_state(self, params: Params) -> ErrorFeedback | None:
         """The worker's error feedback (its buffers live across rounds); None when nothing is compressed."""
         return None if self.compression.is_identity else self.compression.new_feedback()
 
-    def make_update(self, local: Params, global_: Params, state: Any) -> tuple[Update, Any]:
-        """Send `global_ - local` for every tensor in `local`, through the error feedback if any.
+    def make_update(self, local: Params, replica: Params, state: ErrorFeedback | None
+                    ) -> tuple[Update, ErrorFeedback | None]:
+        """Send `replica - local` for every tensor in `local`, through the error feedback if any.
 
         Without compression the worker state passes through unchanged; with it, `state` must be the
         `ErrorFeedback` from `init_worker_state` and is updated in place (and returned).
         """
-        deltas = pseudo_gradient(local, global_)
+        deltas = pseudo_gradient(local, replica)
         if self.compression.is_identity:
-            return Update(payloads={n: self.encode(n, d) for n, d in deltas.items()}), state
+            return Update(payloads={n: dense(d) for n, d in deltas.items()}), state
         if not isinstance(state, ErrorFeedback):
             raise TypeError(
                 f"{type(self).__name__} worker state must be the ErrorFeedback from init_worker_state, "
@@ -179,12 +197,25 @@ class AveragingProtocol(Protocol):
             )
         return Update(payloads={n: state.step(n, d) for n, d in deltas.items()}), state
 
-    # ---- coordinator half --------------------------------------------------------------------
-    def init_server_state(self, global_: Params) -> OuterState:
-        return self.state_class()
+    def apply(self, update: Params, replica: Replica) -> Replica:
+        """One outer (Nesterov) SGD step; tensors without an update keep their value and momentum."""
+        params, momentum = nesterov_sgd(
+            replica.params, update, replica.momentum, lr=self.outer_lr, momentum=self.outer_momentum,
+            nesterov=self.nesterov,
+        )
+        return replace(replica, round=replica.round + 1, params=params, momentum=momentum,
+                       outer_steps=replica.outer_steps + 1)
 
-    def new_round(self, global_: Params) -> Accumulator:
-        return MeanAccumulator(decode=self.decode)
+    # ---- aggregator half ---------------------------------------------------------------------
+    @property
+    def uplink_codec(self) -> str:
+        return self.compression.wire_codec
+
+    def init_aggregator_state(self, replica: Replica) -> WorkerShifts | None:
+        return WorkerShifts() if self.compression.keeps_shift else None
+
+    def new_round(self) -> Accumulator:
+        return ShiftAccumulator() if self.compression.keeps_shift else MeanAccumulator()
 
     def round_mean(self, acc: Accumulator) -> Params:
         """The mean decoded message of the round (subclasses with their own accumulator override)."""
@@ -192,20 +223,17 @@ class AveragingProtocol(Protocol):
             raise TypeError(f"{type(self).__name__} aggregates a MeanAccumulator, got {type(acc).__name__}")
         return acc.mean()
 
-    def aggregate(self, global_: Params, acc: Accumulator, state: Any) -> tuple[Params, OuterState]:
-        """Mean of the round's messages, through the mirror, then one outer (Nesterov) SGD step.
+    def close(self, acc: Accumulator, state: WorkerShifts | None) -> tuple[Params, WorkerShifts | None]:
+        """The round's update: the mean message, or with shifts the mean of every worker's h_i."""
+        if not self.compression.keeps_shift:
+            return self.round_mean(acc), state
+        if not isinstance(acc, ShiftAccumulator) or not isinstance(state, WorkerShifts):
+            raise TypeError(f"{type(self).__name__} with shifts needs a ShiftAccumulator and WorkerShifts")
+        if not acc.messages:
+            raise ValueError("no updates were folded into this round")
+        state = state.advanced(acc.messages)
+        return state.mean(), state
 
-        Parameters no worker sent keep their values, momentum and shift. Returns new tensors;
-        neither `global_` nor `state` is modified.
-        """
-        cls = self.state_class
-        if not isinstance(state, cls):
-            raise TypeError(f"{type(self).__name__} server state must be {cls.__name__}, got {type(state).__name__}")
-        mean = self.round_mean(acc)
-        shift = state.shift
-        if self.compression.keeps_shift:
-            mean, shift = mirror_step(self.compression.error_feedback, state.shift, mean)
-        new_global, momentum = nesterov_sgd(
-            global_, mean, state.momentum, lr=self.outer_lr, momentum=self.outer_momentum, nesterov=self.nesterov
-        )
-        return new_global, cls(momentum=momentum, outer_steps=state.outer_steps + 1, shift=shift)
+    @property
+    def relayable(self) -> bool:
+        return not self.compression.keeps_shift

@@ -4,7 +4,7 @@ Sarfi, Therien, Lidin, Belilovsky, "Communication Efficient LLM Pre-training wit
 arXiv:2508.15706. After H inner steps each worker folds its pseudo-gradient into a decayed error
 buffer, e <- decay * e + (theta_global - theta_local) (decay 0.95), sends the top-k entries of every
 4096-entry chunk of e (k = 64, 2-bit values, 12-bit packed indices: codec "sparseloco") and keeps
-what was not delivered, e <- e - D(C(e)). The coordinator averages each coordinate over the workers
+what was not delivered, e <- e - D(C(e)). The aggregator averages each coordinate over the workers
 that sent it (a coordinate nobody sent gets no update) and takes an outer SGD step with lr 1 and no
 momentum: the decayed buffer stands in for DiLoCo's outer momentum.
 """
@@ -12,27 +12,51 @@ momentum: the decayed buffer stands in for DiLoCo's outer momentum.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 
-from compression import registry
-from compression.payload import Payload
-from protocols.base import Accumulator, Params, Update
-from protocols.compressed import AveragingProtocol, Compression
-from protocols.config import SparseLoCoCompression, SparseLoCoConfig
+from protocols.base import Accumulator, CheckedUpdate, View
+from protocols.compressed import AveragingProtocol, AveragingSettings, Compression
+from protocols.replica import Params
+from protocols.settings import Codec, CompressionConfig
+
+
+class SparseLoCoCompression(CompressionConfig):
+    """SparseLoCo's wire format (arXiv:2508.15706): top-64 of every 4096-entry chunk (density 1/64),
+    2-bit values, 12-bit indices, of an error-feedback buffer decayed by 0.95 (EF14 with decay).
+
+    Each coordinate is averaged over the workers that sent it, which needs the shift-free error
+    feedbacks: "ef21" / "econtrol" (whose receiver adds a dense running shift) are not allowed.
+    """
+
+    codec: Codec = "sparseloco"
+    density: float = Field(64 / 4096, gt=0.0, le=1.0)
+    error_feedback: Literal["none", "ef14"] = "ef14"  # type: ignore[assignment]
+    decay: float = Field(0.95, gt=0.0, le=1.0)
+
+
+class SparseLoCoConfig(AveragingSettings):
+    """SparseLoCo (Sarfi, Therien, Lidin, Belilovsky, arXiv:2508.15706).
+
+    The paper's main setting: H = 15 inner AdamW steps, outer SGD with lr 1 and no momentum (the
+    decayed error-feedback buffer plays the role of DiLoCo's outer momentum).
+    """
+
+    kind: Literal["sparseloco"] = "sparseloco"
+    inner_steps: PositiveInt = 15  # H
+    outer_lr: PositiveFloat = 1.0
+    outer_momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    # Scale each worker's update, chunk by chunk, down to the median norm across workers (robustness).
+    clip_to_median_norm: bool = False
+    # senders: each coordinate averaged over the workers that sent it; workers: sum / all workers (the
+    # paper's (1/R) sum_r rule).
+    average_over: Literal["senders", "workers"] = "senders"
+    compression: SparseLoCoCompression = SparseLoCoCompression()
+
 
 PAPER_COMPRESSION = Compression.from_config(SparseLoCoCompression())
-
-
-def sent_coordinates(p: Payload) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat int64 indices, float32 values) a payload delivers: its kept entries, or all for dense codecs."""
-    if registry.is_sparse(p.codec):
-        indices, values = registry.sparse_view(p)
-    else:
-        values = registry.decode(p).reshape(-1)
-        indices = torch.arange(values.numel(), device=values.device)
-    return indices, values.to(torch.float32)
 
 
 @dataclass
@@ -63,10 +87,12 @@ class SparseMeanAccumulator(Accumulator):
         self.sums[name].index_add_(0, indices, values * weight)
         self.weights[name].index_add_(0, indices, torch.full_like(values, weight))
 
-    def fold(self, worker_id: str, update: Update) -> None:
-        for name, payload in update.payloads.items():
-            indices, values = sent_coordinates(payload)
-            self.add(name, payload.shape, indices, values, update.weight)
+    view: ClassVar[View] = "coordinates"
+
+    def fold(self, worker_id: str, update: CheckedUpdate) -> None:
+        for name, decoded in update.tensors.items():
+            assert decoded.indices is not None  # the "coordinates" view
+            self.add(name, decoded.shape, decoded.indices, decoded.values, update.weight)
         self.workers.append(worker_id)
         self.total_weight += update.weight
 
@@ -104,8 +130,13 @@ class MedianClipAccumulator(Accumulator):
         default_factory=list
     )
 
-    def fold(self, worker_id: str, update: Update) -> None:
-        entries = {name: (p.shape, *sent_coordinates(p)) for name, p in update.payloads.items()}
+    view: ClassVar[View] = "coordinates"
+
+    def fold(self, worker_id: str, update: CheckedUpdate) -> None:
+        entries = {}
+        for name, decoded in update.tensors.items():
+            assert decoded.indices is not None  # the "coordinates" view
+            entries[name] = (decoded.shape, decoded.indices, decoded.values)
         self.updates.append((worker_id, update.weight, entries))
 
     @property
@@ -139,9 +170,15 @@ class MedianClipAccumulator(Accumulator):
 
 class SparseLoCo(AveragingProtocol):
     """SparseLoCo (Sarfi et al., arXiv:2508.15706): EF14 with decay, chunked top-k at 2 bits,
-    per-coordinate averaging over senders, outer SGD (lr 1, no momentum)."""
+    per-coordinate averaging over senders, outer SGD (lr 1, no momentum).
 
-    kind: ClassVar[str] = "sparseloco"
+    Downlink default ("sparse"): the paper's aggregate is itself sparse, so it goes back as the union of
+    the senders' coordinates with their exact aggregated values, or as the senders' payloads relayed for
+    every replica to fold again, whichever is smaller; replicas apply exactly what the aggregator computed.
+    """
+
+    settings = SparseLoCoConfig
+    default_downlink = "sparse"
 
     def __init__(
         self,
@@ -163,16 +200,16 @@ class SparseLoCo(AveragingProtocol):
         self.over_all_workers = average_over == "workers"
 
     @classmethod
-    def from_config(cls, cfg: SparseLoCoConfig) -> SparseLoCo:
+    def from_settings(cls, settings: SparseLoCoConfig) -> SparseLoCo:
         return cls(
-            outer_lr=cfg.outer_lr,
-            outer_momentum=cfg.outer_momentum,
-            compression=Compression.from_config(cfg.compression),
-            clip_to_median_norm=cfg.clip_to_median_norm,
-            average_over=cfg.average_over,
+            outer_lr=settings.outer_lr,
+            outer_momentum=settings.outer_momentum,
+            compression=Compression.from_config(settings.compression, "protocol.compression"),
+            clip_to_median_norm=settings.clip_to_median_norm,
+            average_over=settings.average_over,
         )
 
-    def new_round(self, global_: Params) -> Accumulator:
+    def new_round(self) -> Accumulator:
         if self.clip_to_median_norm:
             return MedianClipAccumulator(
                 chunk=int(self.compression.params.get("chunk", 4096)), over_all_workers=self.over_all_workers

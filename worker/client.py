@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 import grpc
 
 from compression.payload import dense, dense_values
-from protocols.base import Params, Update
+from protocols.base import Aggregate, Update
 from protocols.config import PROTOCOL_VERSION
+from protocols.replica import Params, Replica
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
 
@@ -123,16 +124,28 @@ class CoordinatorClient:
         assert isinstance(info, m.RoundInfo)
         return info
 
-    def pull(self) -> tuple[int, Params]:
-        """The current global parameters, checked against the coordinator's hash."""
+    def pull(self, resync: bool = False) -> Replica:
+        """The coordinator's whole replica, checked against its digest (`resync`: ours fell behind or differed)."""
 
-        def once() -> tuple[int, Params]:
-            stream = self.stub.PullState(serde.to_pb(m.PullRequest(envelope=self._envelope())), timeout=600.0)
-            # read_pull recomputes the hash of what arrived and refuses a mismatch.
+        def once() -> Replica:
+            req = m.PullRequest(envelope=self._envelope(), resync=resync)
+            stream = self.stub.PullState(serde.to_pb(req), timeout=600.0)
+            # read_pull recomputes the digest of what arrived and refuses a mismatch.
             header, entries = serde.read_pull(self._count_in(stream), max_total_bytes=1 << 40)
-            params = {name: dense_values(p) for name, p in entries.items()}
+            replica = Replica.from_tensors({name: dense_values(p) for name, p in entries.items()})
             self.round, self.last_state_hash = header.round, header.state_hash
-            return header.round, params
+            return replica
+
+        return self._call(once)
+
+    def pull_aggregate(self, round_: int, own_update: Update | None = None) -> tuple[m.AggregateHeader, Aggregate]:
+        """The aggregate that closed `round_` and the digest of the coordinator's replica after it. A relayed
+        aggregate leaves out this worker's own update (`own_update`, what it pushed), which is put back."""
+
+        def once() -> tuple[m.AggregateHeader, Aggregate]:
+            req = m.AggregateRequest(envelope=self._envelope(), round=round_)
+            stream = self.stub.PullAggregate(serde.to_pb(req), timeout=600.0)
+            return serde.read_aggregate(self._count_in(stream), 1 << 40, own_update)
 
         return self._call(once)
 

@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from protocols.config import DDPConfig, RunConfig
-from worker.data import load_corpus
+from protocols.config import RunConfig
+from protocols.ddp import DDPConfig
 from worker.evals import EvalLog
-from worker.model import GPT
+from worker.session import Session
 from worker.spawn import pin_gloo_to_loopback, spawn_on_loopback
-from worker.trainer import InnerTrainer, params_digest
+from worker.trainer import params_digest
 
 
 def resolve_backend(requested: str) -> str:
@@ -60,9 +60,10 @@ def run_ddp_worker(
     """Train one DDP rank and return its summary. A collective that waits longer than `timeout_s`
     (a peer died) raises instead of hanging.
 
-    Summary keys: rank, world_size, backend, steps, eval_loss (final), train_loss (last step, mean over
-    ranks), tokens (this rank's), tokens_total (all ranks), wall_s (training and evals), eval_s (evals),
-    gradient_bytes, bytes_sent / bytes_received (ring accounting, see the module docstring),
+    Summary keys: those of `Session.summary` (steps, tokens, bytes_sent / bytes_received / bytes_total by
+    ring accounting, see the module docstring, ...) plus rank, world_size, backend, eval_loss (final),
+    train_loss (last step, mean over ranks), tokens_total (all ranks), wall_s (training and evals), eval_s,
+    gradient_bytes,
     param_hash (SHA-256 of the final parameters) and evals: a list of {step, tokens_total, eval_loss,
     train_loss, bytes_sent} at step 0 (train_loss None), every `eval_every_steps` and at the end. Rank 0
     evaluates and shares the loss, so every rank reports the same numbers; `progress` gets each point.
@@ -85,18 +86,14 @@ def run_ddp_worker(
         if backend == "nccl":
             device = torch.device("cuda", rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
-        corpus = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars)
-        torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-        model = GPT(cfg.model, corpus.tokenizer.vocab_size).to(device)
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        batch, block = cfg.data.batch_size, cfg.model.block_size
-        sampler = corpus.shard(rank, world_size, cfg.data.split, cfg.seed).sampler(batch, block)
-        trainer = InnerTrainer(ddp, sampler, cfg.train, cfg.train.steps)
-        eval_batches = corpus.eval_batches(batch, block, cfg.train.eval_batches) if rank == 0 else []
-        gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        device_ids = [device.index] if device.type == "cuda" else None
+        session = Session.build(cfg, rank, world_size, device, evaluates=rank == 0,
+                                wrap=lambda model: DistributedDataParallel(model, device_ids=device_ids))
+        trainer = session.trainer
+        gradient_bytes = sum(p.numel() * p.element_size() for p in session.model.parameters() if p.requires_grad)
         per_step = ring_allreduce_bytes(gradient_bytes, world_size)
 
-        log = EvalLog(trainer, eval_batches, rank, world_size, batch * block, device, progress)
+        log = EvalLog(trainer, session.eval_batches, rank, world_size, session.tokens_per_step, device, progress)
         train_loss = 0.0  # this rank's loss at its latest step
 
         start = time.perf_counter()
@@ -108,25 +105,22 @@ def run_ddp_worker(
         wall_s = time.perf_counter() - start
         steps = cfg.train.steps
         if checkpoint is not None and rank == 0:
-            # Same layout as the coordinator's checkpoints, so `lowband sample` reads either.
-            torch.save({"round": steps, "run_id": "ddp", "params": trainer.params(), "server_state": None}, checkpoint)
-        return {
-            "rank": rank,
-            "world_size": world_size,
-            "backend": backend,
-            "steps": steps,
-            "eval_loss": log.points[-1]["eval_loss"],
-            "train_loss": log.points[-1]["train_loss"],
-            "tokens": steps * batch * block,
-            "tokens_total": steps * batch * block * world_size,
-            "wall_s": wall_s,
-            "eval_s": log.seconds,
-            "gradient_bytes": gradient_bytes,
-            "bytes_sent": round(steps * per_step),
-            "bytes_received": round(steps * per_step),
-            "param_hash": params_digest(trainer.params()),
-            "evals": log.points,
-        }
+            session.save_checkpoint(checkpoint, trainer.params(), steps, "ddp")
+        moved = round(steps * per_step)
+        return session.summary(
+            moved, moved,
+            rank=rank,
+            world_size=world_size,
+            backend=backend,
+            eval_loss=log.points[-1]["eval_loss"],
+            train_loss=log.points[-1]["train_loss"],
+            tokens_total=steps * session.tokens_per_step * world_size,
+            wall_s=wall_s,
+            eval_s=log.seconds,
+            gradient_bytes=gradient_bytes,
+            param_hash=params_digest(trainer.params()),
+            evals=log.points,
+        )
     finally:
         dist.destroy_process_group()
 

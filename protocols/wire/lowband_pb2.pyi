@@ -376,18 +376,22 @@ class PullRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENVELOPE_FIELD_NUMBER: _builtins.int
+    RESYNC_FIELD_NUMBER: _builtins.int
+    resync: _builtins.bool
+    """True: the worker held a replica that fell behind or differed (counted as a resync);"""
     @_builtins.property
     def envelope(self) -> Global___Envelope:
-        """Who asks; the coordinator streams its current global state, whose round the header names."""
+        """Who asks; the coordinator streams its current replica, whose round the header names."""
 
     def __init__(
         self,
         *,
         envelope: Global___Envelope | None = ...,
+        resync: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "resync", b"resync"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -404,13 +408,13 @@ class StateHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _builtins.int
     STATE_HASH_FIELD_NUMBER: _builtins.int
     round: _builtins.int
-    """The round these global parameters belong to."""
+    """The round the replica is at: rounds applied so far (the next round to train)."""
     num_entries: _builtins.int
-    """Number of tensors (entries) that follow."""
+    """Number of tensors (entries) that follow: the replica's flat form (protocols/replica.py)."""
     total_bytes: _builtins.int
     """Sum of all component byte lengths that follow, so a receiver can refuse too-big states."""
     state_hash: _builtins.str
-    """sha256 of the state (see serde.state_hash); workers check it after assembly."""
+    """sha256 of the replica (protocols.replica.digest); workers check it after assembly."""
     def __init__(
         self,
         *,
@@ -458,6 +462,112 @@ class StateChunk(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___StateChunk: _TypeAlias = StateChunk  # noqa: Y015
+
+@_typing.final
+class AggregateRequest(_message.Message):
+    """PullAggregate: a worker asks for the aggregate that closed a round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    """The closed round whose aggregate the worker wants (its replica is at this round)."""
+    @_builtins.property
+    def envelope(self) -> Global___Envelope:
+        """Who asks."""
+
+    def __init__(
+        self,
+        *,
+        envelope: Global___Envelope | None = ...,
+        round: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AggregateRequest: _TypeAlias = AggregateRequest  # noqa: Y015
+
+@_typing.final
+class AggregateHeader(_message.Message):
+    """First message of a PullAggregate stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    NUM_ENTRIES_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    STATE_HASH_FIELD_NUMBER: _builtins.int
+    RELAYED_WEIGHTS_FIELD_NUMBER: _builtins.int
+    OWN_SLOT_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    """The round this aggregate closed; it applies to a replica at this round."""
+    num_entries: _builtins.int
+    """Number of tensors (entries) that follow."""
+    total_bytes: _builtins.int
+    """Sum of all component byte lengths that follow."""
+    state_hash: _builtins.str
+    """sha256 of the coordinator's replica after applying it (round + 1)."""
+    own_slot: _builtins.int
+    """senders' updates relayed in fold order, entry "<k>/<tensor>" from sender k.
+    Relayed only: 1 + the index k of the requester's own update, which the stream
+    """
+    @_builtins.property
+    def relayed_weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Empty: the entries are the aggregate update, named by tensor. Else the"""
+
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        num_entries: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+        state_hash: _builtins.str = ...,
+        relayed_weights: _abc.Iterable[_builtins.float] | None = ...,
+        own_slot: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_entries", b"num_entries", "own_slot", b"own_slot", "relayed_weights", b"relayed_weights", "round", b"round", "state_hash", b"state_hash", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AggregateHeader: _TypeAlias = AggregateHeader  # noqa: Y015
+
+@_typing.final
+class AggregateChunk(_message.Message):
+    """One message of a PullAggregate stream: the header first, then only chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___AggregateHeader:
+        """First message, exactly once."""
+
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """Every later message."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___AggregateHeader | None = ...,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___AggregateChunk: _TypeAlias = AggregateChunk  # noqa: Y015
 
 @_typing.final
 class PushHeader(_message.Message):

@@ -55,6 +55,11 @@ class CoordinatorStub:
                 request_serializer=protocols_dot_wire_dot_lowband__pb2.PullRequest.SerializeToString,
                 response_deserializer=protocols_dot_wire_dot_lowband__pb2.StateChunk.FromString,
                 _registered_method=True)
+        self.PullAggregate = channel.unary_stream(
+                '/lowband.v1.Coordinator/PullAggregate',
+                request_serializer=protocols_dot_wire_dot_lowband__pb2.AggregateRequest.SerializeToString,
+                response_deserializer=protocols_dot_wire_dot_lowband__pb2.AggregateChunk.FromString,
+                _registered_method=True)
         self.PushUpdate = channel.stream_unary(
                 '/lowband.v1.Coordinator/PushUpdate',
                 request_serializer=protocols_dot_wire_dot_lowband__pb2.PushMessage.SerializeToString,
@@ -93,7 +98,16 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PullState(self, request, context):
-        """Server stream of the global parameters: one StateChunk with the header, then the tensor chunks.
+        """Server stream of the whole replica (global parameters, outer optimizer state, downlink shift): one
+        StateChunk with the header, then the tensor chunks. Only on join, rejoin, or a replica hash mismatch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullAggregate(self, request, context):
+        """Server stream of one closed round's aggregate: one AggregateChunk with the header, then the tensor
+        chunks. Every round, every worker applies it to its replica and checks the header's state_hash.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,6 +150,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.PullState,
                     request_deserializer=protocols_dot_wire_dot_lowband__pb2.PullRequest.FromString,
                     response_serializer=protocols_dot_wire_dot_lowband__pb2.StateChunk.SerializeToString,
+            ),
+            'PullAggregate': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullAggregate,
+                    request_deserializer=protocols_dot_wire_dot_lowband__pb2.AggregateRequest.FromString,
+                    response_serializer=protocols_dot_wire_dot_lowband__pb2.AggregateChunk.SerializeToString,
             ),
             'PushUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.PushUpdate,
@@ -257,6 +276,33 @@ class Coordinator:
             '/lowband.v1.Coordinator/PullState',
             protocols_dot_wire_dot_lowband__pb2.PullRequest.SerializeToString,
             protocols_dot_wire_dot_lowband__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullAggregate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lowband.v1.Coordinator/PullAggregate',
+            protocols_dot_wire_dot_lowband__pb2.AggregateRequest.SerializeToString,
+            protocols_dot_wire_dot_lowband__pb2.AggregateChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,7 +53,13 @@ class CoordinatorStub:
     Leave: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.LeaveRequest, _lowband_pb2.LeaveReply]
     """A worker leaves the run for good (shutdown, preemption); the coordinator stops waiting for it."""
     PullState: _grpc.UnaryStreamMultiCallable[_lowband_pb2.PullRequest, _lowband_pb2.StateChunk]
-    """Server stream of the global parameters: one StateChunk with the header, then the tensor chunks."""
+    """Server stream of the whole replica (global parameters, outer optimizer state, downlink shift): one
+    StateChunk with the header, then the tensor chunks. Only on join, rejoin, or a replica hash mismatch.
+    """
+    PullAggregate: _grpc.UnaryStreamMultiCallable[_lowband_pb2.AggregateRequest, _lowband_pb2.AggregateChunk]
+    """Server stream of one closed round's aggregate: one AggregateChunk with the header, then the tensor
+    chunks. Every round, every worker applies it to its replica and checks the header's state_hash.
+    """
     PushUpdate: _grpc.StreamUnaryMultiCallable[_lowband_pb2.PushMessage, _lowband_pb2.PushReply]
     """Client stream of one update (or of the initial parameters): one PushMessage with the header, then chunks."""
     WaitRound: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.WaitRequest, _lowband_pb2.RoundInfo]
@@ -73,7 +79,13 @@ class CoordinatorAsyncStub(CoordinatorStub):
     Leave: _aio.UnaryUnaryMultiCallable[_lowband_pb2.LeaveRequest, _lowband_pb2.LeaveReply]  # type: ignore[assignment]
     """A worker leaves the run for good (shutdown, preemption); the coordinator stops waiting for it."""
     PullState: _aio.UnaryStreamMultiCallable[_lowband_pb2.PullRequest, _lowband_pb2.StateChunk]  # type: ignore[assignment]
-    """Server stream of the global parameters: one StateChunk with the header, then the tensor chunks."""
+    """Server stream of the whole replica (global parameters, outer optimizer state, downlink shift): one
+    StateChunk with the header, then the tensor chunks. Only on join, rejoin, or a replica hash mismatch.
+    """
+    PullAggregate: _aio.UnaryStreamMultiCallable[_lowband_pb2.AggregateRequest, _lowband_pb2.AggregateChunk]  # type: ignore[assignment]
+    """Server stream of one closed round's aggregate: one AggregateChunk with the header, then the tensor
+    chunks. Every round, every worker applies it to its replica and checks the header's state_hash.
+    """
     PushUpdate: _aio.StreamUnaryMultiCallable[_lowband_pb2.PushMessage, _lowband_pb2.PushReply]  # type: ignore[assignment]
     """Client stream of one update (or of the initial parameters): one PushMessage with the header, then chunks."""
     WaitRound: _aio.UnaryUnaryMultiCallable[_lowband_pb2.WaitRequest, _lowband_pb2.RoundInfo]  # type: ignore[assignment]
@@ -114,7 +126,19 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _lowband_pb2.PullRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_lowband_pb2.StateChunk], _abc.AsyncIterator[_lowband_pb2.StateChunk]]:
-        """Server stream of the global parameters: one StateChunk with the header, then the tensor chunks."""
+        """Server stream of the whole replica (global parameters, outer optimizer state, downlink shift): one
+        StateChunk with the header, then the tensor chunks. Only on join, rejoin, or a replica hash mismatch.
+        """
+
+    @_abc_1.abstractmethod
+    def PullAggregate(
+        self,
+        request: _lowband_pb2.AggregateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_lowband_pb2.AggregateChunk], _abc.AsyncIterator[_lowband_pb2.AggregateChunk]]:
+        """Server stream of one closed round's aggregate: one AggregateChunk with the header, then the tensor
+        chunks. Every round, every worker applies it to its replica and checks the header's state_hash.
+        """
 
     @_abc_1.abstractmethod
     def PushUpdate(

@@ -107,6 +107,7 @@ class LeaveReply:
 @dataclass(frozen=True)
 class PullRequest:
     envelope: Envelope
+    resync: bool = False  # the worker's replica fell behind or differed (false: joining)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,29 @@ class StateHeader:
     num_entries: int
     total_bytes: int
     state_hash: str
+
+
+@dataclass(frozen=True)
+class AggregateRequest:
+    """Ask for the aggregate that closed `round` (the worker's replica is at that round)."""
+
+    envelope: Envelope
+    round: int
+
+
+@dataclass(frozen=True)
+class AggregateHeader:
+    """First message of a PullAggregate stream. Empty `relayed_weights`: the entries are the aggregate
+    update by tensor name; else the senders' updates in fold order, entry "<k>/<tensor>" from sender k,
+    except the requester's own (slot `own_slot - 1`), which it already holds."""
+
+    round: int
+    num_entries: int
+    total_bytes: int
+    state_hash: str
+    relayed_weights: tuple[float, ...] = ()
+    # Relayed only: 1 + the index of the requester's own update, left out of the stream (0: none left out).
+    own_slot: int = 0
 
 
 @dataclass(frozen=True)
@@ -168,6 +192,8 @@ Message = (
     | LeaveReply
     | PullRequest
     | StateHeader
+    | AggregateRequest
+    | AggregateHeader
     | PushHeader
     | PushReply
     | WaitRequest

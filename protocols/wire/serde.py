@@ -4,7 +4,8 @@
   (a missing envelope, an unset or unknown enum value, a non-finite weight -> `WireError` naming the field).
 - `push_stream` / `read_push`, `pull_stream` / `read_pull`: a header plus payloads <-> the message streams
   of the PushUpdate and PullState RPCs (tensor chunking lives in `tensor_chunks.py`).
-- `state_hash`: a digest of a parameter dict, so every worker can check it holds the same global state.
+- `aggregate_stream` / `read_aggregate`: one round's `Aggregate` <-> the PullAggregate stream.
+- `state_hash`: the replica digest, so every worker can check it holds the same replica.
 - `update_to_bytes` / `update_from_bytes`: one update (payloads + weight) <-> a single self-checking byte
   string, for transports that move opaque buffers (the torch all-gather of `worker/collectives.py`).
 
@@ -15,17 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import math
 import struct
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
 import torch
 from google.protobuf.message import DecodeError
 
 from compression.payload import Payload, PayloadError, dense_values
+from protocols.base import Aggregate, Update
+from protocols.replica import digest
 from protocols.wire import lowband_pb2 as pb
 from protocols.wire import messages as m
 from protocols.wire.messages import (
@@ -44,10 +46,14 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "EntryAssembler",
     "WireError",
+    "aggregate_entries",
+    "aggregate_from_entries",
+    "aggregate_stream",
     "encode_entries",
     "from_pb",
     "pull_stream",
     "push_stream",
+    "read_aggregate",
     "read_pull",
     "read_push",
     "state_hash",
@@ -59,6 +65,7 @@ __all__ = [
 _MESSAGE_TYPES: tuple[type, ...] = (
     m.Envelope, m.JoinRequest, m.JoinReply, m.HeartbeatRequest, m.HeartbeatReply, m.LeaveRequest,
     m.LeaveReply, m.PullRequest, m.StateHeader, m.PushHeader, m.PushReply, m.WaitRequest, m.RoundInfo,
+    m.AggregateRequest, m.AggregateHeader,
 )  # fmt: skip
 # Dataclasses and protobuf messages share their names, so the pairing is by name.
 _BY_PB_NAME: dict[str, type] = {cls.__name__: cls for cls in _MESSAGE_TYPES}
@@ -91,6 +98,8 @@ def to_pb(msg: m.Message) -> Any:
                 setattr(out, f.name, _ENUMS[type(value)][value])
             elif isinstance(value, dict):
                 getattr(out, f.name).update(value)
+            elif isinstance(value, tuple):
+                getattr(out, f.name).extend(value)
             else:
                 setattr(out, f.name, value)
         except (TypeError, ValueError) as exc:
@@ -127,6 +136,11 @@ def from_pb(message: Any, expected: type[Any] | None = None) -> Any:
             values[f.name] = _ENUMS_FROM_PB[enum_cls][raw]
         elif f.name == "metrics":
             values[f.name] = dict(message.metrics)
+        elif f.name == "relayed_weights":
+            weights = tuple(message.relayed_weights)
+            if not all(math.isfinite(w) and w > 0 for w in weights):
+                raise WireError(f"{where} must be finite and positive, got {list(weights)}")
+            values[f.name] = weights
         else:
             values[f.name] = getattr(message, f.name)
     if cls is m.PushHeader and not (math.isfinite(values["weight"]) and values["weight"] > 0):
@@ -161,8 +175,70 @@ def pull_stream(
         yield pb.StateChunk(chunk=chunk)
 
 
+def aggregate_entries(aggregate: Aggregate, omit: int | None = None) -> tuple[dict[str, Payload], tuple[float, ...]]:
+    """An aggregate's entries as they travel: by tensor name, or "<k>/<tensor>" for relayed sender k
+    (sender `omit` left out: the requester's own update, which it holds)."""
+    if not aggregate.relayed:
+        return dict(aggregate.payloads), ()
+    entries = {f"{k}/{name}": p for k, update in enumerate(aggregate.relayed) if k != omit
+               for name, p in update.payloads.items()}
+    return entries, tuple(update.weight for update in aggregate.relayed)
+
+
+def aggregate_from_entries(
+    round_: int, entries: Mapping[str, Payload], weights: tuple[float, ...], own: tuple[int, Update] | None = None
+) -> Aggregate:
+    """Inverse of `aggregate_entries`, with `own` = (slot, update) put back where the stream left it out;
+    WireError for a relayed entry that names no sender, or a sender left without tensors."""
+    if not weights:
+        return Aggregate(round_, dict(entries))
+    relayed: list[dict[str, Payload]] = [{} for _ in weights]
+    for key, payload in entries.items():
+        sender, sep, name = key.partition("/")
+        # Canonical indices only ("00/w" would silently overwrite "0/w").
+        if not (sep and sender.isdigit() and str(int(sender)) == sender and int(sender) < len(weights) and name):
+            raise WireError(
+                f"relayed aggregate entry {key!r} is not '<sender index>/<tensor>' for {len(weights)} senders"
+            )
+        relayed[int(sender)][name] = payload
+    updates = [Update(p, w) for p, w in zip(relayed, weights, strict=True)]
+    if own is not None:
+        slot, update = own
+        if not 0 <= slot < len(updates) or relayed[slot]:
+            raise WireError(f"the aggregate leaves out slot {slot} for the requester, but it is not an empty slot")
+        updates[slot] = update
+    empty = [k for k, update in enumerate(updates) if not update.payloads]
+    if empty:
+        raise WireError(f"relayed sender(s) {empty} of the aggregate carry no tensors")
+    return Aggregate(round_, relayed=tuple(updates))
+
+
+def aggregate_stream(
+    header: m.AggregateHeader, entries: Mapping[str, Payload], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.AggregateChunk]:
+    """The PullAggregate response stream: the header, then every entry's chunks."""
+    _check_header_totals("AggregateHeader", (header.num_entries, header.total_bytes), entries)
+    yield pb.AggregateChunk(header=to_pb(header))
+    for chunk in encode_entries(entries, chunk_bytes):
+        yield pb.AggregateChunk(chunk=chunk)
+
+
+def read_aggregate(
+    messages: Iterable[pb.AggregateChunk], max_total_bytes: int, own_update: Update | None = None
+) -> tuple[m.AggregateHeader, Aggregate]:
+    """Receive a PullAggregate stream: the header and the aggregate (with `own_update` put back in the slot
+    the header names), or WireError naming the problem."""
+    header, entries = _read_stream(messages, m.AggregateHeader, max_total_bytes)
+    own = None
+    if header.own_slot:
+        if own_update is None:
+            raise WireError("the aggregate leaves out the requester's own update, and none was given")
+        own = (header.own_slot - 1, own_update)
+    return header, aggregate_from_entries(header.round, entries, header.relayed_weights, own)
+
+
 def _read_stream(
-    messages: Iterable[Any], header_cls: type[Msg], max_total_bytes: int
+    messages: Iterable[Any], header_cls: type[Msg], max_total_bytes: int, on_header: Callable[[Msg], None] | None = None
 ) -> tuple[Msg, dict[str, Payload]]:
     stream = header_cls.__name__
     it = iter(messages)
@@ -175,6 +251,8 @@ def _read_stream(
     total_bytes: int = getattr(header, "total_bytes")  # noqa: B009
     if total_bytes > max_total_bytes:
         raise WireError(f"{stream} declares {total_bytes} bytes, over the limit of {max_total_bytes}")
+    if on_header is not None:
+        on_header(header)  # may refuse the stream before any payload is buffered
     assembler = EntryAssembler(num_entries, max_total_bytes=total_bytes)
     for message in it:
         body = message.WhichOneof("body")
@@ -187,9 +265,12 @@ def _read_stream(
     return header, entries
 
 
-def read_push(messages: Iterable[pb.PushMessage], max_total_bytes: int) -> tuple[PushHeader, dict[str, Payload]]:
-    """Receive a PushUpdate stream: the validated header and the payloads, or WireError naming the problem."""
-    return _read_stream(messages, PushHeader, max_total_bytes)
+def read_push(
+    messages: Iterable[pb.PushMessage], max_total_bytes: int, on_header: Callable[[PushHeader], None] | None = None
+) -> tuple[PushHeader, dict[str, Payload]]:
+    """Receive a PushUpdate stream: the validated header and the payloads, or WireError naming the problem.
+    `on_header` sees the header before any chunk is read, and may refuse the push by raising."""
+    return _read_stream(messages, PushHeader, max_total_bytes, on_header)
 
 
 def read_pull(
@@ -209,21 +290,8 @@ def read_pull(
 
 
 def state_hash(params: Mapping[str, torch.Tensor]) -> str:
-    """sha256 (hex) over the sorted names, dtypes, shapes and raw bytes of a parameter dict.
-
-    Bit-identical states hash equal; any difference in a bit, a name, a dtype or a shape changes it.
-    Every field is length-prefixed, so no two different states can frame to the same byte string.
-    """
-    digest = hashlib.sha256(b"lowband-state-v1\0")
-    for name in sorted(params):
-        tensor = params[name]
-        header = f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0{tensor.numel() * tensor.element_size()}\0"
-        encoded = header.encode()
-        digest.update(len(encoded).to_bytes(8, "little"))
-        digest.update(encoded)
-        flat = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous().reshape(-1)
-        digest.update(flat.view(torch.uint8).numpy().data)
-    return digest.hexdigest()
+    """The replica digest (`protocols.replica.digest`) of a flat tensor dict."""
+    return digest(dict(params))
 
 
 # ---- one update as one byte string ---------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Computes one golden trajectory with the pre-refactor API (protocol.aggregate over folded updates)."""
+"""Computes one golden trajectory through the round loop over the in-process transport (workers fold in
+join order, so the float sums are those of the recording, which folded worker 0 first)."""
 
 from __future__ import annotations
 
@@ -6,41 +7,29 @@ from typing import Any
 
 import torch
 
-from protocols.registry import build_protocol
+from deploy.inproc import run_inproc
 from tests.golden.trajectories import WORKERS, case_config
-from worker.data import load_corpus
-from worker.model import GPT
-from worker.trainer import InnerTrainer, params_digest
 
 
-def trajectory(case: str) -> list[dict[str, Any]]:
+def trajectory(case: str) -> dict[str, Any]:
+    """Per round: each worker's mean train loss and the global model's eval loss after the round; the
+    final parameters' digest."""
     torch.set_num_threads(1)
     cfg = case_config(case)
-    corpus = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars)
-    trainers = []
-    for index in range(WORKERS):
-        torch.manual_seed(cfg.seed)
-        model = GPT(cfg.model, corpus.tokenizer.vocab_size)
-        shard = corpus.shard(index, WORKERS, cfg.data.split, cfg.seed)
-        trainers.append(InnerTrainer(model, shard.sampler(cfg.data.batch_size, cfg.model.block_size), cfg.train,
-                                     total_steps=cfg.train.steps))
-    eval_batches = corpus.eval_batches(cfg.data.batch_size, cfg.model.block_size, cfg.train.eval_batches)
-    protocol = build_protocol(cfg)
-    global_ = trainers[0].params()
-    server_state = protocol.init_server_state(global_)
-    worker_states = [protocol.init_worker_state(global_) for _ in range(WORKERS)]
-    h = cfg.protocol.inner_steps  # type: ignore[union-attr]
-    out = []
-    for round_ in range(cfg.rounds):
-        acc = protocol.new_round(global_)
-        losses = []
-        for index, trainer in enumerate(trainers):
-            trainer.load_params(global_)
-            losses.append(trainer.train(h))
-            update, worker_states[index] = protocol.make_update(trainer.params(), global_, worker_states[index])
-            acc.fold(f"w{index}", update)
-        global_, server_state = protocol.aggregate(global_, acc, server_state)
-        trainers[0].load_params(global_)
-        out.append({"round": round_, "train_losses": losses, "eval_loss": trainers[0].evaluate(eval_batches),
-                    "params_hash": params_digest(global_)})
-    return out
+    cfg = cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"eval_every_steps": cfg.inner_steps}),
+        "cluster": cfg.cluster.model_copy(update={"fold_order": "worker", "transport": "inproc"}),
+    })
+    train: dict[tuple[int, str], float] = {}
+
+    def progress(event: dict[str, Any]) -> None:
+        train[(event["round"], event["worker"])] = event["train_loss"]
+
+    _, results = run_inproc(cfg, progress=progress)
+    evals = [point["eval_loss"] for point in results[0].evals]  # round starts, then the final model
+    assert len({r.param_hash for r in results}) == 1
+    return {
+        "train_losses": [[train[(r, f"w{w}")] for w in range(WORKERS)] for r in range(cfg.rounds)],
+        "eval_losses": evals[1:],
+        "params_hash": results[0].param_hash,
+    }

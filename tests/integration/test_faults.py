@@ -1,4 +1,5 @@
-"""Fault injection with real processes: a worker killed by SIGKILL mid-round does not stop the run."""
+"""Fault injection with real processes: a worker killed by SIGKILL mid-round does not stop the run, and a
+worker whose replica was corrupted notices by the digest and resyncs."""
 
 from __future__ import annotations
 
@@ -34,3 +35,27 @@ def test_run_completes_when_a_worker_is_killed_mid_round(tmp_path: Path) -> None
     assert len(victim_ids) == 1
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
     assert summary["workers"][victim_ids.pop()]["alive"] is False
+
+
+def test_a_worker_whose_replica_was_corrupted_notices_by_the_digest_and_resyncs(tmp_path: Path) -> None:
+    cfg = tiny_config(run_dir=str(tmp_path / "runs"))
+    coord, address = start_coordinator(write_recipe(cfg, tmp_path / "tiny.yaml"), tmp_path)
+    healthy = start_worker(address, tmp_path, 0)
+    corrupted = start_worker(address, tmp_path, 1, "--corrupt-replica-at-round", "0")
+    for i, w in enumerate((healthy, corrupted)):
+        assert finish(w, 180, tmp_path / f"worker{i}.log") == 0, (tmp_path / f"worker{i}.log").read_text()
+    assert finish(coord, 180, tmp_path / "coordinator.log") == 0
+
+    good, bad = (json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2))
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert (good["resyncs"], bad["resyncs"]) == (0, 1)
+    assert summary["resyncs"] == 1 and summary["workers"][bad["worker_id"]]["resyncs"] == 1
+    assert summary["workers"][good["worker_id"]]["resyncs"] == 0
+    # After the resync the corrupted worker holds the coordinator's replica again, every round.
+    assert good["state_hashes"] == bad["state_hashes"] and len(good["state_hashes"]) == 2
+    assert bad["state_hashes"][-1] == summary["state_hash"]
+    assert [good["rounds"], bad["rounds"]] == [2, 2]
+    # The whole replica moved once more, to the corrupted worker only.
+    assert bad["bytes_received"] > good["bytes_received"]
+    members = summary["workers"]
+    assert members[bad["worker_id"]]["bytes_received"] > members[good["worker_id"]]["bytes_received"]

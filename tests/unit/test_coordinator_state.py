@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from compression.payload import dense
-from compression.registry import decode
 from coordinator.errors import Code, Rejected
-from coordinator.state import CoordinatorState, Phase
+from coordinator.state import KEPT_AGGREGATES, CoordinatorState, Phase
 from protocols.base import Update
 from protocols.config import PROTOCOL_VERSION
+from protocols.downlink import apply_aggregate
 from protocols.registry import build_protocol
-from protocols.wire.serde import state_hash
 from tests.conftest import tiny_config
 
 STATE = {"w": torch.ones(3, 2)}
@@ -26,13 +25,13 @@ class Clock:
         return self.now
 
 
-def make(workers: int = 3, min_workers: int = 2, deadline: float = 10.0, timeout: float = 5.0
+def make(workers: int = 3, min_workers: int = 2, deadline: float = 10.0, timeout: float = 5.0, steps: int = 10
          ) -> tuple[CoordinatorState, Clock]:
     cluster = {"workers": workers, "min_workers": min_workers, "round_deadline_s": deadline,
                "heartbeat_timeout_s": timeout}
-    cfg = tiny_config(cluster=cluster)
+    cfg = tiny_config(cluster=cluster, train__steps=steps)
     clock = Clock()
-    return CoordinatorState(cfg, build_protocol(cfg), decode=decode, hasher=state_hash, clock=clock), clock
+    return CoordinatorState(cfg, build_protocol(cfg), clock=clock), clock
 
 
 def join_all(state: CoordinatorState, n: int) -> list[str]:
@@ -43,13 +42,26 @@ def update(value: float) -> Update:
     return Update({"w": dense(torch.full((3, 2), value))})
 
 
+def started(workers: int = 1, steps: int = 10) -> tuple[CoordinatorState, list[str]]:
+    state, _ = make(workers=workers, min_workers=workers, timeout=1000.0, steps=steps)
+    ids = join_all(state, workers)
+    state.offer_initial_state(ids[0], "", {"w": dense(STATE["w"])})
+    return state, ids
+
+
 def test_only_the_first_joiner_is_asked_to_offer_the_initial_state() -> None:
     state, _ = make()
     ids = join_all(state, 3)
     assert [state.must_offer_state(w) for w in ids] == [True, False, False]
+    assert state.aggregator is None and state.state_hash == ""
     state.offer_initial_state(ids[0], "", {"w": dense(STATE["w"])})
     assert not any(state.must_offer_state(w) for w in ids)
     assert state.phase is Phase.TRAINING and state.round == 0
+    assert state.aggregator is not None and state.state_hash == state.aggregator.replica.digest()
+    with pytest.raises(Rejected) as info:  # a second offer changes nothing
+        state.offer_initial_state(ids[1], "", {"w": dense(torch.zeros(3, 2))})
+    assert info.value.code is Code.ALREADY_EXISTS
+    assert torch.equal(state.aggregator.replica.params["w"], STATE["w"])
 
 
 def test_a_dead_initializer_is_replaced_by_the_next_joiner() -> None:
@@ -69,12 +81,19 @@ def test_round_closes_at_the_deadline_with_a_quorum_but_not_without() -> None:
     clock.now = 11.0
     state.tick()
     assert state.round == 0  # one report is below the quorum of two: keep waiting
-    state.submit(ids[1], "", 0, update(0.3), {}, 10)  # past the deadline, the quorum report closes it
+    state.count_download(ids[2], 30)
+    state.submit(ids[1], "", 0, update(0.3), {}, 20)  # past the deadline, the quorum report closes it
     assert state.round == 1 and state.history[-1].closed_by == "deadline"
-    assert state.history[-1].workers == sorted(ids[:2])
+    record = state.history[-1]
+    assert record.workers == sorted(ids[:2])
+    # Bytes per worker average over every member: (10 + 20) / 3 sent, 30 / 3 received.
+    assert (record.bytes_sent_per_worker, record.bytes_received_per_worker) == (10.0, 10.0)
+    assert record.bytes_total_per_worker == 20.0 and record.resyncs == 0
+    assert record.downlink_bytes == state.aggregates[0][0].nbytes() > 0
     with pytest.raises(Rejected) as info:  # the straggler's late update is stale now
         state.submit(ids[2], "", 0, update(9.0), {}, 10)
-    assert info.value.code is Code.FAILED_PRECONDITION
+    assert info.value.code is Code.FAILED_PRECONDITION and info.value.message.startswith("stale round")
+    assert state.members[ids[2]].bytes_sent == 0
 
 
 def test_a_silent_worker_is_dropped_and_the_round_closes_without_it() -> None:
@@ -91,11 +110,77 @@ def test_a_silent_worker_is_dropped_and_the_round_closes_without_it() -> None:
 
 
 def test_rejected_updates_leave_no_trace() -> None:
+    state, ids = started(workers=2)
+    before = state.state_hash
+    for bad in (Update({"w": dense(torch.full((3, 2), float("nan")))}), Update({"w": dense(torch.zeros(2, 3))}),
+                Update({"w": dense(torch.zeros(3, 2))}, weight=0.0)):
+        with pytest.raises(Rejected) as info:
+            state.submit(ids[0], "", 0, bad, {}, 10)
+        assert info.value.code is Code.INVALID_ARGUMENT
+    assert state.aggregator is not None and state.aggregator.acc.count == 0 and state.aggregator.senders == []
+    assert state.members[ids[0]].bytes_sent == 0 and state.state_hash == before
+    state.submit(ids[0], "", 0, update(0.5), {}, 10)
+    with pytest.raises(Rejected) as info:  # a second update for the round is a duplicate, not a bad argument
+        state.submit(ids[0], "", 0, update(0.5), {}, 10)
+    assert info.value.code is Code.ALREADY_EXISTS
+    assert state.aggregator.acc.count == 1 and state.members[ids[0]].bytes_sent == 10
+
+
+def test_the_last_aggregates_are_kept_and_an_older_round_is_refused_naming_those_kept() -> None:
+    rounds = KEPT_AGGREGATES + 2
+    state, (wid,) = started(workers=1, steps=5 * rounds)
+    assert state.total_rounds == rounds
+    replicas, hashes = [], []
+    for r in range(rounds):
+        assert state.aggregator is not None
+        replicas.append(state.aggregator.replica)
+        state.submit(wid, "", r, update(0.1 * (r + 1)), {}, 10)
+        hashes.append(state.state_hash)
+    assert state.phase is Phase.FINISHED and len(set(hashes)) == rounds
+    kept = list(range(rounds - KEPT_AGGREGATES, rounds))
+    assert KEPT_AGGREGATES == 4 and sorted(state.aggregates) == kept
+
+    for r in range(rounds - KEPT_AGGREGATES):
+        with pytest.raises(Rejected) as info:
+            state.aggregate_for(wid, "", r)
+        assert info.value.code is Code.FAILED_PRECONDITION
+        assert f"the aggregate of round {r} is not available" in info.value.message
+        assert f"keeps rounds {kept}" in info.value.message
+    # A replica as far behind as the oldest kept round catches up with aggregates alone, to the same digest.
+    replica = replicas[kept[0]]
+    for r in kept:
+        aggregate, digest, own = state.aggregate_for(wid, "", r)
+        assert aggregate.round == r and digest == hashes[r] and own is None  # a dense downlink relays nothing
+        replica = apply_aggregate(state.protocol, state.downlink, aggregate, replica)
+        assert replica.round == r + 1 and replica.digest() == digest
+    assert replica.digest() == state.state_hash
+    with pytest.raises(Rejected) as info:  # the round not yet closed is not available either
+        state.aggregate_for(wid, "", rounds)
+    assert info.value.code is Code.FAILED_PRECONDITION
+    with pytest.raises(Rejected) as info:
+        state.aggregate_for("ghost", "", kept[-1])
+    assert info.value.code is Code.NOT_FOUND
+
+
+def test_snapshot_counts_pulls_and_a_resync_for_a_replica_that_fell_behind_or_differed() -> None:
     state, _ = make(workers=2, min_workers=2)
     ids = join_all(state, 2)
+    with pytest.raises(Rejected) as info:  # no state yet: refused, and not counted as a pull
+        state.snapshot(ids[1], "")
+    assert info.value.code is Code.FAILED_PRECONDITION
+    assert state.members[ids[1]].pulls == 0
     state.offer_initial_state(ids[0], "", {"w": dense(STATE["w"])})
-    before = state.state_hash
-    with pytest.raises(Rejected):
-        state.submit(ids[0], "", 0, Update({"w": dense(torch.full((3, 2), float("nan")))}), {}, 10)
-    assert state._current is not None and state._current.acc.count == 0
-    assert state.members[ids[0]].bytes_up == 0 and state.state_hash == before
+
+    snap = state.snapshot(ids[1], "")  # joining: a pull, not a resync
+    assert (snap.round, snap.phase) == (0, Phase.TRAINING)
+    assert snap.state_hash == snap.replica.digest() == state.state_hash
+    assert (state.members[ids[1]].pulls, state.members[ids[1]].resyncs) == (1, 0)
+    state.snapshot(ids[1], "", resync=True)
+    state.snapshot(ids[1], "", resync=True)
+    assert (state.members[ids[1]].pulls, state.members[ids[1]].resyncs) == (3, 2)
+    assert (state.members[ids[0]].pulls, state.members[ids[0]].resyncs) == (0, 0)
+    with pytest.raises(Rejected):  # a stranger's resync is refused and counted nowhere
+        state.snapshot("ghost", "", resync=True)
+    for wid in ids:
+        state.submit(wid, "", 0, update(0.2), {}, 10)
+    assert state.history[-1].resyncs == 2

@@ -9,12 +9,16 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from compression.payload import Payload, dense, dense_values
+from compression.payload import dense, dense_values
 from protocols.base import MeanAccumulator, Update
-from protocols.config import CompressionConfig, DiLoCoConfig
-from protocols.diloco import DiLoCo, DiLoCoServerState
+from protocols.compressed import ShiftAccumulator
+from protocols.config import CompressionConfig
+from protocols.diloco import DiLoCo, DiLoCoConfig
+from protocols.replica import Params, Replica
+from protocols.round import UpdateRejected
+from tests.unit.protocol_helpers import dense_aggregator, fold, locals_from
 
-Params = dict[str, torch.Tensor]
+# ---- one worker, H = 1, outer SGD lr 1 without momentum == plain training ----------------------------
 
 
 def _mlp() -> torch.nn.Module:
@@ -51,33 +55,23 @@ def test_one_worker_h1_unit_outer_sgd_is_plain_training(inner: str) -> None:
     worker = _mlp()
     worker_opt = OPTIMIZERS[inner](worker)  # inner optimizer state persists on the worker across rounds
     protocol = DiLoCo(outer_lr=1.0, outer_momentum=0.0)
-    global_ = _snapshot(worker)
-    server_state = protocol.init_server_state(global_)
-    worker_state = protocol.init_worker_state(global_)
+    aggregator = dense_aggregator(protocol, _snapshot(worker))
+    worker_state = protocol.init_worker_state(aggregator.replica.params)
     for x, y in _batches(steps):
         _train_step(plain, plain_opt, x, y)
         with torch.no_grad():  # pull: the worker loads the global parameters
             for name, p in worker.named_parameters():
-                p.copy_(global_[name])
+                p.copy_(aggregator.replica.params[name])
         _train_step(worker, worker_opt, x, y)
-        update, worker_state = protocol.make_update(_snapshot(worker), global_, worker_state)
-        acc = protocol.new_round(global_)
-        acc.fold("w0", update)
-        global_, server_state = protocol.aggregate(global_, acc, server_state)
+        update, worker_state = protocol.make_update(_snapshot(worker), aggregator.replica.params, worker_state)
+        aggregator.submit("w0", update)
+        aggregator.close()
         for name, p in plain.named_parameters():
-            torch.testing.assert_close(global_[name], p.detach(), rtol=0, atol=1e-6)
-    assert server_state.outer_steps == steps
+            torch.testing.assert_close(aggregator.replica.params[name], p.detach(), rtol=0, atol=1e-6)
+    assert aggregator.replica.outer_steps == steps and aggregator.round == steps
 
 
-def _workers_round(protocol: DiLoCo, global_: Params, deltas: list[Params], weights: list[float]) -> MeanAccumulator:
-    """Fold K workers whose local parameters sit at `global_ - delta`."""
-    acc = protocol.new_round(global_)
-    for k, (delta, weight) in enumerate(zip(deltas, weights, strict=True)):
-        local = {name: global_[name] - d for name, d in delta.items()}
-        update, _ = protocol.make_update(local, global_, None)
-        update.weight = weight
-        acc.fold(f"w{k}", update)
-    return acc
+# ---- the outer step is torch.optim.SGD(nesterov=True) on the weighted mean ----------------------------
 
 
 def _random(seed: int) -> Params:
@@ -85,65 +79,75 @@ def _random(seed: int) -> Params:
     return {"w": torch.randn(5, 4, generator=gen), "b": torch.randn(4, generator=gen)}
 
 
+def _update(protocol: DiLoCo, params: Params, delta: Params, weight: float = 1.0) -> Update:
+    """The update of a worker whose local parameters sit at `params - delta`."""
+    update, _ = protocol.make_update(locals_from(params, delta), params, None)
+    update.weight = weight
+    return update
+
+
 def test_outer_step_is_torch_nesterov_sgd_on_the_weighted_mean_across_rounds() -> None:
     protocol = DiLoCo()  # paper defaults: lr 0.7, momentum 0.9, Nesterov
-    global_ = _random(0)
-    reference = {name: torch.nn.Parameter(t.clone()) for name, t in global_.items()}
+    aggregator = dense_aggregator(protocol, _random(0))
+    reference = {name: torch.nn.Parameter(t.clone()) for name, t in aggregator.replica.params.items()}
     opt = torch.optim.SGD(list(reference.values()), lr=0.7, momentum=0.9, nesterov=True)
-    state = protocol.init_server_state(global_)
     weights = [1.0, 3.0, 0.5]
     for r in range(4):
+        params = aggregator.replica.params
         deltas = [_random(10 * r + k + 1) for k in range(len(weights))]
-        acc = _workers_round(protocol, global_, deltas, weights)
-        total = sum(weights)
+        for k, (delta, weight) in enumerate(zip(deltas, weights, strict=True)):
+            aggregator.submit(f"w{k}", _update(protocol, params, delta, weight))
         expected_mean = {
-            n: torch.stack([w * d[n] for w, d in zip(weights, deltas, strict=True)]).sum(0) / total for n in global_
+            n: torch.stack([w * d[n] for w, d in zip(weights, deltas, strict=True)]).sum(0) / sum(weights)
+            for n in params
         }
-        for name, mean in acc.mean().items():
+        assert isinstance(aggregator.acc, MeanAccumulator)
+        for name, mean in aggregator.acc.mean().items():
             torch.testing.assert_close(mean, expected_mean[name], rtol=1e-5, atol=1e-6)
         for name, p in reference.items():
             p.grad = expected_mean[name].clone()
         opt.step()
-        global_, state = protocol.aggregate(global_, acc, state)
+        aggregator.close()
         for name, p in reference.items():
-            torch.testing.assert_close(global_[name], p.detach(), rtol=1e-5, atol=1e-6)
-            # The momentum buffer carried in the server state is torch's own.
-            torch.testing.assert_close(state.momentum[name], opt.state[p]["momentum_buffer"])
-    assert state.outer_steps == 4
+            torch.testing.assert_close(aggregator.replica.params[name], p.detach(), rtol=1e-5, atol=1e-6)
+            # The momentum buffer carried in the replica is torch's own.
+            torch.testing.assert_close(aggregator.replica.momentum[name], opt.state[p]["momentum_buffer"])
+    assert aggregator.replica.outer_steps == 4
 
 
-def test_tensors_nobody_sent_keep_value_and_momentum() -> None:
+def test_tensors_without_an_update_keep_value_and_momentum() -> None:
+    # A round folds whole updates only (check_update refuses a partial one, see test_round_check), so a
+    # tensor without an update can only reach `apply`; it must leave that tensor and its momentum alone.
     protocol = DiLoCo()
-    global_ = _random(0)
-    state = DiLoCoServerState(momentum={"b": torch.ones(4)})
-    acc = protocol.new_round(global_)
-    local = {"w": global_["w"] - 1.0}  # this worker trained only "w"
-    update, _ = protocol.make_update(local, global_, None)
-    assert set(update.payloads) == {"w"}
-    acc.fold("w0", update)
-    new_global, new_state = protocol.aggregate(global_, acc, state)
-    assert torch.equal(new_global["b"], global_["b"])
-    assert torch.equal(new_state.momentum["b"], torch.ones(4))
-    assert not torch.equal(new_global["w"], global_["w"])
+    replica = Replica(0, _random(0), momentum={"b": torch.ones(4)})
+    partial, _ = protocol.make_update({"w": replica.params["w"] - 1.0}, replica.params, None)
+    assert set(partial.payloads) == {"w"}  # a worker sends what it trained
+    with pytest.raises(UpdateRejected, match=r"lacks tensor\(s\) \['b'\]"):
+        dense_aggregator(protocol, replica.params).submit("w0", partial)
+    after = protocol.apply({"w": torch.ones(5, 4)}, replica)
+    assert torch.equal(after.params["b"], replica.params["b"])
+    assert torch.equal(after.momentum["b"], torch.ones(4))
+    assert not torch.equal(after.params["w"], replica.params["w"])
 
 
-def test_aggregate_mutates_nothing_and_returns_fresh_tensors() -> None:
+def test_apply_mutates_nothing_and_returns_fresh_tensors() -> None:
     protocol = DiLoCo()
-    global_ = _random(0)
-    state = protocol.aggregate(
-        global_, _workers_round(protocol, global_, [_random(1)], [1.0]), protocol.init_server_state(global_)
-    )[1]
-    before_global = {n: t.clone() for n, t in global_.items()}
-    before_momentum = {n: t.clone() for n, t in state.momentum.items()}
-    acc = _workers_round(protocol, global_, [_random(2), _random(3)], [1.0, 2.0])
-    new_global, new_state = protocol.aggregate(global_, acc, state)
-    for name in global_:
-        assert torch.equal(global_[name], before_global[name])
-        assert torch.equal(state.momentum[name], before_momentum[name])
-        assert new_global[name].data_ptr() != global_[name].data_ptr()
-    assert state.outer_steps == 1 and new_state.outer_steps == 2
-    new_global["w"].add_(1.0)  # writing into the result cannot reach the caller's tensors
-    assert torch.equal(global_["w"], before_global["w"])
+    aggregator = dense_aggregator(protocol, _random(0))
+    aggregator.submit("w0", _update(protocol, aggregator.replica.params, _random(1)))
+    aggregator.close()
+    replica = aggregator.replica  # one outer step taken: momentum buffers exist
+    before = {part: {n: t.clone() for n, t in getattr(replica, part).items()} for part in ("params", "momentum")}
+    for k, seed in enumerate((2, 3)):
+        aggregator.submit(f"w{k}", _update(protocol, replica.params, _random(seed), weight=k + 1.0))
+    aggregator.close()
+    new = aggregator.replica
+    for part, tensors in before.items():
+        for name, old in tensors.items():
+            assert torch.equal(getattr(replica, part)[name], old)
+            assert getattr(new, part)[name].data_ptr() != getattr(replica, part)[name].data_ptr()
+    assert replica.outer_steps == 1 and new.outer_steps == 2
+    new.params["w"].add_(1.0)  # writing into the result cannot reach the previous replica's tensors
+    assert torch.equal(replica.params["w"], before["params"]["w"])
 
 
 def test_make_update_sends_global_minus_local_dense_by_default() -> None:
@@ -155,60 +159,50 @@ def test_make_update_sends_global_minus_local_dense_by_default() -> None:
         assert torch.equal(dense_values(update.payloads[name]), global_[name] - local[name])
 
 
-def test_pluggable_encode_and_decode_carry_the_pseudo_gradient() -> None:
-    seen: list[str] = []
-
-    def encode(name: str, tensor: torch.Tensor) -> Payload:
-        seen.append(name)
-        return dense(tensor.to(torch.float16))
-
-    def decode(payload: Payload) -> torch.Tensor:
-        return dense_values(payload).to(torch.float32)
-
-    protocol = DiLoCo(outer_lr=1.0, outer_momentum=0.0, encode=encode, decode=decode)
-    global_ = {"x": torch.tensor([1.0, 2.0])}
-    update, _ = protocol.make_update({"x": torch.tensor([0.5, 2.25])}, global_, None)
-    assert seen == ["x"] and update.payloads["x"].dtype == torch.float16
-    acc = protocol.new_round(global_)
-    acc.fold("w0", update)
-    new_global, _ = protocol.aggregate(global_, acc, protocol.init_server_state(global_))
-    assert torch.equal(new_global["x"], torch.tensor([0.5, 2.25]))
-
-
 def test_bad_input_raises_a_clear_error() -> None:
     protocol = DiLoCo()
-    global_ = _random(0)
+    replica = Replica(0, _random(0))
     with pytest.raises(ValueError, match="'z' is not among the global"):
-        protocol.make_update({"z": torch.zeros(1)}, global_, None)
+        protocol.make_update({"z": torch.zeros(1)}, replica.params, None)
     with pytest.raises(ValueError, match="local tensor 'b'"):
-        protocol.make_update({"b": torch.zeros(5)}, global_, None)
+        protocol.make_update({"b": torch.zeros(5)}, replica.params, None)
     with pytest.raises(ValueError, match="no updates"):
-        protocol.aggregate(global_, protocol.new_round(global_), protocol.init_server_state(global_))
-    with pytest.raises(TypeError, match="DiLoCoServerState"):
-        protocol.aggregate(global_, protocol.new_round(global_), None)
+        protocol.close(protocol.new_round(), protocol.init_aggregator_state(replica))
+    with pytest.raises(ValueError, match="round 0 has no updates to close"):
+        dense_aggregator(protocol, replica.params).close()
+    with pytest.raises(TypeError, match="MeanAccumulator"):
+        protocol.close(ShiftAccumulator(), None)
     with pytest.raises(ValueError, match="outer_momentum"):
         DiLoCo(outer_momentum=1.0)
-    stray = protocol.new_round(global_)
-    stray.fold("w0", Update(payloads={"z": dense(torch.zeros(2))}))
+    stray = Update(payloads={**_update(protocol, replica.params, _random(1)).payloads, "z": dense(torch.zeros(2))})
+    with pytest.raises(UpdateRejected, match=r"unknown tensor name\(s\) \['z'\]"):
+        dense_aggregator(protocol, replica.params).submit("w0", stray)
     with pytest.raises(ValueError, match=r"not parameters: \['z'\]"):
-        protocol.aggregate(global_, stray, protocol.init_server_state(global_))
+        protocol.apply({"z": torch.zeros(2)}, replica)
 
 
-def test_from_config_uses_the_config_and_wires_compression() -> None:
-    protocol = DiLoCo.from_config(DiLoCoConfig(outer_lr=0.5, outer_momentum=0.8, nesterov=False))
+def test_from_settings_uses_the_config_and_wires_compression() -> None:
+    protocol = DiLoCo.from_settings(DiLoCoConfig(outer_lr=0.5, outer_momentum=0.8, nesterov=False))
     assert (protocol.outer_lr, protocol.outer_momentum, protocol.nesterov) == (0.5, 0.8, False)
-    assert protocol.compression.is_identity
-    compressed = DiLoCo.from_config(DiLoCoConfig(compression=CompressionConfig(codec="int8", error_feedback="ef14")))
+    assert protocol.compression.is_identity and protocol.uplink_codec == "dense"
+    compressed = DiLoCo.from_settings(
+        DiLoCoConfig(compression=CompressionConfig(codec="int8", error_feedback="ef14"))
+    )
     assert (compressed.compression.codec, compressed.compression.error_feedback) == ("int8", "ef14")
-    with pytest.raises(ValueError, match="codec='int8'"):
-        DiLoCo(encode=lambda name, t: dense(t), compression=compressed.compression)
+    assert compressed.uplink_codec == "int8"
+    assert DiLoCo.settings is DiLoCoConfig and DiLoCo.kind == "diloco"
 
 
-def test_protocol_and_accumulator_pickle_with_default_codecs() -> None:
+def test_protocol_and_accumulator_pickle() -> None:
     # Ray ships the protocol to actors and checkpoints may hold an open round: both must pickle.
     protocol = pickle.loads(pickle.dumps(DiLoCo()))
-    global_ = _random(0)
-    acc = pickle.loads(pickle.dumps(_workers_round(protocol, global_, [_random(1)], [2.0])))
-    assert acc.count == 1 and acc.total_weight == 2.0
-    new_global, _ = protocol.aggregate(global_, acc, protocol.init_server_state(global_))
-    assert set(new_global) == set(global_)
+    replica = Replica(0, _random(0))
+    acc = protocol.new_round()
+    update = _update(protocol, replica.params, _random(1), weight=2.0)
+    fold(protocol, replica, acc, "w0", update)
+    acc = pickle.loads(pickle.dumps(acc))
+    assert acc.count == 1 and isinstance(acc, MeanAccumulator) and acc.total_weight == 2.0
+    mean, state = protocol.close(acc, protocol.init_aggregator_state(replica))
+    after = pickle.loads(pickle.dumps(protocol.apply(mean, replica)))
+    assert set(after.params) == set(replica.params) and state is None
+    assert after.round == 1 and after.digest() == protocol.apply(mean, replica).digest()

@@ -1,6 +1,6 @@
 """EControl as a protocol (Gao, Islamov, Stich, arXiv:2311.05645): the identity compressor is plain
-averaging, the coordinator's shift mirrors the workers', and on a heterogeneous quadratic with
-per-step updates it converges where compression without error feedback stalls."""
+averaging, the aggregator's shifts are the workers', and on a heterogeneous quadratic with per-step
+updates it converges where compression without error feedback stalls."""
 
 from __future__ import annotations
 
@@ -11,58 +11,66 @@ import pytest
 import torch
 
 from compression.error_feedback import ErrorFeedback
-from protocols.compressed import Compression, OuterState
-from protocols.config import EControlConfig, load_config
-from protocols.econtrol import EControl
+from protocols.compressed import Compression, WorkerShifts
+from protocols.config import load_config
+from protocols.downlink import Downlink
+from protocols.econtrol import EControl, EControlCompression, EControlConfig
 from protocols.registry import build_protocol
+from protocols.replica import Params, Replica
+from protocols.round import RoundAggregator
+from tests.unit.protocol_helpers import dense_aggregator, rand
 
-Params = dict[str, torch.Tensor]
 RECIPE = Path(__file__).resolve().parents[2] / "deploy" / "recipes" / "econtrol.yaml"
 
 
-def _rand(seed: int, shape: tuple[int, ...], scale: float = 1.0) -> torch.Tensor:
-    return scale * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _round(
-    protocol: EControl, global_: Params, locals_: list[Params], workers: list[Any], server: OuterState
-) -> tuple[Params, OuterState]:
-    acc = protocol.new_round(global_)
+def _round(aggregator: RoundAggregator, locals_: list[Params], workers: list[Any]) -> None:
+    """Every worker sends its update from the aggregator's replica; the round closes."""
+    protocol, params = aggregator.protocol, aggregator.replica.params
     for k, local in enumerate(locals_):
-        update, workers[k] = protocol.make_update(local, global_, workers[k])
-        acc.fold(f"w{k}", update)
-    return protocol.aggregate(global_, acc, server)
+        update, workers[k] = protocol.make_update(local, params, workers[k])
+        aggregator.submit(f"w{k}", update)
+    aggregator.close()
 
 
 @pytest.mark.parametrize("feedback", ["econtrol", "none"])
 def test_identity_compressor_is_plain_averaging_of_the_local_models(feedback: str) -> None:
     protocol = EControl(compression=Compression(codec="none", error_feedback=feedback, eta=0.1))
-    global_ = {"w": _rand(0, (20, 30)), "b": _rand(1, (30,))}
-    server = protocol.init_server_state(global_)
-    workers: list[Any] = [protocol.init_worker_state(global_) for _ in range(3)]
+    aggregator = dense_aggregator(protocol, {"w": rand(0, (20, 30)), "b": rand(1, (30,))})
+    workers: list[Any] = [protocol.init_worker_state(aggregator.replica.params) for _ in range(3)]
     for r in range(4):
-        locals_ = [{n: t + _rand(10 * r + k, tuple(t.shape), 0.1) for n, t in global_.items()} for k in range(3)]
-        global_, server = _round(protocol, global_, locals_, workers, server)
-        for name, value in global_.items():
+        locals_ = [
+            {n: t + rand(10 * r + k, tuple(t.shape), 0.1) for n, t in aggregator.replica.params.items()}
+            for k in range(3)
+        ]
+        _round(aggregator, locals_, workers)
+        for name, value in aggregator.replica.params.items():
             average = torch.stack([local[name] for local in locals_]).mean(0)
             torch.testing.assert_close(value, average, rtol=0, atol=1e-6)
 
 
-def test_coordinator_shift_equals_the_mean_of_the_workers_shifts_every_round() -> None:
+def test_aggregator_shifts_are_the_workers_shifts_and_their_mean_is_the_step() -> None:
     protocol = build_protocol(load_config(RECIPE))  # top-10% per chunk, EControl eta 0.1
     assert isinstance(protocol, EControl)
-    global_ = {"w": _rand(0, (50, 40)), "b": _rand(1, (40,))}
-    server = protocol.init_server_state(global_)
-    workers: list[Any] = [protocol.init_worker_state(global_) for _ in range(4)]
+    aggregator = dense_aggregator(protocol, {"w": rand(0, (50, 40)), "b": rand(1, (40,))})
+    workers: list[Any] = [protocol.init_worker_state(aggregator.replica.params) for _ in range(4)]
     for r in range(5):
-        locals_ = [{n: t - _rand(10 * r + k, tuple(t.shape), 0.01) for n, t in global_.items()} for k in range(4)]
-        global_, server = _round(protocol, global_, locals_, workers, server)
-        for name in global_:
+        before = aggregator.replica
+        locals_ = [{n: t - rand(10 * r + k, tuple(t.shape), 0.01) for n, t in before.params.items()}
+                   for k in range(4)]
+        _round(aggregator, locals_, workers)
+        state = aggregator.state
+        assert isinstance(state, WorkerShifts)
+        for name in before.params:
             shifts = [w.shift(name) for w in workers if isinstance(w, ErrorFeedback)]
             assert len(shifts) == 4 and all(s is not None for s in shifts)
+            for k, shift in enumerate(shifts):
+                torch.testing.assert_close(state.shifts[f"w{k}"][name], shift, rtol=0, atol=1e-7)
             mean_shift = torch.stack([s for s in shifts if s is not None]).mean(0)
-            torch.testing.assert_close(server.shift[name], mean_shift, rtol=0, atol=1e-7)
-        assert server.outer_steps == r + 1
+            torch.testing.assert_close(state.mean()[name], mean_shift, rtol=0, atol=1e-7)
+            # lr 1, no momentum: the replica moved by the mean shift.
+            moved = before.params[name] - aggregator.replica.params[name]
+            torch.testing.assert_close(moved, mean_shift, rtol=0, atol=1e-6)
+        assert aggregator.replica.outer_steps == r + 1
 
 
 WORKERS, DIM, ROWS, ROUNDS = 8, 30, 40, 300
@@ -91,16 +99,18 @@ class Quadratic:
 def _suboptimality(feedback: str) -> float:
     """(f(x_T) - f*) / (f(x_0) - f*) after ROUNDS rounds of one local SGD step each."""
     problem = Quadratic()
-    protocol = build_protocol(load_config(RECIPE, [f"protocol.compression.error_feedback={feedback}"]))
+    cfg = load_config(RECIPE, [f"protocol.compression.error_feedback={feedback}"])
+    protocol = build_protocol(cfg)
     assert isinstance(protocol, EControl)
-    global_ = {"x": torch.zeros(DIM, dtype=torch.float64)}
-    server = protocol.init_server_state(global_)
-    workers: list[Any] = [protocol.init_worker_state(global_) for _ in range(WORKERS)]
-    f_star, f_0 = problem.loss(problem.x_star), problem.loss(global_["x"])
+    downlink = Downlink.from_config(cfg.protocol.downlink, protocol)  # the paper's: dense
+    assert downlink.mode == "dense"
+    aggregator = RoundAggregator(protocol, downlink, Replica(0, {"x": torch.zeros(DIM, dtype=torch.float64)}))
+    workers: list[Any] = [protocol.init_worker_state(aggregator.replica.params) for _ in range(WORKERS)]
+    f_star, f_0 = problem.loss(problem.x_star), problem.loss(aggregator.replica.params["x"])
     for _ in range(ROUNDS):
-        locals_ = [{"x": problem.sgd_step(k, global_["x"])} for k in range(WORKERS)]
-        global_, server = _round(protocol, global_, locals_, workers, server)
-    return (problem.loss(global_["x"]) - f_star) / (f_0 - f_star)
+        x = aggregator.replica.params["x"]
+        _round(aggregator, [{"x": problem.sgd_step(k, x)} for k in range(WORKERS)], workers)
+    return (problem.loss(aggregator.replica.params["x"]) - f_star) / (f_0 - f_star)
 
 
 def test_econtrol_converges_on_a_heterogeneous_quadratic_where_plain_top_k_stalls() -> None:
@@ -112,12 +122,17 @@ def test_econtrol_converges_on_a_heterogeneous_quadratic_where_plain_top_k_stall
 
 def test_config_defaults_and_feedback_kinds_are_selectable() -> None:
     cfg = load_config(RECIPE)
-    assert cfg.protocol == EControlConfig() and cfg.rounds == cfg.train.steps  # one round per step
+    # The recipe spells out the paper's eta (0.1); the section's default leaves it to the codec's delta.
+    assert cfg.protocol == EControlConfig(compression=EControlCompression(eta=0.1))
+    assert cfg.rounds == cfg.train.steps  # one round per step
     for kind in ("none", "ef14", "ef21", "econtrol"):
         protocol = build_protocol(load_config(RECIPE, [f"protocol.compression.error_feedback={kind}"]))
         assert isinstance(protocol, EControl) and protocol.compression.error_feedback == kind
         assert protocol.compression.keeps_shift == (kind in ("ef21", "econtrol"))
+        assert protocol.relayable == (kind not in ("ef21", "econtrol"))
     built = build_protocol(cfg)
     assert isinstance(built, EControl)
     comp = built.compression
     assert (comp.codec, comp.eta, comp.params["density"]) == ("topk", 0.1, 0.1)
+    # Unset eta is derived from the codec's contraction: the same 0.1 for top-10%.
+    assert EControl.from_settings(EControlConfig()).compression.eta == 0.1

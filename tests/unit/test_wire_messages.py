@@ -1,18 +1,30 @@
-"""Message dataclasses <-> protobuf: lossless round trips, and malformed messages refused by field name."""
+"""Message dataclasses <-> protobuf: lossless round trips, and malformed messages refused by field name;
+a round's aggregate <-> the entries and stream of PullAggregate."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
 
-from compression.payload import Payload
+from compression import registry
+from compression.payload import Payload, dense
+from protocols.base import Aggregate, Update
 from protocols.wire import lowband_pb2 as pb
 from protocols.wire import messages as m
 from protocols.wire.messages import GRPC_OPTIONS, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, WireError
-from protocols.wire.serde import encode_entries, from_pb, to_pb
+from protocols.wire.serde import (
+    aggregate_entries,
+    aggregate_from_entries,
+    aggregate_stream,
+    encode_entries,
+    from_pb,
+    read_aggregate,
+    to_pb,
+)
 
 ENV = m.Envelope(run_id="run-7", worker_id="w3", round=12, protocol_version=1, token="s3cret")
 
@@ -33,7 +45,12 @@ EXAMPLES: list[m.Message] = [
     m.LeaveRequest(ENV, reason="preempted"),
     m.LeaveReply(),
     m.PullRequest(ENV),
+    m.PullRequest(ENV, resync=True),
     m.StateHeader(round=12, num_entries=40, total_bytes=2**33, state_hash="ab" * 32),
+    m.AggregateRequest(ENV, round=11),
+    m.AggregateHeader(round=11, num_entries=40, total_bytes=2**20, state_hash="ef" * 32),
+    m.AggregateHeader(round=11, num_entries=6, total_bytes=4096, state_hash="ef" * 32,
+                      relayed_weights=(1.0, 0.5, 4096.0, 1e-300), own_slot=3),
     m.PushHeader(
         ENV,
         m.PushKind.INITIAL_STATE,
@@ -83,7 +100,8 @@ def test_nan_loss_travels_as_nan() -> None:
 
 
 def test_missing_envelope_is_named() -> None:
-    for proto in (pb.JoinRequest(hostname="h"), pb.PushHeader(kind=pb.PUSH_KIND_UPDATE, weight=1.0)):
+    for proto in (pb.JoinRequest(hostname="h"), pb.PushHeader(kind=pb.PUSH_KIND_UPDATE, weight=1.0),
+                  pb.AggregateRequest(round=3)):
         with pytest.raises(WireError, match=rf"{type(proto).__name__}\.envelope is missing"):
             from_pb(proto)
 
@@ -97,6 +115,14 @@ def test_unset_or_unknown_enum_values_are_named() -> None:
     header.kind = pb.PUSH_KIND_UNSPECIFIED
     with pytest.raises(WireError, match=r"PushHeader\.kind: unset or unknown PushKind value 0"):
         from_pb(header)
+
+
+@pytest.mark.parametrize("bad", [0.0, -2.0, math.nan, math.inf, -math.inf])
+def test_relayed_weights_must_be_finite_and_positive(bad: float) -> None:
+    proto = to_pb(m.AggregateHeader(round=1, num_entries=0, total_bytes=0, state_hash="", relayed_weights=(1.0, 2.0)))
+    proto.relayed_weights[1] = bad
+    with pytest.raises(WireError, match=r"AggregateHeader\.relayed_weights must be finite and positive"):
+        from_pb(proto)
 
 
 @pytest.mark.parametrize("weight", [0.0, -1.0, math.nan, math.inf])
@@ -132,3 +158,90 @@ def test_largest_chunk_with_its_spec_fits_under_the_message_limit() -> None:
         "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
         "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
     }
+
+
+# ---- a round's aggregate as it travels (PullAggregate) ---------------------------------------------------
+
+
+def _update(seed: int, weight: float) -> Update:
+    gen = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(6, 4, generator=gen), torch.randn(4, generator=gen)
+    return Update({"w": registry.build("topk_global", density=0.25).compress(w), "b": dense(b)}, weight)
+
+
+def _assert_same_payloads(got: dict[str, Payload], want: dict[str, Payload]) -> None:
+    assert list(got) == list(want)
+    for name, p in want.items():
+        q = got[name]
+        assert (q.codec, q.shape, q.dtype, q.meta) == (p.codec, p.shape, p.dtype, p.meta)
+        assert list(q.tensors) == list(p.tensors)
+        assert all(torch.equal(q.tensors[c], t) for c, t in p.tensors.items()), name
+
+
+def _assert_same_aggregate(got: Aggregate, want: Aggregate) -> None:
+    assert got.round == want.round and len(got.relayed) == len(want.relayed)
+    _assert_same_payloads(got.payloads, want.payloads)
+    for have, update in zip(got.relayed, want.relayed, strict=True):
+        assert have.weight == update.weight
+        _assert_same_payloads(have.payloads, update.payloads)
+
+
+def _over_the_wire(aggregate: Aggregate, omit: int | None = None, own: Update | None = None
+                   ) -> tuple[m.AggregateHeader, Aggregate]:
+    entries, weights = aggregate_entries(aggregate, omit)
+    header = m.AggregateHeader(round=aggregate.round, num_entries=len(entries), state_hash="ab" * 32,
+                               total_bytes=sum(p.nbytes() for p in entries.values()), relayed_weights=weights,
+                               own_slot=0 if omit is None else omit + 1)
+    wire = [msg.SerializeToString() for msg in aggregate_stream(header, entries, chunk_bytes=16)]
+    got_header, got = read_aggregate((pb.AggregateChunk.FromString(b) for b in wire), 1 << 20, own)
+    assert got_header == header
+    return got_header, got
+
+
+def test_a_dense_aggregate_travels_by_tensor_name() -> None:
+    aggregate = Aggregate(7, payloads=_update(0, 1.0).payloads)
+    entries, weights = aggregate_entries(aggregate)
+    assert (list(entries), weights) == (["w", "b"], ())
+    _assert_same_aggregate(aggregate_from_entries(7, entries, ()), aggregate)
+    header, got = _over_the_wire(aggregate)
+    assert header.relayed_weights == () and header.own_slot == 0
+    _assert_same_aggregate(got, aggregate)
+
+
+def test_a_relayed_aggregate_travels_as_its_senders_updates_in_fold_order() -> None:
+    aggregate = Aggregate(3, relayed=(_update(1, 2.0), _update(2, 0.5), _update(3, 1.0)))
+    entries, weights = aggregate_entries(aggregate)
+    assert list(entries) == ["0/w", "0/b", "1/w", "1/b", "2/w", "2/b"] and weights == (2.0, 0.5, 1.0)
+    _assert_same_aggregate(aggregate_from_entries(3, entries, weights), aggregate)
+    header, got = _over_the_wire(aggregate)
+    assert header.relayed_weights == (2.0, 0.5, 1.0)
+    _assert_same_aggregate(got, aggregate)
+
+
+def test_the_requesters_own_update_is_left_out_and_put_back() -> None:
+    own = _update(2, 0.5)
+    aggregate = Aggregate(3, relayed=(_update(1, 2.0), own, _update(3, 1.0)))
+    entries, weights = aggregate_entries(aggregate, omit=1)
+    assert list(entries) == ["0/w", "0/b", "2/w", "2/b"] and weights == (2.0, 0.5, 1.0)
+    _, got = _over_the_wire(aggregate, omit=1, own=own)
+    _assert_same_aggregate(got, aggregate)
+    with pytest.raises(WireError, match="leaves out the requester's own update, and none was given"):
+        _over_the_wire(aggregate, omit=1)
+    with pytest.raises(WireError, match="leaves out slot 0 for the requester, but it is not an empty slot"):
+        aggregate_from_entries(3, entries, weights, own=(0, own))
+    with pytest.raises(WireError, match="leaves out slot 3 for the requester"):
+        aggregate_from_entries(3, entries, weights, own=(3, own))
+
+
+@pytest.mark.parametrize("key", ["w", "2/w", "-1/w", "x/w", "0/", "/w", "00x/w"])
+def test_a_malformed_relayed_entry_name_is_a_wire_error(key: str) -> None:
+    entries = {"0/w": dense(torch.ones(2)), "1/w": dense(torch.ones(2)), key: dense(torch.zeros(2))}
+    with pytest.raises(WireError, match=rf"relayed aggregate entry '{re.escape(key)}' is not "
+                                        r"'<sender index>/<tensor>' for 2 senders"):
+        aggregate_from_entries(3, entries, (1.0, 1.0))
+
+
+def test_a_relayed_sender_without_tensors_is_a_wire_error() -> None:
+    """The docstring of `aggregate_from_entries` promises it: an empty relayed update is no update."""
+    with pytest.raises(WireError):
+        aggregate_from_entries(3, {"0/w": dense(torch.ones(2))}, (1.0, 1.0))

@@ -1,4 +1,5 @@
-"""Tensor streaming over the wire: payloads -> TensorChunk streams -> payloads, bit for bit, and state_hash."""
+"""Tensor streaming over the wire: payloads -> TensorChunk streams -> payloads, bit for bit; the whole
+replica over PullState; and state_hash (the replica digest)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from compression.payload import Payload, dense
+from protocols.replica import Replica
 from protocols.wire import lowband_pb2 as pb
 from protocols.wire.messages import Envelope, PushHeader, PushKind, StateHeader, WireError
 from protocols.wire.serde import (
@@ -153,15 +155,18 @@ def test_unsupported_tensor_dtype_and_meta_type_are_refused_by_name() -> None:
         list(encode_entries({"m": dense(torch.zeros(1))}, chunk_bytes=0))
 
 
-def test_pull_stream_round_trips_and_checks_the_state_hash() -> None:
+def test_pull_stream_carries_the_whole_replica_and_checks_its_digest() -> None:
     params = {"a": random_tensor((10, 3), torch.float32, 7), "b": random_tensor((4,), torch.bfloat16, 8)}
-    entries = {name: dense(t) for name, t in params.items()}
+    replica = Replica(4, params, momentum={"a": torch.ones(10, 3)}, outer_steps=4,
+                      downlink_shift={"b": torch.zeros(4, dtype=torch.bfloat16)})
+    entries = {name: dense(t) for name, t in replica.to_tensors().items()}
     total = sum(p.nbytes() for p in entries.values())
-    header = StateHeader(round=4, num_entries=2, total_bytes=total, state_hash=state_hash(params))
+    header = StateHeader(round=4, num_entries=len(entries), total_bytes=total, state_hash=replica.digest())
     got_header, got = read_pull(pull_stream(header, entries, chunk_bytes=16), max_total_bytes=total)
-    assert got_header == header
-    assert state_hash({n: p.tensors["values"] for n, p in got.items()}) == header.state_hash
-    forged = StateHeader(round=4, num_entries=2, total_bytes=total, state_hash="0" * 64)
+    pulled = Replica.from_tensors({n: p.tensors["values"] for n, p in got.items()})
+    assert got_header == header and state_hash(replica.to_tensors()) == pulled.digest() == header.state_hash
+    assert (pulled.round, pulled.outer_steps, set(pulled.momentum), set(pulled.downlink_shift)) == (4, 4, {"a"}, {"b"})
+    forged = StateHeader(round=4, num_entries=len(entries), total_bytes=total, state_hash="0" * 64)
     with pytest.raises(WireError, match="hashes to"):
         read_pull(pull_stream(forged, entries), max_total_bytes=total)
 

@@ -1,0 +1,113 @@
+"""Checks an update against what the protocol expects, decoding it exactly as the accumulator folds it.
+
+`check_update` decodes every tensor as the protocol's accumulator will fold it (dense tensors, or flat
+coordinates and values) and checks names, shapes, dtypes, the run's codec, the payload against its own
+header, indices in range and not repeated, finite values, the weight and the size. Folding then only
+adds what was decoded, so an update is applied whole or not at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from compression import registry
+from compression.payload import PayloadError
+from protocols.base import CheckedUpdate, Decoded, Protocol, Update, View
+from protocols.replica import Replica
+
+
+class UpdateRejected(ValueError):
+    """An update that cannot be folded; the message names the worker, the tensor and what was wrong.
+    `duplicate` marks a second update from the same worker in one round. Nothing of it was folded."""
+
+    def __init__(self, message: str, duplicate: bool = False) -> None:
+        super().__init__(message)
+        self.duplicate = duplicate
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What a valid update for one round looks like."""
+
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    codec: str  # the run's uplink codec, as payloads name it
+    view: View  # how the accumulator folds: dense tensors or coordinates
+    max_bytes: int  # no codec makes an update bigger than twice the dense tensors
+
+
+def expectation(protocol: Protocol[Any, Any], replica: Replica, view: View) -> Expectation:
+    params = replica.params
+    dense_bytes = sum(t.numel() * t.element_size() for t in params.values())
+    return Expectation(
+        shapes={n: tuple(t.shape) for n, t in params.items()},
+        dtypes={n: t.dtype for n, t in params.items()},
+        codec=protocol.uplink_codec,
+        view=view,
+        max_bytes=2 * dense_bytes + 4096,
+    )
+
+
+def _decode(who: str, name: str, payload: Any, view: View) -> Decoded:
+    shape = tuple(payload.shape)
+    numel = math.prod(shape)
+    if registry.is_sparse(payload.codec):
+        indices, values = registry.sparse_view(payload)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+            raise UpdateRejected(f"{who}: tensor {name!r} has indices out of range [0, {numel})")
+        if torch.unique(indices).numel() != indices.numel():
+            raise UpdateRejected(f"{who}: tensor {name!r} repeats indices (each coordinate may be sent once)")
+        if view == "coordinates":
+            return Decoded(shape, values.to(torch.float32), indices)
+        return Decoded(shape, registry.decode(payload))
+    dense = registry.decode(payload)
+    if view == "coordinates":
+        flat = dense.reshape(-1)
+        return Decoded(shape, flat.to(torch.float32), torch.arange(flat.numel(), device=flat.device))
+    return Decoded(shape, dense)
+
+
+def check_update(worker_id: str, update: Update, expect: Expectation) -> CheckedUpdate:
+    """The update decoded for folding, or `UpdateRejected` naming the first problem."""
+    who = f"worker {worker_id}"
+    if not (math.isfinite(update.weight) and update.weight > 0):
+        raise UpdateRejected(f"{who}: update weight must be finite and > 0, got {update.weight}")
+    unknown = sorted(set(update.payloads) - set(expect.shapes))
+    if unknown:
+        raise UpdateRejected(f"{who}: unknown tensor name(s) {unknown}")
+    missing = sorted(set(expect.shapes) - set(update.payloads))
+    if missing:
+        raise UpdateRejected(f"{who}: update lacks tensor(s) {missing}")
+    if update.nbytes() > expect.max_bytes:
+        raise UpdateRejected(f"{who}: update of {update.nbytes()} bytes exceeds the limit of {expect.max_bytes}")
+    tensors: dict[str, Decoded] = {}
+    for name, payload in update.payloads.items():
+        if tuple(payload.shape) != expect.shapes[name]:
+            raise UpdateRejected(
+                f"{who}: tensor {name!r} has shape {list(payload.shape)}, expected {list(expect.shapes[name])}"
+            )
+        # Error feedback keeps its buffers (and so sends) in at least float32: a bf16 tensor's update is float32.
+        allowed = {expect.dtypes[name], torch.promote_types(expect.dtypes[name], torch.float32)}
+        if payload.dtype not in allowed:
+            raise UpdateRejected(
+                f"{who}: tensor {name!r} has dtype {payload.dtype}, expected one of {sorted(map(str, allowed))}"
+            )
+        if payload.codec != expect.codec:
+            raise UpdateRejected(
+                f"{who}: tensor {name!r} is encoded with codec {payload.codec!r}, this run's uplink codec is "
+                f"{expect.codec!r}"
+            )
+        try:
+            decoded = _decode(who, name, payload, expect.view)
+        except (PayloadError, ValueError) as err:
+            if isinstance(err, UpdateRejected):
+                raise
+            raise UpdateRejected(f"{who}: tensor {name!r}: {err}") from None
+        if decoded.values.is_floating_point() and not bool(torch.isfinite(decoded.values).all()):
+            raise UpdateRejected(f"{who}: tensor {name!r} contains NaN or Inf")
+        tensors[name] = decoded
+    return CheckedUpdate(tensors=tensors, weight=float(update.weight), raw=update)

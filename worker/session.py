@@ -1,0 +1,99 @@
+"""One worker's training session, written once: corpus, model, data shard, inner trainer, evaluation,
+checkpoint and the summary every runner reports.
+
+The round loop (`worker/loop.py`, every coordinated protocol over any transport) and the DDP baseline
+(`worker/ddp.py`) both build a `Session`, so the contenders of a benchmark differ only in how they
+communicate.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from protocols.config import RunConfig
+from protocols.replica import Params
+from worker.data import Batch, Corpus, load_corpus
+from worker.model import GPT
+from worker.trainer import InnerTrainer
+
+
+@dataclass
+class Session:
+    cfg: RunConfig
+    index: int  # which shard this worker trains on (0-based)
+    workers: int
+    corpus: Corpus
+    model: nn.Module  # the bare model (a DDP wrapper, if any, lives in the trainer)
+    trainer: InnerTrainer
+    eval_batches: list[Batch]
+    device: torch.device
+    started: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def build(
+        cls,
+        cfg: RunConfig,
+        index: int,
+        workers: int,
+        device: torch.device | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+        evaluates: bool = True,
+    ) -> Session:
+        """Every worker seeds the same initial model; `wrap` (e.g. DistributedDataParallel) wraps it for
+        training; `evaluates` False skips building eval batches on workers that never evaluate."""
+        device = device or torch.device("cpu")
+        corpus = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars)
+        torch.manual_seed(cfg.seed)
+        model = GPT(cfg.model, corpus.tokenizer.vocab_size).to(device)
+        batch, block = cfg.data.batch_size, cfg.model.block_size
+        sampler = corpus.shard(index % workers, workers, cfg.data.split, cfg.seed).sampler(batch, block)
+        trainer = InnerTrainer(wrap(model) if wrap else model, sampler, cfg.train, total_steps=cfg.train.steps)
+        evals = corpus.eval_batches(batch, block, cfg.train.eval_batches) if evaluates else []
+        return cls(cfg, index, workers, corpus, model, trainer, evals, device)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.model.block_size
+
+    def params(self) -> Params:
+        return self.trainer.params()
+
+    def evaluate(self) -> float:
+        return self.trainer.evaluate(self.eval_batches)
+
+    def eval_due(self, round_: int) -> bool:
+        """At round 0 and at every round start that crosses an `eval_every_steps` boundary."""
+        h, every = self.cfg.inner_steps, self.cfg.train.eval_every_steps
+        return round_ == 0 or (round_ * h) // every != ((round_ - 1) * h) // every
+
+    def steps_in_round(self, round_: int) -> int:
+        """Inner steps of round `round_` (the last round may be short)."""
+        h = self.cfg.inner_steps
+        return max(0, min(h, self.cfg.train.steps - round_ * h))
+
+    def save_checkpoint(self, path: str | Path, params: Params, round_: int, run_id: str) -> None:
+        """A plain checkpoint (`lowband sample` reads it as it reads the coordinator's)."""
+        torch.save({"round": round_, "run_id": run_id, "params": params}, Path(path))
+
+    def summary(self, bytes_sent: int, bytes_received: int, **extra: Any) -> dict[str, Any]:
+        """The keys every runner reports (DDP, the round loop over any transport)."""
+        steps = self.trainer.step_count
+        return {
+            "worker_index": self.index,
+            "workers": self.workers,
+            "protocol": self.cfg.protocol.kind,
+            "steps": steps,
+            "tokens": steps * self.tokens_per_step,
+            "bytes_sent": bytes_sent,
+            "bytes_received": bytes_received,
+            "bytes_total": bytes_sent + bytes_received,
+            "wall_s": time.monotonic() - self.started,
+            **extra,
+        }

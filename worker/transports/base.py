@@ -1,0 +1,97 @@
+"""The seam between the round loop and whatever moves bytes: `Transport`, and the `Handle` it returns.
+
+`exchange` returns at once with a `Handle` (a future) to the round's result, so a caller may compute
+while its update travels (CO2-style overlap) and block only when it needs the aggregate. A wrapper that
+emulates a slow link can wrap any transport: every method goes through the object it wraps, and
+`bytes_sent` / `bytes_received` count what actually moved, both ways.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from protocols.base import Aggregate, Update
+from protocols.replica import Params, Replica
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RoundStatus:
+    """Where the aggregator stands: the round it has open (when finished, the rounds done) and the
+    digest of its replica at that round."""
+
+    round: int
+    finished: bool
+    state_hash: str
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What came back for one round. accepted: our update was folded (False: the round closed without
+    it). aggregate: what every replica applies (None: no longer available; resync the whole replica).
+    state_hash: the digest of the aggregator's replica after applying it."""
+
+    accepted: bool
+    aggregate: Aggregate | None
+    state_hash: str
+
+
+class Handle(Generic[T]):
+    """A pending result: `result()` blocks until it is there (and re-raises what the transport raised)."""
+
+    def __init__(self, future: Future[T]) -> None:
+        self._future = future
+
+    @classmethod
+    def completed(cls, value: T) -> Handle[T]:
+        future: Future[T] = Future()
+        future.set_result(value)
+        return cls(future)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> T:
+        return self._future.result(timeout)
+
+
+class Transport(ABC):
+    """Carries one worker's side of the rounds. Bytes are counted both ways, as they crossed the wire."""
+
+    worker_id: str = ""
+    _sent: int = 0
+    _received: int = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._received
+
+    @abstractmethod
+    def start(self, params: Params) -> Replica:
+        """Take part in the run with these freshly initialised parameters; the replica to train from."""
+
+    @abstractmethod
+    def status(self, after_round: int) -> RoundStatus:
+        """Block until the aggregator's open round is past `after_round`, or the run finished."""
+
+    @abstractmethod
+    def exchange(self, round_: int, update: Update, metrics: dict[str, float]) -> Handle[RoundResult]:
+        """Send this worker's update for `round_`; a handle to the round's result."""
+
+    @abstractmethod
+    def resync(self) -> Replica:
+        """The aggregator's whole replica (a join, a rejoin, or a digest mismatch: the only dense move)."""
+
+    def report(self, step: int, loss: float | None, eval_loss: float | None) -> None:  # noqa: B027
+        """Progress for the aggregator's view (liveness included); transports without one ignore it."""
+
+    def close(self) -> None:  # noqa: B027
+        """Leave the run and release what the transport holds."""
