@@ -155,24 +155,29 @@ def _check_header_totals(kind: str, declared: tuple[int, int], entries: Mapping[
         raise WireError(f"{kind} declares (num_entries, total_bytes) = {declared}, but the entries have {actual}")
 
 
+def _stream(
+    wrapper: Any, header: PushHeader | StateHeader | m.AggregateHeader, entries: Mapping[str, Payload],
+    chunk_bytes: int,
+) -> Iterator[Any]:  # fmt: skip
+    """`wrapper(header=...)` first, then `wrapper(chunk=...)` for every chunk of every entry."""
+    _check_header_totals(type(header).__name__, (header.num_entries, header.total_bytes), entries)
+    yield wrapper(header=to_pb(header))
+    for chunk in encode_entries(entries, chunk_bytes):
+        yield wrapper(chunk=chunk)
+
+
 def push_stream(
     header: PushHeader, entries: Mapping[str, Payload], chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[pb.PushMessage]:
     """The PushUpdate request stream: the header, then every entry's chunks."""
-    _check_header_totals("PushHeader", (header.num_entries, header.total_bytes), entries)
-    yield pb.PushMessage(header=to_pb(header))
-    for chunk in encode_entries(entries, chunk_bytes):
-        yield pb.PushMessage(chunk=chunk)
+    return _stream(pb.PushMessage, header, entries, chunk_bytes)
 
 
 def pull_stream(
     header: StateHeader, entries: Mapping[str, Payload], chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[pb.StateChunk]:
     """The PullState response stream: the header, then every entry's chunks."""
-    _check_header_totals("StateHeader", (header.num_entries, header.total_bytes), entries)
-    yield pb.StateChunk(header=to_pb(header))
-    for chunk in encode_entries(entries, chunk_bytes):
-        yield pb.StateChunk(chunk=chunk)
+    return _stream(pb.StateChunk, header, entries, chunk_bytes)
 
 
 def aggregate_entries(aggregate: Aggregate, omit: int | None = None) -> tuple[dict[str, Payload], tuple[float, ...]]:
@@ -217,10 +222,7 @@ def aggregate_stream(
     header: m.AggregateHeader, entries: Mapping[str, Payload], chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[pb.AggregateChunk]:
     """The PullAggregate response stream: the header, then every entry's chunks."""
-    _check_header_totals("AggregateHeader", (header.num_entries, header.total_bytes), entries)
-    yield pb.AggregateChunk(header=to_pb(header))
-    for chunk in encode_entries(entries, chunk_bytes):
-        yield pb.AggregateChunk(chunk=chunk)
+    return _stream(pb.AggregateChunk, header, entries, chunk_bytes)
 
 
 def read_aggregate(
