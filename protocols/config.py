@@ -24,6 +24,7 @@ from protocols.settings import (
     ConfigError,
     DataConfig,
     DownlinkConfig,
+    LinkConfig,
     ModelConfig,
     ProtocolSettings,
     TrainConfig,
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DownlinkConfig",
+    "LinkConfig",
     "ModelConfig",
     "ProtocolConfig",
     "RunConfig",
@@ -62,6 +64,8 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     protocol: ProtocolConfig = Field(default_factory=lambda: ProtocolSettings.registry["diloco"].model_validate({}))
     cluster: ClusterConfig = ClusterConfig()
+    # None: the transport's own speed; else every worker's transport is wrapped in this emulated link.
+    link: LinkConfig | None = None
 
     @model_validator(mode="before")
     @classmethod

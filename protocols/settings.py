@@ -105,6 +105,16 @@ class CompressionConfig(_Strict):
 
 
 
+class LinkConfig(_Strict):
+    """An emulated WAN link for every worker (worker/transports/link.py): each way `bandwidth_mbps`, plus
+    one-way latency and uniform jitter in ms per transfer, and the fraction of packets lost (resent)."""
+
+    bandwidth_mbps: PositiveFloat
+    latency_ms: float = Field(0.0, ge=0.0)
+    jitter_ms: float = Field(0.0, ge=0.0)
+    loss: float = Field(0.0, ge=0.0, lt=1.0)
+
+
 DownlinkCodec = Literal[Codec, "auto", "sparse"]
 
 

@@ -28,9 +28,19 @@ from worker.transports.allgather import AllGatherTransport, process_group
 from worker.transports.base import Transport
 from worker.transports.grpc import GrpcTransport
 from worker.transports.inproc import InprocTransport
+from worker.transports.link import Link, LinkModel
+
+
+def with_link(transport: Transport, cfg: RunConfig, index: int) -> Transport:
+    """The transport, behind the run's emulated link if it has one (each worker its own jitter stream)."""
+    if cfg.link is None:
+        return transport
+    model = LinkModel(cfg.link.bandwidth_mbps, cfg.link.latency_ms, cfg.link.jitter_ms, cfg.link.loss)
+    return Link(transport, model, seed=cfg.seed * 1009 + index)
 
 
 def _run(session: Session, transport: Transport, progress: Progress | None, faults: Faults | None) -> WorkerResult:
+    transport = with_link(transport, session.cfg, session.index)
     loop = RoundLoop(session, transport, build_protocol(session.cfg), progress, faults)
     try:
         loop.run()
@@ -88,7 +98,7 @@ def run_allgather_rank(
             device = torch.device("cuda", rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
         session = Session.build(cfg, rank, world_size, device, evaluates=rank == 0)
-        transport = AllGatherTransport(cfg, protocol, rank)
+        transport = with_link(AllGatherTransport(cfg, protocol, rank), cfg, rank)
         loop = RoundLoop(session, transport, protocol, progress)
         loop.run()
         result = loop.finish()
