@@ -6,8 +6,15 @@ import os
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from protocols.config import RunConfig, parse_config
+
+# Property tests draw the same examples on every run (CI included): a failure reproduces, and a green
+# suite does not turn red by drawing a new corner case. Explore with HYPOTHESIS_PROFILE=explore.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Ray must never phone home or prompt in tests.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

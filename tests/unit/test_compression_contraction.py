@@ -59,9 +59,9 @@ def test_scaled_sign_error_is_exactly_one_minus_delta_per_unit(values: list[floa
             assert sq(yc) == 0
             continue
         delta = float(xc.abs().sum()) ** 2 / (xc.numel() * sq(xc))
-        # The float32 scale costs a little; the identity holds to float32 precision.
+        # The float32 scale costs a little; the identity holds to float32 precision, relative to ||x||^2 (when
+        # delta is within float32 rounding of 1, 1 - delta itself is below that precision).
         assert abs(sq(yc - xc) - (1 - delta) * sq(xc)) <= 1e-5 * sq(xc)
-        assert sq(yc - xc) <= (1 - delta) * sq(xc) * (1 + 1e-5)
 
 
 def test_randomk_contracts_in_expectation() -> None:
