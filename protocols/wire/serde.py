@@ -7,7 +7,7 @@
 - `aggregate_stream` / `read_aggregate`: one round's `Aggregate` <-> the PullAggregate stream.
 - `state_hash`: the replica digest, so every worker can check it holds the same replica.
 - `update_to_bytes` / `update_from_bytes`: one update (payloads + weight) <-> a single self-checking byte
-  string, for transports that move opaque buffers (the torch all-gather of `worker/collectives.py`).
+  string, for transports that move opaque buffers (the torch all-gather of `worker/transports/allgather.py`).
 
 The coordinator and the worker import from here (and `messages.py`) and never from `lowband_pb2`.
 """

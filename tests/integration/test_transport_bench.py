@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bench.transport import MIB, bench_gloo, bench_grpc, make_state, parse_sizes
+from bench.transport_rounds import bench_rounds
 
 
 def test_state_has_the_named_size_in_a_few_fp32_tensors() -> None:
@@ -50,3 +51,18 @@ def test_gloo_rows_from_two_ranks() -> None:
     (row,) = bench_gloo([1], warmup=1, repeat=2, allocator="default")
     _check_row(row, "gloo-allreduce-1mb")
     assert row["world_size"] == 2
+
+
+def test_rounds_rows_run_one_protocol_over_grpc_and_allgather_through_the_round_loop() -> None:
+    rows = bench_rounds(rounds=2, warmup=1, n_embd=32, n_layer=1)
+    assert [r["contender"] for r in rows] == ["rounds-grpc", "rounds-allgather"]
+    grpc, allgather = rows
+    assert grpc["parameters"] == allgather["parameters"] > 0
+    for row in rows:
+        assert 0 < row["seconds_min"] <= row["seconds"] <= row["seconds_max"]
+        assert row["bytes_sent_per_round"] > 0 and row["bytes_received_per_round"] > 0
+    assert grpc["seconds_vs_grpc"] == 1.0
+    assert allgather["seconds_vs_grpc"] == allgather["seconds"] / grpc["seconds"]
+    # The ring receives as much as it sends; the star's worker receives the dense aggregate every round.
+    assert allgather["bytes_sent_per_round"] == allgather["bytes_received_per_round"]
+    assert grpc["bytes_received_per_round"] >= 4 * grpc["parameters"]
