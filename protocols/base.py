@@ -4,8 +4,9 @@ A protocol has two halves, both free of I/O, clocks and threads:
 
 - worker half: `make_update(local, replica, state)` (what to send after local training) and
   `apply(update, replica)` (the outer step every replica takes with the round's aggregate update);
-- aggregator half: `expect(replica)` (what a valid update looks like), `new_round` + `Accumulator.fold`
-  (updates folded as they arrive) and `close(acc, state)` (the round's aggregate update).
+- aggregator half: `uplink_codec` and the replica's shapes and dtypes (what a valid update looks like:
+  `protocols.check.expectation`), `new_round` + `Accumulator.fold` (checked updates folded as they
+  arrive) and `close(acc, state)` (the round's aggregate update).
 
 `protocols/round.py` runs the aggregator half for the coordinator, the all-gather ranks and the in-process
 transport alike, and puts the downlink (`protocols/downlink.py`) between `close` and `apply`.
