@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from protocols.refusals import Code, Rejected, is_stale
+from protocols.refusals import Code, Rejected, is_early, is_stale
 
-__all__ = ["Code", "Rejected", "is_stale"]
+__all__ = ["Code", "Rejected", "is_early", "is_stale"]

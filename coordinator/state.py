@@ -252,7 +252,12 @@ class CoordinatorState:
         if self.phase is not Phase.TRAINING or self._current is None or self.aggregator is None:
             raise Rejected(Code.FAILED_PRECONDITION, f"no round is open (phase {self.phase.value})")
         current = self._current
-        if round_ != current.number:
+        if round_ > current.number:
+            raise Rejected(
+                Code.FAILED_PRECONDITION,
+                f"early round: update is for round {round_}, the coordinator is still at round {current.number}",
+            )
+        if round_ < current.number:
             raise Rejected(
                 Code.FAILED_PRECONDITION,
                 f"stale round: update is for round {round_}, the coordinator is at round {current.number}",

@@ -183,6 +183,11 @@ class Protocol(ABC, Generic[WorkerState, AggregatorState]):
         """The round's aggregate update (what `apply` steps with) and the next aggregator state."""
 
     @property
+    def overlapped(self) -> bool:
+        """Whether the round loop overlaps each round's exchange with the next round's training (CO2)."""
+        return False
+
+    @property
     def relayable(self) -> bool:
         """Whether `close` depends on the folded updates alone, so replicas can refold relayed updates."""
         return False

@@ -24,9 +24,10 @@ from compression import registry
 from compression.error_feedback import ErrorFeedback
 from compression.payload import dense
 from protocols.base import Accumulator, CheckedUpdate, MeanAccumulator, Protocol, Update
+from protocols.co2_kernels import co2_outer_step
 from protocols.outer import nesterov_sgd
 from protocols.replica import Params, Replica
-from protocols.settings import CompressionConfig, DownlinkConfig, ProtocolSettings
+from protocols.settings import CompressionConfig, DownlinkConfig, OverlapConfig, ProtocolSettings
 
 # Config fields that are codec parameters (the rest describe error feedback).
 CODEC_FIELDS = ("density", "chunk", "rank", "seed", "value_dtype", "range_sigmas")
@@ -40,6 +41,7 @@ class AveragingSettings(ProtocolSettings):
     outer_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     compression: CompressionConfig = CompressionConfig()
     downlink: DownlinkConfig = DownlinkConfig()
+    overlap: OverlapConfig = OverlapConfig()
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,7 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
         outer_momentum: float,
         nesterov: bool,
         compression: Compression = NO_COMPRESSION,
+        overlap: OverlapConfig | None = None,
     ) -> None:
         name = type(self).__name__
         if outer_lr <= 0.0:
@@ -174,6 +177,7 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
         self.outer_momentum = outer_momentum
         self.nesterov = nesterov
         self.compression = compression
+        self.overlap = overlap or OverlapConfig()
 
     # ---- worker half -------------------------------------------------------------------------
     def init_worker_state(self, params: Params) -> ErrorFeedback | None:
@@ -197,12 +201,30 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
             )
         return Update(payloads={n: state.step(n, d) for n, d in deltas.items()}), state
 
+    @property
+    def overlapped(self) -> bool:
+        return self.overlap.enabled
+
     def apply(self, update: Params, replica: Replica) -> Replica:
-        """One outer (Nesterov) SGD step; tensors without an update keep their value and momentum."""
-        params, momentum = nesterov_sgd(
-            replica.params, update, replica.momentum, lr=self.outer_lr, momentum=self.outer_momentum,
-            nesterov=self.nesterov,
-        )
+        """One outer (Nesterov) SGD step; tensors without an update keep their value and momentum.
+
+        Overlapped (CO2): the update is one round stale, so the step is CO2's (protocols/co2_kernels.py),
+        heavy-ball with the staleness-gap penalty and clipped momentum. The point the stale average was
+        taken against is the replica one outer step ago, theta + lr * m (m: the momentum that step applied),
+        so the gap needs no extra state in the replica.
+        """
+        if self.overlap.enabled:
+            stale_points = {n: torch.add(p, replica.momentum[n], alpha=self.outer_lr) if n in replica.momentum
+                            else p for n, p in replica.params.items()}  # fmt: skip
+            params, momentum, _ = co2_outer_step(
+                replica.params, stale_points, update, replica.momentum, lr=self.outer_lr, beta=self.outer_momentum,
+                clip=self.overlap.clip, penalty=self.overlap.penalty,
+            )
+        else:
+            params, momentum = nesterov_sgd(
+                replica.params, update, replica.momentum, lr=self.outer_lr, momentum=self.outer_momentum,
+                nesterov=self.nesterov,
+            )
         return replace(replica, round=replica.round + 1, params=params, momentum=momentum,
                        outer_steps=replica.outer_steps + 1)
 

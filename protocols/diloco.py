@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 from protocols.compressed import AveragingProtocol, AveragingSettings, Compression
+from protocols.settings import OverlapConfig
 
 
 class DiLoCoConfig(AveragingSettings):
@@ -37,8 +38,9 @@ class DiLoCo(AveragingProtocol):
         outer_momentum: float = 0.9,
         nesterov: bool = True,
         compression: Compression | None = None,
+        overlap: OverlapConfig | None = None,
     ) -> None:
-        super().__init__(outer_lr, outer_momentum, nesterov, compression=compression or Compression())
+        super().__init__(outer_lr, outer_momentum, nesterov, compression=compression or Compression(), overlap=overlap)
 
     @classmethod
     def from_settings(cls, settings: DiLoCoConfig) -> DiLoCo:
@@ -48,4 +50,5 @@ class DiLoCo(AveragingProtocol):
             outer_momentum=settings.outer_momentum,
             nesterov=settings.nesterov,
             compression=Compression.from_config(settings.compression, "protocol.compression"),
+            overlap=settings.overlap,
         )

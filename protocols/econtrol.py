@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from protocols.compressed import AveragingProtocol, AveragingSettings, Compression
-from protocols.settings import Codec, CompressionConfig, FeedbackKind
+from protocols.settings import Codec, CompressionConfig, FeedbackKind, OverlapConfig
 
 
 class EControlCompression(CompressionConfig):
@@ -59,9 +59,13 @@ class EControl(AveragingProtocol):
     settings = EControlConfig
 
     def __init__(
-        self, outer_lr: float = 1.0, outer_momentum: float = 0.0, compression: Compression = PAPER_COMPRESSION
+        self,
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
+        compression: Compression = PAPER_COMPRESSION,
+        overlap: OverlapConfig | None = None,
     ) -> None:
-        super().__init__(outer_lr, outer_momentum, nesterov=False, compression=compression)
+        super().__init__(outer_lr, outer_momentum, nesterov=False, compression=compression, overlap=overlap)
 
     @classmethod
     def from_settings(cls, settings: EControlConfig) -> EControl:
@@ -69,4 +73,5 @@ class EControl(AveragingProtocol):
             outer_lr=settings.outer_lr,
             outer_momentum=settings.outer_momentum,
             compression=Compression.from_config(settings.compression, "protocol.compression"),
+            overlap=settings.overlap,
         )

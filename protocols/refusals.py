@@ -27,3 +27,8 @@ class Rejected(Exception):
 def is_stale(err: Rejected) -> bool:
     """The refusal of an update whose round already closed (the sender was too slow)."""
     return err.code is Code.FAILED_PRECONDITION and err.message.startswith("stale round")
+
+
+def is_early(err: Rejected) -> bool:
+    """The refusal of an update for a round that is not open yet (an overlapping sender ran ahead)."""
+    return err.code is Code.FAILED_PRECONDITION and err.message.startswith("early round")

@@ -115,6 +115,18 @@ class LinkConfig(_Strict):
     loss: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class OverlapConfig(_Strict):
+    """CO2 (Sun et al., arXiv:2401.16265): round t's exchange runs while round t+1 trains, and the outer step
+    at the end of round t+1 applies round t's average with the staleness-gap penalty and clipped momentum
+    (protocols/co2_kernels.py). `penalty` / `clip` off are the paper's ablations."""
+
+    enabled: bool = False
+    penalty: bool = True
+    # phi: every element of the outer momentum is clipped to [-phi, phi]; a loose guard by default (the
+    # pseudo-gradients of the shipped recipes stay well below it), None to switch clipping off.
+    clip: PositiveFloat | None = 1.0
+
+
 DownlinkCodec = Literal[Codec, "auto", "sparse"]
 
 

@@ -20,7 +20,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 from protocols.base import Accumulator, CheckedUpdate, View
 from protocols.compressed import AveragingProtocol, AveragingSettings, Compression
 from protocols.replica import Params
-from protocols.settings import Codec, CompressionConfig
+from protocols.settings import Codec, CompressionConfig, OverlapConfig
 
 
 class SparseLoCoCompression(CompressionConfig):
@@ -187,13 +187,14 @@ class SparseLoCo(AveragingProtocol):
         compression: Compression = PAPER_COMPRESSION,
         clip_to_median_norm: bool = False,
         average_over: str = "senders",
+        overlap: OverlapConfig | None = None,
     ) -> None:
         if compression.keeps_shift:
             raise ValueError(
                 "SparseLoCo averages each coordinate over its senders, which a receiver shift would break: "
                 f"error_feedback must be 'none' or 'ef14', got {compression.error_feedback!r}"
             )
-        super().__init__(outer_lr, outer_momentum, nesterov=False, compression=compression)
+        super().__init__(outer_lr, outer_momentum, nesterov=False, compression=compression, overlap=overlap)
         self.clip_to_median_norm = clip_to_median_norm
         if average_over not in ("senders", "workers"):
             raise ValueError(f"average_over must be 'senders' or 'workers', got {average_over!r}")
@@ -207,6 +208,7 @@ class SparseLoCo(AveragingProtocol):
             compression=Compression.from_config(settings.compression, "protocol.compression"),
             clip_to_median_norm=settings.clip_to_median_norm,
             average_over=settings.average_over,
+            overlap=settings.overlap,
         )
 
     def new_round(self) -> Accumulator:

@@ -32,6 +32,10 @@ class StaleRound(Exception):
     """The round this update was for has already closed (we were too slow); nothing was applied."""
 
 
+class EarlyRound(Exception):
+    """The round this update is for is not open yet (we ran ahead, overlapping); nothing was applied."""
+
+
 class CoordinatorClient:
     def __init__(
         self,
@@ -164,8 +168,11 @@ class CoordinatorClient:
         try:
             return self._push(m.PushKind.UPDATE, round_, update.payloads, update.weight, metrics)
         except grpc.RpcError as err:
-            if err.code() is grpc.StatusCode.FAILED_PRECONDITION and "stale round" in (err.details() or ""):
-                raise StaleRound(err.details()) from None
+            details = err.details() or ""
+            if err.code() is grpc.StatusCode.FAILED_PRECONDITION and details.startswith("stale round"):
+                raise StaleRound(details) from None
+            if err.code() is grpc.StatusCode.FAILED_PRECONDITION and details.startswith("early round"):
+                raise EarlyRound(details) from None
             raise
 
     def _push(self, kind: m.PushKind, round_: int, entries: dict[str, Any], weight: float,

@@ -21,7 +21,7 @@ from protocols.replica import Replica
 from worker.faults import Faults
 from worker.session import Session
 from worker.trainer import params_digest
-from worker.transports.base import Transport
+from worker.transports.base import Handle, RoundResult, RoundStatus, Transport
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
@@ -43,6 +43,8 @@ class WorkerResult:
     param_hash: str = ""  # params_digest of the final replica's parameters
     evals: list[dict[str, Any]] = field(default_factory=list)
     round_seconds: list[float] = field(default_factory=list)  # each round: train, exchange, apply, check
+    compute_seconds: list[float] = field(default_factory=list)  # each round: inner steps and make_update
+    blocked_seconds: list[float] = field(default_factory=list)  # each round: waiting for an aggregate
     wall_s: float = 0.0
 
 
@@ -88,17 +90,10 @@ class RoundLoop:
         replica = transport.start(session.params())
         result.worker_id = transport.worker_id
         state = protocol.init_worker_state(replica.params)
-        while True:
-            status = transport.status(replica.round - 1)
-            if status.finished:
-                break
-            if status.round != replica.round:
-                replica = self._resync(f"the run is at round {status.round}, the replica at {replica.round}")
-                continue
-            if status.state_hash and status.state_hash != self._digest(replica):
-                replica = self._resync(f"the replica at round {replica.round} differs from the aggregator's")
-                continue
-            replica, state = self._round(replica, state)
+        if protocol.overlapped:
+            replica, status = self._run_overlapped(replica, state)
+        else:
+            replica, status = self._run_synchronous(replica, state)
         if status.state_hash and self._digest(replica) != status.state_hash:
             replica = self._resync("the final replica differs from the aggregator's")
         session.trainer.load_params(replica.params)
@@ -110,10 +105,56 @@ class RoundLoop:
         result.param_hash = params_digest(replica.params)
         return result
 
-    def _round(self, replica: Replica, state: Any) -> tuple[Replica, Any]:
+    def _run_synchronous(self, replica: Replica, state: Any) -> tuple[Replica, RoundStatus]:
+        """Round r trains from the replica of round r and waits for round r's aggregate before round r+1."""
+        while True:
+            status = self.transport.status(replica.round - 1)
+            if status.finished:
+                return replica, status
+            if status.round != replica.round:
+                replica = self._resync(f"the run is at round {status.round}, the replica at {replica.round}")
+                continue
+            if status.state_hash and status.state_hash != self._digest(replica):
+                replica = self._resync(f"the replica at round {replica.round} differs from the aggregator's")
+                continue
+            began = time.perf_counter()
+            before = copy.deepcopy(state)  # a refused update leaves the error feedback as if it was never made
+            handle, state, compute_s = self._train(replica.round, replica, state)
+            waited = time.perf_counter()
+            outcome = handle.result()
+            if not outcome.accepted:
+                state = before
+            replica = self._absorb(replica.round, outcome, replica)
+            self._account(began, compute_s, time.perf_counter() - waited)
+
+    def _run_overlapped(self, replica: Replica, state: Any) -> tuple[Replica, RoundStatus]:
+        """CO2: round t's exchange runs while round t+1 trains. Round t trains from the replica that has every
+        aggregate up to round t-2 applied; at its end the replica applies round t-1's aggregate (the wait
+        for it is the only blocking). The first round after joining has no aggregate to apply, as in the
+        paper's first round. A refused (stale) update cannot be taken back from the error feedback here:
+        the next round's update was already made from it."""
+        status = self.transport.status(replica.round - 1)
+        if status.round != replica.round and not status.finished:
+            replica = self._resync(f"the run is at round {status.round}, the replica at {replica.round}")
+        round_ = status.round
+        pending: tuple[int, Handle[RoundResult]] | None = None
+        while round_ < self.session.cfg.rounds:
+            began = time.perf_counter()
+            handle, state, compute_s = self._train(round_, replica, state)
+            waited = time.perf_counter()
+            if pending is not None:
+                replica = self._absorb(pending[0], pending[1].result(), replica)
+            self._account(began, compute_s, time.perf_counter() - waited)
+            pending, round_ = (round_, handle), round_ + 1
+        if pending is not None:
+            replica = self._absorb(pending[0], pending[1].result(), replica)
+        return replica, self.transport.status(replica.round - 1)
+
+    def _train(self, round_: int, replica: Replica, state: Any) -> tuple[Handle[RoundResult], Any, float]:
+        """Round `round_`'s inner steps from `replica`; its update handed to the transport. (handle, the
+        worker's next state, seconds of compute)."""
         session, transport, result = self.session, self.transport, self.result
         began = time.perf_counter()
-        round_ = replica.round
         session.trainer.load_params(replica.params)
         metrics: dict[str, float] = {}
         if session.eval_batches and session.eval_due(round_):
@@ -125,28 +166,36 @@ class RoundLoop:
             self.faults.before_step(session.trainer.step_count)
             losses.append(session.trainer.step())
             transport.report(session.trainer.step_count, losses[-1], None)
-        before = copy.deepcopy(state)  # a refused update leaves the error feedback as if it was never made
         update, state = self.protocol.make_update(session.params(), replica.params, state)
+        compute_s = time.perf_counter() - began
         metrics.update(train_loss=sum(losses) / max(len(losses), 1), tokens=float(steps * session.tokens_per_step))
-        outcome = transport.exchange(round_, update, metrics).result()
-        if not outcome.accepted:
-            result.stale_updates += 1
-            state = before
-        if outcome.aggregate is None:
-            replica = self._resync(f"the aggregate of round {round_} is no longer available")
-        else:
-            replica = self.faults.after_apply(apply_aggregate(self.protocol, self.downlink, outcome.aggregate, replica))
-            if self._digest(replica) != outcome.state_hash:
-                replica = self._resync(f"the replica after round {round_} differs from the aggregator's")
-        result.state_hashes.append(self._digest(replica))
-        result.round_seconds.append(time.perf_counter() - began)
+        handle = transport.exchange(round_, update, metrics)
         result.rounds += 1
         result.steps += steps
         result.tokens += steps * session.tokens_per_step
         if self.progress is not None:
             self.progress({"worker": transport.worker_id, "round": round_, "step": session.trainer.step_count,
                            **metrics})
-        return replica, state
+        return handle, state, compute_s
+
+    def _absorb(self, round_: int, outcome: RoundResult, replica: Replica) -> Replica:
+        """The replica after round `round_`'s outcome: its aggregate applied and checked by digest."""
+        if not outcome.accepted:
+            self.result.stale_updates += 1
+        if outcome.aggregate is None:
+            replica = self._resync(f"the aggregate of round {round_} is no longer available")
+        else:
+            replica = self.faults.after_apply(apply_aggregate(self.protocol, self.downlink, outcome.aggregate, replica))
+            if self._digest(replica) != outcome.state_hash:
+                replica = self._resync(f"the replica after round {round_} differs from the aggregator's")
+        self.result.state_hashes.append(self._digest(replica))
+        return replica
+
+    def _account(self, began: float, compute_s: float, blocked_s: float) -> None:
+        """One round's times: wall, compute (inner steps and the update), blocked on the exchange."""
+        self.result.round_seconds.append(time.perf_counter() - began)
+        self.result.compute_seconds.append(compute_s)
+        self.result.blocked_seconds.append(blocked_s)
 
     def finish(self) -> WorkerResult:
         """Fill in the byte counters and wall time (call once the transport is closed)."""

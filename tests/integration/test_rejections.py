@@ -122,8 +122,8 @@ CASES: list[tuple[str, Callable[[dict[str, Payload]], dict[str, Payload]], dict[
     ("extra tensor", lambda e: {**e, "bogus": CODEC.compress(torch.ones(2))}, {}, INVALID,
      "unknown tensor name(s) ['bogus']"),
     ("zero weight", lambda e: e, {"weight": 0.0}, INVALID, "PushHeader.weight must be finite and positive"),
-    ("stale round", lambda e: e, {"round_": 7}, PRECONDITION,
-     "stale round: update is for round 7, the coordinator is at round 0"),
+    ("early round", lambda e: e, {"round_": 7}, PRECONDITION,
+     "early round: update is for round 7, the coordinator is still at round 0"),
     ("unknown worker", lambda e: e, {"worker_id": "ghost"}, grpc.StatusCode.NOT_FOUND, "unknown worker id 'ghost'"),
     ("bad token", lambda e: e, {"token": "guess"}, grpc.StatusCode.UNAUTHENTICATED, "bad token"),
     ("wrong run id", lambda e: e, {"run_id": "other-run"}, PRECONDITION, "wrong run id 'other-run'"),
@@ -172,7 +172,7 @@ def test_second_update_for_the_same_round_is_refused(coordinator) -> None:  # ty
 
 
 @pytest.mark.parametrize(("fields", "code"), [({"token": "guess"}, grpc.StatusCode.UNAUTHENTICATED),
-                                              ({"round_": 7}, PRECONDITION)], ids=["bad token", "stale round"])
+                                              ({"round_": 7}, PRECONDITION)], ids=["bad token", "early round"])
 def test_a_refusable_header_is_refused_before_the_payload_arrives(coordinator, fields, code) -> None:  # type: ignore[no-untyped-def]
     """DESIGN.md: inconsistent pushes are "checked from the first message before payload is buffered".
     The stream sends its header, then holds its chunks back until the call has returned: a coordinator

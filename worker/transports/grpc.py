@@ -17,7 +17,7 @@ import grpc
 from protocols.base import Update
 from protocols.replica import Params, Replica
 from protocols.wire.messages import JoinReply, Phase
-from worker.client import CoordinatorClient, StaleRound
+from worker.client import CoordinatorClient, EarlyRound, StaleRound
 from worker.transports.base import Handle, RoundResult, RoundStatus, Transport
 
 
@@ -78,10 +78,15 @@ class GrpcTransport(Transport):
 
     def _exchange(self, round_: int, update: Update, metrics: dict[str, float]) -> RoundResult:
         accepted = True
-        try:
-            self.client.push(round_, update, metrics)
-        except StaleRound:
-            accepted = False  # the round closed without us (we were a straggler)
+        while True:
+            try:
+                self.client.push(round_, update, metrics)
+            except StaleRound:
+                accepted = False  # the round closed without us (we were a straggler)
+            except EarlyRound:
+                self.status(round_ - 1)  # overlapping: the previous round has not closed yet
+                continue
+            break
         self.status(round_)
         try:
             header, aggregate = self.client.pull_aggregate(round_, update if accepted else None)

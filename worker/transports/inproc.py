@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from compression.payload import Payload, dense
 from protocols.base import Aggregate, Update
 from protocols.config import PROTOCOL_VERSION
-from protocols.refusals import Rejected, is_stale
+from protocols.refusals import Rejected, is_early, is_stale
 from protocols.replica import Params, Replica
 from worker.transports.base import Handle, RoundResult, RoundStatus, Transport
 
@@ -76,13 +76,18 @@ class InprocTransport(Transport):
 
     def _exchange(self, round_: int, update: Update, metrics: dict[str, float]) -> RoundResult:
         accepted = True
+        while True:
+            try:
+                self.state.submit(self.worker_id, self.token, round_, update, metrics, update.nbytes())
+            except Rejected as err:
+                if is_early(err):  # overlapping: the previous round has not closed yet
+                    self.status(round_ - 1)
+                    continue
+                if not is_stale(err):
+                    raise
+                accepted = False
+            break
         self._sent += update.nbytes()
-        try:
-            self.state.submit(self.worker_id, self.token, round_, update, metrics, update.nbytes())
-        except Rejected as err:
-            if not is_stale(err):
-                raise
-            accepted = False
         self.status(round_)
         try:
             aggregate, state_hash, _ = self.state.aggregate_for(self.worker_id, self.token, round_)

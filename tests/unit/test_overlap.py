@@ -1,0 +1,88 @@
+"""CO2 overlap through the round loop, in process: every replica stays the coordinator's, bit for bit, while
+each round's exchange runs under the next round's training; the coordinator holds an early update back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from compression.payload import dense
+from coordinator.state import CoordinatorState
+from deploy.inproc import run_inproc
+from protocols.base import Update
+from protocols.config import PROTOCOL_VERSION
+from protocols.refusals import Rejected, is_early, is_stale
+from protocols.registry import build_protocol
+from tests.conftest import tiny_config
+from worker.loop import WorkerResult
+
+ROUNDS = 5
+CASES: dict[str, dict[str, Any]] = {
+    "diloco": {"kind": "diloco", "inner_steps": 2, "outer_lr": 1.0, "outer_momentum": 0.5},
+    "sparseloco": {"kind": "sparseloco", "inner_steps": 2, "compression": {"chunk": 256, "density": 0.0625}},
+    "econtrol": {"kind": "econtrol", "inner_steps": 2, "compression": {"chunk": 256}},
+}
+
+
+def _config(case: str, overlap: bool) -> Any:
+    return tiny_config(
+        protocol={**CASES[case], "overlap": {"enabled": overlap}},
+        train={"steps": 2 * ROUNDS, "lr": 1e-2, "warmup_steps": 1, "eval_batches": 2, "eval_every_steps": 2},
+        cluster={"workers": 2, "fold_order": "worker"},
+    )
+
+
+def _run(case: str, overlap: bool) -> tuple[dict[str, Any], list[WorkerResult]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_inproc(_config(case, overlap))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_overlapped_replicas_are_the_coordinators_and_the_loss_falls(case: str) -> None:
+    summary, results = _run(case, overlap=True)
+    assert build_protocol(_config(case, True)).overlapped
+    assert summary["rounds"] == ROUNDS
+    for r in results:
+        assert r.rounds == ROUNDS and len(r.state_hashes) == ROUNDS
+        assert (r.resyncs, r.stale_updates) == (0, 0)
+        assert r.state_hashes[-1] == summary["state_hash"]
+        assert r.state_hashes == results[0].state_hashes
+        assert len(r.compute_seconds) == len(r.blocked_seconds) == ROUNDS
+    evals = [point["eval_loss"] for point in results[0].evals]
+    # Round 1 trains from the initial model again: no aggregate has come back yet (the paper's first round).
+    assert evals[1] == evals[0]
+    assert evals[-1] < evals[0] - 0.1
+
+
+def test_overlap_changes_the_trajectory_but_not_the_bytes_per_round() -> None:
+    (sync, sync_results), (co2, co2_results) = _run("diloco", overlap=False), _run("diloco", overlap=True)
+    assert sync["state_hash"] != co2["state_hash"]  # a one-round-stale outer step is another algorithm
+    for a, b in zip(sync_results, co2_results, strict=True):
+        assert a.rounds == b.rounds
+        # The same updates and aggregates cross the wire, only at other times.
+        assert abs(a.bytes_received - b.bytes_received) <= 0.01 * a.bytes_received
+
+
+def test_an_update_for_a_round_not_yet_open_is_refused_as_early_and_one_for_a_closed_round_as_stale() -> None:
+    cfg = _config("diloco", overlap=True)
+    state = CoordinatorState(cfg, build_protocol(cfg))
+    for name in ("w0", "w1"):
+        state.join("test", "", PROTOCOL_VERSION, name)
+    params = {"w": torch.zeros(3)}
+    state.offer_initial_state("w0", "", {"w": dense(params["w"])})
+    update = Update({"w": dense(torch.full((3,), 0.1))})
+    state.submit("w0", "", 0, update, {}, 0)
+    with pytest.raises(Rejected) as refused:
+        state.submit("w0", "", 1, update, {}, 0)  # ran ahead: round 0 waits for w1
+    assert is_early(refused.value) and "still at round 0" in refused.value.message
+    state.submit("w1", "", 0, update, {}, 0)
+    assert state.submit("w0", "", 1, update, {}, 0) == 1  # round 1 is open now
+    with pytest.raises(Rejected) as late:
+        state.submit("w1", "", 0, update, {}, 0)  # round 0 has closed: too late, not early
+    assert is_stale(late.value) and not is_early(late.value)
