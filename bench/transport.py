@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=30,
                         help="timed rounds of DiLoCo over grpc and over allgather (0 skips them)")
     parser.add_argument("--round-model", default="256x4", help="the GPT of the rounds rows: n_embd x n_layer")
+    parser.add_argument("--rounds-only", action="store_true",
+                        help="run only the rounds rows; write bench/results/transport_rounds.json")
     parser.add_argument(
         "--allocators",
         type=parse_allocators,
@@ -322,6 +324,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--round-model must be N_EMBDxN_LAYER like 256x4, got {args.round_model!r}")
     load_before = os.getloadavg()[0]  # other jobs on the machine disturb the timings: say how busy it was
     rows = bench_rounds(args.rounds, args.warmup, n_embd, n_layer) if args.rounds > 0 else []
+    if args.rounds_only:
+        if not rows:
+            parser.error("--rounds-only needs --rounds > 0")
+        columns = ["contender", "parameters", "megabytes", "seconds", "seconds_min", "seconds_max", "seconds_vs_grpc",
+                   "bytes_sent_per_round", "bytes_received_per_round"]
+        write_result("transport_rounds", command_line("bench.transport"), rows, columns, warmup=args.warmup,
+                     load_average_1min=[load_before, os.getloadavg()[0]])
+        return
     for allocator in args.allocators:
         for mb in args.sizes:
             rows += bench_grpc(mb, args.warmup, args.repeat, int(args.chunk_mb * MIB), allocator)
