@@ -64,7 +64,7 @@ from protocols.config import RunConfig, parse_config
 from worker.client import CoordinatorClient
 
 COLUMNS = ["contender", "megabytes", "gb_per_s", "seconds", "seconds_min", "seconds_max", "seconds_with_outer_step",
-           "seconds_vs_grpc", "bytes_sent_per_round", "bytes_received_per_round"]
+           "seconds_vs_grpc", "bytes_sent_per_round", "bytes_received_per_round", "bytes_total_per_round"]
 MIB = 1 << 20
 TENSORS_PER_STATE = 4  # a model-like state: a few large tensors rather than one flat buffer
 KINDS = ("grpc-push", "grpc-pull", "gloo-allreduce")  # row order of the table
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         if not rows:
             parser.error("--rounds-only needs --rounds > 0")
         columns = ["contender", "parameters", "megabytes", "seconds", "seconds_min", "seconds_max", "seconds_vs_grpc",
-                   "bytes_sent_per_round", "bytes_received_per_round"]
+                   "bytes_sent_per_round", "bytes_received_per_round", "bytes_total_per_round"]
         write_result("transport_rounds", command_line("bench.transport"), rows, columns, warmup=args.warmup,
                      load_average_1min=[load_before, os.getloadavg()[0]])
         return

@@ -4,7 +4,8 @@ Two workers run dense DiLoCo with one inner step per round on a GPT of a fixed s
 round loop (`worker/loop.py`), once over each transport: the gRPC star (a coordinator process and two
 `run_grpc_worker` processes on loopback) and all-gather (two gloo ranks). A row reports the median seconds
 per round (train step, exchange, apply, digest check) after `warmup` rounds, the slower worker's, and the
-bytes each worker moved per round both ways. `seconds_vs_grpc` is the ratio to the gRPC row.
+bytes a worker sent, received and both per round (averaged over the workers and over every round run).
+`seconds_vs_grpc` is the ratio to the gRPC row.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def _row(transport: str, cfg: RunConfig, per_worker: list[tuple[list[float], int
         "seconds_max": max(slower),
         "bytes_sent_per_round": sum(sent for _, sent, _ in per_worker) / len(per_worker) / rounds,
         "bytes_received_per_round": sum(received for _, _, received in per_worker) / len(per_worker) / rounds,
+        "bytes_total_per_round": sum(sent + received for _, sent, received in per_worker) / len(per_worker) / rounds,
     }
 
 
