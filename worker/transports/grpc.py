@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 
-from protocols.base import Update
+from protocols.base import Aggregate, Update
 from protocols.replica import Params, Replica
-from protocols.wire.messages import JoinReply, Phase
+from protocols.wire.messages import JoinReply
 from worker.client import CoordinatorClient, EarlyRound, StaleRound
-from worker.transports.base import Handle, RoundResult, RoundStatus, Transport
+from worker.transports.star import PushOutcome, StarTransport
 
 
 class _Heartbeat(threading.Thread):
@@ -35,13 +34,13 @@ class _Heartbeat(threading.Thread):
                 self.client.heartbeat(self.step, self.loss, None)
 
 
-class GrpcTransport(Transport):
+class GrpcTransport(StarTransport):
     """One worker's side of the star, after `client.join` (whose reply says whether to offer the state)."""
 
     def __init__(self, client: CoordinatorClient, joined: JoinReply) -> None:
+        super().__init__("lowband-exchange")
         self.client, self.joined = client, joined
         self.worker_id = joined.worker_id
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lowband-exchange")
         # Beat from now on: building the corpus and model can take longer than the heartbeat timeout.
         self._beat = _Heartbeat(client, joined.heartbeat_interval_s)
         self._beat.start()
@@ -54,50 +53,35 @@ class GrpcTransport(Transport):
     def bytes_received(self) -> int:
         return self.client.bytes_received
 
-    def start(self, params: Params) -> Replica:
-        """The offering worker's own parameters are the replica; another worker seeded the same model, so
-        when the coordinator's digest matches its own fresh replica it pulls nothing."""
+    def _offer(self, params: Params) -> Replica | None:
         if not self.joined.has_global_state and self.client.offer_state(params):
             return Replica(self.joined.round, params)
-        status = self.status(-1)  # the state exists once the first round opens
-        local = Replica(status.round, params)
-        if not status.finished and local.digest() == status.state_hash:
-            return local
-        return self.client.pull()
+        return None
 
-    def status(self, after_round: int) -> RoundStatus:
-        while True:
-            info = self.client.wait_round(after_round)
-            if info.phase is Phase.FINISHED:
-                return RoundStatus(info.round, True, info.state_hash)
-            if info.phase is Phase.TRAINING and info.round > after_round:
-                return RoundStatus(info.round, False, info.state_hash)
+    def _wait(self, after_round: int) -> tuple[int, str, str]:
+        info = self.client.wait_round(after_round)
+        return info.round, info.phase.value, info.state_hash
 
-    def exchange(self, round_: int, update: Update, metrics: dict[str, float]) -> Handle[RoundResult]:
-        return Handle(self._pool.submit(self._exchange, round_, update, metrics))
-
-    def _exchange(self, round_: int, update: Update, metrics: dict[str, float]) -> RoundResult:
-        accepted = True
-        while True:
-            try:
-                self.client.push(round_, update, metrics)
-            except StaleRound:
-                accepted = False  # the round closed without us (we were a straggler)
-            except EarlyRound:
-                self.status(round_ - 1)  # overlapping: the previous round has not closed yet
-                continue
-            break
-        self.status(round_)
+    def _push(self, round_: int, update: Update, metrics: dict[str, float]) -> PushOutcome:
         try:
-            header, aggregate = self.client.pull_aggregate(round_, update if accepted else None)
+            self.client.push(round_, update, metrics)
+        except StaleRound:
+            return "stale"
+        except EarlyRound:
+            return "early"
+        return "accepted"
+
+    def _aggregate(self, round_: int, own: Update | None) -> tuple[Aggregate, str] | None:
+        try:
+            header, aggregate = self.client.pull_aggregate(round_, own)
         except grpc.RpcError as err:
             if err.code() is grpc.StatusCode.FAILED_PRECONDITION:
-                return RoundResult(accepted, None, "")
+                return None
             raise
-        return RoundResult(accepted, aggregate, header.state_hash)
+        return aggregate, header.state_hash
 
-    def resync(self) -> Replica:
-        return self.client.pull(resync=True)
+    def _pull(self, resync: bool) -> Replica:
+        return self.client.pull(resync=resync)
 
     def report(self, step: int, loss: float | None, eval_loss: float | None) -> None:
         self._beat.step, self._beat.loss = step, loss if loss is not None else self._beat.loss
@@ -106,7 +90,7 @@ class GrpcTransport(Transport):
 
     def close(self) -> None:
         self._beat.stop.set()
-        self._pool.shutdown(wait=True)
+        super().close()
         with contextlib.suppress(Exception):  # leaving is best effort: the coordinator times a silent worker out
             self.client.leave()
 
