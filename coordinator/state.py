@@ -15,6 +15,7 @@ Anything refused raises `Rejected` and leaves the state exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 import uuid
@@ -77,6 +78,25 @@ class RoundRecord:
     resyncs: int  # whole-replica pulls after the first, all workers, so far
     seconds: float
     closed_by: str  # "all" | "deadline"
+    # The round's span on the workers that reported it (SPAN_METRICS), means over them; None if none did.
+    wall_s: float | None = None
+    compute_s: float | None = None
+    blocked_s: float | None = None
+    comm_s: float | None = None
+    compute_utilization: float | None = None
+    utilization_per_worker: dict[str, float] = field(default_factory=dict)
+
+
+# A worker's span of the round (worker/loop.py `RoundLoop._span`), in seconds, and compute / wall.
+SPAN_METRICS = ("wall_s", "compute_s", "blocked_s", "comm_s", "utilization")
+
+
+def _check_metrics(worker_id: str, metrics: dict[str, float]) -> None:
+    """Refuse the whole update when a reported metric is not a finite number (times: not negative)."""
+    for key, value in metrics.items():
+        if not math.isfinite(value) or (key in SPAN_METRICS and value < 0):
+            raise Rejected(Code.INVALID_ARGUMENT, f"worker {worker_id} reported metric {key!r} = {value}: "
+                                                  f"metrics must be finite{' and >= 0' if key in SPAN_METRICS else ''}")
 
 
 @dataclass
@@ -273,6 +293,7 @@ class CoordinatorState:
         with self._cond:
             member, current = self._open_round_for(worker_id, token, round_)
             assert self.aggregator is not None  # _open_round_for checked it
+            _check_metrics(worker_id, metrics)
             try:
                 self.aggregator.submit(worker_id, update, member.index)
             except UpdateRejected as err:
@@ -411,4 +432,11 @@ class CoordinatorState:
             resyncs=sum(m.resyncs for m in self.members.values()),
             seconds=self.clock() - current.started,
             closed_by=closed_by,
+            wall_s=mean("wall_s"),
+            compute_s=mean("compute_s"),
+            blocked_s=mean("blocked_s"),
+            comm_s=mean("comm_s"),
+            compute_utilization=mean("utilization"),
+            utilization_per_worker={w: m["utilization"] for w, m in sorted(current.reported.items())
+                                    if "utilization" in m},
         )

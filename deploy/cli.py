@@ -74,7 +74,7 @@ def _read_tls(cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
 
 def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
     from coordinator.server import CoordinatorServer
-    from deploy.report import plot_loss, print_final
+    from deploy.report import plot_loss, plot_utilization, print_final
 
     cfg = _load(args)
     if args.token:
@@ -96,6 +96,7 @@ def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
     if server.run_dir is not None:
         server.run_dir.write_summary(summary)
         plot_loss(run_dir, summary)
+        plot_utilization(run_dir)
     print_final([summary], console)
     return 0
 

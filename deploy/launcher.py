@@ -23,7 +23,7 @@ from rich.table import Table
 from coordinator.rundir import RunDir
 from deploy.actors import AllGatherActor, CoordinatorActor, DDPActor, InprocActor, WorkerActor
 from deploy.memory import ALLOCATOR_ENV
-from deploy.report import human_bytes, plot_loss
+from deploy.report import human_bytes, plot_loss, plot_utilization, span_rows
 from protocols.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -137,14 +137,18 @@ def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: lis
     return merge_worker_results(summary, results, started)
 
 
-def _log_evals(run_dir: Path, cfg: RunConfig, evals: list[dict[str, Any]]) -> None:
-    """Eval points of a run without a coordinator (DDP, all-gather) into metrics.jsonl."""
+def _log_evals(run_dir: Path, cfg: RunConfig, evals: list[dict[str, Any]],
+               ranks: list[dict[str, Any]] | None = None) -> None:
+    """Eval points of a run without a coordinator (DDP, all-gather) into metrics.jsonl; with `ranks` (the
+    all-gather ranks' results) also one "timing" row a round: the spans a coordinator would have logged."""
     rundir = RunDir(run_dir, cfg)
     for point in evals:
         # DDP's points carry only bytes_sent: a ring all-reduce receives as much as it sends.
         total = point["bytes_sent"] + point.get("bytes_received", point["bytes_sent"])
         rundir.log("eval", step=point["step"], tokens=point["tokens_total"], eval_loss=point["eval_loss"],
                    train_loss=point.get("train_loss"), bytes_total_per_worker=total)
+    for row in span_rows(ranks or []):
+        rundir.log("timing", **row)
 
 
 def run_allgather(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
@@ -162,7 +166,7 @@ def run_allgather(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, 
                            for r, a in enumerate(actors)])
     for actor in actors:
         ray.kill(actor)
-    _log_evals(run_dir, cfg, results[0]["evals"])
+    _log_evals(run_dir, cfg, results[0]["evals"], results)
     summary = {"name": cfg.name, "protocol": cfg.protocol.kind, "transport": "allgather", "rounds": cfg.rounds,
                "state_hash": results[0]["state_hashes"][-1] if results[0]["state_hashes"] else ""}
     return merge_worker_results(summary, results, started)
@@ -229,4 +233,5 @@ def run(cfg: RunConfig, address: str | None = None, console: Console | None = No
     summary["run_dir"] = str(run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot_loss(run_dir, summary)
+    plot_utilization(run_dir)
     return summary

@@ -61,6 +61,68 @@ def plot_loss(run_dir: Path, summary: dict[str, Any]) -> Path:
     return path
 
 
+def span_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row a round from the workers' own spans (`WorkerResult.spans`), shaped like a coordinator's
+    round record: means over the workers, and each worker's utilization."""
+    by_round: dict[int, dict[str, dict[str, float]]] = {}
+    for i, result in enumerate(results):
+        for span in result.get("spans", []):
+            by_round.setdefault(int(span["round"]), {})[str(result.get("worker_id") or f"rank{i}")] = span
+    rows = []
+    for round_, spans in sorted(by_round.items()):
+        def mean(key: str, spans: dict[str, dict[str, float]] = spans) -> float:
+            return sum(s[key] for s in spans.values()) / len(spans)
+
+        rows.append({"round": round_, "wall_s": mean("wall_s"), "compute_s": mean("compute_s"),
+                     "blocked_s": mean("blocked_s"), "comm_s": mean("comm_s"),
+                     "compute_utilization": mean("utilization"),
+                     "utilization_per_worker": {w: s["utilization"] for w, s in sorted(spans.items())}})
+    return rows
+
+
+def utilization_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The rounds of metrics.jsonl that carry span times: coordinator "round" rows, or all-gather "timing"."""
+    return [r for r in read_metrics(run_dir)
+            if r.get("event") in ("round", "timing") and r.get("compute_utilization") is not None]
+
+
+def plot_utilization(run_dir: Path) -> Path | None:
+    """utilization.png: each worker's compute utilization (compute / wall) by round, and the mean seconds of
+    a round split into compute, blocked on the exchange, and the rest. None when no round has span times
+    (DDP, or a run whose workers reported none)."""
+    rows = utilization_rows(run_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    workers = sorted({w for r in rows for w in r.get("utilization_per_worker", {})})
+    for w in workers:
+        points = [(r["round"], r["utilization_per_worker"][w]) for r in rows
+                  if w in r.get("utilization_per_worker", {})]
+        left.plot(*zip(*points, strict=True), marker=".", label=w, alpha=0.7)
+    left.plot(rounds, [r["compute_utilization"] for r in rows], color="black", linewidth=2, label="mean")
+    left.set(xlabel="round", ylabel="compute / wall", ylim=(0, 1.05), title="compute utilization per round")
+    left.legend(fontsize="small")
+    compute = [r["compute_s"] for r in rows]
+    blocked = [r["blocked_s"] for r in rows]
+    rest = [max(r["wall_s"] - r["compute_s"] - r["blocked_s"], 0.0) for r in rows]
+    right.bar(rounds, compute, label="compute")
+    right.bar(rounds, blocked, bottom=compute, label="blocked on the exchange")
+    right.bar(rounds, rest, bottom=[c + b for c, b in zip(compute, blocked, strict=True)], label="other")
+    right.set(xlabel="round", ylabel="seconds (mean over workers)", title="where a round's time went")
+    right.legend(fontsize="small")
+    fig.tight_layout()
+    path = run_dir / "utilization.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000:

@@ -188,6 +188,15 @@ class Protocol(ABC, Generic[WorkerState, AggregatorState]):
         return False
 
     @property
+    def eager(self) -> bool:
+        """Whether an overlapped worker starts its inner steps from `eager_start` (Kale et al.'s eager)."""
+        return False
+
+    def eager_start(self, params: Params, fresh: Update, stale: Update | None, workers: int) -> Params:
+        """Where a worker starts its next inner steps given its last two updates (eager protocols only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no eager variant")
+
+    @property
     def relayable(self) -> bool:
         """Whether `close` depends on the folded updates alone, so replicas can refold relayed updates."""
         return False

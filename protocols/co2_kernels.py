@@ -21,7 +21,11 @@ momentum the step applies (the authors' clamp discarded its result, so it never 
 Eager (Kale et al., "Eager Updates For Overlapped Communication and Computation in DiLoCo",
 arXiv:2502.12996): worker i replaces its own stale contribution by its fresh one,
 avg_i = stale_avg + (fresh_i - stale_i) / n, so with no staleness (fresh_i == stale_i) it is the
-synchronous average.
+synchronous average. Every replica here applies the same (stale) average, so replicas stay identical
+and digest-checked; the eager part is how a worker *starts* its next inner steps: from the replica moved
+by the outer step's share of the difference, theta - alpha * (fresh_i - stale_i) / n (`eager_start`),
+the first-order difference between the eager and the stale outer step. The paper instead lets each
+worker's outer state drift apart; ours keeps one shared replica and puts the eager term where it acts.
 """
 
 from __future__ import annotations
@@ -94,3 +98,21 @@ def eager_average(stale_avg: Params, own_stale: Params, own_fresh: Params, worke
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     return {n: stale_avg[n] + (own_fresh[n] - own_stale[n]) / workers for n in stale_avg}
+
+
+def eager_start(params: Params, own_fresh: Params, own_stale: Params, workers: int, lr: float) -> Params:
+    """Where worker i starts its next inner steps under eager: params - lr * (fresh_i - stale_i) / n.
+
+    params:    name -> theta [shape], the shared replica (the stale average applied).
+    own_fresh: name -> worker i's newest pseudo-gradient [shape]; own_stale: the one the replica's last
+               step averaged (missing names count as zero, e.g. before the worker's first update).
+    """
+    if workers < 1 or lr <= 0:
+        raise ValueError(f"eager_start needs workers >= 1 and lr > 0, got workers={workers}, lr={lr}")
+    out = dict(params)
+    for name, fresh in own_fresh.items():
+        stale = own_stale.get(name)
+        shift = fresh if stale is None else fresh - stale
+        work = torch.promote_types(params[name].dtype, torch.float32)
+        out[name] = torch.add(params[name].to(work), shift.to(work), alpha=-lr / workers).to(params[name].dtype)
+    return out

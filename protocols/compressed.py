@@ -24,7 +24,7 @@ from compression import registry
 from compression.error_feedback import ErrorFeedback
 from compression.payload import dense
 from protocols.base import Accumulator, CheckedUpdate, MeanAccumulator, Protocol, Update
-from protocols.co2_kernels import co2_outer_step
+from protocols.co2_kernels import co2_outer_step, eager_start
 from protocols.outer import nesterov_sgd
 from protocols.replica import Params, Replica
 from protocols.settings import CompressionConfig, DownlinkConfig, OverlapConfig, ProtocolSettings
@@ -178,6 +178,11 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
         self.nesterov = nesterov
         self.compression = compression
         self.overlap = overlap or OverlapConfig()
+        if self.overlap.eager and not self.overlap.enabled:
+            raise ValueError(f"{name} overlap.eager needs overlap.enabled: eager is a variant of the overlapped step")
+        if self.overlap.eager and compression.keeps_shift:
+            raise ValueError(f"{name} overlap.eager needs an aggregate that averages the sent messages; with "
+                             f"compression.shift the aggregate averages every worker's shift instead")
 
     # ---- worker half -------------------------------------------------------------------------
     def init_worker_state(self, params: Params) -> ErrorFeedback | None:
@@ -204,6 +209,18 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
     @property
     def overlapped(self) -> bool:
         return self.overlap.enabled
+
+    @property
+    def eager(self) -> bool:
+        return self.overlap.eager
+
+    def eager_start(self, params: Params, fresh: Update, stale: Update | None, workers: int) -> Params:
+        """Eager's starting point for a worker's next inner steps (protocols/co2_kernels.py `eager_start`),
+        from the updates it sent: what the aggregate averaged of it, decoded."""
+        def decoded(update: Update | None) -> Params:
+            return {} if update is None else {n: registry.decode(p) for n, p in update.payloads.items()}
+
+        return eager_start(params, decoded(fresh), decoded(stale), workers, self.outer_lr)
 
     def apply(self, update: Params, replica: Replica) -> Replica:
         """One outer (Nesterov) SGD step; tensors without an update keep their value and momentum.

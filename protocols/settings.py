@@ -125,6 +125,9 @@ class OverlapConfig(_Strict):
     # phi: every element of the outer momentum is clipped to [-phi, phi]; a loose guard by default (the
     # pseudo-gradients of the shipped recipes stay well below it), None to switch clipping off.
     clip: PositiveFloat | None = 1.0
+    # Eager (Kale et al., arXiv:2502.12996): each worker starts its next inner steps from the replica nudged
+    # by its own fresh pseudo-gradient in place of its stale share (protocols/co2_kernels.py says how and why).
+    eager: bool = False
 
 
 DownlinkCodec = Literal[Codec, "auto", "sparse"]

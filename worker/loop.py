@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocols.base import Protocol
+from protocols.base import Protocol, Update
 from protocols.downlink import Downlink, apply_aggregate
-from protocols.replica import Replica
+from protocols.replica import Params, Replica
 from worker.faults import Faults
 from worker.session import Session
 from worker.trainer import params_digest
@@ -45,6 +45,10 @@ class WorkerResult:
     round_seconds: list[float] = field(default_factory=list)  # each round: train, exchange, apply, check
     compute_seconds: list[float] = field(default_factory=list)  # each round: inner steps and make_update
     blocked_seconds: list[float] = field(default_factory=list)  # each round: waiting for an aggregate
+    # One row a round, from one hand-off of an update to the next (see `RoundLoop._span`): wall_s,
+    # compute_s, blocked_s, comm_s, utilization. The same rows go to the aggregator with the update.
+    spans: list[dict[str, float]] = field(default_factory=list)
+    train_s: float = 0.0  # from the first round's start to the last aggregate applied (evaluation excluded)
     wall_s: float = 0.0
 
 
@@ -65,6 +69,8 @@ class RoundLoop:
         self.result = WorkerResult(worker_id=transport.worker_id)
         self._digested: Replica | None = None
         self._last_digest = ""
+        self._span_began = time.perf_counter()
+        self._span_blocked = self._span_comm = 0.0
 
     def _digest(self, replica: Replica) -> str:
         """The replica's digest, hashed once per replica object (a round compares it up to three times)."""
@@ -90,10 +96,12 @@ class RoundLoop:
         replica = transport.start(session.params())
         result.worker_id = transport.worker_id
         state = protocol.init_worker_state(replica.params)
+        self._span_began = began = time.perf_counter()
         if protocol.overlapped:
             replica, status = self._run_overlapped(replica, state)
         else:
             replica, status = self._run_synchronous(replica, state)
+        result.train_s = time.perf_counter() - began
         if status.state_hash and self._digest(replica) != status.state_hash:
             replica = self._resync("the final replica differs from the aggregator's")
         session.trainer.load_params(replica.params)
@@ -119,9 +127,9 @@ class RoundLoop:
                 continue
             began = time.perf_counter()
             before = copy.deepcopy(state)  # a refused update leaves the error feedback as if it was never made
-            handle, state, compute_s = self._train(replica.round, replica, state)
+            handle, state, compute_s, _ = self._train(replica.round, replica, replica.params, state)
             waited = time.perf_counter()
-            outcome = handle.result()
+            outcome = self._await(handle)
             if not outcome.accepted:
                 state = before
             replica = self._absorb(replica.round, outcome, replica)
@@ -132,43 +140,81 @@ class RoundLoop:
         aggregate up to round t-2 applied; at its end the replica applies round t-1's aggregate (the wait
         for it is the only blocking). The first round after joining has no aggregate to apply, as in the
         paper's first round. A refused (stale) update cannot be taken back from the error feedback here:
-        the next round's update was already made from it."""
+        the next round's update was already made from it.
+
+        Eager (`overlap.eager`): round t+1 starts from the replica nudged by this worker's own round-t
+        update in place of its stale share (`AveragingProtocol.eager_start`); the replica itself, and so
+        its digest, stays the one every worker and the aggregator share."""
         status = self.transport.status(replica.round - 1)
         if status.round != replica.round and not status.finished:
             replica = self._resync(f"the run is at round {status.round}, the replica at {replica.round}")
         round_ = status.round
         pending: tuple[int, Handle[RoundResult]] | None = None
+        fresh: Update | None = None  # this worker's update of the round before, and the one before that
+        stale: Update | None = None
         while round_ < self.session.cfg.rounds:
             began = time.perf_counter()
-            handle, state, compute_s = self._train(round_, replica, state)
+            start = replica.params
+            if self.protocol.eager and fresh is not None:
+                start = self.protocol.eager_start(replica.params, fresh, stale, self.session.workers)
+            handle, state, compute_s, update = self._train(round_, replica, start, state)
+            stale, fresh = fresh, update
             waited = time.perf_counter()
             if pending is not None:
-                replica = self._absorb(pending[0], pending[1].result(), replica)
+                replica = self._absorb(pending[0], self._await(pending[1]), replica)
             self._account(began, compute_s, time.perf_counter() - waited)
             pending, round_ = (round_, handle), round_ + 1
         if pending is not None:
-            replica = self._absorb(pending[0], pending[1].result(), replica)
+            replica = self._absorb(pending[0], self._await(pending[1]), replica)
         return replica, self.transport.status(replica.round - 1)
 
-    def _train(self, round_: int, replica: Replica, state: Any) -> tuple[Handle[RoundResult], Any, float]:
-        """Round `round_`'s inner steps from `replica`; its update handed to the transport. (handle, the
-        worker's next state, seconds of compute)."""
+    def _await(self, handle: Handle[RoundResult]) -> RoundResult:
+        """An exchange's result; the wait is blocked time and the exchange's duration communication time,
+        both counted in the span the wait falls in."""
+        waited = time.perf_counter()
+        outcome = handle.result()
+        self._span_blocked += time.perf_counter() - waited
+        self._span_comm += handle.seconds
+        return outcome
+
+    def _span(self, round_: int, compute_s: float) -> dict[str, float]:
+        """Round `round_`'s span: from the previous hand-off of an update to this one. It holds this round's
+        compute, and the wait for (and the duration of) the exchange awaited since the last hand-off: in a
+        synchronous run the previous round's, in an overlapped one the round before that. The wait after
+        the last hand-off is outside every span (it is in `train_s`)."""
+        now = time.perf_counter()
+        wall = max(now - self._span_began, 1e-9)
+        span = {"round": float(round_), "wall_s": wall, "compute_s": compute_s, "blocked_s": self._span_blocked,
+                "comm_s": self._span_comm, "utilization": min(compute_s / wall, 1.0)}
+        self._span_began, self._span_blocked, self._span_comm = now, 0.0, 0.0
+        return span
+
+    def _train(self, round_: int, replica: Replica, start: Params, state: Any
+               ) -> tuple[Handle[RoundResult], Any, float, Update]:
+        """Round `round_`'s inner steps from `start` (the replica's parameters, or eager's nudge of them);
+        its update handed to the transport. (handle, the worker's next state, seconds of compute, update)."""
         session, transport, result = self.session, self.transport, self.result
         began = time.perf_counter()
-        session.trainer.load_params(replica.params)
+        session.trainer.load_params(start)
         metrics: dict[str, float] = {}
         if session.eval_batches and session.eval_due(round_):
             metrics["eval_loss"] = session.evaluate()
             self._eval_point(round_, metrics["eval_loss"])
+            evaluated = time.perf_counter() - began
+            began += evaluated  # evaluation is neither compute nor communication: left out of the span
+            self._span_began += evaluated
         steps = session.steps_in_round(round_)
         losses = []
         for _ in range(steps):
             self.faults.before_step(session.trainer.step_count)
             losses.append(session.trainer.step())
             transport.report(session.trainer.step_count, losses[-1], None)
-        update, state = self.protocol.make_update(session.params(), replica.params, state)
+        update, state = self.protocol.make_update(session.params(), start, state)
         compute_s = time.perf_counter() - began
         metrics.update(train_loss=sum(losses) / max(len(losses), 1), tokens=float(steps * session.tokens_per_step))
+        span = self._span(round_, compute_s)
+        result.spans.append(span)
+        metrics.update({k: v for k, v in span.items() if k != "round"})
         handle = transport.exchange(round_, update, metrics)
         result.rounds += 1
         result.steps += steps
@@ -176,7 +222,7 @@ class RoundLoop:
         if self.progress is not None:
             self.progress({"worker": transport.worker_id, "round": round_, "step": session.trainer.step_count,
                            **metrics})
-        return handle, state, compute_s
+        return handle, state, compute_s, update
 
     def _absorb(self, round_: int, outcome: RoundResult, replica: Replica) -> Replica:
         """The replica after round `round_`'s outcome: its aggregate applied and checked by digest."""

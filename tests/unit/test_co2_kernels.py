@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from protocols.co2_kernels import co2_outer_step, eager_average, staleness_penalty
+from protocols.co2_kernels import co2_outer_step, eager_average, eager_start, staleness_penalty
 from protocols.outer import nesterov_sgd
 
 
@@ -93,3 +93,18 @@ def test_the_penalty_grows_with_the_gap() -> None:
     penalties = [staleness_penalty(point + gap, point, avg) for gap in (0.0, 0.5, 2.0)]
     assert penalties[0] == 1.0 and penalties[0] < penalties[1] < penalties[2]
     assert penalties[2] == pytest.approx(1 + math.sqrt(4 * 4) / 2)
+
+
+def test_eager_start_moves_the_replica_by_the_fresh_minus_stale_share() -> None:
+    params = {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.5])}
+    fresh = {"w": torch.tensor([0.4, 0.0, -0.4])}
+    stale = {"w": torch.tensor([0.2, 0.0, 0.4])}
+    start = eager_start(params, fresh, stale, workers=4, lr=0.5)
+    # theta - lr * (fresh - stale) / n, element by element; tensors without an update are the replica's.
+    assert torch.allclose(start["w"], torch.tensor([1.0 - 0.5 * 0.2 / 4, 2.0, 3.0 + 0.5 * 0.8 / 4]))
+    assert start["b"] is params["b"]
+    assert torch.equal(eager_start(params, fresh, fresh, workers=4, lr=0.5)["w"], params["w"])  # nothing stale
+    # Before the worker's first stale share (its first round) the whole fresh share counts.
+    assert torch.allclose(eager_start(params, fresh, {}, workers=2, lr=1.0)["w"], params["w"] - fresh["w"] / 2)
+    with pytest.raises(ValueError, match="workers >= 1"):
+        eager_start(params, fresh, stale, workers=0, lr=0.5)

@@ -184,3 +184,19 @@ def test_snapshot_counts_pulls_and_a_resync_for_a_replica_that_fell_behind_or_di
     for wid in ids:
         state.submit(wid, "", 0, update(0.2), {}, 10)
     assert state.history[-1].resyncs == 2
+
+
+@pytest.mark.parametrize(("key", "value"), [("train_loss", float("nan")), ("wall_s", float("inf")),
+                                            ("blocked_s", -0.5)])
+def test_a_non_finite_or_negative_metric_refuses_the_whole_update(key: str, value: float) -> None:
+    state, (w0, w1) = started(workers=2)
+    with pytest.raises(Rejected) as refused:
+        state.submit(w0, "", 0, update(0.1), {key: value}, 10)
+    assert refused.value.code is Code.INVALID_ARGUMENT and repr(key) in refused.value.message
+    # Nothing was folded or counted: the same worker's good update for the round is still taken.
+    assert state.members[w0].bytes_sent == 0
+    state.submit(w0, "", 0, update(0.1), {"wall_s": 2.0, "compute_s": 1.0, "utilization": 0.5}, 10)
+    state.submit(w1, "", 0, update(0.3), {"wall_s": 1.0, "compute_s": 1.0, "utilization": 1.0}, 10)
+    record = state.history[-1]
+    assert (record.wall_s, record.compute_s, record.compute_utilization) == (1.5, 1.0, 0.75)
+    assert record.utilization_per_worker == {w0: 0.5, w1: 1.0}

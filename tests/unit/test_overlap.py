@@ -3,6 +3,8 @@ each round's exchange runs under the next round's training; the coordinator hold
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,10 +13,12 @@ import torch
 from compression.payload import dense
 from coordinator.state import CoordinatorState
 from deploy.inproc import run_inproc
+from deploy.report import plot_utilization
 from protocols.base import Update
 from protocols.config import PROTOCOL_VERSION
 from protocols.refusals import Rejected, is_early, is_stale
 from protocols.registry import build_protocol
+from protocols.settings import ConfigError
 from tests.conftest import tiny_config
 from worker.loop import WorkerResult
 
@@ -26,19 +30,19 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-def _config(case: str, overlap: bool) -> Any:
+def _config(case: str, overlap: bool, eager: bool = False) -> Any:
     return tiny_config(
-        protocol={**CASES[case], "overlap": {"enabled": overlap}},
+        protocol={**CASES[case], "overlap": {"enabled": overlap, "eager": eager}},
         train={"steps": 2 * ROUNDS, "lr": 1e-2, "warmup_steps": 1, "eval_batches": 2, "eval_every_steps": 2},
         cluster={"workers": 2, "fold_order": "worker"},
     )
 
 
-def _run(case: str, overlap: bool) -> tuple[dict[str, Any], list[WorkerResult]]:
+def _run(case: str, overlap: bool, eager: bool = False) -> tuple[dict[str, Any], list[WorkerResult]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_inproc(_config(case, overlap))
+        return run_inproc(_config(case, overlap, eager))
     finally:
         torch.set_num_threads(threads)
 
@@ -86,3 +90,44 @@ def test_an_update_for_a_round_not_yet_open_is_refused_as_early_and_one_for_a_cl
     with pytest.raises(Rejected) as late:
         state.submit("w1", "", 0, update, {}, 0)  # round 0 has closed: too late, not early
     assert is_stale(late.value) and not is_early(late.value)
+
+
+@pytest.mark.parametrize("case", ["diloco", "sparseloco"])
+def test_eager_workers_share_the_replica_but_start_from_their_own_fresh_update(case: str) -> None:
+    (co2, _), (eager, eager_results) = _run(case, overlap=True), _run(case, overlap=True, eager=True)
+    for r in eager_results:  # every replica is still the coordinator's, checked by digest every round
+        assert (r.resyncs, r.stale_updates) == (0, 0) and r.state_hashes == eager_results[0].state_hashes
+        assert r.state_hashes[-1] == eager["state_hash"]
+    # Round 1 starts from the eager nudge, not the untouched replica (the updates differ from then on).
+    assert eager["state_hash"] != co2["state_hash"]
+    evals = [point["eval_loss"] for point in eager_results[0].evals]
+    assert evals[1] != evals[0] and evals[-1] < evals[0] - 0.1
+
+
+def test_eager_needs_overlap_and_an_averaged_aggregate() -> None:
+    with pytest.raises(ConfigError, match=r"overlap\.eager needs overlap\.enabled"):
+        _config("diloco", overlap=False, eager=True)
+    with pytest.raises(ConfigError, match=r"overlap\.eager needs an aggregate that averages"):
+        _config("econtrol", overlap=True, eager=True)
+
+
+def test_every_round_records_its_span_on_each_worker_and_the_coordinator_logs_it(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, results = run_inproc(_config("diloco", overlap=True), run_dir=tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rounds = [row for row in rows if row["event"] == "round"]
+    assert len(rounds) == ROUNDS
+    for r in results:
+        assert [int(span["round"]) for span in r.spans] == list(range(ROUNDS))
+        assert r.train_s >= sum(span["wall_s"] for span in r.spans)
+        for span, row in zip(r.spans, rounds, strict=True):
+            assert span["compute_s"] + span["blocked_s"] <= span["wall_s"]
+            assert row["utilization_per_worker"][r.worker_id] == span["utilization"]
+    for row in rounds:
+        assert row["compute_utilization"] == pytest.approx(
+            sum(row["utilization_per_worker"].values()) / len(row["utilization_per_worker"]))
+    assert plot_utilization(tmp_path) == tmp_path / "utilization.png"

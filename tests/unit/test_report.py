@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deploy.report import eval_curve
+from deploy.report import eval_curve, plot_utilization, span_rows
 
 
 def test_round_evals_sit_at_the_totals_before_their_round(tmp_path: Path) -> None:
@@ -26,3 +26,23 @@ def test_ddp_eval_events_are_taken_where_they_say(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
     summary = {"workers": {"rank0": {}, "rank1": {}}, "final_eval_loss": None}
     assert eval_curve(tmp_path, summary) == [(0.0, 0.0, 4.4), (640.0, 400.0, 3.1)]
+
+
+def test_span_rows_average_the_ranks_spans_round_by_round_and_keep_each_ranks_utilization() -> None:
+    ranks = [{"worker_id": "rank0", "spans": [
+                 {"round": 0.0, "wall_s": 2.0, "compute_s": 1.0, "blocked_s": 1.0, "comm_s": 1.5, "utilization": 0.5},
+                 {"round": 1.0, "wall_s": 1.0, "compute_s": 1.0, "blocked_s": 0.0, "comm_s": 0.5, "utilization": 1.0}]},
+             {"worker_id": "rank1", "spans": [
+                 {"round": 0.0, "wall_s": 4.0, "compute_s": 1.0, "blocked_s": 3.0, "comm_s": 2.5,
+                  "utilization": 0.25}]}]
+    rows = span_rows(ranks)
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[0]["wall_s"] == 3.0 and rows[0]["blocked_s"] == 2.0 and rows[0]["comm_s"] == 2.0
+    assert rows[0]["compute_utilization"] == 0.375
+    assert rows[0]["utilization_per_worker"] == {"rank0": 0.5, "rank1": 0.25}
+    assert rows[1]["utilization_per_worker"] == {"rank0": 1.0}
+
+
+def test_no_utilization_plot_without_span_times(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "eval", "step": 0, "eval_loss": 4.0}) + "\n")
+    assert plot_utilization(tmp_path) is None and not (tmp_path / "utilization.png").exists()

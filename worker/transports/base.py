@@ -8,6 +8,7 @@ emulates a slow link can wrap any transport: every method goes through the objec
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -45,6 +46,17 @@ class Handle(Generic[T]):
 
     def __init__(self, future: Future[T]) -> None:
         self._future = future
+        self.handed_at = time.perf_counter()
+        self.finished_at: float | None = None  # perf_counter when the result arrived (for comm time)
+        future.add_done_callback(self._finished)
+
+    def _finished(self, _: Future[T]) -> None:
+        self.finished_at = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        """From hand-off to result (so far, while pending): the exchange's communication time."""
+        return (self.finished_at or time.perf_counter()) - self.handed_at
 
     @classmethod
     def completed(cls, value: T) -> Handle[T]:
