@@ -209,6 +209,7 @@ def run_ddp(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
         "bytes_received_per_worker": sum(r["bytes_received"] for r in results) / n,
         "bytes_total_per_worker": sum(r["bytes_total"] for r in results) / n,
         "state_hash": results[0]["param_hash"],
+        "link_delay_s_per_worker": sum(r.get("link_delay_s", 0.0) for r in results) / n,
         "workers": {f"rank{r['rank']}": {"bytes_sent": r["bytes_sent"], "bytes_received": r["bytes_received"],
                                          "tokens": r["tokens"]} for r in results},
     }

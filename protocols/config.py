@@ -64,7 +64,8 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     protocol: ProtocolConfig = Field(default_factory=lambda: ProtocolSettings.registry["diloco"].model_validate({}))
     cluster: ClusterConfig = ClusterConfig()
-    # None: the transport's own speed; else every worker's transport is wrapped in this emulated link.
+    # None: the transport's own speed; else every worker's transport is wrapped in an emulated link, its own
+    # when the block varies per worker (`LinkConfig.for_worker`).
     link: LinkConfig | None = None
 
     @model_validator(mode="before")
@@ -81,6 +82,16 @@ class RunConfig(_Strict):
         if self.protocol.coordinated:
             protocol = protocol_class(self.protocol.kind).from_settings(self.protocol)
             Downlink.from_config(getattr(self.protocol, "downlink"), protocol)  # noqa: B009
+        return self
+
+    @model_validator(mode="after")
+    def _one_link_per_worker(self) -> RunConfig:
+        """`link.workers` gives worker i entry i: it must list exactly `cluster.workers` links."""
+        if self.link is not None and self.link.workers is not None and len(self.link.workers) != self.cluster.workers:
+            raise ValueError(
+                f"link.workers has {len(self.link.workers)} entries but cluster.workers is {self.cluster.workers}: "
+                "give one link per worker"
+            )
         return self
 
     @property

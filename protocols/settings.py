@@ -7,6 +7,9 @@ touches no list here.
 
 from __future__ import annotations
 
+import math
+import random
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
@@ -105,14 +108,77 @@ class CompressionConfig(_Strict):
 
 
 
-class LinkConfig(_Strict):
-    """An emulated WAN link for every worker (worker/transports/link.py): each way `bandwidth_mbps`, plus
-    one-way latency and uniform jitter in ms per transfer, and the fraction of packets lost (resent)."""
+@dataclass(frozen=True)
+class WorkerLink:
+    """One worker's link, resolved from the run's `link:` block (`LinkConfig.for_worker`): megabits per second
+    each way, one-way latency and its uniform jitter in ms, loss fraction. A plain value so the worker can
+    build its emulation (worker/transports/link.py `LinkModel`, same fields) without protocols importing it."""
 
-    bandwidth_mbps: PositiveFloat
-    latency_ms: float = Field(0.0, ge=0.0)
-    jitter_ms: float = Field(0.0, ge=0.0)
-    loss: float = Field(0.0, ge=0.0, lt=1.0)
+    bandwidth_mbps: float
+    latency_ms: float
+    jitter_ms: float
+    loss: float
+
+
+class WorkerLinkConfig(_Strict):
+    """One entry of `link.workers`: worker i's own link. A field left out (None) takes the value of the
+    top-level `link:` block, so `workers: [{bandwidth_mbps: 10}, {}]` slows worker 0 only."""
+
+    bandwidth_mbps: PositiveFloat | None = None  # megabits per second, each way
+    latency_ms: float | None = Field(None, ge=0.0)  # one-way, added to every transfer
+    jitter_ms: float | None = Field(None, ge=0.0)  # uniform in [0, jitter_ms], added to the latency
+    loss: float | None = Field(None, ge=0.0, lt=1.0)  # fraction of packets lost (and resent)
+
+
+class LinkConfig(_Strict):
+    """An emulated WAN link in front of each worker's transport (worker/transports/link.py; for ddp, a
+    communication hook, worker/link_hook.py). The top-level fields are every worker's link; per worker:
+
+    - `workers`: one entry per worker (worker i gets entry i; the list must have `cluster.workers` entries),
+      each overriding any of the four fields. A worker that joins later with a higher index (a replacement
+      after a failure) takes entry `index % len(workers)`.
+    - `bandwidth_lognormal_sigma`: heterogeneous bandwidths drawn once from the run seed: worker i gets
+      `bandwidth_mbps * exp(sigma * z_i)`, z_i standard normal (so `bandwidth_mbps` is the median and sigma
+      the standard deviation of log-bandwidth). z_i is the i-th draw of a generator seeded by the run seed
+      alone: every process computes the same value, and a worker's bandwidth does not depend on the
+      cluster size. 0 (the default) gives every worker `bandwidth_mbps`. Cannot be combined with `workers`.
+
+    `for_worker(index, seed)` resolves worker `index`'s link.
+    """
+
+    bandwidth_mbps: PositiveFloat  # megabits per second, each way (the link is full duplex)
+    latency_ms: float = Field(0.0, ge=0.0)  # one-way latency added to every transfer
+    jitter_ms: float = Field(0.0, ge=0.0)  # uniform in [0, jitter_ms], added to the latency of each transfer
+    loss: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of packets lost; a reliable transport resends them
+    workers: list[WorkerLinkConfig] | None = Field(None, min_length=1)  # per-worker overrides, see above
+    bandwidth_lognormal_sigma: float = Field(0.0, ge=0.0)  # spread of log-bandwidth across workers, see above
+
+    @model_validator(mode="after")
+    def _one_way_to_vary(self) -> LinkConfig:
+        if self.workers is not None and self.bandwidth_lognormal_sigma > 0:
+            raise ValueError(
+                "link.workers and link.bandwidth_lognormal_sigma cannot be combined: give each worker its "
+                "bandwidth in link.workers, or draw them with bandwidth_lognormal_sigma, not both"
+            )
+        return self
+
+    def for_worker(self, index: int, seed: int) -> WorkerLink:
+        """Worker `index`'s link in a run seeded with `seed` (pure: the same answer in every process)."""
+        if index < 0:
+            raise ValueError(f"worker index must be >= 0, got {index}")
+        bandwidth, latency, jitter, loss = self.bandwidth_mbps, self.latency_ms, self.jitter_ms, self.loss
+        if self.workers is not None:
+            own = self.workers[index % len(self.workers)]
+            bandwidth = own.bandwidth_mbps if own.bandwidth_mbps is not None else bandwidth
+            latency = own.latency_ms if own.latency_ms is not None else latency
+            jitter = own.jitter_ms if own.jitter_ms is not None else jitter
+            loss = own.loss if own.loss is not None else loss
+        elif self.bandwidth_lognormal_sigma > 0:
+            # A str seed is hashed with SHA-512 (not Python's salted hash): stable across processes.
+            rng = random.Random(f"lowband.link.bandwidth:{seed}")
+            z = [rng.normalvariate(0.0, 1.0) for _ in range(index + 1)][-1]
+            bandwidth *= math.exp(self.bandwidth_lognormal_sigma * z)
+        return WorkerLink(bandwidth, latency, jitter, loss)
 
 
 class OverlapConfig(_Strict):

@@ -9,6 +9,10 @@ Bytes are counted with the ring all-reduce model (Patarasuk & Yuan 2009): reduci
 over W ranks costs each rank 2 (W - 1) / W * G bytes sent and the same received per step (a
 reduce-scatter plus an all-gather). This is the bandwidth-optimal lower bound that NCCL's ring reaches;
 it excludes headers and DDP's bucket padding.
+
+With a `link:` block, each rank's gradient buckets are held, after their all-reduce, for as long as those
+ring bytes (plus 2 (N - 1) hops of latency) take on the rank's own emulated link (`LinkConfig.for_worker`),
+through a DDP communication hook (worker/link_hook.py); the gradients themselves are unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import datetime
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -26,9 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 from protocols.config import RunConfig
 from protocols.ddp import DDPConfig
 from worker.evals import EvalLog
+from worker.link_hook import LinkHook, ring_allreduce_bytes
 from worker.session import Session
 from worker.spawn import pin_gloo_to_loopback, spawn_on_loopback
 from worker.trainer import params_digest
+from worker.transports.link import LinkModel
 
 
 def resolve_backend(requested: str) -> str:
@@ -40,11 +47,6 @@ def resolve_backend(requested: str) -> str:
     if requested not in ("gloo", "nccl"):
         raise ValueError(f"protocol.backend must be 'auto', 'gloo' or 'nccl', got {requested!r}")
     return requested
-
-
-def ring_allreduce_bytes(gradient_bytes: int, world_size: int) -> float:
-    """Bytes each rank sends (and receives) to all-reduce `gradient_bytes` over a ring of `world_size`."""
-    return 2 * (world_size - 1) / world_size * gradient_bytes
 
 
 def run_ddp_worker(
@@ -63,7 +65,8 @@ def run_ddp_worker(
     Summary keys: those of `Session.summary` (steps, tokens, bytes_sent / bytes_received / bytes_total by
     ring accounting, see the module docstring, ...) plus rank, world_size, backend, eval_loss (final),
     train_loss (last step, mean over ranks), tokens_total (all ranks), wall_s (training and evals), eval_s,
-    gradient_bytes,
+    gradient_bytes, link_delay_s (seconds the emulated link held this rank's gradient buckets beyond their
+    all-reduce; 0 without a `link:` block),
     param_hash (SHA-256 of the final parameters) and evals: a list of {step, tokens_total, eval_loss,
     train_loss, bytes_sent} at step 0 (train_loss None), every `eval_every_steps` and at the end. Rank 0
     evaluates and shares the loss, so every rank reports the same numbers; `progress` gets each point.
@@ -74,6 +77,7 @@ def run_ddp_worker(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     pin_gloo_to_loopback(init_method)
+    link_hook: LinkHook | None = None
     dist.init_process_group(
         backend,
         init_method=init_method,
@@ -87,8 +91,17 @@ def run_ddp_worker(
             device = torch.device("cuda", rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
         device_ids = [device.index] if device.type == "cuda" else None
-        session = Session.build(cfg, rank, world_size, device, evaluates=rank == 0,
-                                wrap=lambda model: DistributedDataParallel(model, device_ids=device_ids))
+        if cfg.link is not None:
+            link = LinkModel(**asdict(cfg.link.for_worker(rank, cfg.seed)))
+            link_hook = LinkHook(link, world_size, seed=cfg.seed * 1009 + rank)
+
+        def wrap(model: torch.nn.Module) -> torch.nn.Module:
+            ddp = DistributedDataParallel(model, device_ids=device_ids)
+            if link_hook is not None:
+                ddp.register_comm_hook(None, link_hook.hook)
+            return ddp
+
+        session = Session.build(cfg, rank, world_size, device, evaluates=rank == 0, wrap=wrap)
         trainer = session.trainer
         gradient_bytes = sum(p.numel() * p.element_size() for p in session.model.parameters() if p.requires_grad)
         per_step = ring_allreduce_bytes(gradient_bytes, world_size)
@@ -118,10 +131,13 @@ def run_ddp_worker(
             wall_s=wall_s,
             eval_s=log.seconds,
             gradient_bytes=gradient_bytes,
+            link_delay_s=link_hook.delayed_s if link_hook is not None else 0.0,
             param_hash=params_digest(trainer.params()),
             evals=log.points,
         )
     finally:
+        if link_hook is not None:
+            link_hook.close()
         dist.destroy_process_group()
 
 

@@ -32,10 +32,11 @@ from worker.transports.link import Link, LinkModel
 
 
 def with_link(transport: Transport, cfg: RunConfig, index: int) -> Transport:
-    """The transport, behind the run's emulated link if it has one (each worker its own jitter stream)."""
+    """The transport, behind worker `index`'s emulated link if the run has one (`LinkConfig.for_worker`: its
+    own bandwidth, latency, jitter and loss when they vary per worker; each worker its own jitter stream)."""
     if cfg.link is None:
         return transport
-    model = LinkModel(cfg.link.bandwidth_mbps, cfg.link.latency_ms, cfg.link.jitter_ms, cfg.link.loss)
+    model = LinkModel(**asdict(cfg.link.for_worker(index, cfg.seed)))
     return Link(transport, model, seed=cfg.seed * 1009 + index)
 
 

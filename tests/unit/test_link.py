@@ -10,6 +10,7 @@ from compression.payload import dense
 from protocols.base import Aggregate, Update
 from protocols.config import ConfigError, load_config
 from protocols.replica import Params, Replica
+from worker.link_hook import LinkHook, ring_allreduce_bytes
 from worker.runners import with_link
 from worker.transports.base import Handle, RoundResult, RoundStatus, Transport
 from worker.transports.link import Link, LinkModel, TokenBucket
@@ -119,3 +120,68 @@ def test_a_run_with_a_link_block_wraps_every_workers_transport() -> None:
     assert wrapped.model == LinkModel(bandwidth_mbps=50, latency_ms=20)
     with pytest.raises(ConfigError, match=r"link\.bandwidth_mbps"):
         load_config(None, ["link.bandwidth_mbps=0"])
+
+
+class Bucket:
+    """What the DDP hook reads of a `dist.GradBucket`: its flat gradient buffer."""
+
+    def __init__(self, numel: int) -> None:
+        self._buffer = torch.ones(numel)
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+
+def _summed(bucket: Bucket) -> torch.futures.Future[torch.Tensor]:
+    """Stands in for the collective (the hook's subject is the hold after it): the buffer, all-reduced."""
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer() * 3)
+    return fut
+
+
+def _hook(model: LinkModel, world_size: int, allreduce=_summed, seed: int = 0) -> tuple[LinkHook, SimClock]:  # type: ignore[no-untyped-def]
+    clock = SimClock()
+    return LinkHook(model, world_size, seed=seed, allreduce=allreduce, clock=clock, sleep=clock.sleep), clock
+
+
+def test_the_ddp_hook_holds_a_bucket_for_its_ring_bytes_and_hops_on_the_link() -> None:
+    # 1e6 bytes/s each way, 10 ms a hop, 20% loss; a 1 MB bucket over 4 ranks: each rank sends (and receives)
+    # 2 * 3/4 MB = 1.5 MB, 1.875 MB on the wire with resends, in 2 * 3 = 6 ring steps.
+    model = LinkModel(bandwidth_mbps=8, latency_ms=10, loss=0.2)
+    hook, clock = _hook(model, world_size=4)
+    bucket = Bucket(250_000)  # float32
+    out = hook.hook(None, bucket).wait()  # type: ignore[arg-type]
+    assert torch.equal(out, torch.full((250_000,), 3.0))  # the all-reduce's result, untouched
+    expected = model.wire_bytes(round(ring_allreduce_bytes(1_000_000, 4))) / 1e6 + 6 * 0.010
+    assert expected == pytest.approx(1.935)
+    assert clock.now == pytest.approx(expected)
+    assert hook.delayed_s == pytest.approx(expected)
+    hook.close()
+
+
+def test_the_ddp_hooks_buckets_queue_on_the_link_and_one_rank_is_never_held() -> None:
+    hook, clock = _hook(LinkModel(bandwidth_mbps=8, latency_ms=10), world_size=2)
+    # Two 500 kB buckets reaching the link together: the second's bytes wait for the first's (latency does not).
+    assert hook.done_at(500_000) == pytest.approx(0.5 + 0.020)
+    assert hook.done_at(500_000) == pytest.approx(1.0 + 0.020)
+    for seed in range(5):
+        jittery, _ = _hook(LinkModel(bandwidth_mbps=8, latency_ms=10, jitter_ms=5), world_size=2, seed=seed)
+        assert 0.001 + 0.020 <= jittery.done_at(1_000) <= 0.001 + 0.030  # two hops, each within its jitter
+        jittery.close()
+    hook.close()
+    alone, clock = _hook(LinkModel(bandwidth_mbps=0.001, latency_ms=100), world_size=1)
+    assert torch.equal(alone.hook(None, Bucket(1000)).wait(), torch.full((1000,), 3.0))  # type: ignore[arg-type]
+    assert clock.now == 0.0 and alone.delayed_s == 0.0
+    alone.close()
+
+
+def test_a_failed_all_reduce_fails_the_ddp_step_instead_of_hanging_it() -> None:
+    def broken(bucket: Bucket) -> torch.futures.Future[torch.Tensor]:
+        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        fut.set_exception(RuntimeError("peer gone"))
+        return fut
+
+    hook, _ = _hook(LinkModel(bandwidth_mbps=8), world_size=2, allreduce=broken)
+    with pytest.raises(RuntimeError, match="peer gone"):
+        hook.hook(None, Bucket(10)).wait()  # type: ignore[arg-type]
+    hook.close()
