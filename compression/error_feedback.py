@@ -95,6 +95,20 @@ class ErrorFeedback:
             self._shift[name] = h + sent
         return d
 
+    def unsend(self, name: str, d: Payload) -> None:
+        """Take back message `d` (from `step`) that the receiver never folded (its round closed without
+        it): the state becomes what it would be had nothing of it been delivered, so nothing is lost, only
+        delayed. ef14 / econtrol: e += D(d); ef21 / econtrol: h -= D(d). The identities of `step` hold
+        again: for ef14, sent + e == inputs + e_old over the messages that did arrive. "none" keeps no
+        state: the message is lost."""
+        if self.kind == "none":
+            return
+        sent = self.compressor.decompress(d)
+        if self.kind in ("ef14", "econtrol"):
+            self._error[name] = self._buffer(self._error, name, sent) + sent
+        if self.kind in ("ef21", "econtrol"):
+            self._shift[name] = self._buffer(self._shift, name, sent) - sent
+
 
 class Mirror:
     """The receiver's side: turns the mean of the workers' decoded messages into the update to use.

@@ -187,6 +187,11 @@ class Protocol(ABC, Generic[WorkerState, AggregatorState]):
         """Whether the round loop overlaps each round's exchange with the next round's training (CO2)."""
         return False
 
+    def withdraw(self, update: Update, state: WorkerState) -> WorkerState:
+        """The worker state after `update` (made from `state`'s successor) was refused: what the error
+        feedback had counted as delivered goes back into it. Stateless protocols: `state` unchanged."""
+        return state
+
     @property
     def eager(self) -> bool:
         """Whether an overlapped worker starts its inner steps from `eager_start` (Kale et al.'s eager)."""

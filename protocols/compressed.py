@@ -206,6 +206,13 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
             )
         return Update(payloads={n: state.step(n, d) for n, d in deltas.items()}), state
 
+    def withdraw(self, update: Update, state: ErrorFeedback | None) -> ErrorFeedback | None:
+        """A refused update's messages go back into the error feedback (`ErrorFeedback.unsend`), in place."""
+        if isinstance(state, ErrorFeedback):
+            for name, payload in update.payloads.items():
+                state.unsend(name, payload)
+        return state
+
     @property
     def overlapped(self) -> bool:
         return self.overlap.enabled

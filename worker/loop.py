@@ -139,8 +139,8 @@ class RoundLoop:
         """CO2: round t's exchange runs while round t+1 trains. Round t trains from the replica that has every
         aggregate up to round t-2 applied; at its end the replica applies round t-1's aggregate (the wait
         for it is the only blocking). The first round after joining has no aggregate to apply, as in the
-        paper's first round. A refused (stale) update cannot be taken back from the error feedback here:
-        the next round's update was already made from it.
+        paper's first round. A refused (stale) update is taken back into the error feedback
+        (`Protocol.withdraw`) after the next round's update was made, so what it carried is sent later.
 
         Eager (`overlap.eager`): round t+1 starts from the replica nudged by this worker's own round-t
         update in place of its stale share (`AveragingProtocol.eager_start`); the replica itself, and so
@@ -152,6 +152,7 @@ class RoundLoop:
         pending: tuple[int, Handle[RoundResult]] | None = None
         fresh: Update | None = None  # this worker's update of the round before, and the one before that
         stale: Update | None = None
+        pending_update: Update | None = None
         while round_ < self.session.cfg.rounds:
             began = time.perf_counter()
             start = replica.params
@@ -160,13 +161,21 @@ class RoundLoop:
             handle, state, compute_s, update = self._train(round_, replica, start, state)
             stale, fresh = fresh, update
             waited = time.perf_counter()
-            if pending is not None:
-                replica = self._absorb(pending[0], self._await(pending[1]), replica)
+            if pending is not None and pending_update is not None:
+                replica, state = self._absorb_withdrawing(pending, pending_update, replica, state)
             self._account(began, compute_s, time.perf_counter() - waited)
-            pending, round_ = (round_, handle), round_ + 1
-        if pending is not None:
-            replica = self._absorb(pending[0], self._await(pending[1]), replica)
+            pending, pending_update, round_ = (round_, handle), update, round_ + 1
+        if pending is not None and pending_update is not None:
+            replica, state = self._absorb_withdrawing(pending, pending_update, replica, state)
         return replica, self.transport.status(replica.round - 1)
+
+    def _absorb_withdrawing(self, pending: tuple[int, Handle[RoundResult]], update: Update, replica: Replica,
+                            state: Any) -> tuple[Replica, Any]:
+        """Absorb an overlapped round's outcome; a refused update goes back into the worker state."""
+        outcome = self._await(pending[1])
+        if not outcome.accepted:
+            state = self.protocol.withdraw(update, state)
+        return self._absorb(pending[0], outcome, replica), state
 
     def _await(self, handle: Handle[RoundResult]) -> RoundResult:
         """An exchange's result; the wait is blocked time and the exchange's duration communication time,

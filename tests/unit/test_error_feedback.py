@@ -131,3 +131,31 @@ def test_low_precision_inputs_keep_float32_state() -> None:
     residual = ef.residual("w")
     assert payload.dtype == torch.float32 and residual is not None and residual.dtype == torch.float32
     torch.testing.assert_close(registry.decode(payload) + residual, g.float())
+
+
+@pytest.mark.parametrize("kind", ["ef14", "ef21", "econtrol"])
+def test_a_message_taken_back_is_delayed_not_lost(kind: str) -> None:
+    """A refused message (its round closed without it) goes back into the state: the worker's books again
+    match what the receiver got. ef14: delivered + e == inputs; ef21 / econtrol: h == what was delivered
+    (the receiver's copy of this worker's shift), and econtrol's error holds the withdrawn message."""
+    g1, g2 = gradients(2, (64,), seed=3)
+    ef = ErrorFeedback(registry.build("topk", density=0.25), kind, eta=0.5)
+    refused = ef.step("w", g1)
+    delivered = ef.step("w", g2)  # made before the refusal of the first was known (overlapped rounds)
+    before = ef.residual("w")
+    ef.unsend("w", refused)
+    got, withdrawn = registry.decode(delivered), registry.decode(refused)
+    error, shift = ef.residual("w"), ef.shift("w")
+    assert float(withdrawn.norm()) > 0
+    if kind == "ef14":
+        assert error is not None and torch.allclose(got + error, g1 + g2, atol=1e-6)
+    else:
+        assert shift is not None and torch.allclose(shift, got, atol=1e-6)
+    if kind == "econtrol":
+        assert error is not None and before is not None and torch.allclose(error, before + withdrawn, atol=1e-6)
+
+
+def test_without_feedback_a_taken_back_message_is_lost_and_nothing_changes() -> None:
+    ef = ErrorFeedback(registry.build("topk", density=0.25), "none")
+    ef.unsend("w", ef.step("w", torch.ones(8)))
+    assert ef.residual("w") is None and ef.shift("w") is None

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from compression import registry
 from compression.payload import dense
 from coordinator.state import CoordinatorState
 from deploy.inproc import run_inproc
@@ -131,3 +132,22 @@ def test_every_round_records_its_span_on_each_worker_and_the_coordinator_logs_it
         assert row["compute_utilization"] == pytest.approx(
             sum(row["utilization_per_worker"].values()) / len(row["utilization_per_worker"]))
     assert plot_utilization(tmp_path) == tmp_path / "utilization.png"
+
+
+def test_a_refused_update_goes_back_into_the_error_feedback_so_nothing_is_lost() -> None:
+    """Overlapped, the next round's update is made before a refusal is known; `withdraw` then puts the refused
+    messages back into the error feedback: delivered + residual == every pseudo-gradient made."""
+    cfg = tiny_config(protocol={"kind": "diloco", "inner_steps": 2, "overlap": {"enabled": True},
+                                "compression": {"codec": "topk", "density": 0.1, "error_feedback": "ef14"}})
+    protocol = build_protocol(cfg)
+    replica = {"w": torch.zeros(200)}
+    gen = torch.Generator().manual_seed(0)
+    locals_ = [{"w": torch.randn(200, generator=gen)} for _ in range(2)]
+    state = protocol.init_worker_state(replica)
+    refused, state = protocol.make_update(locals_[0], replica, state)
+    delivered, state = protocol.make_update(locals_[1], replica, state)
+    state = protocol.withdraw(refused, state)
+    made = sum(replica["w"] - local["w"] for local in locals_)  # pseudo-gradients are replica - local
+    residual = state.residual("w")
+    assert residual is not None
+    torch.testing.assert_close(registry.decode(delivered.payloads["w"]) + residual, made)
