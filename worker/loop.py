@@ -71,6 +71,7 @@ class RoundLoop:
         self._last_digest = ""
         self._span_began = time.perf_counter()
         self._span_blocked = self._span_comm = 0.0
+        self._evaluating_s = 0.0  # evaluations inside rounds, left out of train_s and of the spans
 
     def _digest(self, replica: Replica) -> str:
         """The replica's digest, hashed once per replica object (a round compares it up to three times)."""
@@ -101,7 +102,7 @@ class RoundLoop:
             replica, status = self._run_overlapped(replica, state)
         else:
             replica, status = self._run_synchronous(replica, state)
-        result.train_s = time.perf_counter() - began
+        result.train_s = time.perf_counter() - began - self._evaluating_s
         if status.state_hash and self._digest(replica) != status.state_hash:
             replica = self._resync("the final replica differs from the aggregator's")
         session.trainer.load_params(replica.params)
@@ -212,6 +213,7 @@ class RoundLoop:
             evaluated = time.perf_counter() - began
             began += evaluated  # evaluation is neither compute nor communication: left out of the span
             self._span_began += evaluated
+            self._evaluating_s += evaluated
         steps = session.steps_in_round(round_)
         losses = []
         for _ in range(steps):

@@ -157,7 +157,7 @@ def test_to_yaml_round_trips(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "field", "detail"),
     [
-        ({"protocol": {"kind": "gossipy"}}, "'protocol'", "'ddp', 'diloco', 'econtrol', 'sparseloco'"),
+        ({"protocol": {"kind": "gossipy"}}, "'protocol'", "'ddp', 'diloco', 'econtrol'"),
         ({"protocol": {"inner_steps": -5}}, "inner_steps", "greater than 0"),
         ({"protocol": {"inner_steps": 0}}, "inner_steps", "greater than 0"),
         ({"modle": {"n_layer": 2}}, "'modle'", "Extra inputs"),
