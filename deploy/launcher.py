@@ -221,6 +221,8 @@ def run(cfg: RunConfig, address: str | None = None, console: Console | None = No
     console = console or Console()
     run_dir = Path(cfg.run_dir).resolve() / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.protocol.coordinated and cfg.protocol.kind != "ddp":
+        raise LaunchError(f"protocol.kind {cfg.protocol.kind!r} has no runner in `lowband run` yet")
     start_ray(cfg, address)
     if cfg.protocol.kind == "ddp":
         summary = run_ddp(cfg, run_dir, console)

@@ -82,6 +82,7 @@ class RunConfig(_Strict):
         if self.protocol.coordinated:
             protocol = protocol_class(self.protocol.kind).from_settings(self.protocol)
             Downlink.from_config(getattr(self.protocol, "downlink"), protocol)  # noqa: B009
+        self.protocol.check_cluster(self.cluster.workers)
         return self
 
     @model_validator(mode="after")

@@ -229,6 +229,10 @@ class ProtocolSettings(_Strict):
         if isinstance(default, str):
             ProtocolSettings.registry[default] = cls
 
+    def check_cluster(self, workers: int) -> None:
+        """ConfigError naming the field when this section cannot run on `workers` workers (e.g. a torus
+        shape); called when the whole config is validated. Nothing to check by default."""
+
 class ClusterConfig(_Strict):
     # How updates move: grpc = star through the coordinator (workers only dial out); allgather = torch
     # collectives inside one cluster, every rank aggregates; inproc = the coordinator's state machine in the
