@@ -8,8 +8,9 @@ each per run), and reports a `Measurement`: the tokens all workers trained on, t
 - compute-only: each process builds a worker `Session` and takes `steps` trainer steps, no exchange, all
   starting together behind a barrier; `seconds` is the slowest process's step loop. Its eval loss is
   worker 0's local model (it never averaged with anyone).
-- ddp: `worker.ddp.run_ddp_worker` in each process (gradients all-reduced every step over gloo on
-  loopback); `seconds` is the slowest rank's training loop less its evaluations (`wall_s - eval_s`).
+- ddp: `worker.ddp.run_ddp_local` in 4 fresh processes, not the pool (see `measure_ddp`): gradients
+  all-reduced every step over gloo on loopback; `seconds` is the slowest rank's training loop less its
+  evaluations (`wall_s - eval_s`).
 - the coordinated contenders: a fresh coordinator process (`bench.transport._serve`) and the 4 processes
   as `run_grpc_worker`s on loopback, each worker's transport behind the run's emulated link; `seconds` is
   the slowest worker's `train_s` (first round's start to the last aggregate applied, evaluation excluded).
@@ -179,10 +180,6 @@ def _pool_job(index: int, job: tuple[Any, ...], barrier: Any) -> Any:
             return run_grpc_worker(client, threads=1)
         finally:
             client.close()
-    if kind == "ddp":  # rank `index` of a DDP job rendezvousing at job[1]
-        from worker.ddp import run_ddp_worker
-
-        return run_ddp_worker(index, WORKERS, job[1], job[2], num_threads=1, timeout_s=1800.0)
     if kind == "compute":  # a worker's session and its steps, no exchange, timed from a common start
         from worker.session import Session
 
@@ -321,11 +318,14 @@ def measure_coordinated(pool: Pool, cfg: RunConfig) -> Measurement:
 
 
 def measure_ddp(pool: Pool, cfg: RunConfig) -> Measurement:
-    """`worker.ddp.run_ddp_worker` in each pool process (what `run_ddp_local` runs in fresh ones): 4 gloo
-    ranks on loopback; the link, if any, holds every all-reduce for its ring bytes."""
-    from worker.spawn import free_loopback_port
+    """`worker.ddp.run_ddp_local`: 4 gloo ranks on loopback in fresh processes (the link, if any, holds
+    every all-reduce for its ring bytes). Not the pool's: a long-lived process that lets a DDP model with
+    a communication hook be freed can deadlock in gloo's teardown (the destructor joins a gloo thread that
+    waits for the GIL it holds), so DDP gets processes that exit after the run."""
+    from worker.ddp import run_ddp_local
 
-    summaries = pool.run(("ddp", f"tcp://127.0.0.1:{free_loopback_port()}", cfg))
+    del pool  # see the docstring
+    summaries = run_ddp_local(cfg, WORKERS, num_threads=1, timeout_s=1800.0)
     seconds = [s["wall_s"] - s.get("eval_s", 0.0) for s in summaries]
     return Measurement(
         tokens=sum(s["tokens"] for s in summaries),
