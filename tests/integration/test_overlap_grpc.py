@@ -1,6 +1,6 @@
 """A 4-worker CO2 run over gRPC on an emulated 50 Mbit/s link: real coordinator and worker processes.
 
-H=32 inner steps of the tiny model take longer than its exchange on that link, so with overlap the
+H=64 inner steps of the tiny model take longer than its exchange on that link, so with overlap the
 workers should (almost) never wait: the recorded blocked fraction of every round is asserted near zero.
 """
 
@@ -14,10 +14,10 @@ from tests.integration.procs import finish, start_coordinator, start_worker, wri
 
 
 def test_four_worker_co2_run_on_an_emulated_slow_link_completes_and_learns(tmp_path: Path) -> None:
-    rounds, inner = 4, 32
+    rounds, inner = 4, 64
     cfg = tiny_config(
         name="co2", run_dir=str(tmp_path / "runs"),
-        # No outer momentum: a one-round-stale heavy-ball step oscillates on this tiny model at H=32.
+        # No outer momentum: a one-round-stale heavy-ball step oscillates (bench.overlap, "momentum" ablation).
         protocol={"kind": "diloco", "inner_steps": inner, "outer_lr": 0.7, "outer_momentum": 0.0,
                   "overlap": {"enabled": True}},
         train={"steps": inner * rounds, "lr": 1e-2, "warmup_steps": 1, "eval_batches": 2,
