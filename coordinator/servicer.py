@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 
@@ -15,17 +15,10 @@ from coordinator.state import CoordinatorState, Phase
 from protocols.base import Update
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
+from protocols.wire.servicing import CountingIterator, refuse
 
 log = logging.getLogger(__name__)
 
-_STATUS = {
-    Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    Code.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    Code.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
-    Code.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
-    Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
 _PHASE = {
     Phase.WAITING: m.Phase.WAITING_FOR_WORKERS,
     Phase.TRAINING: m.Phase.TRAINING,
@@ -34,15 +27,6 @@ _PHASE = {
 # A worker never needs to wait longer than this per WaitRound call; it simply asks again.
 MAX_WAIT_S = 30.0
 
-
-def _abort(context: grpc.ServicerContext, err: Exception) -> NoReturn:
-    if isinstance(err, Rejected):
-        status, message = _STATUS[err.code], err.message
-    else:
-        status, message = grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}"
-    log.warning("rejected: %s", message)
-    context.abort(status, message)
-    raise AssertionError("unreachable: context.abort raises")
 
 
 class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
@@ -71,7 +55,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             )
             return serde.to_pb(reply)
         except (Rejected, m.WireError) as err:
-            _abort(context, err)
+            refuse(context, err)
 
     def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
@@ -83,7 +67,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             self.state.heartbeat(req.envelope.worker_id, req.envelope.token, req.inner_step, loss, eval_loss)
             return serde.to_pb(m.HeartbeatReply(round=self.state.round, phase=_PHASE[self.state.phase]))
         except (Rejected, m.WireError) as err:
-            _abort(context, err)
+            refuse(context, err)
 
     def Leave(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
@@ -93,7 +77,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             self.state.leave(req.envelope.worker_id, req.envelope.token)
             return serde.to_pb(m.LeaveReply())
         except (Rejected, m.WireError) as err:
-            _abort(context, err)
+            refuse(context, err)
 
     def PullState(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
@@ -102,7 +86,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             self._check_run(req.envelope)
             snap = self.state.snapshot(req.envelope.worker_id, req.envelope.token, req.resync)
         except (Rejected, m.WireError) as err:
-            _abort(context, err)
+            refuse(context, err)
         entries = {name: dense(t) for name, t in snap.replica.to_tensors().items()}
         header = m.StateHeader(
             round=snap.round,
@@ -123,7 +107,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             self._check_run(req.envelope)
             aggregate, state_hash, own = self.state.aggregate_for(req.envelope.worker_id, req.envelope.token, req.round)
         except (Rejected, m.WireError) as err:
-            _abort(context, err)
+            refuse(context, err)
         entries, weights = serde.aggregate_entries(aggregate, omit=own)
         header = m.AggregateHeader(
             round=aggregate.round,
@@ -150,10 +134,10 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             info = m.RoundInfo(round_, _PHASE[phase], state_hash, self.state.total_rounds)
             return serde.to_pb(info)
         except (Rejected, m.WireError) as err:
-            _abort(context, err)
+            refuse(context, err)
 
     def PushUpdate(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        counted = _CountingIterator(request_iterator)
+        counted = CountingIterator(request_iterator)
 
         def refuse_early(header: m.PushHeader) -> None:
             env = header.envelope
@@ -176,20 +160,5 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
                 round_ = self.state.submit(env.worker_id, env.token, env.round, update, metrics, counted.nbytes)
             return serde.to_pb(m.PushReply(accepted=True, round=round_, bytes_received=counted.nbytes))
         except (Rejected, m.WireError) as err:
-            _abort(context, err)
+            refuse(context, err)
 
-
-class _CountingIterator:
-    """Counts the serialized bytes of every message a client stream delivers."""
-
-    def __init__(self, inner: Iterator[Any]) -> None:
-        self.inner = inner
-        self.nbytes = 0
-
-    def __iter__(self) -> _CountingIterator:
-        return self
-
-    def __next__(self) -> Any:
-        msg = next(self.inner)
-        self.nbytes += msg.ByteSize()
-        return msg

@@ -88,8 +88,13 @@ class InprocActor:
     def run(self, cfg_json: dict[str, Any], run_dir: str, threads: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         import torch
 
+        from deploy.gossip_inproc import run_inproc_gossip
         from deploy.inproc import run_inproc
 
         torch.set_num_threads(threads)
-        summary, results = run_inproc(RunConfig.model_validate(cfg_json), run_dir)
+        cfg = RunConfig.model_validate(cfg_json)
+        if cfg.protocol.kind == "gossip":  # no coordinator: node threads and a rendezvous object
+            gossip_summary, nodes = run_inproc_gossip(cfg, run_dir)
+            return gossip_summary, [asdict(r) for r in nodes]
+        summary, results = run_inproc(cfg, run_dir)
         return summary, [asdict(r) for r in results]

@@ -16,7 +16,7 @@ import grpc
 from rich.console import Console
 
 from deploy.memory import tune_this_process
-from protocols.config import ConfigError, RunConfig, load_config
+from protocols.config import GOSSIP, ConfigError, RunConfig, load_config
 
 DEFAULT_RECIPE = "diloco.yaml"
 
@@ -80,6 +80,8 @@ def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
     if args.token:
         cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": args.token})})
     run_dir = Path(cfg.run_dir) / cfg.name
+    if cfg.protocol.kind == GOSSIP:
+        return _serve_rendezvous(cfg, args, run_dir, console)
     server = CoordinatorServer(cfg, bind=args.bind, run_dir=run_dir, resume=args.resume,
                                tls=_read_tls(args.tls_cert, args.tls_key)).start()
     if args.address_file:
@@ -101,6 +103,37 @@ def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _serve_rendezvous(cfg: RunConfig, args: argparse.Namespace, run_dir: Path, console: Console) -> int:
+    """`lowband coordinator` for a gossip run: only the rendezvous (the models go worker to worker)."""
+    from coordinator.rendezvous_server import RendezvousServer
+    from deploy.report import plot_consensus, plot_loss, print_final
+
+    if cfg.cluster.transport != "p2p":
+        raise ConfigError(f"a gossip run over cluster.transport {cfg.cluster.transport!r} runs in one process "
+                          f"(`lowband run`); `lowband coordinator` serves the rendezvous of transport 'p2p'")
+    if args.resume or args.tls_cert or args.tls_key:
+        raise ConfigError("a gossip run's rendezvous holds no state to resume and serves no TLS: drop --resume, "
+                          "--tls-cert and --tls-key")
+    server = RendezvousServer(cfg, bind=args.bind, run_dir=run_dir).start()
+    if args.address_file:
+        Path(args.address_file).write_text(server.address + "\n")
+    console.print(f"rendezvous for gossip run [bold]{server.rendezvous.run_id}[/bold] listening on "
+                  f"{server.address}; waiting for {cfg.cluster.workers} workers")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.wait_finished()
+        server.wait_departed(120.0)
+    finally:
+        summary = server.summary()
+        server.stop()
+    if server.run_dir is not None:
+        server.run_dir.write_summary(summary)
+        plot_loss(run_dir, summary)
+        plot_consensus(run_dir)
+    print_final([summary], console)
+    return 0
+
+
 def cmd_worker(args: argparse.Namespace, console: Console) -> int:
     from worker.client import CoordinatorClient
     from worker.faults import Faults
@@ -116,13 +149,42 @@ def cmd_worker(args: argparse.Namespace, console: Console) -> int:
 
     faults = Faults(step_delay_s=args.step_delay, crash_at_step=args.crash_at_step,
                     corrupt_replica_at_round=args.corrupt_replica_at_round)
-    result = run_grpc_worker(client, threads=args.threads, progress=show, faults=faults, worker_name=args.name)
+    try:
+        result = run_grpc_worker(client, threads=args.threads, progress=show, faults=faults, worker_name=args.name)
+    except grpc.RpcError as err:
+        # UNIMPLEMENTED before any join succeeded: the server is no star coordinator. A gossip run's coordinator
+        # serves only the Rendezvous service; nothing was joined, so nothing is left behind on it.
+        if err.code() is not grpc.StatusCode.UNIMPLEMENTED or client.run_id:
+            raise
+        client.close()
+        return _gossip_worker(args, console)
     client.close()
     if args.result_json:
         Path(args.result_json).write_text(json.dumps(asdict(result), indent=2) + "\n")
     console.print(f"{result.worker_id}: {result.rounds} rounds, {result.steps} steps, final eval loss "
                   f"{result.final_eval_loss}, sent {result.bytes_sent} B, received {result.bytes_received} B, "
                   f"{result.resyncs} resyncs")
+    return 0
+
+
+def _gossip_worker(args: argparse.Namespace, console: Console) -> int:
+    """`lowband worker` in a gossip run: serve the Peer service, enroll with the rendezvous, gossip."""
+    from worker.runners import run_p2p_worker
+
+    if args.tls_ca:
+        raise ConfigError("a gossip run's rendezvous and peer links carry no TLS (peers authenticate by the run's "
+                          "token): drop --tls-ca")
+    if args.step_delay or args.crash_at_step >= 0 or args.corrupt_replica_at_round >= 0:
+        raise ConfigError("--step-delay, --crash-at-step and --corrupt-replica-at-round apply to coordinated runs; "
+                          "this coordinator runs a gossip run")
+    result = run_p2p_worker(args.join, token=args.token, threads=args.threads, worker_name=args.name,
+                            bind=args.peer_bind, advertise=args.peer_advertise, retry_for_s=args.retry_for)
+    fields = asdict(result)
+    if args.result_json:
+        Path(args.result_json).write_text(json.dumps(fields, indent=2, default=str) + "\n")
+    shown = ", ".join(f"{k} {fields[k]}" for k in ("rounds", "steps", "final_eval_loss", "bytes_sent",
+                                                    "bytes_received") if k in fields)
+    console.print(f"gossip worker {fields.get('worker_id', fields.get('index', ''))}: {shown}")
     return 0
 
 
@@ -169,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrupt-replica-at-round", type=int, default=-1, metavar="R",
                    help="flip one parameter of the replica after round R (fault injection: the worker must resync)")
     p.add_argument("--result-json", default=None, help="write this worker's result (rounds, bytes, hashes) here")
+    p.add_argument("--peer-bind", default="127.0.0.1:0",
+                   help="gossip runs: HOST:PORT this worker's Peer service listens on (port 0 picks a free one)")
+    p.add_argument("--peer-advertise", default=None,
+                   help="gossip runs: the HOST (or HOST:PORT) peers dial to reach this worker (default: the bind host)")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("sample", help="print text generated by a trained run's final checkpoint")

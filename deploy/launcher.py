@@ -2,6 +2,11 @@
 and N workers as actors (grpc), N ranks that all-gather (allgather), or one actor holding the whole run
 (inproc); the DDP baseline as N ranks that all-reduce.
 
+Gossip (`protocol.kind: gossip`) runs in process only for now: one actor holds the rendezvous and every
+node as a thread (deploy/gossip_inproc.py). An actor rather than the driver, as for the coordinated
+in-process runs, so Ray reserves `workers x cpus_per_worker` CPUs for it and an `--address` cluster places
+it on a node with room; the driver only waits and draws the plots (consensus.png besides loss.png).
+
 The driver only schedules actors, shows progress and writes the human-facing files (summary.json,
 loss.png); the coordinator actor writes config.yaml, metrics.jsonl and the checkpoints itself.
 """
@@ -23,7 +28,7 @@ from rich.table import Table
 from coordinator.rundir import RunDir
 from deploy.actors import AllGatherActor, CoordinatorActor, DDPActor, InprocActor, WorkerActor
 from deploy.memory import ALLOCATOR_ENV
-from deploy.report import human_bytes, plot_loss, plot_utilization, span_rows
+from deploy.report import human_bytes, plot_consensus, plot_loss, plot_utilization, span_rows
 from protocols.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -221,7 +226,14 @@ def run(cfg: RunConfig, address: str | None = None, console: Console | None = No
     console = console or Console()
     run_dir = Path(cfg.run_dir).resolve() / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.protocol.coordinated and cfg.protocol.kind != "ddp":
+    gossip = cfg.protocol.kind == "gossip"
+    if gossip and cfg.cluster.transport != "inproc":
+        raise LaunchError(
+            f"`lowband run` runs gossip in process only for now (set cluster.transport: inproc); for "
+            f"cluster.transport {cfg.cluster.transport!r} start `lowband coordinator RECIPE` and one "
+            f"`lowband worker --join HOST:PORT` per node"
+        )
+    if not cfg.protocol.coordinated and cfg.protocol.kind not in ("ddp", "gossip"):
         raise LaunchError(f"protocol.kind {cfg.protocol.kind!r} has no runner in `lowband run` yet")
     start_ray(cfg, address)
     if cfg.protocol.kind == "ddp":
@@ -237,4 +249,6 @@ def run(cfg: RunConfig, address: str | None = None, console: Console | None = No
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot_loss(run_dir, summary)
     plot_utilization(run_dir)
+    if gossip:
+        plot_consensus(run_dir)
     return summary

@@ -123,6 +123,42 @@ def plot_utilization(run_dir: Path) -> Path | None:
     return path
 
 
+def consensus_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The gossip rounds of metrics.jsonl (rows the rendezvous wrote: they carry `consensus_distance`)."""
+    return [r for r in read_metrics(run_dir) if r.get("event") == "round" and "consensus_distance" in r]
+
+
+def plot_consensus(run_dir: Path) -> Path | None:
+    """consensus.png for a gossip run: the consensus distance by round (estimated from the workers'
+    sketches, log scale: gossip shrinks it geometrically between bursts of local training) and each
+    worker's training loss by round. None when metrics.jsonl has no gossip rounds."""
+    rows = consensus_rows(run_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    points = [(r["round"], r["consensus_distance"]) for r in rows if r["consensus_distance"]]
+    if points:
+        left.plot(*zip(*points, strict=True), marker="o")
+        left.set_yscale("log")
+    left.set(xlabel="round", ylabel="consensus distance", title="models' distance to their average")
+    for w in sorted({w for r in rows for w in r.get("loss_per_worker", {})}):
+        losses = [(r["round"], r["loss_per_worker"][w]) for r in rows if w in r.get("loss_per_worker", {})]
+        right.plot(*zip(*losses, strict=True), marker=".", label=w, alpha=0.7)
+    right.set(xlabel="round", ylabel="train loss", title="each worker's training loss")
+    if len(right.get_lines()) <= 16:
+        right.legend(fontsize="small")
+    fig.tight_layout()
+    path = run_dir / "consensus.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000:

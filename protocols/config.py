@@ -49,6 +49,9 @@ __all__ = [
     "to_yaml",
 ]
 
+# The protocol kind with no aggregator: workers mix models with their graph neighbours (protocols/gossip).
+GOSSIP = "gossip"
+
 if TYPE_CHECKING:
     ProtocolConfig = ProtocolSettings
 else:
@@ -74,6 +77,37 @@ class RunConfig(_Strict):
         if isinstance(data, dict) and isinstance(data.get("protocol"), dict):
             data = {**data, "protocol": {"kind": "diloco", **data["protocol"]}}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gossip_defaults_to_p2p(cls, data: Any) -> Any:
+        """A gossip config that names no transport runs over p2p: the star's default, grpc, cannot carry it."""
+        if not (isinstance(data, dict) and isinstance(data.get("protocol"), dict)):
+            return data
+        if data["protocol"].get("kind") != GOSSIP:
+            return data
+        cluster = data.get("cluster", {})
+        if isinstance(cluster, dict) and "transport" not in cluster:
+            return {**data, "cluster": {**cluster, "transport": "p2p"}}
+        if isinstance(cluster, ClusterConfig) and "transport" not in cluster.model_fields_set:
+            return {**data, "cluster": cluster.model_copy(update={"transport": "p2p"})}
+        return data
+
+    @model_validator(mode="after")
+    def _transport_fits_protocol(self) -> RunConfig:
+        """Gossip has no aggregator, so neither the star nor all-gather can run it; p2p carries gossip only."""
+        transport, kind = self.cluster.transport, self.protocol.kind
+        if kind == GOSSIP and transport in ("grpc", "allgather"):
+            raise ValueError(
+                f"cluster.transport {transport!r} needs an aggregator, and protocol 'gossip' has none: use 'p2p' "
+                f"(workers serve each other over gRPC, the coordinator only does rendezvous) or 'inproc' (one process)"
+            )
+        if kind != GOSSIP and transport == "p2p":
+            raise ValueError(
+                f"cluster.transport 'p2p' carries gossip only (protocol.kind 'gossip'); protocol {kind!r} runs over "
+                f"'grpc', 'allgather' or 'inproc'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _protocol_builds(self) -> RunConfig:

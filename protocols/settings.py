@@ -235,9 +235,12 @@ class ProtocolSettings(_Strict):
 
 class ClusterConfig(_Strict):
     # How updates move: grpc = star through the coordinator (workers only dial out); allgather = torch
-    # collectives inside one cluster, every rank aggregates; inproc = the coordinator's state machine in the
-    # same process (tests, simulation).
-    transport: Literal["grpc", "allgather", "inproc"] = "grpc"
+    # collectives inside one cluster, every rank aggregates; inproc = the coordinator's state machine (or, for
+    # gossip, the rendezvous and every node) in the same process (tests, simulation); p2p = gossip only: each
+    # worker serves the gRPC Peer service and sends to its graph neighbours, the coordinator only does
+    # rendezvous (who is in the run, where each peer listens) and never sees a tensor. A gossip config that
+    # names no transport gets p2p (protocols/config.py).
+    transport: Literal["grpc", "allgather", "inproc", "p2p"] = "grpc"
     # Order in which the aggregator folds a round's updates: arrival (memory: one accumulator) or worker
     # (join order, at close: reproducible float sums whatever the arrival order; keeps every update until
     # the round closes). all-gather ranks always fold in rank order.

@@ -4,6 +4,8 @@
 - `run_allgather_rank` / `run_allgather_local`: one rank of a torch.distributed job, or a local job of
   spawned ranks on loopback.
 - `run_inproc_worker`: a worker thread on an in-process state machine (`deploy/inproc.py`).
+- `run_p2p_worker`: a gossip worker: serve the Peer service, enroll with the run's rendezvous, gossip with
+  graph neighbours over gRPC (`lowband worker` against a gossip run's coordinator).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from protocols.registry import build_protocol
 from worker.client import CoordinatorClient
 from worker.ddp import resolve_backend
 from worker.faults import Faults
+from worker.gossip_loop import GossipLoop, GossipResult
 from worker.loop import Progress, RoundLoop, WorkerResult
 from worker.session import Session
 from worker.spawn import spawn_on_loopback
@@ -29,6 +32,7 @@ from worker.transports.base import Transport
 from worker.transports.grpc import GrpcTransport
 from worker.transports.inproc import InprocTransport
 from worker.transports.link import Link, LinkModel
+from worker.transports.p2p import P2PTransport
 
 
 def with_link(transport: Transport, cfg: RunConfig, index: int) -> Transport:
@@ -112,3 +116,27 @@ def run_allgather_local(
     """An all-gather job of `world_size` spawned ranks on loopback; their results, by rank."""
     target = functools.partial(run_allgather_rank, cfg=cfg, timeout_s=timeout_s)
     return spawn_on_loopback(target, world_size, num_threads=num_threads)
+
+
+def run_p2p_worker(
+    rendezvous: str,
+    token: str = "",
+    threads: int = 1,
+    worker_name: str = "",
+    bind: str = "127.0.0.1:0",
+    advertise: str | None = None,
+    retry_for_s: float = 60.0,
+    progress: Progress | None = None,
+) -> GossipResult:
+    """Serve the Peer service on `bind`, enroll with the gossip run's rendezvous at `rendezvous` (which assigns
+    this worker's node index and sends the run's config), gossip until the run is over; what this worker did."""
+    torch.set_num_threads(threads)
+    transport = P2PTransport(rendezvous, token, bind, advertise, worker_name, retry_for_s=retry_for_s)
+    try:
+        cfg = transport.enroll()
+        session = Session.build(cfg, transport.index, cfg.cluster.workers)
+        loop = GossipLoop(session, transport, progress=progress)
+        loop.run()
+    finally:
+        transport.close()
+    return loop.finish()  # after close: the byte counters include the leave

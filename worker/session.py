@@ -46,11 +46,14 @@ class Session:
         wrap: Callable[[nn.Module], nn.Module] | None = None,
         evaluates: bool = True,
     ) -> Session:
-        """Every worker seeds the same initial model; `wrap` (e.g. DistributedDataParallel) wraps it for
-        training; `evaluates` False skips building eval batches on workers that never evaluate."""
+        """Every worker seeds the same initial model (`cfg.seed`), except under a protocol section with
+        `independent_init: true` (gossip): worker `index` then seeds `cfg.seed + index`, so the workers start
+        from uncorrelated models. `wrap` (e.g. DistributedDataParallel) wraps the model for training;
+        `evaluates` False skips building eval batches on workers that never evaluate."""
         device = device or torch.device("cpu")
         corpus = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars)
-        torch.manual_seed(cfg.seed)
+        independent = bool(getattr(cfg.protocol, "independent_init", False))
+        torch.manual_seed(cfg.seed + index if independent else cfg.seed)
         model = GPT(cfg.model, corpus.tokenizer.vocab_size).to(device)
         batch, block = cfg.data.batch_size, cfg.model.block_size
         sampler = corpus.shard(index % workers, workers, cfg.data.split, cfg.seed).sampler(batch, block)

@@ -2,8 +2,8 @@
 
 Each round every worker takes `inner_steps` local steps, then `gossip_steps` gossip steps with its graph
 neighbours; the coordinator only does rendezvous (who is in, at which address), so the kind is not
-coordinated. Per round: H local steps -> Q gossip steps (scheme over the topology's mixing matrix) ->
-variance correction of the average (scheme average only) -> optional outer step on the result.
+coordinated. Per round: H local steps -> Q gossip steps (scheme over the topology's mixing matrix; with
+scheme average each step's average is variance-corrected) -> optional outer step on the result.
 
 What can only be checked once the number of workers n is known (a torus's shape, a k-regular graph's
 existence, epidemic fanout < n) is `GossipConfig.check_nodes(n)`.
@@ -89,11 +89,22 @@ class GossipConfig(ProtocolSettings):
     variance_correction: VarianceCorrectionConfig = VarianceCorrectionConfig()
     outer: GossipOuterConfig = GossipOuterConfig()
     seed: int = 0  # random_regular's graph and epidemic's per-step draws
+    # How long a node waits for a gossip step's messages; a neighbour whose message has not arrived by then
+    # is left out of that step (the mixing weights renormalized over what came), so a vanished peer costs
+    # its neighbours this much per step, never a hang.
+    peer_timeout_s: PositiveFloat = 30.0
+    # Each worker seeds its model with run seed + its index (the setting of Tian et al., whose variance
+    # correction matters most when the models being averaged are uncorrelated); False: every worker starts
+    # from the same model, as in D-PSGD (worker/session.py reads this).
+    independent_init: bool = False
 
     @model_validator(mode="after")
     def _combination_makes_sense(self) -> GossipConfig:
         for field, topology in (("rows", "torus"), ("degree", "random_regular"), ("fanout", "epidemic")):
-            if field in self.model_fields_set and self.topology != topology:
+            # Set *and* not the default: a resolved config written back as YAML (config.yaml, the rendezvous'
+            # copy for p2p workers) names every field, `rows: null` included, and must parse again.
+            default = type(self).model_fields[field].default
+            if field in self.model_fields_set and getattr(self, field) != default and self.topology != topology:
                 raise ValueError(f"protocol.{field} applies to topology {topology!r} only, not {self.topology!r}")
         if self.scheme == "push_sum" and self.topology not in DIRECTED:
             raise ValueError(

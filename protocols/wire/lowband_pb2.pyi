@@ -3,9 +3,11 @@
 isort:skip_file
 lowband wire protocol: how workers and the coordinator talk over gRPC.
 
-Workers only ever dial out to the coordinator (so NAT is fine); the coordinator never calls a worker.
+Workers only ever dial out to the coordinator (so NAT is fine); the coordinator never calls a worker. A gossip
+run is the exception on the worker side: there is no aggregator, each worker serves the Peer service and its
+graph neighbours dial it (so peers must be reachable), while the coordinator only serves the Rendezvous.
 Tensors never travel inside one message: they are cut into TensorChunk messages of 1-4 MiB and sent as a
-stream (PullState, PushUpdate), so a model of any size fits under the gRPC message limit, and the receiver
+stream (PullState, PushUpdate, Gossip), so a model of any size fits under the gRPC message limit, and the receiver
 can validate and fold an update while it is still arriving.
 
 Only protocols/wire/serde.py (with its tensor_chunks.py) touches the generated classes; the rest of lowband
@@ -949,3 +951,322 @@ class TensorChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TensorChunk: _TypeAlias = TensorChunk  # noqa: Y015
+
+@_typing.final
+class EnrollRequest(_message.Message):
+    """Enroll: a gossip worker asks to take part in the run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    hostname: _builtins.str
+    """Where the worker runs, for logs and the run summary only."""
+    address: _builtins.str
+    """HOST:PORT where this worker's Peer service listens; its neighbours dial it."""
+    @_builtins.property
+    def envelope(self) -> Global___Envelope:
+        """worker_id = requested id (may be empty), token and protocol_version are checked."""
+
+    def __init__(
+        self,
+        *,
+        envelope: Global___Envelope | None = ...,
+        hostname: _builtins.str = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "envelope", b"envelope", "hostname", b"hostname"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollRequest: _TypeAlias = EnrollRequest  # noqa: Y015
+
+@_typing.final
+class EnrollReply(_message.Message):
+    """Enroll: what a gossip worker needs to know to start training."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    WORKER_INDEX_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    CONFIG_YAML_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The id the rendezvous assigned; every later Envelope carries it."""
+    worker_index: _builtins.int
+    """0-based node index: this worker's place in the gossip graph and its data shard."""
+    run_id: _builtins.str
+    """The run joined; every later Envelope (peer messages included) carries it."""
+    config_yaml: _builtins.str
+    """The whole run configuration as YAML, so all workers train and gossip alike."""
+    heartbeat_interval_s: _builtins.float
+    """How often the worker must call Heartbeat, in seconds."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        worker_index: _builtins.int = ...,
+        run_id: _builtins.str = ...,
+        config_yaml: _builtins.str = ...,
+        heartbeat_interval_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_yaml", b"config_yaml", "heartbeat_interval_s", b"heartbeat_interval_s", "run_id", b"run_id", "worker_id", b"worker_id", "worker_index", b"worker_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollReply: _TypeAlias = EnrollReply  # noqa: Y015
+
+@_typing.final
+class RosterRequest(_message.Message):
+    """Roster: a worker tells the rendezvous it reached envelope.round and asks who is in the run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def envelope(self) -> Global___Envelope:
+        """Who asks; envelope.round is the round the worker is about to gossip in."""
+
+    def __init__(
+        self,
+        *,
+        envelope: Global___Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RosterRequest: _TypeAlias = RosterRequest  # noqa: Y015
+
+@_typing.final
+class RosterReply(_message.Message):
+    """Roster: the run as the rendezvous sees it for the asked round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AddressesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.int
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.int = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    """The round this roster is for."""
+    workers: _builtins.int
+    """Number of nodes of the gossip graph (the run's cluster.workers)."""
+    finished: _builtins.bool
+    """True: the run is over; the worker should leave."""
+    @_builtins.property
+    def addresses(self) -> _containers.ScalarMap[_builtins.int, _builtins.str]:
+        """Node index -> HOST:PORT of that worker's Peer service, for every enrolled node."""
+
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        workers: _builtins.int = ...,
+        finished: _builtins.bool = ...,
+        addresses: _abc.Mapping[_builtins.int, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "finished", b"finished", "round", b"round", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RosterReply: _TypeAlias = RosterReply  # noqa: Y015
+
+@_typing.final
+class ReportRequest(_message.Message):
+    """Report: one worker's metrics for one round."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def envelope(self) -> Global___Envelope:
+        """Who reports; envelope.round is the round the metrics are about."""
+
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Metrics by name (e.g. "train_loss", "eval_loss"); finite values only."""
+
+    def __init__(
+        self,
+        *,
+        envelope: Global___Envelope | None = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "metrics", b"metrics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportRequest: _TypeAlias = ReportRequest  # noqa: Y015
+
+@_typing.final
+class ReportReply(_message.Message):
+    """Report: acknowledgement; it carries nothing, the OK status is the answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportReply: _TypeAlias = ReportReply  # noqa: Y015
+
+@_typing.final
+class PeerHeader(_message.Message):
+    """First message of a Gossip stream: who sends what for which gossip step, and how much follows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    NUM_ENTRIES_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Gossip step (round * gossip_steps + q) the message belongs to."""
+    sender: _builtins.int
+    """The sender's node index (EnrollReply.worker_index)."""
+    weight: _builtins.float
+    """Push-sum's mass share sent along (1 for the other schemes); finite, > 0."""
+    num_entries: _builtins.int
+    """Number of tensors (entries) that follow."""
+    total_bytes: _builtins.int
+    """Sum of all component byte lengths that follow; checked against what arrives."""
+    @_builtins.property
+    def envelope(self) -> Global___Envelope:
+        """The sender's run id, worker id, round, protocol version and the run's token."""
+
+    def __init__(
+        self,
+        *,
+        envelope: Global___Envelope | None = ...,
+        step: _builtins.int = ...,
+        sender: _builtins.int = ...,
+        weight: _builtins.float = ...,
+        num_entries: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "num_entries", b"num_entries", "sender", b"sender", "step", b"step", "total_bytes", b"total_bytes", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerHeader: _TypeAlias = PeerHeader  # noqa: Y015
+
+@_typing.final
+class PeerChunk(_message.Message):
+    """One message of a Gossip stream: the header first, then only chunks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def header(self) -> Global___PeerHeader:
+        """First message, exactly once."""
+
+    @_builtins.property
+    def chunk(self) -> Global___TensorChunk:
+        """Every later message."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___PeerHeader | None = ...,
+        chunk: Global___TensorChunk | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___PeerChunk: _TypeAlias = PeerChunk  # noqa: Y015
+
+@_typing.final
+class PeerAck(_message.Message):
+    """Gossip: the message was checked and is in the receiver's inbox. A refused message gets an error status."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """The gossip step the receiver filed the message under."""
+    bytes_received: _builtins.int
+    """Serialized bytes of the stream as the receiver counted them."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        bytes_received: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_received", b"bytes_received", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PeerAck: _TypeAlias = PeerAck  # noqa: Y015

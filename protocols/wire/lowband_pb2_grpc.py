@@ -366,3 +366,342 @@ class Coordinator:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RendezvousStub:
+    """The rendezvous of a gossip run (protocol kind "gossip"): the coordinator's only job there. It knows who is in
+    the run, where each worker's Peer service listens and which round each reached; it never sees a tensor.
+    Every RPC is started by a worker; the models travel worker to worker over the Peer service.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Enroll = channel.unary_unary(
+                '/lowband.v1.Rendezvous/Enroll',
+                request_serializer=protocols_dot_wire_dot_lowband__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=protocols_dot_wire_dot_lowband__pb2.EnrollReply.FromString,
+                _registered_method=True)
+        self.Roster = channel.unary_unary(
+                '/lowband.v1.Rendezvous/Roster',
+                request_serializer=protocols_dot_wire_dot_lowband__pb2.RosterRequest.SerializeToString,
+                response_deserializer=protocols_dot_wire_dot_lowband__pb2.RosterReply.FromString,
+                _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/lowband.v1.Rendezvous/Report',
+                request_serializer=protocols_dot_wire_dot_lowband__pb2.ReportRequest.SerializeToString,
+                response_deserializer=protocols_dot_wire_dot_lowband__pb2.ReportReply.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/lowband.v1.Rendezvous/Heartbeat',
+                request_serializer=protocols_dot_wire_dot_lowband__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=protocols_dot_wire_dot_lowband__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/lowband.v1.Rendezvous/Leave',
+                request_serializer=protocols_dot_wire_dot_lowband__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=protocols_dot_wire_dot_lowband__pb2.LeaveReply.FromString,
+                _registered_method=True)
+
+
+class RendezvousServicer:
+    """The rendezvous of a gossip run (protocol kind "gossip"): the coordinator's only job there. It knows who is in
+    the run, where each worker's Peer service listens and which round each reached; it never sees a tensor.
+    Every RPC is started by a worker; the models travel worker to worker over the Peer service.
+    """
+
+    def Enroll(self, request, context):
+        """A worker announces itself with the address its Peer service listens on, and learns the run it joined.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Roster(self, request, context):
+        """The worker reached a round (envelope.round); the answer says who takes part and where they listen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Report(self, request, context):
+        """One round's metrics of a worker (losses, consensus sketch), for the run's metrics.jsonl.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """Periodic liveness signal, as for the Coordinator (inner_step, losses and bytes are informational).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Leave(self, request, context):
+        """A worker leaves the run for good; its peers stop waiting for it once the roster drops it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RendezvousServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=protocols_dot_wire_dot_lowband__pb2.EnrollRequest.FromString,
+                    response_serializer=protocols_dot_wire_dot_lowband__pb2.EnrollReply.SerializeToString,
+            ),
+            'Roster': grpc.unary_unary_rpc_method_handler(
+                    servicer.Roster,
+                    request_deserializer=protocols_dot_wire_dot_lowband__pb2.RosterRequest.FromString,
+                    response_serializer=protocols_dot_wire_dot_lowband__pb2.RosterReply.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=protocols_dot_wire_dot_lowband__pb2.ReportRequest.FromString,
+                    response_serializer=protocols_dot_wire_dot_lowband__pb2.ReportReply.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=protocols_dot_wire_dot_lowband__pb2.HeartbeatRequest.FromString,
+                    response_serializer=protocols_dot_wire_dot_lowband__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=protocols_dot_wire_dot_lowband__pb2.LeaveRequest.FromString,
+                    response_serializer=protocols_dot_wire_dot_lowband__pb2.LeaveReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lowband.v1.Rendezvous', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('lowband.v1.Rendezvous', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Rendezvous:
+    """The rendezvous of a gossip run (protocol kind "gossip"): the coordinator's only job there. It knows who is in
+    the run, where each worker's Peer service listens and which round each reached; it never sees a tensor.
+    Every RPC is started by a worker; the models travel worker to worker over the Peer service.
+    """
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lowband.v1.Rendezvous/Enroll',
+            protocols_dot_wire_dot_lowband__pb2.EnrollRequest.SerializeToString,
+            protocols_dot_wire_dot_lowband__pb2.EnrollReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Roster(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lowband.v1.Rendezvous/Roster',
+            protocols_dot_wire_dot_lowband__pb2.RosterRequest.SerializeToString,
+            protocols_dot_wire_dot_lowband__pb2.RosterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lowband.v1.Rendezvous/Report',
+            protocols_dot_wire_dot_lowband__pb2.ReportRequest.SerializeToString,
+            protocols_dot_wire_dot_lowband__pb2.ReportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lowband.v1.Rendezvous/Heartbeat',
+            protocols_dot_wire_dot_lowband__pb2.HeartbeatRequest.SerializeToString,
+            protocols_dot_wire_dot_lowband__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lowband.v1.Rendezvous/Leave',
+            protocols_dot_wire_dot_lowband__pb2.LeaveRequest.SerializeToString,
+            protocols_dot_wire_dot_lowband__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class PeerStub:
+    """One gossip worker as seen by another: every worker of a gossip run serves it, and its graph neighbours dial
+    in. There is no aggregator: each receiver mixes what its in-neighbours sent it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Gossip = channel.stream_unary(
+                '/lowband.v1.Peer/Gossip',
+                request_serializer=protocols_dot_wire_dot_lowband__pb2.PeerChunk.SerializeToString,
+                response_deserializer=protocols_dot_wire_dot_lowband__pb2.PeerAck.FromString,
+                _registered_method=True)
+
+
+class PeerServicer:
+    """One gossip worker as seen by another: every worker of a gossip run serves it, and its graph neighbours dial
+    in. There is no aggregator: each receiver mixes what its in-neighbours sent it.
+    """
+
+    def Gossip(self, request_iterator, context):
+        """Client stream of one gossip message: one PeerChunk with the header, then the tensor chunks. The receiver
+        checks the header (run, token, sender, step) before any payload is buffered, and the tensors against its
+        own model before the message enters its inbox; a refused message gets an error status and is never mixed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PeerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Gossip': grpc.stream_unary_rpc_method_handler(
+                    servicer.Gossip,
+                    request_deserializer=protocols_dot_wire_dot_lowband__pb2.PeerChunk.FromString,
+                    response_serializer=protocols_dot_wire_dot_lowband__pb2.PeerAck.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'lowband.v1.Peer', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('lowband.v1.Peer', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Peer:
+    """One gossip worker as seen by another: every worker of a gossip run serves it, and its graph neighbours dial
+    in. There is no aggregator: each receiver mixes what its in-neighbours sent it.
+    """
+
+    @staticmethod
+    def Gossip(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/lowband.v1.Peer/Gossip',
+            protocols_dot_wire_dot_lowband__pb2.PeerChunk.SerializeToString,
+            protocols_dot_wire_dot_lowband__pb2.PeerAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

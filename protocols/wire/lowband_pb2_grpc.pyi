@@ -3,9 +3,11 @@
 isort:skip_file
 lowband wire protocol: how workers and the coordinator talk over gRPC.
 
-Workers only ever dial out to the coordinator (so NAT is fine); the coordinator never calls a worker.
+Workers only ever dial out to the coordinator (so NAT is fine); the coordinator never calls a worker. A gossip
+run is the exception on the worker side: there is no aggregator, each worker serves the Peer service and its
+graph neighbours dial it (so peers must be reachable), while the coordinator only serves the Rendezvous.
 Tensors never travel inside one message: they are cut into TensorChunk messages of 1-4 MiB and sent as a
-stream (PullState, PushUpdate), so a model of any size fits under the gRPC message limit, and the receiver
+stream (PullState, PushUpdate, Gossip), so a model of any size fits under the gRPC message limit, and the receiver
 can validate and fold an update while it is still arriving.
 
 Only protocols/wire/serde.py (with its tensor_chunks.py) touches the generated classes; the rest of lowband
@@ -159,3 +161,137 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class RendezvousStub:
+    """The rendezvous of a gossip run (protocol kind "gossip"): the coordinator's only job there. It knows who is in
+    the run, where each worker's Peer service listens and which round each reached; it never sees a tensor.
+    Every RPC is started by a worker; the models travel worker to worker over the Peer service.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> RendezvousAsyncStub: ...
+    Enroll: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.EnrollRequest, _lowband_pb2.EnrollReply]
+    """A worker announces itself with the address its Peer service listens on, and learns the run it joined."""
+    Roster: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.RosterRequest, _lowband_pb2.RosterReply]
+    """The worker reached a round (envelope.round); the answer says who takes part and where they listen."""
+    Report: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.ReportRequest, _lowband_pb2.ReportReply]
+    """One round's metrics of a worker (losses, consensus sketch), for the run's metrics.jsonl."""
+    Heartbeat: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.HeartbeatRequest, _lowband_pb2.HeartbeatReply]
+    """Periodic liveness signal, as for the Coordinator (inner_step, losses and bytes are informational)."""
+    Leave: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.LeaveRequest, _lowband_pb2.LeaveReply]
+    """A worker leaves the run for good; its peers stop waiting for it once the roster drops it."""
+
+@_typing.type_check_only
+class RendezvousAsyncStub(RendezvousStub):
+    """The rendezvous of a gossip run (protocol kind "gossip"): the coordinator's only job there. It knows who is in
+    the run, where each worker's Peer service listens and which round each reached; it never sees a tensor.
+    Every RPC is started by a worker; the models travel worker to worker over the Peer service.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Enroll: _aio.UnaryUnaryMultiCallable[_lowband_pb2.EnrollRequest, _lowband_pb2.EnrollReply]  # type: ignore[assignment]
+    """A worker announces itself with the address its Peer service listens on, and learns the run it joined."""
+    Roster: _aio.UnaryUnaryMultiCallable[_lowband_pb2.RosterRequest, _lowband_pb2.RosterReply]  # type: ignore[assignment]
+    """The worker reached a round (envelope.round); the answer says who takes part and where they listen."""
+    Report: _aio.UnaryUnaryMultiCallable[_lowband_pb2.ReportRequest, _lowband_pb2.ReportReply]  # type: ignore[assignment]
+    """One round's metrics of a worker (losses, consensus sketch), for the run's metrics.jsonl."""
+    Heartbeat: _aio.UnaryUnaryMultiCallable[_lowband_pb2.HeartbeatRequest, _lowband_pb2.HeartbeatReply]  # type: ignore[assignment]
+    """Periodic liveness signal, as for the Coordinator (inner_step, losses and bytes are informational)."""
+    Leave: _aio.UnaryUnaryMultiCallable[_lowband_pb2.LeaveRequest, _lowband_pb2.LeaveReply]  # type: ignore[assignment]
+    """A worker leaves the run for good; its peers stop waiting for it once the roster drops it."""
+
+class RendezvousServicer(metaclass=_abc_1.ABCMeta):
+    """The rendezvous of a gossip run (protocol kind "gossip"): the coordinator's only job there. It knows who is in
+    the run, where each worker's Peer service listens and which round each reached; it never sees a tensor.
+    Every RPC is started by a worker; the models travel worker to worker over the Peer service.
+    """
+
+    @_abc_1.abstractmethod
+    def Enroll(
+        self,
+        request: _lowband_pb2.EnrollRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lowband_pb2.EnrollReply, _abc.Awaitable[_lowband_pb2.EnrollReply]]:
+        """A worker announces itself with the address its Peer service listens on, and learns the run it joined."""
+
+    @_abc_1.abstractmethod
+    def Roster(
+        self,
+        request: _lowband_pb2.RosterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lowband_pb2.RosterReply, _abc.Awaitable[_lowband_pb2.RosterReply]]:
+        """The worker reached a round (envelope.round); the answer says who takes part and where they listen."""
+
+    @_abc_1.abstractmethod
+    def Report(
+        self,
+        request: _lowband_pb2.ReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lowband_pb2.ReportReply, _abc.Awaitable[_lowband_pb2.ReportReply]]:
+        """One round's metrics of a worker (losses, consensus sketch), for the run's metrics.jsonl."""
+
+    @_abc_1.abstractmethod
+    def Heartbeat(
+        self,
+        request: _lowband_pb2.HeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lowband_pb2.HeartbeatReply, _abc.Awaitable[_lowband_pb2.HeartbeatReply]]:
+        """Periodic liveness signal, as for the Coordinator (inner_step, losses and bytes are informational)."""
+
+    @_abc_1.abstractmethod
+    def Leave(
+        self,
+        request: _lowband_pb2.LeaveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lowband_pb2.LeaveReply, _abc.Awaitable[_lowband_pb2.LeaveReply]]:
+        """A worker leaves the run for good; its peers stop waiting for it once the roster drops it."""
+
+def add_RendezvousServicer_to_server(servicer: RendezvousServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class PeerStub:
+    """One gossip worker as seen by another: every worker of a gossip run serves it, and its graph neighbours dial
+    in. There is no aggregator: each receiver mixes what its in-neighbours sent it.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> PeerAsyncStub: ...
+    Gossip: _grpc.StreamUnaryMultiCallable[_lowband_pb2.PeerChunk, _lowband_pb2.PeerAck]
+    """Client stream of one gossip message: one PeerChunk with the header, then the tensor chunks. The receiver
+    checks the header (run, token, sender, step) before any payload is buffered, and the tensors against its
+    own model before the message enters its inbox; a refused message gets an error status and is never mixed.
+    """
+
+@_typing.type_check_only
+class PeerAsyncStub(PeerStub):
+    """One gossip worker as seen by another: every worker of a gossip run serves it, and its graph neighbours dial
+    in. There is no aggregator: each receiver mixes what its in-neighbours sent it.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Gossip: _aio.StreamUnaryMultiCallable[_lowband_pb2.PeerChunk, _lowband_pb2.PeerAck]  # type: ignore[assignment]
+    """Client stream of one gossip message: one PeerChunk with the header, then the tensor chunks. The receiver
+    checks the header (run, token, sender, step) before any payload is buffered, and the tensors against its
+    own model before the message enters its inbox; a refused message gets an error status and is never mixed.
+    """
+
+class PeerServicer(metaclass=_abc_1.ABCMeta):
+    """One gossip worker as seen by another: every worker of a gossip run serves it, and its graph neighbours dial
+    in. There is no aggregator: each receiver mixes what its in-neighbours sent it.
+    """
+
+    @_abc_1.abstractmethod
+    def Gossip(
+        self,
+        request_iterator: _MaybeAsyncIterator[_lowband_pb2.PeerChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_lowband_pb2.PeerAck, _abc.Awaitable[_lowband_pb2.PeerAck]]:
+        """Client stream of one gossip message: one PeerChunk with the header, then the tensor chunks. The receiver
+        checks the header (run, token, sender, step) before any payload is buffered, and the tensors against its
+        own model before the message enters its inbox; a refused message gets an error status and is never mixed.
+        """
+
+def add_PeerServicer_to_server(servicer: PeerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -181,6 +181,73 @@ class RoundInfo:
     rounds_total: int
 
 
+# ---- gossip: the Rendezvous and Peer services -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnrollRequest:
+    """A gossip worker asks to join, giving the address its Peer service listens on."""
+
+    envelope: Envelope
+    hostname: str = ""
+    address: str = ""  # HOST:PORT of the worker's Peer service
+
+
+@dataclass(frozen=True)
+class EnrollReply:
+    worker_id: str
+    worker_index: int  # the worker's node index in the gossip graph, and its data shard
+    run_id: str
+    config_yaml: str
+    heartbeat_interval_s: float
+
+
+@dataclass(frozen=True)
+class RosterRequest:
+    """The sender reached `envelope.round`; who is in the run for it."""
+
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class RosterReply:
+    round: int
+    workers: int
+    finished: bool
+    addresses: dict[int, str] = field(default_factory=dict)  # node index -> Peer service HOST:PORT
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    """One worker's metrics for round `envelope.round`."""
+
+    envelope: Envelope
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReportReply:
+    """Acknowledgement of a Report; the OK status is the whole answer."""
+
+
+@dataclass(frozen=True)
+class PeerHeader:
+    """First message of a Gossip stream: node `sender`'s message for gossip step `step`."""
+
+    envelope: Envelope
+    step: int
+    sender: int
+    weight: float
+    num_entries: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class PeerAck:
+    step: int
+    bytes_received: int
+
+
 # Every message dataclass that `serde.to_pb` / `serde.from_pb` convert.
 Message = (
     Envelope
@@ -198,4 +265,12 @@ Message = (
     | PushReply
     | WaitRequest
     | RoundInfo
+    | EnrollRequest
+    | EnrollReply
+    | RosterRequest
+    | RosterReply
+    | ReportRequest
+    | ReportReply
+    | PeerHeader
+    | PeerAck
 )

@@ -5,6 +5,8 @@
 - `push_stream` / `read_push`, `pull_stream` / `read_pull`: a header plus payloads <-> the message streams
   of the PushUpdate and PullState RPCs (tensor chunking lives in `tensor_chunks.py`).
 - `aggregate_stream` / `read_aggregate`: one round's `Aggregate` <-> the PullAggregate stream.
+- `peer_stream` / `read_peer`: one gossip message (a `PeerHeader` plus payloads) <-> the Gossip stream of
+  the Peer service, which workers of a gossip run serve to each other.
 - `state_hash`: the replica digest, so every worker can check it holds the same replica.
 - `update_to_bytes` / `update_from_bytes`: one update (payloads + weight) <-> a single self-checking byte
   string, for transports that move opaque buffers (the torch all-gather of `worker/transports/allgather.py`).
@@ -51,9 +53,11 @@ __all__ = [
     "aggregate_stream",
     "encode_entries",
     "from_pb",
+    "peer_stream",
     "pull_stream",
     "push_stream",
     "read_aggregate",
+    "read_peer",
     "read_pull",
     "read_push",
     "state_hash",
@@ -65,7 +69,8 @@ __all__ = [
 _MESSAGE_TYPES: tuple[type, ...] = (
     m.Envelope, m.JoinRequest, m.JoinReply, m.HeartbeatRequest, m.HeartbeatReply, m.LeaveRequest,
     m.LeaveReply, m.PullRequest, m.StateHeader, m.PushHeader, m.PushReply, m.WaitRequest, m.RoundInfo,
-    m.AggregateRequest, m.AggregateHeader,
+    m.AggregateRequest, m.AggregateHeader, m.EnrollRequest, m.EnrollReply, m.RosterRequest, m.RosterReply,
+    m.ReportRequest, m.ReportReply, m.PeerHeader, m.PeerAck,
 )  # fmt: skip
 # Dataclasses and protobuf messages share their names, so the pairing is by name.
 _BY_PB_NAME: dict[str, type] = {cls.__name__: cls for cls in _MESSAGE_TYPES}
@@ -136,6 +141,12 @@ def from_pb(message: Any, expected: type[Any] | None = None) -> Any:
             values[f.name] = _ENUMS_FROM_PB[enum_cls][raw]
         elif f.name == "metrics":
             values[f.name] = dict(message.metrics)
+            if cls is m.ReportRequest:  # a push's metrics are judged by the state machine; a report's only here
+                bad = {k: v for k, v in values[f.name].items() if not math.isfinite(v)}
+                if bad:
+                    raise WireError(f"{where} must be finite, got {bad}")
+        elif f.name == "addresses":
+            values[f.name] = dict(message.addresses)
         elif f.name == "relayed_weights":
             weights = tuple(message.relayed_weights)
             if not all(math.isfinite(w) and w > 0 for w in weights):
@@ -143,8 +154,8 @@ def from_pb(message: Any, expected: type[Any] | None = None) -> Any:
             values[f.name] = weights
         else:
             values[f.name] = getattr(message, f.name)
-    if cls is m.PushHeader and not (math.isfinite(values["weight"]) and values["weight"] > 0):
-        raise WireError(f"PushHeader.weight must be finite and positive, got {values['weight']}")
+    if cls in (m.PushHeader, m.PeerHeader) and not (math.isfinite(values["weight"]) and values["weight"] > 0):
+        raise WireError(f"{name}.weight must be finite and positive, got {values['weight']}")
     result: m.Message = cls(**values)
     return result
 
@@ -156,7 +167,7 @@ def _check_header_totals(kind: str, declared: tuple[int, int], entries: Mapping[
 
 
 def _stream(
-    wrapper: Any, header: PushHeader | StateHeader | m.AggregateHeader, entries: Mapping[str, Payload],
+    wrapper: Any, header: PushHeader | StateHeader | m.AggregateHeader | m.PeerHeader, entries: Mapping[str, Payload],
     chunk_bytes: int,
 ) -> Iterator[Any]:  # fmt: skip
     """`wrapper(header=...)` first, then `wrapper(chunk=...)` for every chunk of every entry."""
@@ -289,6 +300,21 @@ def read_pull(
         if got != header.state_hash:
             raise WireError(f"pulled state hashes to {got}, the header says {header.state_hash}")
     return header, entries
+
+
+def peer_stream(
+    header: m.PeerHeader, entries: Mapping[str, Payload], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.PeerChunk]:
+    """The Gossip request stream: the header, then every entry's chunks."""
+    return _stream(pb.PeerChunk, header, entries, chunk_bytes)
+
+
+def read_peer(
+    messages: Iterable[pb.PeerChunk], max_total_bytes: int, on_header: Callable[[m.PeerHeader], None] | None = None
+) -> tuple[m.PeerHeader, dict[str, Payload]]:
+    """Receive a Gossip stream: the validated header and the payloads, or WireError naming the problem.
+    `on_header` sees the header before any chunk is read, and may refuse the message by raising."""
+    return _read_stream(messages, m.PeerHeader, max_total_bytes, on_header)
 
 
 def state_hash(params: Mapping[str, torch.Tensor]) -> str:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 import protocols
 from compression import registry as codec_registry
@@ -110,8 +111,30 @@ def test_cluster_transport_accepts_the_three_transports(transport: str) -> None:
 
 
 def test_cluster_transport_rejects_others_naming_the_field_and_the_choices() -> None:
-    with pytest.raises(ConfigError, match=r"'cluster\.transport'.*'grpc', 'allgather' or 'inproc'"):
+    with pytest.raises(ConfigError, match=r"'cluster\.transport'.*'grpc', 'allgather', 'inproc' or 'p2p'"):
         load_config(None, ["cluster.transport=udp"])
+
+
+def test_a_gossip_config_that_names_no_transport_runs_over_p2p_and_keeps_it_through_yaml() -> None:
+    cfg = load_config(None, ["protocol.kind=gossip"])
+    assert cfg.cluster.transport == "p2p"
+    assert load_config(None, ["protocol.kind=gossip", "cluster.transport=inproc"]).cluster.transport == "inproc"
+    # The rendezvous sends the config to p2p workers as YAML: it must come back whole.
+    assert parse_config(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+@pytest.mark.parametrize("transport", ["grpc", "allgather"])
+def test_gossip_refuses_the_transports_that_need_an_aggregator(transport: str) -> None:
+    with pytest.raises(ConfigError, match=rf"cluster\.transport '{transport}' needs an aggregator, and protocol "
+                                          r"'gossip' has none: use 'p2p' .* or 'inproc'"):
+        load_config(None, ["protocol.kind=gossip", f"cluster.transport={transport}"])
+
+
+@pytest.mark.parametrize("kind", ["diloco", "sparseloco", "ddp"])
+def test_p2p_carries_gossip_only(kind: str) -> None:
+    with pytest.raises(ConfigError, match=rf"cluster\.transport 'p2p' carries gossip only .*; protocol '{kind}' "
+                                          r"runs over 'grpc', 'allgather' or 'inproc'"):
+        load_config(None, [f"protocol.kind={kind}", "cluster.transport=p2p"])
 
 
 # Every codec the registry knows (the config spells the lossless one "none", not "dense"), "auto" and "sparse".

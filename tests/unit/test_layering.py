@@ -28,7 +28,9 @@ CONTRACTS = {
     "layers": "Layers: deploy -> coordinator | worker -> protocols -> compression",
     "compression-pure": "Compression imports no protocols.wire, grpc, protobuf or ray",
     "protocols-pure": "Pure protocol modules import no protocols.wire, grpc, protobuf or ray",
-    "wire-grpc-only-in-pb2-grpc": "In protocols.wire only the generated lowband_pb2_grpc imports grpc",
+    "wire-grpc-only-in-pb2-grpc": (
+        "In protocols.wire only the generated lowband_pb2_grpc and the servicers' shared servicing import grpc"
+    ),
     "coordinator-state-no-transport": "The coordinator state machine imports no grpc and no protocols.wire",
     "pb2-only-via-serde": "Only wire.serde, wire.tensor_chunks and lowband_pb2_grpc import lowband_pb2",
     "ray-only-in-deploy": "Ray appears only in deploy",

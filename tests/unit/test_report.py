@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deploy.report import eval_curve, plot_utilization, span_rows
+from deploy.report import consensus_rows, eval_curve, plot_consensus, plot_utilization, span_rows
 
 
 def test_round_evals_sit_at_the_totals_before_their_round(tmp_path: Path) -> None:
@@ -46,3 +46,22 @@ def test_span_rows_average_the_ranks_spans_round_by_round_and_keep_each_ranks_ut
 def test_no_utilization_plot_without_span_times(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "eval", "step": 0, "eval_loss": 4.0}) + "\n")
     assert plot_utilization(tmp_path) is None and not (tmp_path / "utilization.png").exists()
+
+
+def test_gossip_rounds_draw_consensus_png_and_their_evals_sit_on_the_loss_curve(tmp_path: Path) -> None:
+    rows = [{"event": "round", "round": r, "train_loss": 4.0 - r, "eval_loss": 4.2 - r if r == 0 else None,
+             "loss_per_worker": {"w0": 4.0 - r, "w1": 4.1 - r}, "consensus_distance": 1.0 / (r + 1),
+             "tokens": 100 * (r + 1), "bytes_total_per_worker": 10 * (r + 1)} for r in range(3)]
+    rows.append({"event": "final", "round": 3, "eval_loss": 1.5, "consensus_distance": None, "tokens": 300,
+                 "bytes_total_per_worker": 30})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["round"] for r in consensus_rows(tmp_path)] == [0, 1, 2]  # the final row is not a round
+    path = plot_consensus(tmp_path)
+    assert path == tmp_path / "consensus.png" and path.stat().st_size > 0
+    summary = {"final_eval_loss": 1.5, "tokens": 300, "bytes_total_per_worker": 30.0}
+    assert eval_curve(tmp_path, summary) == [(0.0, 0.0, 4.2), (300.0, 30.0, 1.5)]
+
+
+def test_no_consensus_plot_for_a_run_without_gossip_rounds(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"event": "round", "round": 0, "tokens": 1}) + "\n")
+    assert plot_consensus(tmp_path) is None and not (tmp_path / "consensus.png").exists()

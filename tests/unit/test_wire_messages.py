@@ -64,6 +64,16 @@ EXAMPLES: list[m.Message] = [
     m.PushReply(accepted=True, round=13, bytes_received=123456),
     m.WaitRequest(ENV, after_round=12, max_wait_s=30.0),
     m.RoundInfo(round=13, phase=m.Phase.FINISHED, state_hash="cd" * 32, rounds_total=20),
+    # gossip: the Rendezvous and Peer services
+    m.EnrollRequest(ENV, hostname="gpu-box", address="10.1.2.3:50051"),
+    m.EnrollReply(worker_id="w3", worker_index=3, run_id="run-7", config_yaml="protocol:\n  kind: gossip\n",
+                  heartbeat_interval_s=2.5),
+    m.RosterRequest(ENV),
+    m.RosterReply(round=12, workers=4, finished=False, addresses={0: "a:1", 1: "b:2", 3: "[::1]:3"}),
+    m.ReportRequest(ENV, metrics={"train_loss": 2.25, "sketch.0": -1e-3}),
+    m.ReportReply(),
+    m.PeerHeader(ENV, step=25, sender=3, weight=0.125, num_entries=40, total_bytes=2**33),
+    m.PeerAck(step=25, bytes_received=2**33 + 99),
 ]
 
 
