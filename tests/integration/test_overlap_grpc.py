@@ -1,7 +1,7 @@
 """A 4-worker CO2 run over gRPC on an emulated 50 Mbit/s link: real coordinator and worker processes.
 
-H=64 inner steps of the tiny model take longer than its exchange on that link, so with overlap the
-workers should (almost) never wait: the recorded blocked fraction of every round is asserted near zero.
+H=64 inner steps of the tiny model take longer than its exchange on that link, so with overlap a worker
+waits only for what of an exchange outlasted the compute it ran under: asserted on the recorded spans.
 """
 
 from __future__ import annotations
@@ -55,9 +55,17 @@ def test_four_worker_co2_run_on_an_emulated_slow_link_completes_and_learns(tmp_p
     for row in rounds_logged:
         assert sorted(row["utilization_per_worker"]) == sorted(row["workers"]) and len(row["workers"]) == 4
         assert row["compute_s"] <= row["wall_s"] and 0 < row["compute_utilization"] <= 1
-    # The wait for the exchange is hidden under the next round's compute: next to nothing is blocked over
-    # the run. (Summed over rounds: four workers share two cores here, so one round may wait for a
-    # descheduled straggler's update.)
-    blocked = sum(row["blocked_s"] for row in rounds_logged) / sum(row["wall_s"] for row in rounds_logged)
-    assert blocked < 0.1, [(row["blocked_s"], row["wall_s"]) for row in rounds_logged]
+    # A worker blocks only for what of an exchange outlasted the compute it ran under. Round t's span waits
+    # for the exchange handed off at the start of round t-1's span (comm_s: hand-off to result), which
+    # ran under all of round t-1's span: so blocked_s <= max(0, comm_s - previous wall_s). A synchronous
+    # loop waits for the whole exchange after its hand-off (blocked ~ comm_s) and fails this. Asserted per
+    # span on the recorded times, so a straggler descheduled on a loaded machine (which lengthens comm_s,
+    # the wait for every update) cannot fail it.
+    hidden = 0
+    for r in results:
+        for before, span in zip(r["spans"], r["spans"][1:], strict=False):
+            outlasted = max(0.0, span["comm_s"] - before["wall_s"])
+            assert span["blocked_s"] <= outlasted + 0.05, (before, span)
+            hidden += span["comm_s"] > 0 and outlasted == 0.0
+    assert hidden > 0  # some exchange ran entirely under compute, and nobody waited for it
     assert (run_dir / "utilization.png").stat().st_size > 0
