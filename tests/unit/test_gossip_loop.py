@@ -125,7 +125,7 @@ class DropsItsMessages(PeerTransport):
 
 
 def test_a_node_whose_messages_never_arrive_is_skipped_after_the_timeout_and_everyone_finishes() -> None:
-    cfg = config(peer_timeout_s=0.3)
+    cfg = config(peer_timeout_s=1.0)
     summary, results = run_inproc_gossip(cfg, wrap=lambda i, t: DropsItsMessages(t) if i == 3 else t)
     by_index = {r.index: r for r in results}
     assert all(r.rounds == ROUNDS and r.final_eval_loss is not None for r in results)
