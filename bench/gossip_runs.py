@@ -32,6 +32,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from bench.transport_rounds import _grpc_worker  # one DiLoCo worker of the gRPC star, one torch thread
 from protocols.config import RunConfig, parse_config
 
 # 2 layers, 32 wide, block 32: ~28k parameters (0.11 MB of fp32), small enough that 16 nodes as threads of
@@ -159,18 +160,6 @@ def _p2p_worker(address: str, results: Any) -> None:
     from worker.runners import run_p2p_worker
 
     results.put(run_p2p_worker(address, token=TOKEN, threads=1, retry_for_s=120.0))
-
-
-def _grpc_worker(address: str, results: Any) -> None:
-    """Spawned: one DiLoCo worker of the gRPC star, one torch thread."""
-    from worker.client import CoordinatorClient
-    from worker.runners import run_grpc_worker
-
-    client = CoordinatorClient(address)
-    try:
-        results.put(run_grpc_worker(client, threads=1))
-    finally:
-        client.close()
 
 
 def _collect(results: Any, procs: list[Any], count: int, timeout_s: float) -> list[Any]:

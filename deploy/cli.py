@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from importlib.resources import files
 from pathlib import Path
@@ -74,7 +75,7 @@ def _read_tls(cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
 
 def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
     from coordinator.server import CoordinatorServer
-    from deploy.report import plot_loss, plot_utilization, print_final
+    from deploy.report import plot_utilization
 
     cfg = _load(args)
     if args.token:
@@ -84,10 +85,19 @@ def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
         return _serve_rendezvous(cfg, args, run_dir, console)
     server = CoordinatorServer(cfg, bind=args.bind, run_dir=run_dir, resume=args.resume,
                                tls=_read_tls(args.tls_cert, args.tls_key)).start()
+    what = f"coordinator for run [bold]{server.state.run_id}[/bold]"
+    return _serve_until_finished(server, what, cfg, args, console, plot_utilization)
+
+
+def _serve_until_finished(server: Any, what: str, cfg: RunConfig, args: argparse.Namespace, console: Console,
+                          plot: Callable[[Path], object]) -> int:
+    """Announce `server`, wait until its run finished and its workers left, then write the summary and plots
+    (`plot`: the run kind's own, beside loss.png) and print the final table."""
+    from deploy.report import plot_loss, print_final
+
     if args.address_file:
         Path(args.address_file).write_text(server.address + "\n")
-    console.print(f"coordinator for run [bold]{server.state.run_id}[/bold] listening on {server.address}; "
-                  f"waiting for {cfg.cluster.workers} workers")
+    console.print(f"{what} listening on {server.address}; waiting for {cfg.cluster.workers} workers")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.wait_finished()
@@ -97,8 +107,8 @@ def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
         server.stop()
     if server.run_dir is not None:
         server.run_dir.write_summary(summary)
-        plot_loss(run_dir, summary)
-        plot_utilization(run_dir)
+        plot_loss(server.run_dir.path, summary)
+        plot(server.run_dir.path)
     print_final([summary], console)
     return 0
 
@@ -106,7 +116,7 @@ def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
 def _serve_rendezvous(cfg: RunConfig, args: argparse.Namespace, run_dir: Path, console: Console) -> int:
     """`lowband coordinator` for a gossip run: only the rendezvous (the models go worker to worker)."""
     from coordinator.rendezvous_server import RendezvousServer
-    from deploy.report import plot_consensus, plot_loss, print_final
+    from deploy.report import plot_consensus
 
     if cfg.cluster.transport != "p2p":
         raise ConfigError(f"a gossip run over cluster.transport {cfg.cluster.transport!r} runs in one process "
@@ -115,23 +125,8 @@ def _serve_rendezvous(cfg: RunConfig, args: argparse.Namespace, run_dir: Path, c
         raise ConfigError("a gossip run's rendezvous holds no state to resume and serves no TLS: drop --resume, "
                           "--tls-cert and --tls-key")
     server = RendezvousServer(cfg, bind=args.bind, run_dir=run_dir).start()
-    if args.address_file:
-        Path(args.address_file).write_text(server.address + "\n")
-    console.print(f"rendezvous for gossip run [bold]{server.rendezvous.run_id}[/bold] listening on "
-                  f"{server.address}; waiting for {cfg.cluster.workers} workers")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        server.wait_finished()
-        server.wait_departed(120.0)
-    finally:
-        summary = server.summary()
-        server.stop()
-    if server.run_dir is not None:
-        server.run_dir.write_summary(summary)
-        plot_loss(run_dir, summary)
-        plot_consensus(run_dir)
-    print_final([summary], console)
-    return 0
+    what = f"rendezvous for gossip run [bold]{server.rendezvous.run_id}[/bold]"
+    return _serve_until_finished(server, what, cfg, args, console, plot_consensus)
 
 
 def cmd_worker(args: argparse.Namespace, console: Console) -> int:
