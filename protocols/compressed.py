@@ -27,7 +27,8 @@ from protocols.base import Accumulator, CheckedUpdate, MeanAccumulator, Protocol
 from protocols.co2_kernels import co2_outer_step, eager_start
 from protocols.outer import nesterov_sgd
 from protocols.replica import Params, Replica
-from protocols.settings import CompressionConfig, DownlinkConfig, OverlapConfig, ProtocolSettings
+from protocols.robust import RobustAccumulator
+from protocols.settings import CompressionConfig, DownlinkConfig, OverlapConfig, ProtocolSettings, RobustConfig
 
 # Config fields that are codec parameters (the rest describe error feedback).
 CODEC_FIELDS = ("density", "chunk", "rank", "seed", "value_dtype", "range_sigmas")
@@ -42,6 +43,7 @@ class AveragingSettings(ProtocolSettings):
     compression: CompressionConfig = CompressionConfig()
     downlink: DownlinkConfig = DownlinkConfig()
     overlap: OverlapConfig = OverlapConfig()
+    robust: RobustConfig = RobustConfig()
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
         nesterov: bool,
         compression: Compression = NO_COMPRESSION,
         overlap: OverlapConfig | None = None,
+        robust: RobustConfig | None = None,
     ) -> None:
         name = type(self).__name__
         if outer_lr <= 0.0:
@@ -178,6 +181,10 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
         self.nesterov = nesterov
         self.compression = compression
         self.overlap = overlap or OverlapConfig()
+        self.robust = robust or RobustConfig()
+        if self.robust.kind != "none" and compression.keeps_shift:
+            raise ValueError(f"{name} robust.kind {self.robust.kind!r} needs an aggregate that averages the sent "
+                             f"messages; with compression.shift the aggregate averages every worker's shift")
         if self.overlap.eager and not self.overlap.enabled:
             raise ValueError(f"{name} overlap.eager needs overlap.enabled: eager is a variant of the overlapped step")
         if self.overlap.eager and compression.keeps_shift:
@@ -261,11 +268,13 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
         return WorkerShifts() if self.compression.keeps_shift else None
 
     def new_round(self) -> Accumulator:
-        return ShiftAccumulator() if self.compression.keeps_shift else MeanAccumulator()
+        if self.compression.keeps_shift:
+            return ShiftAccumulator()
+        return MeanAccumulator() if self.robust.kind == "none" else RobustAccumulator(self.robust)
 
     def round_mean(self, acc: Accumulator) -> Params:
         """The mean decoded message of the round (subclasses with their own accumulator override)."""
-        if not isinstance(acc, MeanAccumulator):
+        if not isinstance(acc, MeanAccumulator | RobustAccumulator):
             raise TypeError(f"{type(self).__name__} aggregates a MeanAccumulator, got {type(acc).__name__}")
         return acc.mean()
 

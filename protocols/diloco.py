@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 from protocols.compressed import AveragingProtocol, AveragingSettings, Compression
-from protocols.settings import OverlapConfig
+from protocols.settings import OverlapConfig, RobustConfig
 
 
 class DiLoCoConfig(AveragingSettings):
@@ -39,8 +39,10 @@ class DiLoCo(AveragingProtocol):
         nesterov: bool = True,
         compression: Compression | None = None,
         overlap: OverlapConfig | None = None,
+        robust: RobustConfig | None = None,
     ) -> None:
-        super().__init__(outer_lr, outer_momentum, nesterov, compression=compression or Compression(), overlap=overlap)
+        super().__init__(outer_lr, outer_momentum, nesterov, compression=compression or Compression(), overlap=overlap,
+                         robust=robust)
 
     @classmethod
     def from_settings(cls, settings: DiLoCoConfig) -> DiLoCo:
@@ -51,4 +53,5 @@ class DiLoCo(AveragingProtocol):
             nesterov=settings.nesterov,
             compression=Compression.from_config(settings.compression, "protocol.compression"),
             overlap=settings.overlap,
+            robust=settings.robust,
         )

@@ -24,7 +24,7 @@ from typing import Literal
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from protocols.compressed import AveragingProtocol, AveragingSettings, Compression
-from protocols.settings import Codec, CompressionConfig, FeedbackKind, OverlapConfig
+from protocols.settings import Codec, CompressionConfig, FeedbackKind, OverlapConfig, RobustConfig
 
 
 class EControlCompression(CompressionConfig):
@@ -64,8 +64,10 @@ class EControl(AveragingProtocol):
         outer_momentum: float = 0.0,
         compression: Compression = PAPER_COMPRESSION,
         overlap: OverlapConfig | None = None,
+        robust: RobustConfig | None = None,
     ) -> None:
-        super().__init__(outer_lr, outer_momentum, nesterov=False, compression=compression, overlap=overlap)
+        super().__init__(outer_lr, outer_momentum, nesterov=False, compression=compression, overlap=overlap,
+                         robust=robust)
 
     @classmethod
     def from_settings(cls, settings: EControlConfig) -> EControl:
@@ -74,4 +76,5 @@ class EControl(AveragingProtocol):
             outer_momentum=settings.outer_momentum,
             compression=Compression.from_config(settings.compression, "protocol.compression"),
             overlap=settings.overlap,
+            robust=settings.robust,
         )

@@ -196,6 +196,16 @@ class OverlapConfig(_Strict):
     eager: bool = False
 
 
+class RobustConfig(_Strict):
+    """Robust aggregation (protocols/robust.py): `none` averages; `trimmed_mean` drops, per coordinate, the
+    `trim` fraction of the workers' values at each end; `median_norm_clip` scales each worker's update of a
+    tensor to at most the median norm across the workers. For averaged dense messages (not shifts, not
+    SparseLoCo, whose own `clip_to_median_norm` clips per chunk)."""
+
+    kind: Literal["none", "trimmed_mean", "median_norm_clip"] = "none"
+    trim: float = Field(0.25, ge=0.0, lt=0.5)
+
+
 DownlinkCodec = Literal[Codec, "auto", "sparse"]
 
 

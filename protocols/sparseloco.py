@@ -202,6 +202,9 @@ class SparseLoCo(AveragingProtocol):
 
     @classmethod
     def from_settings(cls, settings: SparseLoCoConfig) -> SparseLoCo:
+        if settings.robust.kind != "none":
+            raise ValueError(f"sparseloco aggregates sparse coordinates: robust.kind {settings.robust.kind!r} is "
+                             f"for dense messages; use protocol.clip_to_median_norm (per chunk) instead")
         return cls(
             outer_lr=settings.outer_lr,
             outer_momentum=settings.outer_momentum,

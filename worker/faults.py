@@ -8,6 +8,10 @@ import signal
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
+from compression.payload import dense, dense_values
+from protocols.base import Update
 from protocols.replica import Replica
 
 
@@ -16,12 +20,28 @@ class Faults:
     step_delay_s: float = 0.0  # added to every inner step: simulates a slower machine
     crash_at_step: int = -1  # SIGKILL this process when the inner step counter reaches this value
     corrupt_replica_at_round: int = -1  # after applying this round's aggregate, flip one parameter's value
+    # > 0: every update this worker sends is Gaussian noise of this many times its own norm (a broken or
+    # malicious worker; dense updates only), to try robust aggregation against.
+    garbage_scale: float = 0.0
 
     def before_step(self, step: int) -> None:
         if self.crash_at_step >= 0 and step >= self.crash_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.step_delay_s > 0:
             time.sleep(self.step_delay_s)
+
+    def corrupt_update(self, update: Update) -> Update:
+        """The update this worker really sends: its own, or scaled garbage (`garbage_scale`)."""
+        if self.garbage_scale <= 0:
+            return update
+        payloads = {}
+        for name, payload in update.payloads.items():
+            if payload.codec != "dense":
+                raise ValueError(f"faults.garbage_scale corrupts dense updates only; {name!r} is {payload.codec!r}")
+            value = dense_values(payload)
+            noise = torch.randn_like(value)
+            payloads[name] = dense(noise * (self.garbage_scale * value.norm() / noise.norm().clamp_min(1e-30)))
+        return replace(update, payloads=payloads)
 
     def after_apply(self, replica: Replica) -> Replica:
         """The replica, corrupted once if this is the round to corrupt (a new dict; nothing shared is touched)."""

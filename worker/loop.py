@@ -221,6 +221,7 @@ class RoundLoop:
             losses.append(session.trainer.step())
             transport.report(session.trainer.step_count, losses[-1], None)
         update, state = self.protocol.make_update(session.params(), start, state)
+        update = self.faults.corrupt_update(update)
         compute_s = time.perf_counter() - began
         metrics.update(train_loss=sum(losses) / max(len(losses), 1), tokens=float(steps * session.tokens_per_step))
         span = self._span(round_, compute_s)
