@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from deploy.inproc import run_inproc
 from compression.payload import dense
+from deploy.inproc import run_inproc
 from protocols.base import CheckedUpdate, Decoded, Update
 from protocols.config import ConfigError
 from protocols.robust import RobustAccumulator, median_norm_clipped_mean, trimmed_mean
@@ -53,9 +53,9 @@ def test_the_robust_aggregate_does_not_depend_on_arrival_order() -> None:
 
 
 def test_robust_aggregation_is_refused_where_it_cannot_apply() -> None:
-    with pytest.raises(ConfigError, match="robust.kind 'trimmed_mean' needs an aggregate that averages"):
+    with pytest.raises(ConfigError, match=r"robust\.kind 'trimmed_mean' needs an aggregate that averages"):
         tiny_config(protocol={"kind": "econtrol", "robust": {"kind": "trimmed_mean"}})
-    with pytest.raises(ConfigError, match="use protocol.clip_to_median_norm"):
+    with pytest.raises(ConfigError, match=r"use protocol\.clip_to_median_norm"):
         tiny_config(protocol={"kind": "sparseloco", "robust": {"kind": "median_norm_clip"}})
 
 
@@ -70,7 +70,7 @@ def _final_loss(robust: str, garbage: bool) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        summary, results = run_inproc(cfg, faults=faults)
+        _, results = run_inproc(cfg, faults=faults)
     finally:
         torch.set_num_threads(threads)
     losses = [r.final_eval_loss for r in results if r.final_eval_loss is not None]
