@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ class CoordinatorRun:
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, resume: str | Path | None = None) -> None:
         self.cfg = cfg
         self.run_dir = RunDir(run_dir, cfg) if run_dir is not None else None
+        # Called with every closed round's record (e.g. `lowband coordinator`'s plain line per round).
+        self.round_listeners: list[Callable[[RoundRecord], None]] = []
         self.state = CoordinatorState(cfg, build_protocol(cfg), on_round=self._on_round)
         if resume is not None:
             ckpt = load_checkpoint(resume)
@@ -96,6 +99,8 @@ class CoordinatorRun:
         }
 
     def _on_round(self, record: RoundRecord, aggregator: RoundAggregator) -> None:
+        for listener in self.round_listeners:
+            listener(record)
         if self.run_dir is None:
             return
         self.run_dir.log_round(record)

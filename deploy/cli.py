@@ -75,7 +75,7 @@ def _read_tls(cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
 
 def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
     from coordinator.server import CoordinatorServer
-    from deploy.report import plot_utilization
+    from deploy.report import plot_utilization, round_line
 
     cfg = _load(args)
     if args.token:
@@ -85,6 +85,9 @@ def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
         return _serve_rendezvous(cfg, args, run_dir, console)
     server = CoordinatorServer(cfg, bind=args.bind, run_dir=run_dir, resume=args.resume,
                                tls=_read_tls(args.tls_cert, args.tls_key)).start()
+    rounds = server.state.total_rounds
+    server.round_listeners.append(
+        lambda record: console.print(round_line(asdict(record), rounds), highlight=False, soft_wrap=True))
     what = f"coordinator for run [bold]{server.state.run_id}[/bold]"
     return _serve_until_finished(server, what, cfg, args, console, plot_utilization)
 

@@ -92,6 +92,21 @@ def _progress_table(cfg: RunConfig, prog: dict[str, Any], started: float) -> Tab
     return table
 
 
+def _progress_line(prog: dict[str, Any], started: float) -> str:
+    """The live table as one plain line: where the run is, and its workers' mean losses and bytes."""
+    workers = prog["workers"].values()
+
+    def mean(key: str) -> str:
+        values = [w[key] for w in workers if w.get(key) is not None]
+        return f"{sum(values) / len(values):.4f}" if values else "-"
+
+    sent = sum(w["bytes_sent"] for w in workers) / max(len(workers), 1)
+    received = sum(w["bytes_received"] for w in workers) / max(len(workers), 1)
+    return (f"round {prog['round']}/{prog['rounds']} ({prog['phase']}), {time.monotonic() - started:.0f} s: "
+            f"{sum(1 for w in workers if w['alive'])} workers alive, train loss {mean('loss')}, "
+            f"eval loss {mean('eval_loss')}, {human_bytes(sent)} sent and {human_bytes(received)} received per worker")
+
+
 def merge_worker_results(summary: dict[str, Any], results: list[dict[str, Any]], started: float) -> dict[str, Any]:
     """The run summary with what the workers measured themselves: bytes both ways (every message they sent
     or received), tokens, final eval, resyncs, averaged per worker."""
@@ -125,11 +140,16 @@ def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: lis
     refs = [w.run.remote(address, cfg.cluster.token, _threads(cfg), f) for w, f in zip(workers, faults, strict=True)]
     finish = coord.finish.remote(FINAL_EVAL_GRACE_S)
     started = time.monotonic()
+    shown = -1  # the last round printed as a plain line (output that is not a terminal gets no live table)
     with Live(console=console, refresh_per_second=2, transient=not console.is_terminal) as live:
         pending = list(refs)
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            live.update(_progress_table(cfg, ray.get(coord.progress.remote()), started))
+            prog = ray.get(coord.progress.remote())
+            live.update(_progress_table(cfg, prog, started))
+            if not console.is_terminal and prog["round"] > shown:
+                shown = prog["round"]
+                console.print(_progress_line(prog, started), highlight=False, soft_wrap=True)
     results: list[dict[str, Any]] = []
     for i, ref in enumerate(refs):
         try:

@@ -159,6 +159,19 @@ def plot_consensus(run_dir: Path) -> Path | None:
     return path
 
 
+def round_line(record: dict[str, Any], rounds: int) -> str:
+    """One closed round as a plain line, for logs and output that is not a terminal."""
+    def num(key: str, fmt: str) -> str:
+        value = record.get(key)
+        return "-" if value is None else format(value, fmt)
+
+    return (f"round {record['round'] + 1}/{rounds} closed ({record['closed_by']}): {len(record['workers'])} workers, "
+            f"train loss {num('train_loss', '.4f')}, eval loss {num('eval_loss', '.4f')}, "
+            f"{human_bytes(record['bytes_sent_per_worker'])} sent and "
+            f"{human_bytes(record['bytes_received_per_worker'])} received per worker so far, "
+            f"utilization {num('compute_utilization', '.2f')}, {record['seconds']:.1f} s")
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000:

@@ -20,6 +20,10 @@ def test_coordinator_and_two_workers_complete_two_rounds(tmp_path: Path) -> None
     for i, w in enumerate(workers):
         assert finish(w, 180, tmp_path / f"worker{i}.log") == 0, (tmp_path / f"worker{i}.log").read_text()
     assert finish(coord, 180, tmp_path / "coordinator.log") == 0
+    # Not a terminal: the coordinator says as each round closes, in a plain line.
+    lines = [line for line in (tmp_path / "coordinator.log").read_text().splitlines() if line.startswith("round ")]
+    assert [line.split(" closed")[0] for line in lines] == ["round 1/2", "round 2/2"], lines
+    assert all("2 workers" in line and "train loss" in line and "received per worker" in line for line in lines)
 
     run_dir = tmp_path / "runs" / "tiny"
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -28,6 +28,9 @@ def test_lowband_run_through_ray_writes_every_file(tmp_path: Path) -> None:
     recipe = write_recipe(cfg, tmp_path / "raytiny.yaml")
     done = _lowband_run(recipe)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Its output is not a terminal: progress comes as plain lines, the first at round 0 of 2.
+    progress = [line for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert progress and progress[0].startswith("round 0/2") and "workers alive" in progress[0], done.stdout[-3000:]
 
     run_dir = tmp_path / "runs" / "raytiny"
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "checkpoint.pt"):
