@@ -31,8 +31,9 @@ Measurement. Eval loss after k rounds (k = 0..R): for gossip, the rendezvous' me
 mean over the workers of each worker's *own* model's eval loss, taken at the start of round k (row R: each
 worker's final model); there is no global model, and this is not the loss of the averaged model. For
 DiLoCo, the shared replica's eval loss at the start of round k (mean over the workers, who all hold it).
-`bytes_total_per_worker` is the whole run's bytes per worker, sent + received; `bytes_to_target_per_worker`
-the cumulative bytes per worker after `rounds_to_target` rounds.
+`bytes_sent_per_worker` / `bytes_received_per_worker` / `bytes_total_per_worker` are the whole run's bytes per
+worker, each way and both; `bytes_to_target_per_worker` the cumulative bytes per worker after
+`rounds_to_target` rounds.
 
 Target. At each (nodes, transport), `target_eval_loss` is DiLoCo's final eval loss (after all R rounds).
 `rounds_to_target` is the smallest k with eval loss after k rounds <= the target (None: never within R
@@ -58,8 +59,8 @@ from bench.gossip_runs import BATCH, CONTENDERS, EVAL_BATCHES, GOSSIP, MODEL, Cu
 
 RATIO_TARGET = 1.2  # best VC topology's rounds to DiLoCo's loss, at most this times DiLoCo's
 COLUMNS = ["contender", "nodes", "transport", "rounds", "rounds_to_target", "rounds_to_target_vs_diloco",
-           "target_eval_loss", "final_eval_loss", "bytes_to_target_per_worker", "bytes_total_per_worker",
-           "consensus_distance_final", "seconds"]
+           "target_eval_loss", "final_eval_loss", "bytes_to_target_per_worker", "bytes_sent_per_worker",
+           "bytes_received_per_worker", "bytes_total_per_worker", "consensus_distance_final", "seconds"]
 
 
 @dataclass
@@ -93,6 +94,8 @@ def row_of(contender: str, nodes: int, transport: str, grid: Grid, curve: Curve)
         "rounds": len(evals) - 1, "steps_per_worker": grid.steps, "inner_steps": grid.inner_steps,
         "target_eval_loss": None, "rounds_to_target": None, "rounds_to_target_vs_diloco": None,
         "bytes_to_target_per_worker": None,
+        "bytes_sent_per_worker": curve.final_bytes_sent_per_worker,
+        "bytes_received_per_worker": curve.final_bytes_received_per_worker,
         "bytes_total_per_worker": curve.final_bytes_total_per_worker,
         "initial_eval_loss": evals[0], "final_eval_loss": evals[-1],
         "min_eval_loss": min((e for e in evals if e is not None), default=None),

@@ -101,6 +101,8 @@ class Curve:
     bytes_total_per_worker: list[float]  # cumulative, sent + received, mean over workers
     consensus_distance: list[float | None] = field(default_factory=list)  # after round r (r = 0..R-1)
     final_bytes_total_per_worker: float = 0.0  # the whole run's (leave and final reports included)
+    final_bytes_sent_per_worker: float = 0.0  # of which sent
+    final_bytes_received_per_worker: float = 0.0  # and received
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -119,7 +121,8 @@ def gossip_curve(rows: list[dict[str, Any]], summary: dict[str, Any], seconds: f
     distances = [by_round[k]["consensus_distance"] if k in by_round else None for k in range(total)]
     keys = ("skipped_messages", "refused_messages", "rendezvous_bytes_total_per_worker")
     extra: dict[str, Any] = {k: summary[k] for k in keys if k in summary}
-    return Curve(evals, moved, distances, float(summary["bytes_total_per_worker"]), seconds, extra)
+    return Curve(evals, moved, distances, float(summary["bytes_total_per_worker"]),
+                 float(summary["bytes_sent_per_worker"]), float(summary["bytes_received_per_worker"]), seconds, extra)
 
 
 def diloco_curve(results: list[Any], summary: dict[str, Any] | None, seconds: float) -> Curve:
@@ -132,10 +135,13 @@ def diloco_curve(results: list[Any], summary: dict[str, Any] | None, seconds: fl
     total = max(points) if points else 0
     evals = [sum(e for e, _ in points[k]) / len(points[k]) if k in points else None for k in range(total + 1)]
     moved = [sum(b for _, b in points[k]) / len(points[k]) if k in points else float("nan") for k in range(total + 1)]
-    final = (float(summary["bytes_total_per_worker"]) if summary is not None
-             else sum(r.bytes_sent + r.bytes_received for r in results) / max(len(results), 1))
+    if summary is not None:
+        sent, received = float(summary["bytes_sent_per_worker"]), float(summary["bytes_received_per_worker"])
+    else:
+        n = max(len(results), 1)
+        sent, received = sum(r.bytes_sent for r in results) / n, sum(r.bytes_received for r in results) / n
     # One replica, digest-checked every round: the workers' models are identical, distance 0 by construction.
-    return Curve(evals, moved, [0.0] * total, final, seconds)
+    return Curve(evals, moved, [0.0] * total, sent + received, sent, received, seconds)
 
 
 def run_inproc(contender: str, nodes: int, steps: int, inner_steps: int) -> Curve:

@@ -4,7 +4,8 @@ CI has no GPU, so these paths are checked by hand on a lent machine: `python -m 
 allows one NCCL rank (NCCL refuses two ranks on one device), so every run here has world size 1: what it
 checks is that the whole path runs on CUDA tensors through NCCL and learns, not the collective's maths
 (the CPU suite checks those over gloo). Rows: contender, backend, device, eval loss at the start and at
-the end, seconds per inner step, and bytes per worker both ways; written to bench/results/gpu_check.json.
+the end, seconds per inner step, and bytes per worker sent, received and both; written to
+bench/results/gpu_check.json.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def run(name: str, steps: int) -> dict[str, Any]:
     wall = time.perf_counter() - began
     return {"contender": name, "backend": result["backend"], "device": torch.cuda.get_device_name(0),
             "eval_loss_start": first, "eval_loss_end": last, "learned": last < first - 0.1,
-            "seconds_per_step": wall / steps, "bytes_total_per_worker": result["bytes_total"]}
+            "seconds_per_step": wall / steps, "bytes_sent_per_worker": result["bytes_sent"],
+            "bytes_received_per_worker": result["bytes_received"], "bytes_total_per_worker": result["bytes_total"]}
 
 
 def main() -> None:
@@ -64,7 +66,7 @@ def main() -> None:
         parser.error("no CUDA GPU is visible: this check needs one (the CPU suite covers gloo)")
     rows = [run(name, args.steps) for name in args.contenders]
     columns = ["contender", "backend", "device", "eval_loss_start", "eval_loss_end", "learned",
-               "seconds_per_step", "bytes_total_per_worker"]
+               "seconds_per_step", "bytes_sent_per_worker", "bytes_received_per_worker", "bytes_total_per_worker"]
     write_result("gpu_check", command_line("bench.gpu_check"), rows, columns)
 
 

@@ -4,7 +4,8 @@ Two workers run dense DiLoCo with one inner step per round on a GPT of a fixed s
 round loop (`worker/loop.py`), once over each transport: the gRPC star (a coordinator process and two
 `run_grpc_worker` processes on loopback) and all-gather (two gloo ranks). A row reports the median seconds
 per round (train step, exchange, apply, digest check) after `warmup` rounds, the slower worker's, and the
-bytes a worker sent, received and both per round (averaged over the workers and over every round run).
+bytes a worker sent, received and both over the run and per round (averaged over the workers and over every
+round run).
 `seconds_vs_grpc` is the ratio to the gRPC row.
 """
 
@@ -70,6 +71,8 @@ def _row(transport: str, cfg: RunConfig, per_worker: list[tuple[list[float], int
     timed = [seconds[warmup:] for seconds, _, _ in per_worker]
     slower = [max(step) for step in zip(*timed, strict=True)]
     rounds = cfg.rounds
+    sent = sum(sent for _, sent, _ in per_worker) / len(per_worker)  # per worker, the whole run
+    received = sum(received for _, _, received in per_worker) / len(per_worker)
     return {
         "contender": f"rounds-{transport}",
         "transport": transport,
@@ -78,9 +81,12 @@ def _row(transport: str, cfg: RunConfig, per_worker: list[tuple[list[float], int
         "seconds": statistics.median(slower),
         "seconds_min": min(slower),
         "seconds_max": max(slower),
-        "bytes_sent_per_round": sum(sent for _, sent, _ in per_worker) / len(per_worker) / rounds,
-        "bytes_received_per_round": sum(received for _, _, received in per_worker) / len(per_worker) / rounds,
-        "bytes_total_per_round": sum(sent + received for _, sent, received in per_worker) / len(per_worker) / rounds,
+        "bytes_sent_per_worker": sent,
+        "bytes_received_per_worker": received,
+        "bytes_total_per_worker": sent + received,
+        "bytes_sent_per_round": sent / rounds,
+        "bytes_received_per_round": received / rounds,
+        "bytes_total_per_round": (sent + received) / rounds,
     }
 
 
