@@ -52,6 +52,15 @@ class WorkerResult:
     wall_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """An overlapped round whose exchange is in flight."""
+
+    round: int
+    handle: Handle[RoundResult]
+    update: Update
+
+
 class RoundLoop:
     """Runs one worker's rounds: `run()` until the aggregator says the run is finished."""
 
@@ -150,10 +159,9 @@ class RoundLoop:
         if status.round != replica.round and not status.finished:
             replica = self._resync(f"the run is at round {status.round}, the replica at {replica.round}")
         round_ = status.round
-        pending: tuple[int, Handle[RoundResult]] | None = None
+        pending: _Pending | None = None  # the round in flight: its number, handle and the update it carries
         fresh: Update | None = None  # this worker's update of the round before, and the one before that
         stale: Update | None = None
-        pending_update: Update | None = None
         while round_ < self.session.cfg.rounds:
             began = time.perf_counter()
             start = replica.params
@@ -162,21 +170,21 @@ class RoundLoop:
             handle, state, compute_s, update = self._train(round_, replica, start, state)
             stale, fresh = fresh, update
             waited = time.perf_counter()
-            if pending is not None and pending_update is not None:
-                replica, state = self._absorb_withdrawing(pending, pending_update, replica, state)
+            if pending is not None:
+                replica, state = self._absorb_withdrawing(pending, replica, state)
             self._account(began, compute_s, time.perf_counter() - waited)
-            pending, pending_update, round_ = (round_, handle), update, round_ + 1
-        if pending is not None and pending_update is not None:
-            replica, state = self._absorb_withdrawing(pending, pending_update, replica, state)
+            pending, round_ = _Pending(round_, handle, update), round_ + 1
+        if pending is not None:
+            replica, state = self._absorb_withdrawing(pending, replica, state)
         return replica, self.transport.status(replica.round - 1)
 
-    def _absorb_withdrawing(self, pending: tuple[int, Handle[RoundResult]], update: Update, replica: Replica,
+    def _absorb_withdrawing(self, pending: _Pending, replica: Replica,
                             state: Any) -> tuple[Replica, Any]:
         """Absorb an overlapped round's outcome; a refused update goes back into the worker state."""
-        outcome = self._await(pending[1])
+        outcome = self._await(pending.handle)
         if not outcome.accepted:
-            state = self.protocol.withdraw(update, state)
-        return self._absorb(pending[0], outcome, replica), state
+            state = self.protocol.withdraw(pending.update, state)
+        return self._absorb(pending.round, outcome, replica), state
 
     def _await(self, handle: Handle[RoundResult]) -> RoundResult:
         """An exchange's result; the wait is blocked time and the exchange's duration communication time,
