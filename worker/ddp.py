@@ -21,7 +21,6 @@ import datetime
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from worker.link_hook import LinkHook, ring_allreduce_bytes
 from worker.session import Session
 from worker.spawn import pin_gloo_to_loopback, spawn_on_loopback
 from worker.trainer import params_digest
-from worker.transports.link import LinkModel
+from worker.transports.link import worker_link
 
 
 def resolve_backend(requested: str) -> str:
@@ -91,9 +90,9 @@ def run_ddp_worker(
             device = torch.device("cuda", rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
         device_ids = [device.index] if device.type == "cuda" else None
-        if cfg.link is not None:
-            link = LinkModel(**asdict(cfg.link.for_worker(rank, cfg.seed)))
-            link_hook = LinkHook(link, world_size, seed=cfg.seed * 1009 + rank)
+        link = worker_link(cfg, rank)
+        if link is not None:
+            link_hook = LinkHook(link[0], world_size, seed=link[1])
 
         def wrap(model: torch.nn.Module) -> torch.nn.Module:
             ddp = DistributedDataParallel(model, device_ids=device_ids)

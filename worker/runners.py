@@ -31,17 +31,18 @@ from worker.transports.allgather import AllGatherTransport, process_group
 from worker.transports.base import Transport
 from worker.transports.grpc import GrpcTransport
 from worker.transports.inproc import InprocTransport
-from worker.transports.link import Link, LinkModel
+from worker.transports.link import Link, worker_link
 from worker.transports.p2p import P2PTransport
 
 
 def with_link(transport: Transport, cfg: RunConfig, index: int) -> Transport:
     """The transport, behind worker `index`'s emulated link if the run has one (`LinkConfig.for_worker`: its
     own bandwidth, latency, jitter and loss when they vary per worker; each worker its own jitter stream)."""
-    if cfg.link is None:
+    link = worker_link(cfg, index)
+    if link is None:
         return transport
-    model = LinkModel(**asdict(cfg.link.for_worker(index, cfg.seed)))
-    return Link(transport, model, seed=cfg.seed * 1009 + index)
+    model, seed = link
+    return Link(transport, model, seed=seed)
 
 
 def _run(session: Session, transport: Transport, progress: Progress | None, faults: Faults | None) -> WorkerResult:

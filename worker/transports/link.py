@@ -18,9 +18,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from protocols.base import Update
+from protocols.config import RunConfig
 from protocols.replica import Params, Replica
 from worker.transports.base import Handle, RoundResult, RoundStatus, Transport
 
@@ -49,6 +50,14 @@ class LinkModel:
     def wire_bytes(self, nbytes: int) -> float:
         """Bytes the link carries for `nbytes` of payload: lost packets are sent again."""
         return nbytes / (1.0 - self.loss)
+
+
+def worker_link(cfg: RunConfig, index: int) -> tuple[LinkModel, int] | None:
+    """Worker `index`'s emulated link in run `cfg` (`LinkConfig.for_worker`) and the seed of its own jitter
+    stream; None when the run has no `link:` block."""
+    if cfg.link is None:
+        return None
+    return LinkModel(**asdict(cfg.link.for_worker(index, cfg.seed))), cfg.seed * 1009 + index
 
 
 class TokenBucket:
