@@ -40,25 +40,36 @@ def eval_curve(run_dir: Path, summary: dict[str, Any]) -> list[tuple[float, floa
     return points
 
 
-def plot_loss(run_dir: Path, summary: dict[str, Any]) -> Path:
+def _two_panels(width: float) -> tuple[Any, Any, Any]:
+    """A figure of two side-by-side panels, drawn off-screen: (figure, left axes, right axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (left, right) = plt.subplots(1, 2, figsize=(width, 4))
+    return fig, left, right
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(run_dir: Path, summary: dict[str, Any]) -> Path:
     points = eval_curve(run_dir, summary)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, left, right = _two_panels(10)
     if points:
         tokens, sent, loss = zip(*points, strict=True)
         left.plot(tokens, loss, marker="o")
         right.plot(sent, loss, marker="o")
     left.set(xlabel="tokens (all workers)", ylabel="eval loss", title=f"{summary.get('name', '')}: loss vs tokens")
     right.set(xlabel="bytes per worker (sent + received)", ylabel="eval loss", title="loss vs bytes on the wire")
-    fig.tight_layout()
-    path = run_dir / "loss.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, run_dir / "loss.png")
 
 
 def span_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -93,13 +104,8 @@ def plot_utilization(run_dir: Path) -> Path | None:
     rows = utilization_rows(run_dir)
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rounds = [r["round"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, left, right = _two_panels(11)
     workers = sorted({w for r in rows for w in r.get("utilization_per_worker", {})})
     for w in workers:
         points = [(r["round"], r["utilization_per_worker"][w]) for r in rows
@@ -116,11 +122,7 @@ def plot_utilization(run_dir: Path) -> Path | None:
     right.bar(rounds, rest, bottom=[c + b for c, b in zip(compute, blocked, strict=True)], label="other")
     right.set(xlabel="round", ylabel="seconds (mean over workers)", title="where a round's time went")
     right.legend(fontsize="small")
-    fig.tight_layout()
-    path = run_dir / "utilization.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, run_dir / "utilization.png")
 
 
 def consensus_rows(run_dir: Path) -> list[dict[str, Any]]:
@@ -135,12 +137,7 @@ def plot_consensus(run_dir: Path) -> Path | None:
     rows = consensus_rows(run_dir)
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, left, right = _two_panels(11)
     points = [(r["round"], r["consensus_distance"]) for r in rows if r["consensus_distance"]]
     if points:
         left.plot(*zip(*points, strict=True), marker="o")
@@ -152,11 +149,7 @@ def plot_consensus(run_dir: Path) -> Path | None:
     right.set(xlabel="round", ylabel="train loss", title="each worker's training loss")
     if len(right.get_lines()) <= 16:
         right.legend(fontsize="small")
-    fig.tight_layout()
-    path = run_dir / "consensus.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, run_dir / "consensus.png")
 
 
 def round_line(record: dict[str, Any], rounds: int) -> str:
