@@ -25,6 +25,7 @@ from protocols.settings import (
     DataConfig,
     DownlinkConfig,
     LinkConfig,
+    LowRankConfig,
     ModelConfig,
     ProtocolSettings,
     TrainConfig,
@@ -39,6 +40,7 @@ __all__ = [
     "DataConfig",
     "DownlinkConfig",
     "LinkConfig",
+    "LowRankConfig",
     "ModelConfig",
     "ProtocolConfig",
     "RunConfig",
@@ -70,6 +72,11 @@ class RunConfig(_Strict):
     # None: the transport's own speed; else every worker's transport is wrapped in an emulated link, its own
     # when the block varies per worker (`LinkConfig.for_worker`).
     link: LinkConfig | None = None
+    # None: every weight trains, as in the paper of each protocol; else adapters or GaLore (LowRankConfig).
+    lowrank: LowRankConfig | None = None
+    # Initial weights: a lowband run directory (its checkpoint.pt; a run trained with adapters must be
+    # exported first, `lowband export`) or a checkpoint file. None: the seed's random initialization.
+    init_from: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -117,6 +124,18 @@ class RunConfig(_Strict):
             protocol = protocol_class(self.protocol.kind).from_settings(self.protocol)
             Downlink.from_config(getattr(self.protocol, "downlink"), protocol)  # noqa: B009
         self.protocol.check_cluster(self.cluster.workers)
+        return self
+
+    @model_validator(mode="after")
+    def _adapters_share_a_base(self) -> RunConfig:
+        """Adapters train against one frozen base on every worker; independently seeded models have none."""
+        method = self.lowrank.method if self.lowrank is not None else None
+        if method in ("lora", "pissa") and getattr(self.protocol, "independent_init", False):
+            raise ValueError(
+                f"lowrank.method {method!r} trains adapters over one frozen base shared by every "
+                "worker, but protocol.independent_init gives each worker its own random model: set "
+                "protocol.independent_init false (or train every weight)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -26,13 +26,30 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """A nanoGPT-style decoder. The defaults train on 2 CPU cores in minutes."""
+    """The model every worker trains.
 
+    `kind: gpt` (default) is the nanoGPT-style decoder of worker/model.py, shaped by the fields below; the
+    defaults train on 2 CPU cores in minutes. `kind: hf` is a Hugging Face `transformers` causal LM read from
+    the local directory `path` (its `config.json`, and its weights when the directory has them; never a hub
+    download), needing the extra `lowband[hf]`; of the fields below it uses only `block_size` (the context the
+    data is cut to, at most the model's own), its architecture and dropout being the HF config's.
+    """
+
+    kind: Literal["gpt", "hf"] = "gpt"
+    path: str | None = None  # kind hf: a directory with config.json (and optionally weights)
     n_layer: PositiveInt = 2
     n_head: PositiveInt = 4
     n_embd: PositiveInt = 128
     block_size: PositiveInt = 64
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _hf_has_a_path(self) -> ModelConfig:
+        if self.kind == "hf" and not self.path:
+            raise ValueError("model.kind 'hf' needs model.path: a local directory holding the model's config.json")
+        if self.kind == "gpt" and self.path is not None:
+            raise ValueError("model.path is for model.kind 'hf'; a 'gpt' model is shaped by n_layer, n_head, n_embd")
+        return self
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -46,6 +63,9 @@ class DataConfig(_Strict):
 
     # iid: every worker samples the whole training text; by_play: each worker gets whole plays.
     split: Literal["iid", "by_play"] = "iid"
+    # Which plays the run reads (worker/data.py FINETUNE_PLAYS): all of them, all but the held-out fine-tuning
+    # plays (pretraining), or only those (the fine-tuning task of lora-finetune.yaml).
+    plays: Literal["all", "pretrain", "finetune"] = "all"
     eval_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     batch_size: PositiveInt = 16
     # Cap on characters read (0 = the whole corpus); small caps make fast tests.
@@ -221,6 +241,29 @@ class DownlinkConfig(CompressionConfig):
 
     codec: DownlinkCodec = "auto"  # type: ignore[assignment]
     error_feedback: FeedbackKind = "ef14"
+
+
+class LowRankConfig(_Strict):
+    """Low-rank local training (worker/lowrank.py), composing with every protocol that trains locally.
+
+    - `lora` / `pissa`: adapters through `peft` on the linear layers whose names match `target_modules`
+      (peft's rule: a name equal to, or ending in `.` + , an entry). The base weights are frozen; only the
+      adapter factors train, and only they cross the wire. `pissa` is peft's PiSSA initialization (the
+      principal singular directions of each target weight start in the adapter, the residual stays frozen).
+      The adapter update is `(alpha / rank) * B A`.
+    - `galore`: every weight trains; 2-D weights of the target modules keep AdamW's moments in a rank-`rank`
+      projection (`galore-torch`), refreshed every `update_proj_gap` steps and scaled by `galore_scale`.
+      The wire carries every weight, as without `lowrank:`; what it saves is optimizer memory.
+    """
+
+    method: Literal["lora", "pissa", "galore"]
+    rank: PositiveInt = 8
+    alpha: PositiveInt = 16
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # The GPT's attention and MLP projections; an HF model names its own (e.g. q_proj, v_proj).
+    target_modules: list[str] = Field(default_factory=lambda: ["qkv", "proj", "fc"], min_length=1)
+    update_proj_gap: PositiveInt = 200  # galore
+    galore_scale: PositiveFloat = 0.25  # galore
 
 
 class ProtocolSettings(_Strict):

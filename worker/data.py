@@ -12,6 +12,10 @@ Shards (`Corpus.shard`): `iid` gives every worker the whole train text with its 
 `by_play` deals whole plays to workers (largest first, each to the least-loaded worker) for the
 non-IID setting of federated and DiLoCo papers. The loaded corpus is cached per process because several
 workers may share one.
+
+Plays (`Corpus.select`): the romances (`FINETUNE_PLAYS`) are held out of pretraining (`pretrain`) and are the
+fine-tuning task (`finetune`, lora-finetune.yaml): a genre of its own that a pretrained model has not read.
+The vocabulary is always that of every play, so a checkpoint fits whichever subset comes next.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ _HEADING = re.compile(r"^#+\s*")
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")
 _ESCAPE = re.compile(r"\\(.)")
 _BLANK_RUNS = re.compile(r"\n{3,}")
+
+FINETUNE_PLAYS = ("romances/a-winter-s-tale", "romances/cymbeline", "romances/pericles", "romances/the-tempest")
 
 
 def clean_markdown(md: str) -> str:
@@ -165,6 +171,16 @@ class Corpus:
     plays: tuple[str, ...]
     train: tuple[torch.Tensor, ...]  # per play, in `plays` order
     eval: tuple[torch.Tensor, ...]  # per play: the last eval_fraction of it
+
+    def select(self, which: Literal["all", "pretrain", "finetune"]) -> Corpus:
+        """The corpus of every play, of every play but the held-out `FINETUNE_PLAYS`, or of those only."""
+        if which == "all":
+            return self
+        if which not in ("pretrain", "finetune"):
+            raise ValueError(f"plays must be 'all', 'pretrain' or 'finetune', got {which!r}")
+        keep = [i for i, name in enumerate(self.plays) if (name in FINETUNE_PLAYS) == (which == "finetune")]
+        return Corpus(self.tokenizer, tuple(self.plays[i] for i in keep), tuple(self.train[i] for i in keep),
+                      tuple(self.eval[i] for i in keep))
 
     # Cached: iid workers sharing a process share one copy of the concatenated text.
     @functools.cached_property

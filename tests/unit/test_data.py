@@ -106,3 +106,16 @@ def test_bad_shard_arguments_raise() -> None:
         corpus.shard(0, len(corpus.plays) + 1, "by_play")
     with pytest.raises(ValueError, match="max_chars"):
         load_corpus(0.05, 100)
+
+
+def test_pretrain_and_finetune_plays_split_the_corpus_and_keep_one_vocabulary() -> None:
+    from worker.data import FINETUNE_PLAYS
+
+    corpus = load_corpus(0.05, 60_000)
+    pre, fine = corpus.select("pretrain"), corpus.select("finetune")
+    assert fine.plays == FINETUNE_PLAYS and not set(pre.plays) & set(fine.plays)
+    assert sorted(pre.plays + fine.plays) == sorted(corpus.plays)
+    assert pre.train_tokens.numel() + fine.train_tokens.numel() == corpus.train_tokens.numel()
+    assert pre.tokenizer is fine.tokenizer is corpus.tokenizer and corpus.select("all") is corpus
+    # Four romances: by_play gives each of 4 workers one.
+    assert {fine.shard(i, 4, "by_play").plays for i in range(4)} == {(p,) for p in FINETUNE_PLAYS}
