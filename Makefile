@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, from the pinned CPU build, so nothing pulls a CUDA build later.
 	$(PIP) install -q torch==2.13.0 numpy
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,hf]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from protocols.base import Protocol, Update
 from protocols.downlink import Downlink, apply_aggregate
 from protocols.replica import Params, Replica
 from worker.faults import Faults
+from worker.optimizers import optimizer_state_bytes
 from worker.session import Session
 from worker.trainer import params_digest
 from worker.transports.base import Handle, RoundResult, RoundStatus, Transport
@@ -50,6 +52,18 @@ class WorkerResult:
     spans: list[dict[str, float]] = field(default_factory=list)
     train_s: float = 0.0  # from the first round's start to the last aggregate applied (evaluation excluded)
     wall_s: float = 0.0
+    # What the worker trains and what it costs it: the frozen base's digest at the end ("" when every weight
+    # trains), trainable parameters, the inner optimizer's state, and the process's peak resident memory
+    # (a worker thread of an in-process run shares its process's).
+    base_hash: str = ""
+    trainable_params: int = 0
+    optimizer_state_bytes: int = 0
+    peak_rss_bytes: int = 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports kibibytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass(frozen=True)
@@ -103,7 +117,7 @@ class RoundLoop:
 
     def run(self) -> WorkerResult:
         session, transport, protocol, result = self.session, self.transport, self.protocol, self.result
-        replica = transport.start(session.params())
+        replica = transport.start(session.params(), session.base_digest())
         result.worker_id = transport.worker_id
         state = protocol.init_worker_state(replica.params)
         self._span_began = began = time.perf_counter()
@@ -269,4 +283,8 @@ class RoundLoop:
         r.bytes_sent, r.bytes_received = self.transport.bytes_sent, self.transport.bytes_received
         r.bytes_total = r.bytes_sent + r.bytes_received
         r.wall_s = time.monotonic() - self.session.started
+        r.base_hash = self.session.base_digest()
+        r.trainable_params = sum(t.numel() for t in self.session.params().values())
+        r.optimizer_state_bytes = optimizer_state_bytes(self.session.trainer.optimizer)
+        r.peak_rss_bytes = peak_rss_bytes()
         return r

@@ -16,6 +16,7 @@ Shape letters: B batch, T time (sequence), C channels (n_embd), H heads, D head 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -137,23 +138,40 @@ class GPT(nn.Module):
         The context is cropped to the last `block_size` tokens. Call `model.eval()` first for
         deterministic sampling when dropout is on.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.cfg.block_size :]  # (B, <=block_size)
-            logits = self(context)[0][:, -1, :]  # (B, V): the next-token distribution only
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.size(-1):
-                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)  # (B, V)
-                nxt = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-            idx = torch.cat([idx, nxt], dim=1)  # (B, T + 1)
-        return idx
+        return generate_tokens(self, self.cfg.block_size, idx, max_new_tokens, temperature, top_k, generator)
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    block_size: int,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The sampling loop of `GPT.generate`, for any `model(idx) -> (logits (B, T, V), _)` of context `block_size`.
+
+    Extends `idx` (B, T) by `max_new_tokens` tokens -> (B, T + max_new_tokens); see `GPT.generate`.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    for _ in range(max_new_tokens):
+        context = idx[:, -block_size:]  # (B, <=block_size)
+        logits = model(context)[0][:, -1, :]  # (B, V): the next-token distribution only
+        if temperature == 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        else:
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.size(-1):
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = F.softmax(logits, dim=-1)  # (B, V)
+            nxt = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+        idx = torch.cat([idx, nxt], dim=1)  # (B, T + 1)
+    return idx

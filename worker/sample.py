@@ -1,15 +1,17 @@
-"""Text from a trained GPT: the prompt followed by sampled characters."""
+"""Text from a trained model (the GPT, or an HF causal LM through worker/hf_model.py): the prompt followed
+by sampled characters."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from worker.data import CharTokenizer
-from worker.model import GPT
 
 
 def sample_text(
-    model: GPT,
+    model: Any,  # an nn.Module with `vocab_size` and GPT's `generate` (worker/model.py, worker/hf_model.py)
     tokenizer: CharTokenizer,
     prompt: str,
     max_new_tokens: int,

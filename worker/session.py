@@ -20,7 +20,8 @@ from torch import nn
 from protocols.config import RunConfig
 from protocols.replica import Params
 from worker.data import Batch, Corpus, load_corpus
-from worker.model import GPT
+from worker.lowrank import base_digest
+from worker.models import build_model
 from worker.trainer import InnerTrainer
 
 
@@ -30,7 +31,7 @@ class Session:
     index: int  # which shard this worker trains on (0-based)
     workers: int
     corpus: Corpus
-    model: nn.Module  # the bare model (a DDP wrapper, if any, lives in the trainer)
+    model: nn.Module  # the model of worker/models.py (a DDP wrapper, if any, lives in the trainer)
     trainer: InnerTrainer
     eval_batches: list[Batch]
     device: torch.device
@@ -51,13 +52,14 @@ class Session:
         from uncorrelated models. `wrap` (e.g. DistributedDataParallel) wraps the model for training;
         `evaluates` False skips building eval batches on workers that never evaluate."""
         device = device or torch.device("cpu")
-        corpus = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars)
+        corpus = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars).select(cfg.data.plays)
         independent = bool(getattr(cfg.protocol, "independent_init", False))
         torch.manual_seed(cfg.seed + index if independent else cfg.seed)
-        model = GPT(cfg.model, corpus.tokenizer.vocab_size).to(device)
+        model = build_model(cfg, corpus.tokenizer.vocab_size).to(device)
         batch, block = cfg.data.batch_size, cfg.model.block_size
         sampler = corpus.shard(index % workers, workers, cfg.data.split, cfg.seed).sampler(batch, block)
-        trainer = InnerTrainer(wrap(model) if wrap else model, sampler, cfg.train, total_steps=cfg.train.steps)
+        trainer = InnerTrainer(wrap(model) if wrap else model, sampler, cfg.train, total_steps=cfg.train.steps,
+                               lowrank=cfg.lowrank)
         evals = corpus.eval_batches(batch, block, cfg.train.eval_batches) if evaluates else []
         return cls(cfg, index, workers, corpus, model, trainer, evals, device)
 
@@ -66,7 +68,12 @@ class Session:
         return self.cfg.data.batch_size * self.cfg.model.block_size
 
     def params(self) -> Params:
+        """The trainable parameters: what the protocol exchanges (with adapters, the factors only)."""
         return self.trainer.params()
+
+    def base_digest(self) -> str:
+        """Digest of the frozen base weights ("" when every weight trains): what a worker attests at join."""
+        return base_digest(self.model)
 
     def evaluate(self) -> float:
         return self.trainer.evaluate(self.eval_batches)

@@ -6,7 +6,9 @@ keeps `step_count` and the optimizer across `train()` calls, and `load_params` o
 weights (the coordinator's new global model), never the optimizer state.
 
 AdamW (Loshchilov & Hutter, arXiv:1711.05101) decays only 2-D weights (matmuls and embeddings), not
-LayerNorm gains and biases, as in GPT-2/nanoGPT. The model may be wrapped in DistributedDataParallel:
+LayerNorm gains and biases, as in GPT-2/nanoGPT; with `lowrank.method: galore` its moments live in GaLore's
+low-rank projection (worker/optimizers.py). Only trainable parameters are optimized and exchanged (with
+adapters, the factors: worker/lowrank.py). The model may be wrapped in DistributedDataParallel:
 training goes through the wrapper (so gradients are all-reduced), evaluation and parameter I/O through
 the bare module.
 """
@@ -21,7 +23,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from protocols.config import TrainConfig
+from protocols.config import LowRankConfig, TrainConfig
+from worker.optimizers import build_optimizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -57,6 +60,7 @@ class InnerTrainer:
         cfg: TrainConfig,
         total_steps: int,
         num_threads: int | None = None,
+        lowrank: LowRankConfig | None = None,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -70,13 +74,7 @@ class InnerTrainer:
         self.step_count = 0
         self.last_grad_norm = float("nan")  # before clipping, of the most recent step
         self.device = next(self.module.parameters()).device
-        decay = [p for p in self.module.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.module.parameters() if p.requires_grad and p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr_at(0, cfg, total_steps),
-            betas=(cfg.beta1, cfg.beta2),
-        )
+        self.optimizer = build_optimizer(self.module, cfg, lowrank, lr_at(0, cfg, total_steps))
 
     def current_lr(self) -> float:
         return lr_at(self.step_count, self.cfg, self.total_steps)
@@ -116,14 +114,18 @@ class InnerTrainer:
             self.module.train(was_training)
         return sum(losses) / len(losses)
 
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
+
     def params(self) -> dict[str, torch.Tensor]:
-        """Named parameters as detached CPU copies (tied weights appear once)."""
-        return {name: p.detach().cpu().clone() for name, p in self.module.named_parameters()}
+        """The trainable parameters as detached CPU copies (tied weights appear once): every weight, or with
+        adapters (worker/lowrank.py) the adapter factors only. What the protocols exchange."""
+        return {name: p.detach().cpu().clone() for name, p in self._trainable().items()}
 
     @torch.no_grad()
     def load_params(self, params: dict[str, torch.Tensor]) -> None:
-        """Copy `params` into the model in place; names and shapes must match exactly."""
-        own = dict(self.module.named_parameters())
+        """Copy `params` into the trainable parameters in place; names and shapes must match exactly."""
+        own = self._trainable()
         missing, unexpected = sorted(own.keys() - params.keys()), sorted(params.keys() - own.keys())
         if missing or unexpected:
             raise ValueError(f"load_params: missing {missing}, unexpected {unexpected}")
