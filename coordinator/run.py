@@ -35,7 +35,8 @@ class CoordinatorRun:
             ckpt = load_checkpoint(resume)
             if "replica" not in ckpt:
                 raise ValueError(f"{resume}: not a coordinator checkpoint (no replica; a DDP run's cannot resume)")
-            self.state.restore(ckpt["replica"], ckpt["aggregator_state"], ckpt["downlink_state"])
+            self.state.restore(ckpt["replica"], ckpt["aggregator_state"], ckpt["downlink_state"],
+                               ckpt.get("base_digest", ""))
             log.info("resumed from %s at round %d", resume, ckpt["round"])
         self.started = time.monotonic()
         self._stop = threading.Event()
@@ -90,6 +91,7 @@ class CoordinatorRun:
             "bytes_total_per_worker": sum(m.bytes_sent + m.bytes_received for m in members) / n,
             "resyncs": sum(m.resyncs for m in members),
             "state_hash": self.state.state_hash,
+            "base_digest": self.state.base_digest,
             "workers": {
                 m.worker_id: {"bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received,
                               "bytes_total": m.bytes_sent + m.bytes_received, "tokens": m.tokens,
@@ -104,7 +106,8 @@ class CoordinatorRun:
         if self.run_dir is None:
             return
         self.run_dir.log_round(record)
-        self.run_dir.save_checkpoint(aggregator.replica, aggregator.state, aggregator.downlink_state, self.state.run_id)
+        self.run_dir.save_checkpoint(aggregator.replica, aggregator.state, aggregator.downlink_state, self.state.run_id,
+                                     self.state.base_digest)
 
     def _tick(self) -> None:
         while not self._stop.wait(0.25):

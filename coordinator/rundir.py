@@ -39,13 +39,17 @@ class RunDir:
     def log_round(self, record: RoundRecord) -> None:
         self.log("round", **asdict(record))
 
-    def save_checkpoint(self, replica: Replica, aggregator_state: Any, downlink_state: Any, run_id: str) -> Path:
-        """The replica after its last round plus what only the aggregator keeps (shifts, downlink residual).
-        `params` is kept at the top level so `lowband sample` reads any checkpoint alike."""
+    def save_checkpoint(self, replica: Replica, aggregator_state: Any, downlink_state: Any, run_id: str,
+                        base_digest: str = "") -> Path:
+        """The replica after its last round plus what only the aggregator keeps (shifts, downlink residual) and,
+        under adapters, the digest of the frozen base they train against (`params` then holds the adapter
+        factors only: `lowband export` merges them into a plain checkpoint). `params` is kept at the top level
+        so `lowband sample` reads any checkpoint alike."""
         path = self.path / "checkpoint.pt"
         tmp = path.with_name("checkpoint.pt.tmp")
         torch.save({"round": replica.round, "run_id": run_id, "params": replica.params, "replica": replica,
-                    "aggregator_state": aggregator_state, "downlink_state": downlink_state}, tmp)
+                    "aggregator_state": aggregator_state, "downlink_state": downlink_state,
+                    "base_digest": base_digest}, tmp)
         os.replace(tmp, path)
         return path
 

@@ -69,6 +69,16 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         except (Rejected, m.WireError) as err:
             refuse(context, err)
 
+    def AttestBase(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            req = serde.from_pb(request)
+            assert isinstance(req, m.AttestRequest)
+            self._check_run(req.envelope)
+            digest = self.state.attest_base(req.envelope.worker_id, req.envelope.token, req.base_digest)
+            return serde.to_pb(m.AttestReply(run_base_digest=digest))
+        except (Rejected, m.WireError) as err:
+            refuse(context, err)
+
     def Leave(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             req = serde.from_pb(request)

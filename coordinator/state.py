@@ -142,6 +142,8 @@ class CoordinatorState:
         self.history: list[RoundRecord] = []
         # The one worker asked to offer the initial state, so only one dense copy crosses the wire.
         self.initializer: str | None = None
+        # Digest of the frozen base weights under adapters: the first one attested (or the checkpoint's).
+        self.base_digest = ""
         self._current: _Round | None = None
         self._cond = threading.Condition()
         self.config_yaml = to_yaml(cfg)
@@ -182,6 +184,23 @@ class CoordinatorState:
     def _initializer_alive(self) -> bool:
         return self.initializer is not None and self.members[self.initializer].alive
 
+    def attest_base(self, worker_id: str, token: str, digest: str) -> str:
+        """A worker's digest of its frozen base weights: the first one becomes the run's, any other is refused
+        (its adapters would train against different weights, and their average would mean nothing)."""
+        with self._cond:
+            self._member(worker_id, token)
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise Rejected(Code.INVALID_ARGUMENT, f"worker {worker_id}: base digest {digest[:80]!r} is not a "
+                                                      "SHA-256 hex digest")
+            if not self.base_digest:
+                self.base_digest = digest
+            elif digest != self.base_digest:
+                raise Rejected(Code.FAILED_PRECONDITION,
+                               f"worker {worker_id}: its frozen base weights (digest {digest[:12]}) differ from the "
+                               f"run's ({self.base_digest[:12]}): every worker must build the same base (the same "
+                               "model, init_from and lowrank settings)")
+            return self.base_digest
+
     def heartbeat(self, worker_id: str, token: str, step: int, loss: float | None, eval_loss: float | None) -> None:
         with self._cond:
             member = self._member(worker_id, token)
@@ -216,9 +235,11 @@ class CoordinatorState:
             self._maybe_start()
             self._cond.notify_all()
 
-    def restore(self, replica: Replica, aggregator_state: Any, downlink_state: Any) -> None:
-        """Resume from a checkpoint (replica, aggregator and downlink state), before any worker joins."""
+    def restore(self, replica: Replica, aggregator_state: Any, downlink_state: Any, base_digest: str = "") -> None:
+        """Resume from a checkpoint (replica, aggregator and downlink state, the run's base digest), before any
+        worker joins."""
         with self._cond:
+            self.base_digest = base_digest
             self._install(RoundAggregator(self.protocol, self.downlink, replica, aggregator_state, downlink_state,
                                           fresh=False, fold_in_order=self.cfg.cluster.fold_order == "worker"))
             self.round = replica.round

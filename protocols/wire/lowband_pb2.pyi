@@ -372,6 +372,56 @@ class LeaveReply(_message.Message):
 Global___LeaveReply: _TypeAlias = LeaveReply  # noqa: Y015
 
 @_typing.final
+class AttestRequest(_message.Message):
+    """AttestBase: the digest of the frozen base weights this worker built (its model, init_from and adapters)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    BASE_DIGEST_FIELD_NUMBER: _builtins.int
+    base_digest: _builtins.str
+    """SHA-256 hex over the frozen parameters' names, shapes, dtypes and bytes."""
+    @_builtins.property
+    def envelope(self) -> Global___Envelope:
+        """Who attests."""
+
+    def __init__(
+        self,
+        *,
+        envelope: Global___Envelope | None = ...,
+        base_digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_digest", b"base_digest", "envelope", b"envelope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttestRequest: _TypeAlias = AttestRequest  # noqa: Y015
+
+@_typing.final
+class AttestReply(_message.Message):
+    """AttestBase: the base matches the run's (a mismatch is an error status instead)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_BASE_DIGEST_FIELD_NUMBER: _builtins.int
+    run_base_digest: _builtins.str
+    """The run's base digest (the first one attested)."""
+    def __init__(
+        self,
+        *,
+        run_base_digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_base_digest", b"run_base_digest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttestReply: _TypeAlias = AttestReply  # noqa: Y015
+
+@_typing.final
 class PullRequest(_message.Message):
     """PullState: a worker asks for the global parameters."""
 

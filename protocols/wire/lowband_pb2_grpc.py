@@ -70,6 +70,11 @@ class CoordinatorStub:
                 request_serializer=protocols_dot_wire_dot_lowband__pb2.WaitRequest.SerializeToString,
                 response_deserializer=protocols_dot_wire_dot_lowband__pb2.RoundInfo.FromString,
                 _registered_method=True)
+        self.AttestBase = channel.unary_unary(
+                '/lowband.v1.Coordinator/AttestBase',
+                request_serializer=protocols_dot_wire_dot_lowband__pb2.AttestRequest.SerializeToString,
+                response_deserializer=protocols_dot_wire_dot_lowband__pb2.AttestReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -128,6 +133,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttestBase(self, request, context):
+        """A worker that trains adapters over frozen base weights states their digest before it takes part: the first
+        digest stated is the run's, a different one is refused (FAILED_PRECONDITION). Workers whose every weight
+        trains have no base and skip it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +179,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.WaitRound,
                     request_deserializer=protocols_dot_wire_dot_lowband__pb2.WaitRequest.FromString,
                     response_serializer=protocols_dot_wire_dot_lowband__pb2.RoundInfo.SerializeToString,
+            ),
+            'AttestBase': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttestBase,
+                    request_deserializer=protocols_dot_wire_dot_lowband__pb2.AttestRequest.FromString,
+                    response_serializer=protocols_dot_wire_dot_lowband__pb2.AttestReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +376,33 @@ class Coordinator:
             '/lowband.v1.Coordinator/WaitRound',
             protocols_dot_wire_dot_lowband__pb2.WaitRequest.SerializeToString,
             protocols_dot_wire_dot_lowband__pb2.RoundInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttestBase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lowband.v1.Coordinator/AttestBase',
+            protocols_dot_wire_dot_lowband__pb2.AttestRequest.SerializeToString,
+            protocols_dot_wire_dot_lowband__pb2.AttestReply.FromString,
             options,
             channel_credentials,
             insecure,

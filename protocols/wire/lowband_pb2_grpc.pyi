@@ -68,6 +68,11 @@ class CoordinatorStub:
     """Long poll: returns once the coordinator's round is past `after_round`, the run finished, or the
     server-side wait timeout elapsed (then the worker reads the returned info and asks again).
     """
+    AttestBase: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.AttestRequest, _lowband_pb2.AttestReply]
+    """A worker that trains adapters over frozen base weights states their digest before it takes part: the first
+    digest stated is the run's, a different one is refused (FAILED_PRECONDITION). Workers whose every weight
+    trains have no base and skip it.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -93,6 +98,11 @@ class CoordinatorAsyncStub(CoordinatorStub):
     WaitRound: _aio.UnaryUnaryMultiCallable[_lowband_pb2.WaitRequest, _lowband_pb2.RoundInfo]  # type: ignore[assignment]
     """Long poll: returns once the coordinator's round is past `after_round`, the run finished, or the
     server-side wait timeout elapsed (then the worker reads the returned info and asks again).
+    """
+    AttestBase: _aio.UnaryUnaryMultiCallable[_lowband_pb2.AttestRequest, _lowband_pb2.AttestReply]  # type: ignore[assignment]
+    """A worker that trains adapters over frozen base weights states their digest before it takes part: the first
+    digest stated is the run's, a different one is refused (FAILED_PRECONDITION). Workers whose every weight
+    trains have no base and skip it.
     """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
@@ -158,6 +168,17 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_lowband_pb2.RoundInfo, _abc.Awaitable[_lowband_pb2.RoundInfo]]:
         """Long poll: returns once the coordinator's round is past `after_round`, the run finished, or the
         server-side wait timeout elapsed (then the worker reads the returned info and asks again).
+        """
+
+    @_abc_1.abstractmethod
+    def AttestBase(
+        self,
+        request: _lowband_pb2.AttestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lowband_pb2.AttestReply, _abc.Awaitable[_lowband_pb2.AttestReply]]:
+        """A worker that trains adapters over frozen base weights states their digest before it takes part: the first
+        digest stated is the run's, a different one is refused (FAILED_PRECONDITION). Workers whose every weight
+        trains have no base and skip it.
         """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

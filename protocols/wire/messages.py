@@ -105,6 +105,19 @@ class LeaveReply:
 
 
 @dataclass(frozen=True)
+class AttestRequest:
+    """A worker's digest of its frozen base weights (adapters only train); see `AttestBase` in the .proto."""
+
+    envelope: Envelope
+    base_digest: str = ""
+
+
+@dataclass(frozen=True)
+class AttestReply:
+    run_base_digest: str = ""
+
+
+@dataclass(frozen=True)
 class PullRequest:
     envelope: Envelope
     resync: bool = False  # the worker's replica fell behind or differed (false: joining)
@@ -257,6 +270,8 @@ Message = (
     | HeartbeatReply
     | LeaveRequest
     | LeaveReply
+    | AttestRequest
+    | AttestReply
     | PullRequest
     | StateHeader
     | AggregateRequest

@@ -68,7 +68,8 @@ __all__ = [
 
 _MESSAGE_TYPES: tuple[type, ...] = (
     m.Envelope, m.JoinRequest, m.JoinReply, m.HeartbeatRequest, m.HeartbeatReply, m.LeaveRequest,
-    m.LeaveReply, m.PullRequest, m.StateHeader, m.PushHeader, m.PushReply, m.WaitRequest, m.RoundInfo,
+    m.LeaveReply, m.AttestRequest, m.AttestReply, m.PullRequest, m.StateHeader, m.PushHeader, m.PushReply,
+    m.WaitRequest, m.RoundInfo,
     m.AggregateRequest, m.AggregateHeader, m.EnrollRequest, m.EnrollReply, m.RosterRequest, m.RosterReply,
     m.ReportRequest, m.ReportReply, m.PeerHeader, m.PeerAck,
 )  # fmt: skip

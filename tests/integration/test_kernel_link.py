@@ -67,7 +67,7 @@ class CountingTransport(Transport):
 
     worker_id = "w0"
 
-    def start(self, params: Params) -> Replica:
+    def start(self, params: Params, base_digest: str = "") -> Replica:
         return Replica(0, params)
 
     def status(self, after_round: int) -> RoundStatus:

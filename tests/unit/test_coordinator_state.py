@@ -200,3 +200,31 @@ def test_a_non_finite_or_negative_metric_refuses_the_whole_update(key: str, valu
     record = state.history[-1]
     assert (record.wall_s, record.compute_s, record.compute_utilization) == (1.5, 1.0, 0.75)
     assert record.utilization_per_worker == {w0: 0.5, w1: 1.0}
+
+
+def test_the_first_attested_base_is_the_runs_and_a_different_one_is_refused() -> None:
+    state, _ = make()
+    w0, w1, w2 = join_all(state, 3)
+    base, other = "a" * 64, "b" * 64
+    assert state.attest_base(w0, "", base) == base
+    assert state.attest_base(w1, "", base) == base
+    with pytest.raises(Rejected) as err:
+        state.attest_base(w2, "", other)
+    assert err.value.code is Code.FAILED_PRECONDITION and "frozen base weights" in str(err.value)
+    assert state.base_digest == base  # the refusal changed nothing
+    with pytest.raises(Rejected) as err:
+        state.attest_base(w2, "", "not-a-digest")
+    assert err.value.code is Code.INVALID_ARGUMENT
+    with pytest.raises(Rejected) as err:
+        state.attest_base("nobody", "", base)
+    assert err.value.code is Code.NOT_FOUND
+
+
+def test_a_resumed_run_keeps_its_base_digest() -> None:
+    live, _ = started()
+    assert live.aggregator is not None
+    state, _ = make()
+    state.restore(live.aggregator.replica, live.aggregator.state, live.aggregator.downlink_state, "c" * 64)
+    (w0,) = join_all(state, 1)
+    with pytest.raises(Rejected):
+        state.attest_base(w0, "", "d" * 64)

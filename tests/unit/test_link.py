@@ -34,7 +34,7 @@ class CountingTransport(Transport):
     def __init__(self, up: int, down: int) -> None:
         self.worker_id, self.up, self.down = "w0", up, down
 
-    def start(self, params: Params) -> Replica:
+    def start(self, params: Params, base_digest: str = "") -> Replica:
         self._received += self.down
         return Replica(0, params)
 

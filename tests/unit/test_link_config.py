@@ -114,7 +114,7 @@ class Idle(Transport):
 
     worker_id = "w"
 
-    def start(self, params: Params) -> Replica:
+    def start(self, params: Params, base_digest: str = "") -> Replica:
         raise NotImplementedError
 
     def status(self, after_round: int) -> RoundStatus:

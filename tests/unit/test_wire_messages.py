@@ -44,6 +44,8 @@ EXAMPLES: list[m.Message] = [
     m.HeartbeatReply(round=12, phase=m.Phase.TRAINING),
     m.LeaveRequest(ENV, reason="preempted"),
     m.LeaveReply(),
+    m.AttestRequest(ENV, base_digest="ab" * 32),
+    m.AttestReply(run_base_digest="ab" * 32),
     m.PullRequest(ENV),
     m.PullRequest(ENV, resync=True),
     m.StateHeader(round=12, num_entries=40, total_bytes=2**33, state_hash="ab" * 32),

@@ -133,12 +133,14 @@ class AllGatherTransport(Transport):
         self._sent = self._received = 0
         self.aggregator: RoundAggregator | None = None
 
-    def start(self, params: Params) -> Replica:
-        """Every rank seeds the same model: that is the first replica (checked by digest across ranks)."""
-        digests, sent = allgather_bytes_counted(digest(params).encode(), self.group)
+    def start(self, params: Params, base_digest: str = "") -> Replica:
+        """Every rank seeds the same model: that is the first replica (checked by digest across ranks, with
+        the frozen base's digest under adapters)."""
+        digests, sent = allgather_bytes_counted(f"{digest(params)}:{base_digest}".encode(), self.group)
         self._count(sent)
         if len(set(digests)) != 1:
-            raise RuntimeError(f"ranks start from different parameters (digests {[d.decode() for d in digests]})")
+            raise RuntimeError(f"ranks start from different parameters or frozen bases "
+                               f"(digests {[d.decode() for d in digests]})")
         self.aggregator = RoundAggregator(self.protocol, self.downlink, Replica(0, params))
         return self.aggregator.replica
 

@@ -87,8 +87,10 @@ class Transport(ABC):
         return self._received
 
     @abstractmethod
-    def start(self, params: Params) -> Replica:
-        """Take part in the run with these freshly initialised parameters; the replica to train from."""
+    def start(self, params: Params, base_digest: str = "") -> Replica:
+        """Take part in the run with these freshly initialised (trainable) parameters; the replica to train from.
+        `base_digest`: of the frozen base weights under adapters ("" when every weight trains): a transport
+        with an aggregator or peers to agree with refuses to start when theirs differs."""
 
     @abstractmethod
     def status(self, after_round: int) -> RoundStatus:

@@ -80,6 +80,9 @@ class GrpcTransport(StarTransport):
             raise
         return aggregate, header.state_hash
 
+    def _attest(self, base_digest: str) -> None:
+        self.client.attest_base(base_digest)
+
     def _pull(self, resync: bool) -> Replica:
         return self.client.pull(resync=resync)
 

@@ -39,6 +39,7 @@ class RoundService(Protocol):
     def heartbeat(self, worker_id: str, token: str, step: int, loss: float | None,
                   eval_loss: float | None) -> None: ...  # fmt: skip
     def leave(self, worker_id: str, token: str) -> None: ...
+    def attest_base(self, worker_id: str, token: str, digest: str) -> str: ...
 
 
 class InprocTransport(StarTransport):
@@ -83,6 +84,9 @@ class InprocTransport(StarTransport):
         self._received += aggregate.nbytes()
         self.state.count_download(self.worker_id, aggregate.nbytes())
         return aggregate, state_hash
+
+    def _attest(self, base_digest: str) -> None:
+        self.state.attest_base(self.worker_id, self.token, base_digest)
 
     def _pull(self, resync: bool) -> Replica:
         replica = self.state.snapshot(self.worker_id, self.token, resync).replica

@@ -124,8 +124,8 @@ class Link(Transport):
         self._hold(self.inner.bytes_sent - sent, self.inner.bytes_received - received)
         return value
 
-    def start(self, params: Params) -> Replica:
-        replica = self._through(lambda: self.inner.start(params))
+    def start(self, params: Params, base_digest: str = "") -> Replica:
+        replica = self._through(lambda: self.inner.start(params, base_digest))
         assert isinstance(replica, Replica)
         return replica
 

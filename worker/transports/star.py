@@ -43,13 +43,20 @@ class StarTransport(Transport):
         when the coordinator no longer keeps it."""
 
     @abstractmethod
+    def _attest(self, base_digest: str) -> None:
+        """State the frozen base's digest; raises when the coordinator's differs."""
+
+    @abstractmethod
     def _pull(self, resync: bool) -> Replica:
         """The coordinator's whole replica (`resync`: ours fell behind or differed; else we are joining)."""
 
     # ---- the rounds ------------------------------------------------------------------------------------
-    def start(self, params: Params) -> Replica:
+    def start(self, params: Params, base_digest: str = "") -> Replica:
         """The offering worker's own parameters are the replica; another worker seeded the same model, so
-        when the coordinator's digest matches its own fresh replica it pulls nothing."""
+        when the coordinator's digest matches its own fresh replica it pulls nothing. A worker with a frozen
+        base attests it first, so a mismatch is refused before any state moves."""
+        if base_digest:
+            self._attest(base_digest)
         offered = self._offer(params)
         if offered is not None:
             return offered
