@@ -1,4 +1,4 @@
-"""The `lowband` command line: run, coordinator, worker, sample."""
+"""The `lowband` command line: run, coordinator, worker, sample, export."""
 
 from __future__ import annotations
 
@@ -37,13 +37,29 @@ def recipe_path(recipe: str | None) -> Path:
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
-    return load_config(recipe_path(args.recipe), args.set)
+    overrides = list(args.set)
+    if args.init_from is not None:
+        overrides.append(f"init_from={json.dumps(args.init_from)}")
+    cfg = load_config(recipe_path(args.recipe), overrides)
+    # Paths resolved here, where the user typed them: workers (Ray actors, other processes) may run elsewhere.
+    if cfg.init_from is not None:
+        from worker.models import checkpoint_path
+
+        checkpoint_path(cfg.init_from)  # a missing checkpoint fails here, before anything starts
+        cfg = cfg.model_copy(update={"init_from": str(Path(cfg.init_from).resolve())})
+    if cfg.model.path is not None:
+        model = cfg.model.model_copy(update={"path": str(Path(cfg.model.path).resolve())})
+        cfg = cfg.model_copy(update={"model": model})
+    return cfg
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", help=f"recipe YAML path or shipped recipe name (default {DEFAULT_RECIPE})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field with a dotted key, e.g. --set protocol.inner_steps=30")
+    p.add_argument("--init-from", default=None, metavar="RUN",
+                   help="start from a finished run's weights (its directory or checkpoint file; a run trained with "
+                        "adapters: its `lowband export` directory); same as --set init_from=RUN")
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
@@ -194,6 +210,15 @@ def cmd_sample(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from deploy.export import export_run
+
+    out = export_run(Path(args.run_dir), Path(args.out) if args.out else None)
+    console.print(f"exported {args.run_dir} (adapters merged) to {out}: sample it with `lowband sample {out}`, "
+                  f"or start a run from it with --init-from {out}", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowband", description="Train PyTorch models across machines joined by slow, unreliable links.")
@@ -243,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a finished run as a plain checkpoint, low-rank adapters merged")
+    p.add_argument("run_dir", help="a run directory, e.g. runs/lora-finetune")
+    p.add_argument("--out", default=None, help="directory to write (default RUN_DIR/export)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
