@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from coordinator.base_attest import attested_base
 from coordinator.errors import Code, Rejected
 from coordinator.rendezvous_rows import COUNTERS, Peer, check_metrics, round_row
 from coordinator.rundir import RunDir
@@ -61,6 +62,7 @@ class Rendezvous:
         self._reports: dict[int, dict[str, dict[str, float]]] = {}
         self._row_at = self.started = clock()
         self._cond = threading.Condition()
+        self.base_digest = ""  # of the frozen base under adapters: the first one attested (coordinator/base_attest.py)
 
     # ---- membership ----------------------------------------------------------------------------
     def join(self, hostname: str, token: str, protocol_version: int, address: str, worker_name: str = "") -> Joined:
@@ -84,6 +86,13 @@ class Rendezvous:
                 self.members[peer.worker_id] = peer
             self._cond.notify_all()
             return Joined(peer.worker_id, peer.index, self.run_id, self.config_yaml)
+
+    def attest_base(self, worker_id: str, token: str, digest: str) -> str:
+        """A node's digest of its frozen base weights; the run's (the first stated), or Rejected if it differs."""
+        with self._cond:
+            self._member(worker_id, token)
+            self.base_digest = attested_base(worker_id, digest, self.base_digest)
+            return self.base_digest
 
     def roster(self, worker_id: str, token: str, round_: int) -> Roster:
         """Record that the worker reached `round_`; who is in the run and where they listen."""

@@ -125,6 +125,20 @@ class RendezvousServicer(lowband_pb2_grpc.RendezvousServicer):
             self._count(env.worker_id if env else "", request, None)
             refuse(context, err)
 
+    def AttestBase(self, request: Any, context: grpc.ServicerContext) -> Any:
+        env = None
+        try:
+            req = serde.from_pb(request, m.AttestRequest)
+            env = req.envelope
+            self._check_run(env)
+            digest = self.rendezvous.attest_base(env.worker_id, env.token, req.base_digest)
+            reply = serde.to_pb(m.AttestReply(run_base_digest=digest))
+            self._count(env.worker_id, request, reply)
+            return reply
+        except (Rejected, m.WireError) as err:
+            self._count(env.worker_id if env else "", request, None)
+            refuse(context, err)
+
     def Leave(self, request: Any, context: grpc.ServicerContext) -> Any:
         env = None
         try:

@@ -25,6 +25,7 @@ from enum import Enum
 from typing import Any
 
 from compression.payload import Payload
+from coordinator.base_attest import attested_base
 from coordinator.errors import Code, Rejected
 from coordinator.validate import check_initial_state
 from protocols.base import Aggregate, Protocol, Update
@@ -189,16 +190,7 @@ class CoordinatorState:
         (its adapters would train against different weights, and their average would mean nothing)."""
         with self._cond:
             self._member(worker_id, token)
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise Rejected(Code.INVALID_ARGUMENT, f"worker {worker_id}: base digest {digest[:80]!r} is not a "
-                                                      "SHA-256 hex digest")
-            if not self.base_digest:
-                self.base_digest = digest
-            elif digest != self.base_digest:
-                raise Rejected(Code.FAILED_PRECONDITION,
-                               f"worker {worker_id}: its frozen base weights (digest {digest[:12]}) differ from the "
-                               f"run's ({self.base_digest[:12]}): every worker must build the same base (the same "
-                               "model, init_from and lowrank settings)")
+            self.base_digest = attested_base(worker_id, digest, self.base_digest)
             return self.base_digest
 
     def heartbeat(self, worker_id: str, token: str, step: int, loss: float | None, eval_loss: float | None) -> None:

@@ -55,6 +55,7 @@ class GossipResult:
     # how far gossip (and the outer step) moved its model, ||after - before||: shrinks as the models agree.
     consensus: list[dict[str, float]] = field(default_factory=list)
     param_hash: str = ""  # params_digest of the final model
+    base_hash: str = ""  # digest of the frozen base under adapters ("" when every weight trains)
     skipped_messages: int = 0  # in-neighbours' messages that had not arrived by the timeout
     refused_sends: int = 0  # own messages a neighbour refused (or that found it gone)
     wall_s: float = 0.0
@@ -107,7 +108,7 @@ class GossipLoop:
 
     def run(self) -> GossipResult:
         session, transport = self.session, self.transport
-        transport.start(session.params())
+        transport.start(session.params(), session.base_digest())
         # A p2p transport learns its index and id when it joins: read them after `start`.
         self.result.worker_id = getattr(transport, "worker_id", self.result.worker_id)
         self.result.index = transport.index
@@ -155,6 +156,7 @@ class GossipLoop:
             final["eval_loss"] = result.final_eval_loss = self._evaluate(result.rounds)
         self.transport.report(session.cfg.rounds, {**final, **self._counters()})
         result.param_hash = params_digest(self.final_params)
+        result.base_hash = session.base_digest()
         return result
 
     def finish(self) -> GossipResult:

@@ -90,5 +90,12 @@ class RendezvousClient:
         assert isinstance(reply, m.HeartbeatReply)
         return reply
 
+    def attest_base(self, digest: str) -> str:
+        """State the digest of this node's frozen base weights; the run's (a mismatch is refused)."""
+        request = m.AttestRequest(envelope=self._envelope(), base_digest=digest)
+        reply = self._call(lambda: self._unary(self.stub.AttestBase, request))
+        assert isinstance(reply, m.AttestReply)
+        return reply.run_base_digest
+
     def leave(self, reason: str = "done") -> None:
         self._unary(self.stub.Leave, m.LeaveRequest(envelope=self._envelope(), reason=reason), timeout=10.0)

@@ -451,6 +451,11 @@ class RendezvousStub:
                 request_serializer=protocols_dot_wire_dot_lowband__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=protocols_dot_wire_dot_lowband__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.AttestBase = channel.unary_unary(
+                '/lowband.v1.Rendezvous/AttestBase',
+                request_serializer=protocols_dot_wire_dot_lowband__pb2.AttestRequest.SerializeToString,
+                response_deserializer=protocols_dot_wire_dot_lowband__pb2.AttestReply.FromString,
+                _registered_method=True)
 
 
 class RendezvousServicer:
@@ -494,6 +499,13 @@ class RendezvousServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttestBase(self, request, context):
+        """As the Coordinator's: a worker training adapters states its frozen base's digest; a different one is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RendezvousServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -521,6 +533,11 @@ def add_RendezvousServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=protocols_dot_wire_dot_lowband__pb2.LeaveRequest.FromString,
                     response_serializer=protocols_dot_wire_dot_lowband__pb2.LeaveReply.SerializeToString,
+            ),
+            'AttestBase': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttestBase,
+                    request_deserializer=protocols_dot_wire_dot_lowband__pb2.AttestRequest.FromString,
+                    response_serializer=protocols_dot_wire_dot_lowband__pb2.AttestReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -661,6 +678,33 @@ class Rendezvous:
             '/lowband.v1.Rendezvous/Leave',
             protocols_dot_wire_dot_lowband__pb2.LeaveRequest.SerializeToString,
             protocols_dot_wire_dot_lowband__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttestBase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lowband.v1.Rendezvous/AttestBase',
+            protocols_dot_wire_dot_lowband__pb2.AttestRequest.SerializeToString,
+            protocols_dot_wire_dot_lowband__pb2.AttestReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -203,6 +203,8 @@ class RendezvousStub:
     """Periodic liveness signal, as for the Coordinator (inner_step, losses and bytes are informational)."""
     Leave: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.LeaveRequest, _lowband_pb2.LeaveReply]
     """A worker leaves the run for good; its peers stop waiting for it once the roster drops it."""
+    AttestBase: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.AttestRequest, _lowband_pb2.AttestReply]
+    """As the Coordinator's: a worker training adapters states its frozen base's digest; a different one is refused."""
 
 @_typing.type_check_only
 class RendezvousAsyncStub(RendezvousStub):
@@ -222,6 +224,8 @@ class RendezvousAsyncStub(RendezvousStub):
     """Periodic liveness signal, as for the Coordinator (inner_step, losses and bytes are informational)."""
     Leave: _aio.UnaryUnaryMultiCallable[_lowband_pb2.LeaveRequest, _lowband_pb2.LeaveReply]  # type: ignore[assignment]
     """A worker leaves the run for good; its peers stop waiting for it once the roster drops it."""
+    AttestBase: _aio.UnaryUnaryMultiCallable[_lowband_pb2.AttestRequest, _lowband_pb2.AttestReply]  # type: ignore[assignment]
+    """As the Coordinator's: a worker training adapters states its frozen base's digest; a different one is refused."""
 
 class RendezvousServicer(metaclass=_abc_1.ABCMeta):
     """The rendezvous of a gossip run (protocol kind "gossip"): the coordinator's only job there. It knows who is in
@@ -268,6 +272,14 @@ class RendezvousServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lowband_pb2.LeaveReply, _abc.Awaitable[_lowband_pb2.LeaveReply]]:
         """A worker leaves the run for good; its peers stop waiting for it once the roster drops it."""
+
+    @_abc_1.abstractmethod
+    def AttestBase(
+        self,
+        request: _lowband_pb2.AttestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lowband_pb2.AttestReply, _abc.Awaitable[_lowband_pb2.AttestReply]]:
+        """As the Coordinator's: a worker training adapters states its frozen base's digest; a different one is refused."""
 
 def add_RendezvousServicer_to_server(servicer: RendezvousServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -97,8 +97,8 @@ class DropsItsMessages(PeerTransport):
     def __init__(self, inner: InprocPeerTransport) -> None:
         self.inner, self.index, self.workers, self.worker_id = inner, inner.index, inner.workers, inner.worker_id
 
-    def start(self, params: dict[str, torch.Tensor]) -> Roster:
-        return self.inner.start(params)
+    def start(self, params: dict[str, torch.Tensor], base_digest: str = "") -> Roster:
+        return self.inner.start(params, base_digest)
 
     def roster(self, round_: int) -> Roster:
         return self.inner.roster(round_)

@@ -158,3 +158,12 @@ def test_a_lost_report_does_not_hold_its_rounds_row_up_once_the_worker_reported_
     assert [(r["round"], r["workers"]) for r in rv.rows] == [(0, ["w0"])]
     rv.report(ids[0], TOKEN, 1, _metrics(1.5, 2, [0.0]))
     assert [(r["round"], r["workers"]) for r in rv.rows] == [(0, ["w0"]), (1, ["w0", "w1"])]
+
+
+def test_a_node_whose_frozen_base_differs_is_refused() -> None:
+    rv = Rendezvous(_cfg())
+    a, b, c = _joined(rv, 3)
+    assert rv.attest_base(a, TOKEN, "1" * 64) == rv.attest_base(b, TOKEN, "1" * 64) == "1" * 64
+    with pytest.raises(Rejected) as err:
+        rv.attest_base(c, TOKEN, "2" * 64)
+    assert err.value.code is Code.FAILED_PRECONDITION and rv.base_digest == "1" * 64

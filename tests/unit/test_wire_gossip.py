@@ -118,4 +118,5 @@ def test_the_gossip_services_are_declared_as_the_transport_uses_them() -> None:
     gossip = services["Peer"].methods_by_name["Gossip"]
     assert (gossip.input_type.name, gossip.output_type.name) == ("PeerChunk", "PeerAck")
     assert gossip.client_streaming and not gossip.server_streaming
-    assert set(services["Rendezvous"].methods_by_name) == {"Enroll", "Roster", "Report", "Heartbeat", "Leave"}
+    assert set(services["Rendezvous"].methods_by_name) == {"Enroll", "Roster", "Report", "Heartbeat", "Leave",
+                                                            "AttestBase"}

@@ -163,8 +163,10 @@ class P2PTransport(PeerTransport):
         self.cfg = cfg
         return cfg
 
-    def start(self, params: Params) -> Roster:
+    def start(self, params: Params, base_digest: str = "") -> Roster:
         cfg = self.enroll()
+        if base_digest:
+            self.client.attest_base(base_digest)
         expect = PeerExpectation.of(params, self.codecs if self.codecs is not None else gossip_codecs(cfg))
         q = int(getattr(cfg.protocol, "gossip_steps", 1))
         self.servicer.open(PeerGate(self.run_id, self.token, self.index, self.workers, q, cfg.rounds * q, expect))

@@ -54,8 +54,9 @@ class PeerTransport(ABC):
     workers: int
 
     @abstractmethod
-    def start(self, params: Params) -> Roster:
-        """Join the rendezvous (and start serving); `params` fix what a valid incoming message looks like."""
+    def start(self, params: Params, base_digest: str = "") -> Roster:
+        """Join the rendezvous (and start serving); `params` fix what a valid incoming message looks like.
+        `base_digest`: of the frozen base under adapters, attested first ("" when every weight trains)."""
 
     @abstractmethod
     def roster(self, round_: int) -> Roster:

@@ -37,6 +37,7 @@ class RendezvousService(Protocol):
     def roster(self, worker_id: str, token: str, round_: int) -> Roster: ...
     def report(self, worker_id: str, token: str, round_: int, metrics: dict[str, float]) -> None: ...
     def leave(self, worker_id: str, token: str) -> None: ...
+    def attest_base(self, worker_id: str, token: str, digest: str) -> str: ...
 
 
 class InprocPeers:
@@ -85,7 +86,9 @@ class InprocPeerTransport(PeerTransport):
         self._lock = threading.Lock()  # the counters: senders' threads add to `_received`
         self._sent = self._received = 0
 
-    def start(self, params: Params) -> Roster:
+    def start(self, params: Params, base_digest: str = "") -> Roster:
+        if base_digest:
+            self.hub.rendezvous.attest_base(self.worker_id, self.hub.token, base_digest)
         self.expect = PeerExpectation.of(params, self.hub.codecs)
         self.hub.started()
         return self.roster(0)
