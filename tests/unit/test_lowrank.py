@@ -168,3 +168,33 @@ def test_apply_lowrank_leaves_dense_and_galore_models_alone() -> None:
     torch.manual_seed(0)
     model = build_architecture(cfg, VOCAB)
     assert apply_lowrank(model, None) is model and apply_lowrank(model, cfg.lowrank) is model
+
+
+def test_the_lora_finetune_recipe_fine_tunes_the_default_run_on_the_held_out_plays(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from deploy.cli import main, recipe_path
+    from protocols.config import load_config
+
+    cfg = load_config(recipe_path("lora-finetune"))
+    base = load_config(recipe_path("diloco"))
+    assert cfg.init_from == "runs/diloco" and cfg.model == base.model
+    assert (base.data.plays, cfg.data.plays, cfg.data.split) == ("pretrain", "finetune", "by_play")
+    assert cfg.lowrank is not None and (cfg.lowrank.method, cfg.lowrank.rank) == ("lora", 8)
+    assert (cfg.protocol.kind, cfg.inner_steps, cfg.cluster.workers) == ("diloco", 30, 4)
+    # Without the base run's checkpoint it stops before anything starts, saying what is missing.
+    assert main(["run", "lora-finetune", "--init-from", "/nonexistent/run"]) == 2
+    assert "/nonexistent/run" in capsys.readouterr().out
+
+
+def test_sample_reads_an_export_and_a_run_with_adapters_alike(tmp_path: Path) -> None:
+    from deploy.sampling import sample_run
+
+    cfg = tiny_config(lowrank={"method": "pissa", "rank": 4, "alpha": 8})
+    vocab = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars).tokenizer.vocab_size
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, vocab)
+    params = {n: p.detach() + 0.01 for n, p in model.named_parameters() if p.requires_grad}
+    run = fake_run(tmp_path / "run", cfg, params, base_digest(model))
+    text = sample_run(run, "ROMEO:", 30, 0.8, 20, 0)
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 30
+    assert sample_run(export_run(run), "ROMEO:", 30, 0.8, 20, 0) == text
