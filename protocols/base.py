@@ -4,8 +4,8 @@ A protocol has two halves, both free of I/O, clocks and threads:
 
 - worker half: `make_update(local, replica, state)` (what to send after local training) and
   `apply(update, replica)` (the outer step every replica takes with the round's aggregate update);
-- aggregator half: `uplink_codec` and the replica's shapes and dtypes (what a valid update looks like:
-  `protocols.check.expectation`), `new_round` + `Accumulator.fold` (checked updates folded as they
+- aggregator half: `uplink_codec`, `uplink_names` and the replica's shapes and dtypes (what a valid update
+  looks like: `protocols.check.expectation`), `new_round` + `Accumulator.fold` (checked updates folded as they
   arrive) and `close(acc, state)` (the round's aggregate update).
 
 `protocols/round.py` runs the aggregator half for the coordinator, the all-gather ranks and the in-process
@@ -205,3 +205,10 @@ class Protocol(ABC, Generic[WorkerState, AggregatorState]):
     def relayable(self) -> bool:
         """Whether `close` depends on the folded updates alone, so replicas can refold relayed updates."""
         return False
+
+    def uplink_names(self, names: frozenset[str]) -> frozenset[str]:
+        """Which of the replica's tensors `names` every update carries (`protocols.check.expectation`): all
+        of them by default. A protocol that keeps some tensors frozen on the clients (FFA-LoRA, FedSVD: the
+        LoRA `A` factors) names only what trains; an update that carries another is refused, and the
+        aggregate may still cover every tensor."""
+        return names

@@ -1,7 +1,8 @@
 """Checks an update against what the protocol expects, decoding it exactly as the accumulator folds it.
 
 `check_update` decodes every tensor as the protocol's accumulator will fold it (dense tensors, or flat
-coordinates and values) and checks names, shapes, dtypes, the run's codec, the payload against its own
+coordinates and values) and checks names (exactly the protocol's `uplink_names`; a tensor the protocol
+keeps frozen on the clients is refused by name), shapes, dtypes, the run's codec, the payload against its own
 header, indices in range and not repeated, finite values, the weight and the size. Folding then only
 adds what was decoded, so an update is applied whole or not at all.
 """
@@ -38,10 +39,19 @@ class Expectation:
     codec: str  # the run's uplink codec, as payloads name it
     view: View  # how the accumulator folds: dense tensors or coordinates
     max_bytes: int  # no codec makes an update bigger than twice the dense tensors
+    # Replica tensors that updates must not carry (`Protocol.uplink_names`: frozen on every client).
+    withheld: frozenset[str] = frozenset()
 
 
 def expectation(protocol: Protocol[Any, Any], replica: Replica, view: View) -> Expectation:
-    params = replica.params
+    """What a valid update looks like: every tensor of `protocol.uplink_names` (by default the whole
+    replica), nothing else, in the run's uplink codec."""
+    every = frozenset(replica.params)
+    sent = protocol.uplink_names(every)
+    if not sent <= every or (every and not sent):
+        raise ValueError(f"{type(protocol).__name__}.uplink_names must name a non-empty subset of the replica's "
+                         f"tensors; it named {sorted(sent - every) or 'none'}")
+    params = {n: t for n, t in replica.params.items() if n in sent}
     dense_bytes = sum(t.numel() * t.element_size() for t in params.values())
     return Expectation(
         shapes={n: tuple(t.shape) for n, t in params.items()},
@@ -49,6 +59,7 @@ def expectation(protocol: Protocol[Any, Any], replica: Replica, view: View) -> E
         codec=protocol.uplink_codec,
         view=view,
         max_bytes=2 * dense_bytes + 4096,
+        withheld=every - sent,
     )
 
 
@@ -76,6 +87,12 @@ def check_update(worker_id: str, update: Update, expect: Expectation) -> Checked
     who = f"worker {worker_id}"
     if not (math.isfinite(update.weight) and update.weight > 0):
         raise UpdateRejected(f"{who}: update weight must be finite and > 0, got {update.weight}")
+    frozen = sorted(set(update.payloads) & expect.withheld)
+    if frozen:
+        raise UpdateRejected(
+            f"{who}: update carries tensor(s) {frozen}, which this protocol keeps frozen on every client: an "
+            "update carries only what the clients train"
+        )
     unknown = sorted(set(update.payloads) - set(expect.shapes))
     if unknown:
         raise UpdateRejected(f"{who}: unknown tensor name(s) {unknown}")

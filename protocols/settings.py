@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+if TYPE_CHECKING:
+    from protocols.config import RunConfig
 
 PROTOCOL_VERSION = 1
 
@@ -274,6 +277,11 @@ class ProtocolSettings(_Strict):
     kind: str
     # Whether the kind runs through the coordinator's round (a Protocol); ddp all-reduces instead.
     coordinated: ClassVar[bool] = True
+    # Name substrings of exchanged (trainable) tensors that the client's inner optimizer must leave as they are
+    # (FFA-LoRA and FedSVD: ("lora_A",), the A factors stay frozen on the clients). They stay in the exchanged
+    # parameters (the replica and the downlink carry them); only the optimizer skips them
+    # (worker/optimizers.py `build_optimizer`, wired by worker/session.py).
+    frozen_in_training: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -285,6 +293,11 @@ class ProtocolSettings(_Strict):
     def check_cluster(self, workers: int) -> None:
         """ConfigError naming the field when this section cannot run on `workers` workers (e.g. a torus
         shape); called when the whole config is validated. Nothing to check by default."""
+
+    def check_run(self, cfg: RunConfig) -> None:
+        """ConfigError naming the field when this section cannot run with the rest of `cfg` (e.g. a protocol
+        over LoRA factors without a `lowrank:` block); called when the whole config is validated, after
+        `check_cluster`. Nothing to check by default."""
 
 class ClusterConfig(_Strict):
     # How updates move: grpc = star through the coordinator (workers only dial out); allgather = torch

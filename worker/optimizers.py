@@ -14,6 +14,11 @@ Without `lowrank`, or for the adapter methods (lora / pissa, whose frozen base w
 `build_optimizer` returns exactly the torch AdamW the trainer always used: 2-D weights decayed, the rest
 (LayerNorm gains, biases) not, as in GPT-2/nanoGPT. GaLore's AdamW differs from torch's in two details:
 its step counter is a Python int, and it applies weight decay after the update rather than before.
+
+A protocol may keep some exchanged tensors frozen on the clients (`ProtocolSettings.frozen_in_training`:
+FFA-LoRA's and FedSVD's LoRA A factors): `build_optimizer(..., frozen=...)` leaves the parameters whose names
+contain one of those substrings out of every group. They keep `requires_grad` (so they stay among the
+exchanged parameters, which the replica and the downlink carry); the trainer drops their gradient.
 """
 
 from __future__ import annotations
@@ -63,15 +68,28 @@ def _galore_adamw() -> Callable[..., torch.optim.Optimizer]:
     return GaLoreAdamW  # type: ignore[no-any-return]
 
 
+def frozen_parameters(module: nn.Module, frozen: Iterable[str]) -> list[nn.Parameter]:
+    """The trainable parameters of `module` whose name contains one of the `frozen` substrings (the
+    protocol's `frozen_in_training`, e.g. FFA-LoRA's and FedSVD's "lora_A"), in `named_parameters()` order."""
+    parts = tuple(frozen)
+    return [p for name, p in module.named_parameters() if p.requires_grad and any(s in name for s in parts)]
+
+
 def build_optimizer(
-    module: nn.Module, cfg: TrainConfig, lowrank: LowRankConfig | None, lr: float
+    module: nn.Module, cfg: TrainConfig, lowrank: LowRankConfig | None, lr: float, frozen: Iterable[str] = ()
 ) -> torch.optim.Optimizer:
-    """The inner optimizer over `module`'s trainable parameters (in `module.parameters()` order).
+    """The inner optimizer over `module`'s trainable parameters (in `module.parameters()` order), less those
+    whose name contains a `frozen` substring (`frozen_parameters`: they keep requires_grad, so they stay
+    exchanged, and the optimizer never updates them, weight decay included).
 
     AdamW: groups [2-D weights, decay cfg.weight_decay], [< 2-D, no decay]. GaLore: groups [2-D weights of
     the modules matching `lowrank.target_modules`, projected, decayed], [other 2-D weights, decayed],
     [< 2-D, no decay]. A tied weight is listed once (as `module.parameters()` does)."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    frozen = tuple(frozen)
+    skipped = {id(p) for p in frozen_parameters(module, frozen)}
+    params = [p for p in module.parameters() if p.requires_grad and id(p) not in skipped]
+    if skipped and not params:
+        raise ValueError(f"every trainable parameter matches the frozen names {list(frozen)}: nothing to optimize")
     betas = (cfg.beta1, cfg.beta2)
     if lowrank is None or lowrank.method != "galore":
         decay = [p for p in params if p.dim() >= 2]

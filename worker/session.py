@@ -49,7 +49,8 @@ class Session:
     ) -> Session:
         """Every worker seeds the same initial model (`cfg.seed`), except under a protocol section with
         `independent_init: true` (gossip): worker `index` then seeds `cfg.seed + index`, so the workers start
-        from uncorrelated models. `wrap` (e.g. DistributedDataParallel) wraps the model for training;
+        from uncorrelated models. The protocol's `frozen_in_training` tensors (FFA-LoRA's and FedSVD's LoRA A) are
+        left out of the inner optimizer. `wrap` (e.g. DistributedDataParallel) wraps the model for training;
         `evaluates` False skips building eval batches on workers that never evaluate."""
         device = device or torch.device("cpu")
         corpus = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars).select(cfg.data.plays)
@@ -59,7 +60,7 @@ class Session:
         batch, block = cfg.data.batch_size, cfg.model.block_size
         sampler = corpus.shard(index % workers, workers, cfg.data.split, cfg.seed).sampler(batch, block)
         trainer = InnerTrainer(wrap(model) if wrap else model, sampler, cfg.train, total_steps=cfg.train.steps,
-                               lowrank=cfg.lowrank)
+                               lowrank=cfg.lowrank, frozen=cfg.protocol.frozen_in_training)
         evals = corpus.eval_batches(batch, block, cfg.train.eval_batches) if evaluates else []
         return cls(cfg, index, workers, corpus, model, trainer, evals, device)
 

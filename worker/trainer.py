@@ -8,7 +8,8 @@ weights (the coordinator's new global model), never the optimizer state.
 AdamW (Loshchilov & Hutter, arXiv:1711.05101) decays only 2-D weights (matmuls and embeddings), not
 LayerNorm gains and biases, as in GPT-2/nanoGPT; with `lowrank.method: galore` its moments live in GaLore's
 low-rank projection (worker/optimizers.py). Only trainable parameters are optimized and exchanged (with
-adapters, the factors: worker/lowrank.py). The model may be wrapped in DistributedDataParallel:
+adapters, the factors: worker/lowrank.py); a protocol's `frozen_in_training` tensors (FFA-LoRA's and
+FedSVD's A) are exchanged but skipped by the optimizer. The model may be wrapped in DistributedDataParallel:
 training goes through the wrapper (so gradients are all-reduced), evaluation and parameter I/O through
 the bare module.
 """
@@ -24,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from protocols.config import LowRankConfig, TrainConfig
-from worker.optimizers import build_optimizer
+from worker.optimizers import build_optimizer, frozen_parameters
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -61,6 +62,7 @@ class InnerTrainer:
         total_steps: int,
         num_threads: int | None = None,
         lowrank: LowRankConfig | None = None,
+        frozen: Sequence[str] = (),
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
@@ -74,7 +76,11 @@ class InnerTrainer:
         self.step_count = 0
         self.last_grad_norm = float("nan")  # before clipping, of the most recent step
         self.device = next(self.module.parameters()).device
-        self.optimizer = build_optimizer(self.module, cfg, lowrank, lr_at(0, cfg, total_steps))
+        self.optimizer = build_optimizer(self.module, cfg, lowrank, lr_at(0, cfg, total_steps), frozen=frozen)
+        # Exchanged but never trained here (the protocol's `frozen_in_training`, e.g. LoRA A under FFA-LoRA and
+        # FedSVD): autograd still computes their gradient (they keep requires_grad, so `params()` has them);
+        # `step` drops it before clipping, so the clip norm is that of what trains.
+        self.frozen: list[nn.Parameter] = frozen_parameters(self.module, frozen)
 
     def current_lr(self) -> float:
         return lr_at(self.step_count, self.cfg, self.total_steps)
@@ -90,6 +96,8 @@ class InnerTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         _, loss = self.model(x.to(self.device), y.to(self.device))
         loss.backward()
+        for p in self.frozen:
+            p.grad = None
         params = [p for p in self.module.parameters() if p.grad is not None]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
