@@ -31,6 +31,7 @@ from protocols.settings import (
     TrainConfig,
     _Strict,
 )
+from protocols.simulation_config import SimulationConfig
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -77,6 +78,8 @@ class RunConfig(_Strict):
     # Initial weights: a lowband run directory (its checkpoint.pt; a run trained with adapters must be
     # exported first, `lowband export`) or a checkpoint file. None: the seed's random initialization.
     init_from: str | None = None
+    # `lowband simulate`: federated clients as state (protocols/simulation_config.py); None for other runs.
+    simulation: SimulationConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -119,11 +122,13 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _protocol_builds(self) -> RunConfig:
         """Build the protocol and its downlink once, so what only they can check (EControl's derived eta, a
-        sparse downlink for a protocol that keeps shifts, ...) fails here, before anything starts."""
+        sparse downlink for a protocol that keeps shifts, ...) fails here, before anything starts; then the
+        section's own checks against the cluster and the whole run (`check_cluster`, `check_run`)."""
         if self.protocol.coordinated:
             protocol = protocol_class(self.protocol.kind).from_settings(self.protocol)
             Downlink.from_config(getattr(self.protocol, "downlink"), protocol)  # noqa: B009
         self.protocol.check_cluster(self.cluster.workers)
+        self.protocol.check_run(self)
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,122 @@
+"""The federated simulator: seeded participation, the client store, partial aggregates that equal the
+mean over clients, the pool size not mattering, FedBuff's staleness, late updates carried with a weight."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from compression.payload import dense_values
+from protocols.config import ConfigError, RunConfig, parse_config
+from protocols.simulation_config import ClientTimingConfig
+from worker.federated.pool import ClientJob
+from worker.federated.simulation import Simulation
+from worker.federated.store import ClientStore
+from worker.federated.timing import client_speeds, deadline, round_fates, sample_clients, staleness_weight
+
+
+def digits(**simulation: Any) -> RunConfig:
+    base = {"task": "digits", "clients": 40, "fraction": 0.25, "rounds": 4, "partition": "dirichlet", "workers": 2,
+            "eval_every": 2}
+    return parse_config({"name": "sim", "protocol": {"kind": "fedavg"}, "simulation": {**base, **simulation}})
+
+
+def run(cfg: RunConfig) -> tuple[Simulation, list[Any]]:
+    sim = Simulation(cfg)
+    logs = list(sim.rounds())
+    sim.close()
+    return sim, logs
+
+
+def test_sampling_is_seeded_distinct_and_per_round() -> None:
+    a = sample_clients(1000, 100, 3, seed=7)
+    assert len(set(a.tolist())) == 100 and np.array_equal(a, sample_clients(1000, 100, 3, seed=7))
+    assert not np.array_equal(a, sample_clients(1000, 100, 4, seed=7))
+    assert not np.array_equal(a, sample_clients(1000, 100, 3, seed=8))
+
+
+def test_fates_drop_and_miss_the_deadline_at_the_configured_rates() -> None:
+    cfg = ClientTimingConfig(samples_per_s=100.0, sigma=1.0, dropout=0.1, deadline_quantile=0.7)
+    speeds = client_speeds(cfg, 20_000, seed=1)
+    work = np.full(20_000, 50.0)
+    cutoff = deadline(cfg, work, speeds)
+    assert cutoff is not None and np.mean(work / speeds > cutoff) == pytest.approx(0.3, abs=1e-3)
+    fates = round_fates(np.arange(20_000), work, speeds, cfg, round_=0, seed=1, deadline_s=cutoff)
+    dropped = np.mean([f.dropped for f in fates])
+    assert abs(dropped - 0.1) < 4 * np.sqrt(0.1 * 0.9 / 20_000)
+    late = [f.late for f in fates if not f.dropped]
+    assert abs(np.mean(late) - 0.3) < 0.01 and not any(f.late and f.dropped for f in fates)
+    assert staleness_weight(0, 0.5) == 1.0 and staleness_weight(3, 0.5) == pytest.approx(0.5)
+
+
+def test_the_store_spills_past_its_budget_and_reads_back_what_it_wrote(tmp_path: Path) -> None:
+    store = ClientStore(budget_bytes=3 * 4096 + 500, spill_dir=tmp_path)
+    for client in range(10):
+        store.put(client, {"buffer": torch.full((1024,), float(client))})
+    assert store.bytes_in_memory <= 3 * 4096 + 500 and store.spilled == 7 and len(store) == 10
+    assert store.get(99) is None
+    for client in range(10):
+        assert torch.equal(store.get(client)["buffer"], torch.full((1024,), float(client)))
+    assert store.loads >= 7 and store.bytes_in_memory <= 3 * 4096 + 500
+
+
+def test_a_partial_is_the_sample_weighted_mean_of_its_clients() -> None:
+    sim = Simulation(digits(workers=1))
+    worker, replica = sim.workers[0], sim.aggregator.replica
+    jobs = [ClientJob(c, seed=c) for c in (1, 5, 9)]
+    folded = worker.train(replica, jobs, fold=True)
+    single = worker.train(replica, jobs, fold=False)
+    weights = [o.update.weight for o in single.outcomes]
+    assert weights == [sim.task.samples(c) for c in (1, 5, 9)]
+    assert folded.update is not None and folded.update.weight == sum(weights)
+    for name, payload in folded.update.payloads.items():
+        manual = sum(w * dense_values(o.update.payloads[name]) for w, o in zip(weights, single.outcomes, strict=True))
+        torch.testing.assert_close(dense_values(payload), manual / sum(weights), rtol=1e-5, atol=1e-6)
+    sim.close()
+
+
+def test_the_pool_size_changes_nothing_but_the_messages() -> None:
+    one, logs_one = run(digits(workers=1))
+    three, logs_three = run(digits(workers=3))
+    for name, t in one.aggregator.replica.params.items():
+        torch.testing.assert_close(three.aggregator.replica.params[name], t, rtol=1e-5, atol=1e-6)
+    assert [log.aggregated for log in logs_one] == [log.aggregated for log in logs_three] == [10] * 4
+    # One message per pool worker that had a sampled client: O(workers), whatever the clients per round.
+    assert all(log.messages == 1 for log in logs_one)
+    assert all(1 <= log.messages <= 3 for log in logs_three) and max(log.messages for log in logs_three) == 3
+
+
+def test_late_updates_are_dropped_or_carried_into_the_next_round() -> None:
+    timing = {"sigma": 1.0, "deadline_quantile": 0.6}
+    _, dropped = run(digits(timing={**timing, "late": "drop"}))
+    _, carried = run(digits(timing={**timing, "late": "stale_weight"}))
+    late = [log.late for log in dropped]
+    assert sum(late) > 0 and [log.late for log in carried] == late
+    assert all(log.carried_in == 0 for log in dropped)
+    assert [log.carried_in for log in carried] == [0, *late[:-1]]
+    assert [log.aggregated for log in carried] == [10 - n + c for n, c in zip(late, [0, *late[:-1]], strict=True)]
+
+
+def test_fedbuff_aggregates_every_k_arrivals_with_staleness() -> None:
+    _, logs = run(digits(rounds=6, asynchronous={"enabled": True, "buffer_k": 4, "concurrency": 8},
+                         timing={"sigma": 1.0, "dropout": 0.1}))
+    assert all(log.aggregated == 4 for log in logs) and logs[-1].mean_staleness > 0
+    assert all(b.sim_time_s >= a.sim_time_s for a, b in itertools.pairwise(logs))
+    assert logs[-1].metrics["eval_loss"] < logs[1].metrics["eval_loss"]
+
+
+def test_bad_simulations_are_refused_before_anything_trains() -> None:
+    with pytest.raises(ConfigError, match="by_role"):
+        parse_config({"simulation": {"task": "digits", "partition": "by_role"}})
+    with pytest.raises(ConfigError, match="deadline"):
+        parse_config({"simulation": {"timing": {"deadline_s": 1.0, "deadline_quantile": 0.5}}})
+    with pytest.raises(ConfigError, match="weighted mean"):
+        Simulation(parse_config({"protocol": {"kind": "sparseloco"}, "simulation": {"clients": 10}}))
+    with pytest.raises(ConfigError, match="exceeds"):
+        Simulation(parse_config({"protocol": {"kind": "fedavg"},
+                                 "simulation": {"task": "shakespeare", "partition": "by_play", "clients": 100}}))

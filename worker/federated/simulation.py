@@ -1,0 +1,124 @@
+"""A whole simulation put together from a run config: the task and its client partition, the pool, the
+DP plan, the aggregator, and the rows every round logs.
+
+The noise multiplier is planned once, before anything trains, for the worst-placed client: the one with
+the highest sampling rate (batch / its samples) and the most steps per round, taking part in every round.
+epsilon grows with both, so that one noise multiplier keeps every client within the budget whatever the
+sampling; a budget that no noise multiplier up to `dp.max_noise_multiplier` meets stops the run here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protocols.base import MeanAccumulator
+from protocols.config import ConfigError, RunConfig
+from protocols.registry import build_protocol
+from protocols.replica import Replica
+from protocols.round import RoundAggregator
+from protocols.simulation_config import SimulationConfig
+from worker.federated.engine import Engine, RoundLog, downlink_for
+from worker.federated.local import load, trainable
+from worker.federated.pool import PoolWorker
+from worker.federated.store import ClientStore
+from worker.federated.tasks import FederatedTask, build_task
+
+
+def simulation_of(cfg: RunConfig) -> SimulationConfig:
+    if cfg.simulation is None:
+        raise ConfigError("this recipe has no simulation: block; `lowband simulate` needs one (see fedavg-digits.yaml)")
+    return cfg.simulation
+
+
+def plan_noise(sim: SimulationConfig, task: FederatedTask) -> float | None:
+    """The run's DP noise multiplier (see the module docstring), or None without DP."""
+    if not sim.dp.enabled:
+        return None
+    from worker.federated.dp import plan
+
+    worst_rate = max(min(1.0, sim.batch_size / task.samples(c)) for c in range(sim.clients))
+    worst_steps = max(task.steps(c, sim.local_epochs, sim.batch_size, sim.max_local_steps) for c in range(sim.clients))
+    return plan(sim.dp, worst_rate, worst_steps, sim.rounds)
+
+
+class Simulation:
+    def __init__(self, cfg: RunConfig, spill_dir: str | Path | None = None) -> None:
+        self.cfg, self.sim = cfg, simulation_of(cfg)
+        sim = self.sim
+        protocol = build_protocol(cfg)
+        if not isinstance(protocol.new_round(), MeanAccumulator):
+            raise ConfigError(f"lowband simulate folds each pool worker's clients into one weighted mean; protocol "
+                              f"{cfg.protocol.kind!r} aggregates otherwise (use fedavg, fedavg-lora, ffa-lora, fedsvd "
+                              "or diloco without robust aggregation)")
+        self.task = build_task(cfg)
+        if sim.clients > self.task.num_clients():
+            raise ConfigError(f"simulation.clients {sim.clients} exceeds the {self.task.num_clients()} clients "
+                              f"partition {sim.partition!r} of task {sim.task!r} can make")
+        self.noise = plan_noise(sim, self.task)
+        self._tmp = tempfile.TemporaryDirectory(prefix="lowband-clients-") if spill_dir is None else None
+        spill = Path(sim.store.spill_dir or spill_dir or self._tmp.name)  # type: ignore[union-attr]
+        budget = sim.store.memory_budget_mb * 2**20 // sim.workers
+        frozen = tuple(getattr(cfg.protocol, "frozen_in_training", ()))
+        workers = []
+        for w in range(sim.workers):
+            torch.manual_seed(cfg.seed)  # every pool worker builds the same model (and frozen base)
+            workers.append(PoolWorker(self.task, build_protocol(cfg), ClientStore(budget, spill / f"pool{w}"), sim.lr,
+                                      sim.local_epochs, sim.batch_size, sim.max_local_steps, frozen,
+                                      sim.dp.max_grad_norm, sim.dp.delta))
+        self.workers = workers
+        replica = Replica(0, {n: p.detach().clone() for n, p in trainable(workers[0].model).items()})
+        self.aggregator = RoundAggregator(protocol, downlink_for(cfg, protocol), replica)
+        torch.manual_seed(cfg.seed)
+        self.eval_model = self.task.build_model()
+        self.engine = Engine(sim, cfg.seed, workers, self.aggregator, self.noise, self._evaluate)
+        self.started = time.monotonic()
+
+    def _evaluate(self, replica: Replica) -> dict[str, float]:
+        load(self.eval_model, replica.params)
+        return self.task.evaluate(self.eval_model)
+
+    def rounds(self) -> Iterator[RoundLog]:
+        """Every round's log, as it closes."""
+        try:
+            yield from (self.engine.fedbuff() if self.sim.asynchronous.enabled else self.engine.synchronous())
+        finally:
+            self.engine.close()
+
+    def summary(self, logs: list[RoundLog]) -> dict[str, Any]:
+        last_metrics = next((log.metrics for log in reversed(logs) if log.metrics), {})
+        stores = [w.store for w in self.workers]
+        return {
+            "name": self.cfg.name,
+            "protocol": self.cfg.protocol.kind,
+            "task": self.sim.task,
+            "clients": self.sim.clients,
+            "rounds": len(logs),
+            "mode": "fedbuff" if self.sim.asynchronous.enabled else "synchronous",
+            **{f"final_{k}": v for k, v in last_metrics.items()},
+            "sim_time_s": logs[-1].sim_time_s if logs else 0.0,
+            "wall_s": time.monotonic() - self.started,
+            "client_updates": sum(log.aggregated for log in logs),
+            "messages": sum(log.messages for log in logs),
+            "noise_multiplier": self.noise,
+            "dp_epsilon_max": max(self.engine.epsilons.values()) if self.engine.epsilons else None,
+            "dp_epsilon_per_client": {str(c): e for c, e in sorted(self.engine.epsilons.items())},
+            "clients_with_state": sum(len(s) for s in stores),
+            "clients_spilled": sum(s.spilled for s in stores),
+        }
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def log_row(log: RoundLog) -> dict[str, Any]:
+    row = asdict(log)
+    row.update(row.pop("metrics"))
+    return row
