@@ -58,7 +58,12 @@ def simulate(cfg: RunConfig, console: Console | None = None, run_dir: Path | Non
     console = console or Console()
     sim = simulation_of(cfg)
     out = RunDir(run_dir or Path(cfg.run_dir) / cfg.name, cfg)
-    simulation = Simulation(cfg)
+    pool = None
+    if sim.backend == "ray":
+        from deploy.simulate_ray import ray_pool
+
+        pool = ray_pool()
+    simulation = Simulation(cfg, pool=pool)
     logs: list[RoundLog] = []
     terminal = sys.stdout.isatty()
     try:

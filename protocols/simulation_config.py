@@ -76,6 +76,7 @@ class SimulationConfig(_Strict):
     lr: PositiveFloat = 0.05  # local SGD
     max_local_steps: PositiveInt | None = None  # cap on a client's steps per round (big Shakespeare roles)
     workers: PositiveInt = 2  # the pool that trains the sampled clients in turn
+    # inproc: the pool's workers are threads of this process; ray: Ray actors of cluster.cpus_per_worker CPUs.
     backend: Literal["inproc", "ray"] = "inproc"
     eval_every: PositiveInt = 1  # rounds between server-side evaluations
     timing: ClientTimingConfig = ClientTimingConfig()

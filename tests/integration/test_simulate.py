@@ -47,3 +47,37 @@ def test_a_thousand_clients_with_stragglers_and_dropouts(tmp_path: Path) -> None
     # and 30 rounds of 100 reach about 96% of the others.
     assert 0.7 * CLIENTS < summary["clients_with_state"] <= 0.8 * CLIENTS
     assert (run_dir / "metrics.png").stat().st_size > 0 and (run_dir / "participation.png").stat().st_size > 0
+
+
+def test_the_pool_as_ray_actors_trains_what_the_threads_train(tmp_path: Path) -> None:
+    import ray
+    import torch
+
+    from protocols.config import parse_config
+    from worker.federated.simulation import Simulation
+
+    data = {"name": "ray-sim", "protocol": {"kind": "fedavg"}, "cluster": {"cpus_per_worker": 0.5},
+            "simulation": {"task": "digits", "clients": 30, "fraction": 0.3, "rounds": 3, "workers": 2}}
+    results = {}
+    for backend in ("inproc", "ray"):
+        cfg = parse_config({**data, "simulation": {**data["simulation"], "backend": backend}})
+        pool = None
+        if backend == "ray":
+            from deploy.simulate_ray import ray_pool
+
+            pool = ray_pool()
+        sim = Simulation(cfg, spill_dir=tmp_path / backend, pool=pool)
+        if backend == "ray":
+            from deploy.simulate_ray import RemotePoolWorker
+
+            assert all(isinstance(w, RemotePoolWorker) for w in sim.workers) and not sim.local_workers
+        logs = list(sim.rounds())
+        sim.close()
+        results[backend] = (sim.aggregator.replica.params, [log.aggregated for log in logs])
+    try:
+        assert ray.is_initialized()
+        assert results["ray"][1] == results["inproc"][1] == [9, 9, 9]
+        for name, t in results["inproc"][0].items():
+            torch.testing.assert_close(results["ray"][0][name], t, rtol=1e-5, atol=1e-6)
+    finally:
+        ray.shutdown()

@@ -33,7 +33,8 @@ from protocols.downlink import Downlink
 from protocols.replica import Replica
 from protocols.round import RoundAggregator
 from protocols.simulation_config import SimulationConfig
-from worker.federated.pool import ClientJob, ClientOutcome, Partial, PoolWorker
+from worker.federated.pool import ClientJob, ClientOutcome, Partial, PoolTrainer
+from worker.federated.tasks import FederatedTask
 from worker.federated.timing import client_speeds, deadline, rng, round_fates, sample_clients, staleness_weight
 
 SEEDS = 4  # purpose id of the per-client training seeds (timing.py uses 1-3)
@@ -58,12 +59,12 @@ class RoundLog:
 
 
 class Engine:
-    def __init__(self, sim: SimulationConfig, seed: int, workers: list[PoolWorker], aggregator: RoundAggregator,
-                 noise_multiplier: float | None, evaluate: Callable[[Replica], dict[str, float]]) -> None:
+    def __init__(self, sim: SimulationConfig, seed: int, task: FederatedTask, workers: list[PoolTrainer],
+                 aggregator: RoundAggregator, noise_multiplier: float | None,
+                 evaluate: Callable[[Replica], dict[str, float]]) -> None:
         self.sim, self.seed, self.workers, self.aggregator = sim, seed, workers, aggregator
         self.noise, self.evaluate = noise_multiplier, evaluate
         self.speeds = client_speeds(sim.timing, sim.clients, seed)
-        task = workers[0].task
         steps = [task.steps(c, sim.local_epochs, sim.batch_size, sim.max_local_steps) for c in range(sim.clients)]
         self.work = np.asarray(steps, dtype=np.float64) * sim.batch_size  # samples a client processes per round
         self.deadline_s = deadline(sim.timing, self.work, self.speeds)

@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from typing import Protocol as Structural
 
 import torch
 
 from compression.payload import dense
 from protocols.base import MeanAccumulator, Protocol, Update
 from protocols.check import check_update, expectation
+from protocols.config import RunConfig
+from protocols.registry import build_protocol
 from protocols.replica import Replica
 from worker.federated.local import train_client
 from worker.federated.store import ClientStore
-from worker.federated.tasks import FederatedTask
+from worker.federated.tasks import FederatedTask, build_task
 
 
 @dataclass
@@ -98,3 +102,26 @@ class PoolWorker:
             record["dp"] = accountant
         self.store.put(job.client, record)
         return ClientOutcome(job.client, samples, loss, update, epsilon)
+
+
+class PoolTrainer(Structural):
+    """What the engine calls: a `PoolWorker` in this process, or a proxy to one in a Ray actor."""
+
+    def train(self, replica: Replica, jobs: list[ClientJob], fold: bool = True) -> Partial: ...
+
+
+def build_pool_worker(cfg: RunConfig, index: int, spill_root: str | Path, task: FederatedTask | None = None
+                      ) -> PoolWorker:
+    """Pool worker `index` of `cfg`'s simulation, built alike in this process or in a Ray actor: the same seeded
+    model (and frozen base), its share of the store's memory budget, its own spill directory."""
+    import torch
+
+    sim = cfg.simulation
+    if sim is None:
+        raise ValueError("build_pool_worker needs a config with a simulation: block")
+    task = task if task is not None else build_task(cfg)
+    torch.manual_seed(cfg.seed)
+    store = ClientStore(sim.store.memory_budget_mb * 2**20 // sim.workers, Path(spill_root) / f"pool{index}")
+    frozen = tuple(getattr(cfg.protocol, "frozen_in_training", ()))
+    return PoolWorker(task, build_protocol(cfg), store, sim.lr, sim.local_epochs, sim.batch_size,
+                      sim.max_local_steps, frozen, sim.dp.max_grad_norm, sim.dp.delta)

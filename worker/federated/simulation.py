@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,7 @@ from protocols.round import RoundAggregator
 from protocols.simulation_config import SimulationConfig
 from worker.federated.engine import Engine, RoundLog, downlink_for
 from worker.federated.local import load, trainable
-from worker.federated.pool import PoolWorker
-from worker.federated.store import ClientStore
+from worker.federated.pool import PoolTrainer, build_pool_worker
 from worker.federated.tasks import FederatedTask, build_task
 
 
@@ -48,8 +47,13 @@ def plan_noise(sim: SimulationConfig, task: FederatedTask) -> float | None:
     return plan(sim.dp, worst_rate, worst_steps, sim.rounds)
 
 
+PoolMaker = Callable[[RunConfig, int, str], PoolTrainer]  # (config, index, spill root) -> a pool worker
+
+
 class Simulation:
-    def __init__(self, cfg: RunConfig, spill_dir: str | Path | None = None) -> None:
+    def __init__(self, cfg: RunConfig, spill_dir: str | Path | None = None, pool: PoolMaker | None = None) -> None:
+        """`pool`: how to make the pool's workers (deploy/simulate_ray.py: Ray actors); None: in this process,
+        as threads sharing one task."""
         self.cfg, self.sim = cfg, simulation_of(cfg)
         sim = self.sim
         protocol = build_protocol(cfg)
@@ -63,21 +67,19 @@ class Simulation:
                               f"partition {sim.partition!r} of task {sim.task!r} can make")
         self.noise = plan_noise(sim, self.task)
         self._tmp = tempfile.TemporaryDirectory(prefix="lowband-clients-") if spill_dir is None else None
-        spill = Path(sim.store.spill_dir or spill_dir or self._tmp.name)  # type: ignore[union-attr]
-        budget = sim.store.memory_budget_mb * 2**20 // sim.workers
-        frozen = tuple(getattr(cfg.protocol, "frozen_in_training", ()))
-        workers = []
-        for w in range(sim.workers):
-            torch.manual_seed(cfg.seed)  # every pool worker builds the same model (and frozen base)
-            workers.append(PoolWorker(self.task, build_protocol(cfg), ClientStore(budget, spill / f"pool{w}"), sim.lr,
-                                      sim.local_epochs, sim.batch_size, sim.max_local_steps, frozen,
-                                      sim.dp.max_grad_norm, sim.dp.delta))
-        self.workers = workers
-        replica = Replica(0, {n: p.detach().clone() for n, p in trainable(workers[0].model).items()})
-        self.aggregator = RoundAggregator(protocol, downlink_for(cfg, protocol), replica)
-        torch.manual_seed(cfg.seed)
+        spill = str(sim.store.spill_dir or spill_dir or self._tmp.name)  # type: ignore[union-attr]
+        if pool is None:
+            local = [build_pool_worker(cfg, w, spill, self.task) for w in range(sim.workers)]
+            self.local_workers = local
+            self.workers: list[PoolTrainer] = list(local)
+        else:
+            self.local_workers = []
+            self.workers = [pool(cfg, w, spill) for w in range(sim.workers)]
+        torch.manual_seed(cfg.seed)  # the model every pool worker built: the replica and the eval model
         self.eval_model = self.task.build_model()
-        self.engine = Engine(sim, cfg.seed, workers, self.aggregator, self.noise, self._evaluate)
+        replica = Replica(0, {n: p.detach().clone() for n, p in trainable(self.eval_model).items()})
+        self.aggregator = RoundAggregator(protocol, downlink_for(cfg, protocol), replica)
+        self.engine = Engine(sim, cfg.seed, self.task, self.workers, self.aggregator, self.noise, self._evaluate)
         self.started = time.monotonic()
 
     def _evaluate(self, replica: Replica) -> dict[str, float]:
@@ -93,7 +95,7 @@ class Simulation:
 
     def summary(self, logs: list[RoundLog]) -> dict[str, Any]:
         last_metrics = next((log.metrics for log in reversed(logs) if log.metrics), {})
-        stores = [w.store for w in self.workers]
+        stores = [w.store for w in self.local_workers]
         return {
             "name": self.cfg.name,
             "protocol": self.cfg.protocol.kind,
@@ -109,8 +111,10 @@ class Simulation:
             "noise_multiplier": self.noise,
             "dp_epsilon_max": max(self.engine.epsilons.values()) if self.engine.epsilons else None,
             "dp_epsilon_per_client": {str(c): e for c, e in sorted(self.engine.epsilons.items())},
-            "clients_with_state": sum(len(s) for s in stores),
-            "clients_spilled": sum(s.spilled for s in stores),
+            "backend": self.sim.backend,
+            # The store's counts, for the in-process pool (a Ray actor keeps its own store).
+            "clients_with_state": sum(len(s) for s in stores) if stores else None,
+            "clients_spilled": sum(s.spilled for s in stores) if stores else None,
         }
 
     def close(self) -> None:
