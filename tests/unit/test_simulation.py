@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from compression.payload import dense_values
+from compression.payload import dense, dense_values
 from protocols.config import ConfigError, RunConfig, parse_config
 from protocols.simulation_config import ClientTimingConfig
-from worker.federated.pool import ClientJob
+from worker.federated.pool import ClientJob, PoolWorker
 from worker.federated.simulation import Simulation
 from worker.federated.store import ClientStore
 from worker.federated.timing import client_speeds, deadline, round_fates, sample_clients, staleness_weight
@@ -120,3 +120,65 @@ def test_bad_simulations_are_refused_before_anything_trains() -> None:
     with pytest.raises(ConfigError, match="exceeds"):
         Simulation(parse_config({"protocol": {"kind": "fedavg"},
                                  "simulation": {"task": "shakespeare", "partition": "by_play", "clients": 100}}))
+
+
+def lora_shakespeare(**simulation: Any) -> RunConfig:
+    base = {"task": "shakespeare", "partition": "by_role", "clients": 12, "fraction": 0.5, "rounds": 1,
+            "workers": 2, "batch_size": 4, "max_local_steps": 1}
+    return parse_config({"name": "sim", "protocol": {"kind": "fedsvd"}, "lowrank": {"method": "lora", "rank": 2},
+                         "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+                         "data": {"max_chars": 200_000}, "train": {"eval_batches": 1},
+                         "simulation": {**base, **simulation}})
+
+
+def test_a_client_update_of_the_wrong_rank_or_modules_is_refused_and_not_aggregated() -> None:
+    sim = Simulation(lora_shakespeare())
+    worker, replica = sim.workers[0], sim.aggregator.replica
+    assert isinstance(worker, PoolWorker)
+    honest = worker.protocol.make_update
+
+    def dishonest(local: Any, start: Any, state: Any) -> Any:
+        update, state = honest(local, start, state)
+        name = next(n for n in update.payloads if ".lora_B." in n)
+        if dishonest.calls == 0:  # client 0: rank 3 where the run has rank 2
+            update.payloads[name] = dense(torch.zeros(dense_values(update.payloads[name]).shape[0], 3))
+        elif dishonest.calls == 1:  # client 2: a module the run does not adapt
+            update.payloads["base_model.model.lm_head.lora_B.default.weight"] = update.payloads.pop(name)
+        dishonest.calls += 1
+        return update, state
+
+    dishonest.calls = 0  # type: ignore[attr-defined]
+    worker.protocol.make_update = dishonest  # type: ignore[method-assign]
+    partial = worker.train(replica, [ClientJob(c, seed=c) for c in (0, 2, 4)], fold=True)
+    refused = {o.client: o.refused for o in partial.outcomes if o.refused}
+    assert set(refused) == {0, 2}
+    assert "shape" in refused[0] and "lm_head" in refused[2]
+    assert partial.update is not None and partial.update.weight == sim.task.samples(4)  # only client 4 folded
+    sim.close()
+
+
+class Impostor:
+    """A pool worker that answers for a client it was never given."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def train(self, replica: Any, jobs: list[ClientJob], fold: bool = True) -> Any:
+        partial = self.inner.train(replica, jobs, fold)
+        partial.outcomes[0].client = 10_000 + partial.outcomes[0].client
+        return partial
+
+
+def test_a_partial_speaking_for_a_client_not_sampled_is_refused_whole() -> None:
+    sim = Simulation(digits(rounds=1))
+    before = {n: t.clone() for n, t in sim.aggregator.replica.params.items()}
+    sim.engine.workers[1] = Impostor(sim.engine.workers[1])
+    (log,) = list(sim.rounds())
+    assert log.refused == 1 and "not sampled" in sim.engine.refusals[0]
+    assert log.messages == 1 and log.aggregated < log.sampled  # only pool worker 0's partial was folded
+    assert any(not torch.equal(before[n], t) for n, t in sim.aggregator.replica.params.items())
+
+
+def test_a_dp_budget_that_cannot_be_met_stops_the_run_before_it_starts() -> None:
+    with pytest.raises(ConfigError, match="epsilon"):
+        Simulation(digits(dp={"enabled": True, "epsilon": 0.01, "max_noise_multiplier": 2.0}))

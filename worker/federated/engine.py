@@ -54,6 +54,7 @@ class RoundLog:
     train_loss: float | None
     messages: int  # partials (or FedBuff arrivals) the aggregator received
     mean_staleness: float = 0.0
+    refused: int = 0  # client updates or pool partials refused this round (`Engine.refusals` says why)
     epsilon_max: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # server-side eval (loss, accuracy)
 
@@ -69,6 +70,7 @@ class Engine:
         self.work = np.asarray(steps, dtype=np.float64) * sim.batch_size  # samples a client processes per round
         self.deadline_s = deadline(sim.timing, self.work, self.speeds)
         self.epsilons: dict[int, float] = {}
+        self.refusals: list[str] = []  # updates and partials refused, each saying why
         self.clock = 0.0
         self._pool = ThreadPoolExecutor(len(workers), thread_name_prefix="lowband-pool")
 
@@ -81,19 +83,33 @@ class Engine:
         return ClientJob(client, seed, scale, self.noise)
 
     def _train(self, replica: Replica, jobs: list[ClientJob], fold: bool) -> list[Partial]:
-        """The jobs, each on its client's pool worker, the workers in parallel."""
+        """The jobs, each on its client's pool worker, the workers in parallel. A partial that speaks for a
+        client it was not given (not sampled this round, or another worker's) is refused whole: it is logged
+        and nothing of it is aggregated."""
         n = len(self.workers)
         mine = [[j for j in jobs if j.client % n == w] for w in range(n)]
-        futures = [self._pool.submit(w.train, replica, js, fold) for w, js in zip(self.workers, mine, strict=True)
-                   if js]
-        return [f.result() for f in futures]
+        futures = [(w, self._pool.submit(self.workers[w].train, replica, js, fold), js)
+                   for w, js in enumerate(mine) if js]
+        partials = []
+        for w, future, given in futures:
+            partial = future.result()
+            strangers = sorted({o.client for o in partial.outcomes} - {j.client for j in given})
+            if strangers:
+                self.refusals.append(f"pool worker {w}: its partial carries client(s) {strangers[:5]} that were not "
+                                     "sampled for it this round; the partial was not aggregated")
+                continue
+            self.refusals.extend(f"client {o.client}: {o.refused}" for o in partial.outcomes if o.refused)
+            partial.outcomes = [o for o in partial.outcomes if not o.refused]
+            partials.append(partial)
+        return partials
 
     def _close(self, updates: list[Update]) -> None:
         for order, update in enumerate(updates):
             self.aggregator.submit(f"pool{order}", update, order)
         self.aggregator.close()
 
-    def _log(self, log: RoundLog, outcomes: list[ClientOutcome]) -> RoundLog:
+    def _log(self, log: RoundLog, outcomes: list[ClientOutcome], refused_before: int) -> RoundLog:
+        log.refused = len(self.refusals) - refused_before
         for o in outcomes:
             if o.epsilon is not None:
                 self.epsilons[o.client] = o.epsilon
@@ -106,6 +122,7 @@ class Engine:
     def synchronous(self) -> Iterator[RoundLog]:
         carried: list[ClientOutcome] = []
         for round_ in range(self.sim.rounds):
+            refused = len(self.refusals)
             sampled = sample_clients(self.sim.clients, self.sim.per_round, round_, self.seed)
             fates = round_fates(sampled, self.work[sampled], self.speeds, self.sim.timing, round_, self.seed,
                                 self.deadline_s)
@@ -126,7 +143,7 @@ class Engine:
             log = RoundLog(round_, len(sampled), sum(f.dropped for f in fates), len(late),
                            len(outcomes) + len(carried), len(carried), self.clock, None, len(updates))
             carried = [o for p in held for o in p.outcomes]
-            yield self._log(log, outcomes + carried)
+            yield self._log(log, outcomes + carried, refused)
 
     def fedbuff(self) -> Iterator[RoundLog]:
         cfg, timing = self.sim.asynchronous, self.sim.timing
@@ -148,6 +165,7 @@ class Engine:
 
         launch(cfg.concurrency, 0)
         for version in range(self.sim.rounds):
+            refused = len(self.refusals)
             buffer: list[tuple[int, ClientOutcome]] = []
             dropped = 0
             while len(buffer) < cfg.buffer_k and in_flight:
@@ -165,7 +183,7 @@ class Engine:
                 self._close(updates)
             log = RoundLog(version, len(buffer) + dropped, dropped, 0, len(buffer), 0, self.clock, None, len(updates),
                            mean_staleness=float(np.mean([s for s, _ in buffer])) if buffer else 0.0)
-            yield self._log(log, [o for _, o in buffer])
+            yield self._log(log, [o for _, o in buffer], refused)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -20,7 +20,7 @@ import torch
 
 from compression.payload import dense
 from protocols.base import MeanAccumulator, Protocol, Update
-from protocols.check import check_update, expectation
+from protocols.check import UpdateRejected, check_update, expectation
 from protocols.config import RunConfig
 from protocols.registry import build_protocol
 from protocols.replica import Replica
@@ -44,6 +44,7 @@ class ClientOutcome:
     loss: float
     update: Update  # the client's own (for FedBuff, which folds arrivals one by one)
     epsilon: float | None = None
+    refused: str = ""  # why the client's update was refused (wrong shapes, tensors, ...): not folded
 
 
 @dataclass
@@ -72,8 +73,13 @@ class PoolWorker:
         for job in jobs:
             outcome = self._train_one(replica, job)
             outcomes.append(outcome)
+            try:  # every client's update is checked as the aggregator checks one: applied whole or not at all
+                checked = check_update(f"client{job.client}", outcome.update, expect)
+            except UpdateRejected as err:
+                outcome.refused = str(err)
+                continue
             if fold:
-                acc.fold(f"client{job.client}", check_update(f"client{job.client}", outcome.update, expect))
+                acc.fold(f"client{job.client}", checked)
         if not fold or not acc.count:
             return Partial(None, outcomes)
         mean = acc.mean()

@@ -108,6 +108,7 @@ class Simulation:
             "wall_s": time.monotonic() - self.started,
             "client_updates": sum(log.aggregated for log in logs),
             "messages": sum(log.messages for log in logs),
+            "refusals": self.engine.refusals[:100],
             "noise_multiplier": self.noise,
             "dp_epsilon_max": max(self.engine.epsilons.values()) if self.engine.epsilons else None,
             "dp_epsilon_per_client": {str(c): e for c, e in sorted(self.engine.epsilons.items())},
