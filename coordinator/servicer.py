@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import grpc
 
 from compression.payload import dense
 from coordinator.errors import Code, Rejected
-from coordinator.state import CoordinatorState, Phase
+from coordinator.state import AlreadyFolded, CoordinatorState, Phase
 from protocols.base import Update
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
@@ -43,6 +44,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             req = serde.from_pb(request)
             assert isinstance(req, m.JoinRequest)
             env = req.envelope
+            self._check_run(env)
             member = self.state.join(req.hostname, env.token, env.protocol_version, env.worker_id)
             reply = m.JoinReply(
                 worker_id=member.worker_id,
@@ -139,6 +141,9 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             assert isinstance(req, m.WaitRequest)
             self._check_run(req.envelope)
             self.state.check_member(req.envelope.worker_id, req.envelope.token)
+            if not (math.isfinite(req.max_wait_s) and req.max_wait_s >= 0):
+                raise Rejected(Code.INVALID_ARGUMENT, f"max_wait_s must be a finite number of seconds >= 0, got "
+                                                      f"{req.max_wait_s}")
             wait = min(req.max_wait_s or MAX_WAIT_S, MAX_WAIT_S)
             round_, phase, state_hash = self.state.wait_for_round(req.after_round, wait)
             info = m.RoundInfo(round_, _PHASE[phase], state_hash, self.state.total_rounds)
@@ -169,6 +174,8 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
                 update = Update(payloads=entries, weight=header.weight)
                 round_ = self.state.submit(env.worker_id, env.token, env.round, update, metrics, counted.nbytes)
             return serde.to_pb(m.PushReply(accepted=True, round=round_, bytes_received=counted.nbytes))
+        except AlreadyFolded as done:  # a retry after a lost reply: the same answer, nothing folded twice
+            return serde.to_pb(m.PushReply(accepted=True, round=done.round, bytes_received=counted.nbytes))
         except (Rejected, m.WireError) as err:
             refuse(context, err)
 

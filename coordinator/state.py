@@ -15,6 +15,7 @@ Anything refused raises `Rejected` and leaves the state exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import threading
 import time
@@ -36,6 +37,14 @@ from protocols.round import RoundAggregator, UpdateRejected
 
 # Closed rounds whose aggregate stays available; a worker further behind resyncs its whole replica.
 KEPT_AGGREGATES = 4
+
+
+class AlreadyFolded(Exception):
+    """A push for a (worker, round) whose update was already folded: acknowledged, not folded again."""
+
+    def __init__(self, worker_id: str, round_: int) -> None:
+        super().__init__(f"worker {worker_id}'s update for round {round_} was already folded")
+        self.round = round_
 
 
 class Phase(Enum):
@@ -140,6 +149,9 @@ class CoordinatorState:
         # and who sent which relayed update (fold order).
         self.aggregates: dict[int, tuple[Aggregate, str]] = {}
         self.senders: dict[int, list[str]] = {}
+        # round -> workers whose update it folded (the open round and the kept ones): a retried push of one of
+        # them is acknowledged without folding it again (push is idempotent per worker and round).
+        self.folded: dict[int, set[str]] = {}
         self.history: list[RoundRecord] = []
         # The one worker asked to offer the initial state, so only one dense copy crosses the wire.
         self.initializer: str | None = None
@@ -168,7 +180,7 @@ class CoordinatorState:
                 member.alive, member.last_seen, member.hostname = True, self.clock(), hostname
             else:
                 index = len(self.members)
-                worker_id = requested_id or f"w{index}"
+                worker_id = requested_id or next(f"w{k}" for k in itertools.count(index) if f"w{k}" not in self.members)
                 member = Member(worker_id=worker_id, index=index, hostname=hostname, last_seen=self.clock())
                 self.members[worker_id] = member
             if self.aggregator is None and not self._initializer_alive():
@@ -196,6 +208,10 @@ class CoordinatorState:
     def heartbeat(self, worker_id: str, token: str, step: int, loss: float | None, eval_loss: float | None) -> None:
         with self._cond:
             member = self._member(worker_id, token)
+            for name, value in (("loss", loss), ("eval_loss", eval_loss)):
+                if value is not None and not (math.isfinite(value) and value >= 0):
+                    raise Rejected(Code.INVALID_ARGUMENT, f"worker {worker_id} reported {name} {value}: a loss is a "
+                                                          "finite number >= 0")
             member.last_seen, member.alive = self.clock(), True
             member.step = step
             if loss is not None:
@@ -280,8 +296,14 @@ class CoordinatorState:
             else:
                 self._open_round_for(worker_id, token, round_)
 
+    def already_folded(self, worker_id: str, round_: int) -> bool:
+        """Whether this worker's update for `round_` was folded (a retry after a lost reply)."""
+        return worker_id in self.folded.get(round_, ())
+
     def _open_round_for(self, worker_id: str, token: str, round_: int) -> tuple[Member, _Round]:
         member = self._member(worker_id, token)
+        if self.already_folded(worker_id, round_):
+            raise AlreadyFolded(worker_id, round_)
         if self.phase is not Phase.TRAINING or self._current is None or self.aggregator is None:
             raise Rejected(Code.FAILED_PRECONDITION, f"no round is open (phase {self.phase.value})")
         current = self._current
@@ -304,7 +326,10 @@ class CoordinatorState:
     ) -> int:
         """Validate and fold one worker's update into the open round. Returns the round it counted for."""
         with self._cond:
-            member, current = self._open_round_for(worker_id, token, round_)
+            try:
+                member, current = self._open_round_for(worker_id, token, round_)
+            except AlreadyFolded:
+                return round_  # acknowledged again, folded once
             assert self.aggregator is not None  # _open_round_for checked it
             _check_metrics(worker_id, metrics)
             try:
@@ -312,6 +337,7 @@ class CoordinatorState:
             except UpdateRejected as err:
                 raise Rejected(Code.ALREADY_EXISTS if err.duplicate else Code.INVALID_ARGUMENT, str(err)) from None
             current.reported[worker_id] = dict(metrics)
+            self.folded.setdefault(round_, set()).add(worker_id)
             member.bytes_sent += wire_bytes
             member.tokens += int(metrics.get("tokens", 0))
             member.last_seen, member.alive = self.clock(), True
@@ -337,6 +363,8 @@ class CoordinatorState:
 
     def wait_for_round(self, after_round: int, timeout: float) -> tuple[int, Phase, str]:
         """Block until the round is past `after_round`, the run finished, or `timeout` passed."""
+        if not (math.isfinite(timeout) and timeout >= 0):
+            raise Rejected(Code.INVALID_ARGUMENT, f"a wait must be a finite number of seconds >= 0, got {timeout}")
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -398,8 +426,8 @@ class CoordinatorState:
             return
         live = {m.worker_id for m in self.members.values() if m.alive}
         reported = set(current.reported)
-        if reported and live <= reported:
-            closed_by = "all"
+        if reported and live <= reported and len(reported) >= self.cfg.cluster.quorum:
+            closed_by = "all"  # every live worker, and at least the quorum: lapsed heartbeats cannot bypass it
         elif (
             self.clock() - current.started >= self.cfg.cluster.round_deadline_s
             and len(reported) >= self.cfg.cluster.quorum
@@ -414,6 +442,7 @@ class CoordinatorState:
         for old in sorted(self.aggregates)[:-KEPT_AGGREGATES]:
             del self.aggregates[old]
             self.senders.pop(old, None)
+            self.folded.pop(old, None)
         record = self._record(current, closed_by, aggregate.nbytes())
         self.history.append(record)
         self.round += 1

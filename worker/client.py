@@ -9,6 +9,7 @@ Bytes are counted as serialized messages, i.e. what really crossed the wire.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -107,13 +108,15 @@ class CoordinatorClient:
         return self._call(self._join_once, rejoin=False)
 
     def heartbeat(self, step: int, loss: float | None, eval_loss: float | None) -> m.HeartbeatReply:
-        nan = float("nan")
+        def known(value: float | None) -> float:  # NaN = no loss: a diverged (inf) loss is not a reading
+            return value if value is not None and math.isfinite(value) else float("nan")
+
         req = m.HeartbeatRequest(
             envelope=self._envelope(),
             inner_step=step,
-            last_loss=nan if loss is None else loss,
+            last_loss=known(loss),
             bytes_sent=self.bytes_sent,
-            eval_loss=nan if eval_loss is None else eval_loss,
+            eval_loss=known(eval_loss),
         )
         reply = self._call(lambda: self._unary(self.stub.Heartbeat, req, timeout=10.0))
         assert isinstance(reply, m.HeartbeatReply)

@@ -156,15 +156,12 @@ def test_bad_push_is_refused_by_name_and_nothing_of_it_is_folded(coordinator, ca
     torch.testing.assert_close(replica.params, want)
 
 
-def test_second_update_for_the_same_round_is_refused(coordinator) -> None:  # type: ignore[no-untyped-def]
+def test_a_second_push_for_a_round_is_acknowledged_and_not_folded_again(coordinator) -> None:  # type: ignore[no-untyped-def]
     server, (first, _) = coordinator
     _push(server.address, first.worker_id, 0, _good())
     before = _open_round(server)
     assert before[1] == 1 and before[5] == [first.worker_id]
-    with pytest.raises(grpc.RpcError) as info:
-        _push(server.address, first.worker_id, 0, _good())
-    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert f"worker {first.worker_id} already sent its update for round 0" in info.value.details()
+    _push(server.address, first.worker_id, 0, _good())  # a retry after a lost reply: push is idempotent
     after = _open_round(server)
     assert after[:4] == before[:4] and after[5:] == before[5:]
     assert all(torch.equal(after[4][n], before[4][n]) for n in before[4])
@@ -196,3 +193,27 @@ def test_a_refusable_header_is_refused_before_the_payload_arrives(coordinator, f
         answered.set()
     assert info.value.code() == code, info.value.details()
     assert server.state.aggregator is not None and server.state.aggregator.acc.count == 0
+
+
+def test_a_wait_of_nan_or_negative_seconds_is_refused(coordinator) -> None:  # type: ignore[no-untyped-def]
+    server, (first, _) = coordinator
+    with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        stub = lowband_pb2_grpc.CoordinatorStub(channel)
+        for wait in (float("nan"), -1.0, float("inf")):
+            env = m.Envelope(first.run_id, first.worker_id, 0, PROTOCOL_VERSION, TOKEN)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.WaitRound(serde.to_pb(m.WaitRequest(envelope=env, after_round=0, max_wait_s=wait)), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "max_wait_s" in (info.value.details() or "")
+
+
+def test_a_join_naming_another_run_is_refused(coordinator) -> None:  # type: ignore[no-untyped-def]
+    server, _ = coordinator
+    with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        stub = lowband_pb2_grpc.CoordinatorStub(channel)
+        env = m.Envelope("another-run", "", 0, PROTOCOL_VERSION, TOKEN)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Join(serde.to_pb(m.JoinRequest(envelope=env, hostname="x")), timeout=10)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "wrong run id" in (info.value.details() or "")
+    assert len(server.state.members) == 2

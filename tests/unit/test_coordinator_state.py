@@ -7,7 +7,7 @@ import torch
 
 from compression.payload import dense
 from coordinator.errors import Code, Rejected
-from coordinator.state import KEPT_AGGREGATES, CoordinatorState, Phase
+from coordinator.state import KEPT_AGGREGATES, AlreadyFolded, CoordinatorState, Phase
 from protocols.base import Update
 from protocols.config import PROTOCOL_VERSION
 from protocols.downlink import apply_aggregate
@@ -120,9 +120,7 @@ def test_rejected_updates_leave_no_trace() -> None:
     assert state.aggregator is not None and state.aggregator.acc.count == 0 and state.aggregator.senders == []
     assert state.members[ids[0]].bytes_sent == 0 and state.state_hash == before
     state.submit(ids[0], "", 0, update(0.5), {}, 10)
-    with pytest.raises(Rejected) as info:  # a second update for the round is a duplicate, not a bad argument
-        state.submit(ids[0], "", 0, update(0.5), {}, 10)
-    assert info.value.code is Code.ALREADY_EXISTS
+    state.submit(ids[0], "", 0, update(9.0), {}, 10)  # a second push for the round: acknowledged, not folded
     assert state.aggregator.acc.count == 1 and state.members[ids[0]].bytes_sent == 10
 
 
@@ -228,3 +226,53 @@ def test_a_resumed_run_keeps_its_base_digest() -> None:
     (w0,) = join_all(state, 1)
     with pytest.raises(Rejected):
         state.attest_base(w0, "", "d" * 64)
+
+
+def test_a_retried_push_is_acknowledged_and_folded_once() -> None:
+    state, ids = started(workers=2)
+    state.submit(ids[0], "", 0, update(1.0), {}, 10)
+    state.submit(ids[0], "", 0, update(1.0), {}, 10)  # the reply was lost; the worker pushes again
+    assert state.aggregator is not None and state.aggregator.acc.count == 1
+    state.submit(ids[1], "", 0, update(3.0), {}, 10)
+    assert state.round == 1
+    state.submit(ids[1], "", 0, update(3.0), {}, 10)  # retried after its round closed: still acknowledged
+    with pytest.raises(AlreadyFolded):
+        state.check_push(ids[1], "", 0, initial_state=False)
+    assert state.round == 1 and state.members[ids[1]].bytes_sent == 10
+
+
+def test_a_round_never_closes_on_fewer_than_the_quorum_even_when_the_others_went_quiet() -> None:
+    state, clock = make(workers=3, min_workers=2, deadline=10.0, timeout=5.0)
+    ids = join_all(state, 3)
+    state.offer_initial_state(ids[0], "", {"w": dense(STATE["w"])})
+    clock.now = 6.0
+    state.heartbeat(ids[0], "", 1, None, None)
+    state.tick()  # w1 and w2 lapsed: w0 is the only live worker
+    state.submit(ids[0], "", 0, update(1.0), {}, 10)
+    clock.now = 20.0
+    state.heartbeat(ids[0], "", 1, None, None)
+    state.tick()
+    assert state.round == 0  # one update, quorum 2: the round waits for a worker to come back
+    state.heartbeat(ids[1], "", 1, None, None)
+    state.submit(ids[1], "", 0, update(2.0), {}, 10)
+    assert state.round == 1
+
+
+def test_hostile_numbers_are_refused_and_change_nothing() -> None:
+    state, ids = started(workers=2)
+    for loss, eval_loss in ((float("inf"), None), (-12345.0, None), (None, float("-inf"))):
+        with pytest.raises(Rejected) as err:
+            state.heartbeat(ids[0], "", 1, loss, eval_loss)
+        assert err.value.code is Code.INVALID_ARGUMENT
+    assert state.members[ids[0]].loss is None and state.members[ids[0]].eval_loss is None
+    for wait in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(Rejected):
+            state.wait_for_round(0, wait)
+
+
+def test_an_anonymous_join_never_takes_a_named_workers_id() -> None:
+    state, _ = make(workers=4)
+    named = state.join("host", "", PROTOCOL_VERSION, requested_id="w1")
+    anonymous = [state.join("host", "", PROTOCOL_VERSION).worker_id for _ in range(2)]
+    assert named.worker_id == "w1" and "w1" not in anonymous and len(set(anonymous)) == 2
+    assert state.members["w1"] is named
