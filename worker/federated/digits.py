@@ -1,9 +1,9 @@
 """The classic federated task: scikit-learn's bundled `digits` (8x8 handwritten digits, 1,797 samples, 10 classes).
 
-The data ships inside scikit-learn (`sklearn.datasets.load_digits`), so it loads offline. Pixels (0..16) are
-scaled to [0, 1] float32; labels are int64. A fixed, stratified `eval_fraction` (20%) is held out for the
-server's evaluation (`train_test_split(..., stratify=y)`), so every class is in eval in proportion; the rest
-is what the clients partition (worker/federated/partition.py).
+The data ships inside scikit-learn (the file behind `sklearn.datasets.load_digits`), so it loads offline; it
+is read without importing sklearn. Pixels (0..16) are scaled to [0, 1] float32; labels are int64. A fixed,
+stratified `eval_fraction` (20%) is held out for the server's evaluation (per class, a seeded random share),
+so every class is in eval in proportion; the rest is what the clients partition (worker/federated/partition.py).
 
 `DigitsMLP` is 64-64-10 with a ReLU: 4,810 parameters. Its `forward(x, targets=None) -> (logits, loss | None)`
 matches `worker.model.GPT.forward`, so lowband's trainer and federated clients drive either the same way.
@@ -12,6 +12,9 @@ Weights start from torch's global RNG: `torch.manual_seed(s)` then `DigitsMLP()`
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -32,18 +35,32 @@ class DigitsSplit(NamedTuple):
     eval_y: np.ndarray
 
 
-def load_digits_split(eval_fraction: float = 0.2, seed: int = 0) -> DigitsSplit:
-    """The digits data with a stratified `eval_fraction` held out (fixed by `seed`)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's bundled digits (`datasets/data/digits.csv.gz`: 64 pixel counts 0-16 and the label per row),
+    read from the installed package without importing sklearn, whose import alone takes 1.6 s here: a
+    simulation's first round should not wait for it."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the digits task needs scikit-learn installed (it ships the data)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    rows = np.loadtxt(path, delimiter=",", dtype=np.float32)  # (1797, 65)
+    return (rows[:, :-1] / 16.0).astype(np.float32), rows[:, -1].astype(np.int64)
 
+
+def load_digits_split(eval_fraction: float = 0.2, seed: int = 0) -> DigitsSplit:
+    """The digits data with a stratified `eval_fraction` held out (fixed by `seed`): from each class, a seeded
+    random `round(eval_fraction * count)` of its samples."""
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must lie in (0, 1), got {eval_fraction}")
-    data = load_digits()
-    x = (np.asarray(data.data, dtype=np.float32) / 16.0).astype(np.float32)  # (1797, 64)
-    y = np.asarray(data.target, dtype=np.int64)  # (1797,)
-    train_x, eval_x, train_y, eval_y = train_test_split(x, y, test_size=eval_fraction, random_state=seed, stratify=y)
-    return DigitsSplit(train_x, train_y, eval_x, eval_y)
+    x, y = _digits()  # (1797, 64), (1797,)
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(y), dtype=bool)
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        held[members[: round(eval_fraction * len(members))]] = True
+    train, held_out = rng.permutation(np.flatnonzero(~held)), rng.permutation(np.flatnonzero(held))
+    return DigitsSplit(x[train], y[train], x[held_out], y[held_out])
 
 
 class DigitsMLP(nn.Module):

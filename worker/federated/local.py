@@ -58,13 +58,18 @@ def train_client(
         losses = dp_local_steps(model, lambda: torch.optim.SGD(params, lr=lr), batches, noise_multiplier,
                                 max_grad_norm, expected_batch_size=len(batches[0][0]), generator=generator)
     else:
-        optimizer = torch.optim.SGD(params, lr=lr)
+        # Plain SGD written out: building a torch optimizer the first time imports torch._dynamo (about 2 s
+        # here), which would land in a simulation's first round.
         losses = []
         for x, y in batches:
-            optimizer.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             _, loss = model(x, y)
             loss.backward()
-            optimizer.step()
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-lr)
             losses.append(float(loss.detach()))
     local = {name: p.detach().clone() for name, p in trainable(model).items()}
     return local, sum(losses) / max(len(losses), 1)

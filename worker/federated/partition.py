@@ -9,8 +9,10 @@ they cover every sample exactly once (nothing duplicated, nothing dropped). Rand
   p ~ Dir(alpha * 1) and the class's shuffled samples are cut at the cumulative proportions. Small alpha:
   each client holds a few classes; large alpha: close to iid. A client left with fewer than `min_size`
   samples makes the whole draw start again (as in NIID-Bench, Li et al. 2021), up to `max_attempts` draws
-  from the same stream; if every draw falls short, the last one is topped up: each short client takes
-  seeded random samples from whichever client is largest at that moment until it holds min_size.
+  from the same stream (10 by default: with far more clients than samples, as 1,000 digits clients, no draw
+  ever satisfies it, and each costs time before the first round); if every draw falls short, the last one
+  is topped up: each short client takes seeded random samples from whichever client is largest at that
+  moment until it holds min_size.
 - `by_group`: one client per distinct group id (a play, a speaking role), or, given `n_clients`, whole groups
   dealt largest first to the lightest client (`worker.data.deal_plays`): a group is never split.
 - `pathological`: McMahan et al. 2017 (arXiv:1602.05629): samples sorted by label (seeded order inside a
@@ -62,7 +64,7 @@ def iid(n_samples: int, n_clients: int, seed: int) -> Parts:
 
 def dirichlet(
     labels: Sequence[int] | np.ndarray, n_clients: int, alpha: float, seed: int, min_size: int = 1,
-    max_attempts: int = 100,
+    max_attempts: int = 10,
 ) -> Parts:
     """Per class, client shares ~ Dir(alpha); every client gets >= min_size samples (see the module docstring)."""
     y = _labels(labels)
