@@ -68,6 +68,7 @@ class Member:
     bytes_received: int = 0
     tokens: int = 0
     resyncs: int = 0  # whole replicas pulled because the worker's fell behind or differed
+    left: bool = False  # said Leave: departed until it joins again (no other call brings it back)
     pulls: int = 0  # whole replicas pulled in all (joins and rejoins included)
 
 
@@ -177,7 +178,7 @@ class CoordinatorState:
                 raise Rejected(Code.FAILED_PRECONDITION, "the run has finished; no new workers are accepted")
             if requested_id and requested_id in self.members:
                 member = self.members[requested_id]  # a reconnect keeps its index and counters
-                member.alive, member.last_seen, member.hostname = True, self.clock(), hostname
+                member.alive, member.last_seen, member.hostname, member.left = True, self.clock(), hostname, False
             else:
                 index = len(self.members)
                 worker_id = requested_id or next(f"w{k}" for k in itertools.count(index) if f"w{k}" not in self.members)
@@ -224,7 +225,7 @@ class CoordinatorState:
     def leave(self, worker_id: str, token: str) -> None:
         with self._cond:
             member = self._member(worker_id, token)
-            member.alive = False
+            member.alive, member.left = False, True
             self._maybe_close()
             self._cond.notify_all()
 
@@ -396,7 +397,9 @@ class CoordinatorState:
         self._check_token(token)
         member = self.members.get(worker_id)
         if member is None:
-            raise Rejected(Code.NOT_FOUND, f"unknown worker id {worker_id!r}: join first")
+            raise Rejected(Code.NOT_FOUND, f"unknown worker id {worker_id[:64]!r}: join first")
+        if member.left:  # NOT_FOUND: the client re-joins under its id if it still means to take part
+            raise Rejected(Code.NOT_FOUND, f"worker {worker_id} left the run: join again to take part")
         member.last_seen, member.alive = self.clock(), True
         return member
 

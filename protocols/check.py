@@ -30,6 +30,11 @@ class UpdateRejected(ValueError):
         self.duplicate = duplicate
 
 
+# The largest weight an update may carry (tokens or samples trained on): far above any real count, far below
+# what turns a weighted sum in float32 into inf (a weight of 1e39 did).
+MAX_WEIGHT = 1e15
+
+
 @dataclass(frozen=True)
 class Expectation:
     """What a valid update for one round looks like."""
@@ -85,8 +90,9 @@ def _decode(who: str, name: str, payload: Any, view: View) -> Decoded:
 def check_update(worker_id: str, update: Update, expect: Expectation) -> CheckedUpdate:
     """The update decoded for folding, or `UpdateRejected` naming the first problem."""
     who = f"worker {worker_id}"
-    if not (math.isfinite(update.weight) and update.weight > 0):
-        raise UpdateRejected(f"{who}: update weight must be finite and > 0, got {update.weight}")
+    if not (math.isfinite(update.weight) and 0 < update.weight <= MAX_WEIGHT):
+        raise UpdateRejected(
+            f"{who}: update weight must be finite and > 0, got {update.weight} (at most {MAX_WEIGHT:g})")
     frozen = sorted(set(update.payloads) & expect.withheld)
     if frozen:
         raise UpdateRejected(

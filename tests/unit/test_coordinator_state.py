@@ -276,3 +276,27 @@ def test_an_anonymous_join_never_takes_a_named_workers_id() -> None:
     anonymous = [state.join("host", "", PROTOCOL_VERSION).worker_id for _ in range(2)]
     assert named.worker_id == "w1" and "w1" not in anonymous and len(set(anonymous)) == 2
     assert state.members["w1"] is named
+
+
+def test_a_worker_that_left_stays_departed_until_it_joins_again() -> None:
+    state, _ = make(workers=2, min_workers=1, timeout=1000.0)
+    ids = join_all(state, 2)
+    state.offer_initial_state(ids[0], "", {"w": dense(STATE["w"])})
+    state.leave(ids[1], "")
+    with pytest.raises(Rejected) as err:
+        state.submit(ids[1], "", 0, update(1.0), {}, 10)  # a refused push must not revive it
+    assert err.value.code is Code.NOT_FOUND and "left the run" in str(err.value)
+    assert not state.members[ids[1]].alive
+    state.submit(ids[0], "", 0, update(1.0), {}, 10)
+    assert state.round == 1  # the round did not wait for the departed worker
+    state.join("host", "", PROTOCOL_VERSION, requested_id=ids[1])
+    state.heartbeat(ids[1], "", 0, None, None)
+    assert state.members[ids[1]].alive
+
+
+def test_a_weight_that_would_overflow_the_sum_is_refused() -> None:
+    state, ids = started(workers=2)
+    with pytest.raises(Rejected) as err:
+        state.submit(ids[0], "", 0, Update({"w": dense(torch.ones(3, 2))}, weight=1e39), {}, 10)
+    assert err.value.code is Code.INVALID_ARGUMENT and "weight" in str(err.value)
+    assert state.aggregator is not None and state.aggregator.acc.count == 0
