@@ -88,8 +88,10 @@ def test_an_update_for_a_round_not_yet_open_is_refused_as_early_and_one_for_a_cl
     assert is_early(refused.value) and "still at round 0" in refused.value.message
     state.submit("w1", "", 0, update, {}, 0)
     assert state.submit("w0", "", 1, update, {}, 0) == 1  # round 1 is open now
+    assert state.submit("w1", "", 0, update, {}, 0) == 0  # a retry of a folded push: acknowledged, folded once
+    state.join("test", "", PROTOCOL_VERSION, "w2")
     with pytest.raises(Rejected) as late:
-        state.submit("w1", "", 0, update, {}, 0)  # round 0 has closed: too late, not early
+        state.submit("w2", "", 0, update, {}, 0)  # round 0 has closed without it: too late, not early
     assert is_stale(late.value) and not is_early(late.value)
 
 
