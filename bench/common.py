@@ -9,13 +9,29 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+T = TypeVar("T", int, float)
+
+
+def comma_list(text: str, kind: Callable[[str], T], valid: Callable[[list[T]], bool], example: str) -> list[T]:
+    """A command-line list such as "8,32,128": its values, or an argparse error naming what was expected."""
+    import argparse
+
+    try:
+        values = [kind(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        values = []
+    if not values or not valid(values):
+        raise argparse.ArgumentTypeError(f"expected {example}, got {text!r}")
+    return values
 
 
 def machine() -> dict[str, Any]:

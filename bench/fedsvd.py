@@ -66,7 +66,7 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, command_line, write_result
+from bench.common import RESULTS, comma_list, command_line, write_result
 from protocols.config import RunConfig, parse_config
 
 METHODS = ("fedsvd", "ffa-lora", "fedavg-lora")
@@ -463,23 +463,13 @@ def markdown_table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
 
 
 def _ints(text: str) -> list[int]:
-    try:
-        values = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        values = []
-    if not values or len(set(values)) != len(values):
-        raise argparse.ArgumentTypeError(f"expected distinct integers like 0,1,2, got {text!r}")
-    return values
+    return comma_list(text, int, lambda v: len(set(v)) == len(v), "distinct integers like 0,1,2")
+
 
 
 def _floats(text: str) -> list[float]:
-    try:
-        values = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive numbers like 1,3,10, got {text!r}")
-    return sorted(values)
+    return sorted(comma_list(text, float, lambda v: min(v) > 0, "positive numbers like 1,3,10"))
+
 
 
 def main(argv: list[str] | None = None) -> None:

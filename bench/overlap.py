@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, command_line, format_table, write_result
+from bench.common import RESULTS, comma_list, command_line, format_table, write_result
 from bench.overlap_runs import (
     BATCH,
     CONTENDERS,
@@ -415,23 +415,13 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
 
 
 def _ints(text: str) -> list[int]:
-    try:
-        values = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive whole numbers like 8,32,128, got {text!r}")
-    return values
+    return comma_list(text, int, lambda v: min(v) >= 1, "positive whole numbers like 8,32,128")
+
 
 
 def _floats(text: str) -> list[float]:
-    try:
-        values = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive numbers like 5,20,100,1000, got {text!r}")
-    return values
+    return comma_list(text, float, lambda v: min(v) > 0, "positive numbers like 5,20,100,1000")
+
 
 
 def _contenders(text: str) -> list[str]:
