@@ -62,8 +62,17 @@ class WorkerResult:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports kibibytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set size: VmHWM, not `ru_maxrss`, which a spawned child inherits from the
+    parent it was forked from (every rank of a spawned job then reports at least the launcher's peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            lines = status.read().splitlines()
+        for line in lines:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:  # not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kibibytes on Linux
 
 
 @dataclass(frozen=True)
