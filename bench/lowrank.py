@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, command_line, write_result
+from bench.common import RESULTS, comma_list, command_line, write_result
 from bench.lowrank_runs import (
     BATCH,
     CONTENDERS,
@@ -368,13 +368,7 @@ def _lrs(text: str) -> dict[str, float]:
 
 
 def _floats(text: str) -> list[float]:
-    try:
-        values = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive numbers like 0.003,0.01, got {text!r}")
-    return sorted(values)
+    return sorted(comma_list(text, float, lambda v: min(v) > 0, "positive numbers like 0.003,0.01"))
 
 
 def main(argv: list[str] | None = None) -> None:
