@@ -217,8 +217,8 @@ class HeldOutLines:
 def simulate(cfg: RunConfig) -> dict[str, Any]:
     """One simulation of `cfg`: the final eval losses (the bench's, on the held-out lines, after every round;
     the simulator's own, on the script text, at its eval points), noise multiplier and epsilon spent."""
-    from worker.federated.local import load
     from worker.federated.simulation import Simulation
+    from worker.trainer import load_trainable
 
     torch.set_num_threads(1)  # as `lowband simulate`: the pool workers are threads
     began = time.perf_counter()
@@ -227,7 +227,7 @@ def simulate(cfg: RunConfig) -> dict[str, Any]:
         heldout = HeldOutLines(cfg, EVAL_WINDOWS)
 
         def evaluate() -> float:
-            load(sim.eval_model, sim.aggregator.replica.params)
+            load_trainable(sim.eval_model, sim.aggregator.replica.params)
             return heldout(sim.eval_model)
 
         base_script = sim._evaluate(sim.aggregator.replica)["eval_loss"]

@@ -136,7 +136,7 @@ class CoordinatorState:
     ) -> None:
         self.cfg = cfg
         self.protocol = protocol
-        self.downlink = Downlink.from_config(getattr(cfg.protocol, "downlink"), protocol)  # noqa: B009
+        self.downlink = Downlink.of(cfg.protocol, protocol)
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.clock = clock
         self.on_round = on_round

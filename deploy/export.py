@@ -12,6 +12,7 @@ directory: `lowband sample RUN/export` and `init_from: RUN/export` read it like 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from protocols.config import ConfigError, RunConfig, load_config, to_yaml
 from worker.data import load_corpus
 from worker.lowrank import ADAPTER_METHODS, base_digest, merge_lowrank
 from worker.models import build_architecture, build_model, load_weights
+from worker.trainer import load_trainable
 
 EXPORT_DIR = "export"
 
@@ -31,6 +33,12 @@ def _adapted(cfg: RunConfig) -> bool:
 
 def load_trained_model(run_dir: Path) -> tuple[RunConfig, nn.Module]:
     """The run's config and its final model, adapters merged (see the module docstring)."""
+    cfg, model, _ = _trained(run_dir)
+    return cfg, model
+
+
+def _trained(run_dir: Path) -> tuple[RunConfig, nn.Module, dict[str, Any]]:
+    """`load_trained_model`, and the checkpoint it read (read once: export keeps its round and run id)."""
     config, ckpt_path = run_dir / "config.yaml", run_dir / "checkpoint.pt"
     for path in (config, ckpt_path):
         if not path.is_file():
@@ -42,30 +50,26 @@ def load_trained_model(run_dir: Path) -> tuple[RunConfig, nn.Module]:
     if not _adapted(cfg):
         model = build_architecture(cfg, vocab)
         load_weights(model, ckpt["params"], ckpt_path)
-        return cfg, model
+        return cfg, model, ckpt
     model = build_model(cfg, vocab)
     attested = str(ckpt.get("base_digest", ""))
     if attested and base_digest(model) != attested:
         raise ConfigError(f"{run_dir}: the base rebuilt from the run's config (init_from {cfg.init_from!r}) is not "
                           "the one its workers trained against (base digest differs); was init_from changed?")
-    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if own.keys() != ckpt["params"].keys():
-        raise ConfigError(f"{ckpt_path}: its tensors are not this run's adapter factors "
-                          f"(missing {sorted(own.keys() - ckpt['params'].keys())[:3]})")
-    with torch.no_grad():
-        for name, p in own.items():
-            p.copy_(ckpt["params"][name])
-    return cfg, merge_lowrank(model)
+    try:
+        load_trainable(model, ckpt["params"])
+    except ValueError as err:
+        raise ConfigError(f"{ckpt_path}: its tensors are not this run's adapter factors ({err})") from None
+    return cfg, merge_lowrank(model), ckpt
 
 
 def export_run(run_dir: Path, out: Path | None = None) -> Path:
     """Write the merged model of `run_dir` as a plain run directory (default `run_dir/export`); its path."""
-    cfg, model = load_trained_model(run_dir)
+    cfg, model, ckpt = _trained(run_dir)
     out = out if out is not None else run_dir / EXPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     plain = cfg.model_copy(update={"lowrank": None, "init_from": None})
     (out / "config.yaml").write_text(to_yaml(plain))
-    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     torch.save({"round": ckpt["round"], "run_id": ckpt.get("run_id", ""), "params": params,
                 "exported_from": str(run_dir)}, out / "checkpoint.pt")

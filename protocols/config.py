@@ -126,7 +126,7 @@ class RunConfig(_Strict):
         section's own checks against the cluster and the whole run (`check_cluster`, `check_run`)."""
         if self.protocol.coordinated:
             protocol = protocol_class(self.protocol.kind).from_settings(self.protocol)
-            Downlink.from_config(getattr(self.protocol, "downlink"), protocol)  # noqa: B009
+            Downlink.of(self.protocol, protocol)
         self.protocol.check_cluster(self.cluster.workers)
         self.protocol.check_run(self)
         return self

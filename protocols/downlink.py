@@ -55,6 +55,11 @@ class Downlink:
     compression: Compression = NO_COMPRESSION
 
     @classmethod
+    def of(cls, settings: Any, protocol: Protocol[Any, Any]) -> Downlink:
+        """The downlink of a coordinated `protocol:` section (every such section has a `downlink:` block)."""
+        return cls.from_config(settings.downlink, protocol)
+
+    @classmethod
     def from_config(cls, cfg: DownlinkConfig, protocol: Protocol[Any, Any]) -> Downlink:
         codec = protocol.default_downlink if cfg.codec == "auto" else cfg.codec
         if codec == "sparse":

@@ -96,7 +96,7 @@ class RoundLoop:
         faults: Faults | None = None,
     ) -> None:
         self.session, self.transport, self.protocol = session, transport, protocol
-        self.downlink = Downlink.from_config(getattr(session.cfg.protocol, "downlink"), protocol)  # noqa: B009
+        self.downlink = Downlink.of(session.cfg.protocol, protocol)
         self.progress, self.faults = progress, faults or Faults()
         self.result = WorkerResult(worker_id=transport.worker_id)
         self._digested: Replica | None = None

@@ -51,6 +51,27 @@ def params_digest(params: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def trainable(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters a protocol exchanges: every one that requires grad (with adapters, the factors only);
+    tied weights appear once."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable(module: nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Copy `params` into `module`'s trainable parameters in place; names and shapes must match exactly (else
+    ValueError naming what differs, and nothing is copied)."""
+    own = trainable(module)
+    missing, unexpected = sorted(own.keys() - params.keys()), sorted(params.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"load_params: missing {missing}, unexpected {unexpected}")
+    for name, p in own.items():
+        if params[name].shape != p.shape:
+            raise ValueError(f"load_params: {name} has shape {tuple(params[name].shape)}, model has {tuple(p.shape)}")
+    for name, p in own.items():
+        p.copy_(params[name])
+
+
 class InnerTrainer:
     """Runs AdamW steps of `model` on batches drawn from `sampler`; see the module docstring."""
 
@@ -122,24 +143,11 @@ class InnerTrainer:
             self.module.train(was_training)
         return sum(losses) / len(losses)
 
-    def _trainable(self) -> dict[str, nn.Parameter]:
-        return {name: p for name, p in self.module.named_parameters() if p.requires_grad}
-
     def params(self) -> dict[str, torch.Tensor]:
         """The trainable parameters as detached CPU copies (tied weights appear once): every weight, or with
         adapters (worker/lowrank.py) the adapter factors only. What the protocols exchange."""
-        return {name: p.detach().cpu().clone() for name, p in self._trainable().items()}
+        return {name: p.detach().cpu().clone() for name, p in trainable(self.module).items()}
 
-    @torch.no_grad()
     def load_params(self, params: dict[str, torch.Tensor]) -> None:
         """Copy `params` into the trainable parameters in place; names and shapes must match exactly."""
-        own = self._trainable()
-        missing, unexpected = sorted(own.keys() - params.keys()), sorted(params.keys() - own.keys())
-        if missing or unexpected:
-            raise ValueError(f"load_params: missing {missing}, unexpected {unexpected}")
-        for name, p in own.items():
-            if params[name].shape != p.shape:
-                raise ValueError(
-                    f"load_params: {name} has shape {tuple(params[name].shape)}, model has {tuple(p.shape)}"
-                )
-            p.copy_(params[name])
+        load_trainable(self.module, params)

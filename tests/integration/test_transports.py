@@ -181,7 +181,7 @@ def test_every_transport_reaches_the_same_global_state_bit_for_bit(
     inproc_runs: dict[str, tuple[dict[str, Any], list[Any], Replica]],
 ) -> None:
     cfg = case_config(case, "grpc")
-    downlink = Downlink.from_config(getattr(cfg.protocol, "downlink"), build_protocol(cfg))  # noqa: B009
+    downlink = Downlink.of(cfg.protocol, build_protocol(cfg))
     assert downlink.mode == DOWNLINK_MODES[case]  # each case tests the downlink it names
     grpc = grpc_runs[case]
     want = [r.digest() for r in grpc.replicas]  # the coordinator's digest after every round

@@ -24,17 +24,14 @@ import itertools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from protocols.base import Update
-from protocols.downlink import Downlink
 from protocols.replica import Replica
 from protocols.round import RoundAggregator
 from protocols.simulation_config import SimulationConfig
 from worker.federated.pool import ClientJob, ClientOutcome, Partial, PoolTrainer
-from worker.federated.tasks import FederatedTask
 from worker.federated.timing import client_speeds, deadline, rng, round_fates, sample_clients, staleness_weight
 
 SEEDS = 4  # purpose id of the per-client training seeds (timing.py uses 1-3)
@@ -60,14 +57,13 @@ class RoundLog:
 
 
 class Engine:
-    def __init__(self, sim: SimulationConfig, seed: int, task: FederatedTask, workers: list[PoolTrainer],
+    def __init__(self, sim: SimulationConfig, seed: int, steps: np.ndarray, workers: list[PoolTrainer],
                  aggregator: RoundAggregator, noise_multiplier: float | None,
                  evaluate: Callable[[Replica], dict[str, float]]) -> None:
         self.sim, self.seed, self.workers, self.aggregator = sim, seed, workers, aggregator
         self.noise, self.evaluate = noise_multiplier, evaluate
         self.speeds = client_speeds(sim.timing, sim.clients, seed)
-        steps = [task.steps(c, sim.local_epochs, sim.batch_size, sim.max_local_steps) for c in range(sim.clients)]
-        self.work = np.asarray(steps, dtype=np.float64) * sim.batch_size  # samples a client processes per round
+        self.work = steps.astype(np.float64) * sim.batch_size  # `steps[c]`: client c's local steps; work in samples
         self.deadline_s = deadline(sim.timing, self.work, self.speeds)
         self.epsilons: dict[int, float] = {}
         self.refusals: list[str] = []  # updates and partials refused, each saying why
@@ -188,6 +184,3 @@ class Engine:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-
-def downlink_for(cfg: Any, protocol: Any) -> Downlink:
-    return Downlink.from_config(getattr(cfg.protocol, "downlink"), protocol)  # noqa: B009

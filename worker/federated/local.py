@@ -15,22 +15,9 @@ import torch
 from torch import nn
 
 from protocols.replica import Params
+from worker.trainer import load_trainable, trainable
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    """What the protocol exchanges: every parameter that requires grad (with adapters, the factors)."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-@torch.no_grad()
-def load(model: nn.Module, params: Params) -> None:
-    own = trainable(model)
-    if own.keys() != params.keys():
-        raise ValueError(f"client model and global model differ: {sorted(own.keys() ^ params.keys())[:4]}")
-    for name, p in own.items():
-        p.copy_(params[name])
 
 
 def train_client(
@@ -47,7 +34,7 @@ def train_client(
 
     `noise_multiplier` None: plain SGD; else DP-SGD (per-sample clipping to `max_grad_norm`, Gaussian
     noise of `noise_multiplier * max_grad_norm`), the noise drawn from `generator`."""
-    load(model, start)
+    load_trainable(model, start)
     params = [p for name, p in trainable(model).items() if not any(f in name for f in frozen)]
     if not params:
         raise ValueError("the client has nothing to train: every exchanged tensor is frozen")

@@ -100,10 +100,10 @@ class PoolWorker:
         record: dict[str, Any] = {"protocol": state}
         epsilon = None
         if job.noise_multiplier is not None:
-            from worker.federated.dp import ClientAccountant
+            from worker.federated.dp import ClientAccountant, sample_rate
 
             accountant = saved.get("dp") or ClientAccountant()
-            accountant.spend(job.noise_multiplier, min(1.0, self.batch_size / samples), len(batches))
+            accountant.spend(job.noise_multiplier, sample_rate(self.batch_size, samples), len(batches))
             epsilon = accountant.epsilon(self.delta)
             record["dp"] = accountant
         self.store.put(job.client, record)
@@ -120,8 +120,6 @@ def build_pool_worker(cfg: RunConfig, index: int, spill_root: str | Path, task: 
                       ) -> PoolWorker:
     """Pool worker `index` of `cfg`'s simulation, built alike in this process or in a Ray actor: the same seeded
     model (and frozen base), its share of the store's memory budget, its own spill directory."""
-    import torch
-
     sim = cfg.simulation
     if sim is None:
         raise ValueError("build_pool_worker needs a config with a simulation: block")

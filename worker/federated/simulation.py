@@ -16,18 +16,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from protocols.base import MeanAccumulator
 from protocols.config import ConfigError, RunConfig
+from protocols.downlink import Downlink
 from protocols.registry import build_protocol
 from protocols.replica import Replica
 from protocols.round import RoundAggregator
 from protocols.simulation_config import SimulationConfig
-from worker.federated.engine import Engine, RoundLog, downlink_for
-from worker.federated.local import load, trainable
+from worker.federated.engine import Engine, RoundLog
 from worker.federated.pool import PoolTrainer, build_pool_worker
 from worker.federated.tasks import FederatedTask, build_task
+from worker.trainer import load_trainable, trainable
 
 
 def simulation_of(cfg: RunConfig) -> SimulationConfig:
@@ -36,15 +38,15 @@ def simulation_of(cfg: RunConfig) -> SimulationConfig:
     return cfg.simulation
 
 
-def plan_noise(sim: SimulationConfig, task: FederatedTask) -> float | None:
-    """The run's DP noise multiplier (see the module docstring), or None without DP."""
+def plan_noise(sim: SimulationConfig, task: FederatedTask, steps: np.ndarray) -> float | None:
+    """The run's DP noise multiplier (see the module docstring), or None without DP; `steps[c]` is client
+    c's local steps per round."""
     if not sim.dp.enabled:
         return None
-    from worker.federated.dp import plan
+    from worker.federated.dp import plan, sample_rate
 
-    worst_rate = max(min(1.0, sim.batch_size / task.samples(c)) for c in range(sim.clients))
-    worst_steps = max(task.steps(c, sim.local_epochs, sim.batch_size, sim.max_local_steps) for c in range(sim.clients))
-    return plan(sim.dp, worst_rate, worst_steps, sim.rounds)
+    smallest = min(task.samples(c) for c in range(sim.clients))  # the largest sampling rate
+    return plan(sim.dp, sample_rate(sim.batch_size, smallest), int(steps.max()), sim.rounds)
 
 
 PoolMaker = Callable[[RunConfig, int, str], PoolTrainer]  # (config, index, spill root) -> a pool worker
@@ -65,7 +67,9 @@ class Simulation:
         if sim.clients > self.task.num_clients():
             raise ConfigError(f"simulation.clients {sim.clients} exceeds the {self.task.num_clients()} clients "
                               f"partition {sim.partition!r} of task {sim.task!r} can make")
-        self.noise = plan_noise(sim, self.task)
+        steps = np.asarray([self.task.steps(c, sim.local_epochs, sim.batch_size, sim.max_local_steps)
+                            for c in range(sim.clients)])
+        self.noise = plan_noise(sim, self.task, steps)
         self._tmp = tempfile.TemporaryDirectory(prefix="lowband-clients-") if spill_dir is None else None
         spill = str(sim.store.spill_dir or spill_dir or self._tmp.name)  # type: ignore[union-attr]
         if pool is None:
@@ -78,12 +82,12 @@ class Simulation:
         torch.manual_seed(cfg.seed)  # the model every pool worker built: the replica and the eval model
         self.eval_model = self.task.build_model()
         replica = Replica(0, {n: p.detach().clone() for n, p in trainable(self.eval_model).items()})
-        self.aggregator = RoundAggregator(protocol, downlink_for(cfg, protocol), replica)
-        self.engine = Engine(sim, cfg.seed, self.task, self.workers, self.aggregator, self.noise, self._evaluate)
+        self.aggregator = RoundAggregator(protocol, Downlink.of(cfg.protocol, protocol), replica)
+        self.engine = Engine(sim, cfg.seed, steps, self.workers, self.aggregator, self.noise, self._evaluate)
         self.started = time.monotonic()
 
     def _evaluate(self, replica: Replica) -> dict[str, float]:
-        load(self.eval_model, replica.params)
+        load_trainable(self.eval_model, replica.params)
         return self.task.evaluate(self.eval_model)
 
     def rounds(self) -> Iterator[RoundLog]:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Protocol
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from protocols.config import ConfigError, RunConfig
-from worker.data import load_corpus, load_plays
+from worker.data import load_corpus
 from worker.federated.digits import DigitsMLP, load_digits_split
 from worker.federated.partition import partition
 from worker.federated.roles import Role, roles, split_roles
@@ -84,18 +83,6 @@ class DigitsTask:
         return {"eval_loss": float(loss), "accuracy": accuracy}
 
 
-@functools.lru_cache(maxsize=4)
-def _held_out_lines(eval_fraction: float, max_chars: int) -> dict[str, frozenset[str]]:
-    """Per play, the lines of its eval tail (as worker/data.py cuts it): role lines there do not train."""
-    plays = load_plays()
-    per_play = max_chars // len(plays) if max_chars > 0 else None
-    tails = {}
-    for name, text in plays:
-        kept = text[:per_play]
-        tails[name] = frozenset(kept[len(kept) - int(len(kept) * eval_fraction):].splitlines())
-    return tails
-
-
 class ShakespeareTask:
     def __init__(self, cfg: RunConfig) -> None:
         sim = cfg.simulation
@@ -116,11 +103,12 @@ class ShakespeareTask:
         self.eval_batches = corpus.eval_batches(sim.batch_size, self.block, cfg.train.eval_batches)
 
     def _role_pieces(self, wanted: int, seed: int) -> list[Role]:
-        held = _held_out_lines(self.cfg.data.eval_fraction, self.cfg.data.max_chars)
-        plays = set(self.corpus.plays)
+        # Per play, the lines of its eval tail (the corpus's own cut): role lines there do not train.
+        held = {play: frozenset(self.tokenizer.decode(tail).splitlines())
+                for play, tail in zip(self.corpus.plays, self.corpus.eval, strict=True)}
         base = []
         for r in roles(min_chars=0):
-            if r.play in plays:
+            if r.play in held:
                 lines = r.text.splitlines(keepends=True)
                 kept = "".join(line for line in lines if line.rstrip("\n") not in held[r.play])
                 base.append(Role(r.play, r.name, kept))

@@ -129,7 +129,7 @@ class AllGatherTransport(Transport):
     def __init__(self, cfg: RunConfig, protocol: Protocol[Any, Any], rank: int, group: Any = None) -> None:
         self.cfg, self.protocol, self.rank, self.group = cfg, protocol, rank, group
         self.worker_id = f"rank{rank}"
-        self.downlink = Downlink.from_config(getattr(cfg.protocol, "downlink"), protocol)  # noqa: B009
+        self.downlink = Downlink.of(cfg.protocol, protocol)
         self._sent = self._received = 0
         self.aggregator: RoundAggregator | None = None
 
