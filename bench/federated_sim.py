@@ -29,7 +29,10 @@ moment its first round's line (eval included) reaches this process on its stdout
 state: rounds after the first `--warmup` ones over the time from the end of round `warmup` to the end of the last.
 `peak_rss_bytes` is the largest sum of RSS over the process and all its descendants (Ray's GCS, raylet, actors,
 ...), sampled every 0.1 s; shared pages (Ray's object store) count once per process mapping them. `accuracy` and
-`eval_loss` are the server's after the last round. Lowband rows carry `rounds_per_s_vs_flower` and
+`eval_loss` are the server's after the last round. `bytes_{sent,received,total}_per_worker`: between the server
+and the processes that train, both ways (`wire_bytes`): lowband's 2 pool workers send one partial each a round
+and read the replica; Flower's model arrays go to and come back from every sampled client, split over its 2
+client actors. Lowband rows carry `rounds_per_s_vs_flower` and
 `accuracy_minus_flower` (against the Flower row of the same clients).
 
 Targets (evaluated into `targets`, honestly): at 1,000 clients with 100 a round lowband runs >= 5x Flower's
@@ -65,12 +68,16 @@ FLOWER_ENV = ROOT / ".bench-envs" / "flower"
 LOOPBACK = ROOT / "deploy" / "loopback.sh"
 TORCH_REQUIREMENT = "torch==2.13.0"
 FLOWER_REQUIREMENT = "flwr[simulation]==1.42.0"
+# Flower's client actors: one CPU each (flower_digits.py --cpus-per-client 1) on this 2-core machine, as lowband's
+# 2 pool workers: the per-worker byte counts split the model traffic over them.
+FLOWER_CLIENT_ACTORS = 2
 GIB = 2**30
 MEMORY_LIMIT_BYTES = 24 * GIB
 SPEEDUP_TARGET, ACCURACY_POINTS, FIRST_ROUND_S = 5.0, 0.01, 3.0
 ROUND_LINE = re.compile(r"^round (\d+)/(\d+): (\d+) of (\d+) clients aggregated")
 COLUMNS = ["contender", "clients", "clients_per_round", "rounds", "rounds_per_s", "first_round_s", "peak_rss_bytes",
-           "accuracy", "eval_loss", "rounds_per_s_vs_flower", "accuracy_minus_flower", "wall_s"]
+           "accuracy", "eval_loss", "bytes_sent_per_worker", "bytes_received_per_worker", "bytes_total_per_worker",
+           "rounds_per_s_vs_flower", "accuracy_minus_flower", "wall_s"]
 
 
 @dataclass
@@ -275,7 +282,8 @@ def digits_row(contender: str, proc: Proc, clients: int, rounds: int, warmup: in
     if short:
         raise RuntimeError(f"{contender}: rounds {short} aggregated fewer than {per_round} clients; log {proc.log}")
     last = proc.rounds[-1]
-    return {"contender": contender, "clients": clients, "clients_per_round": per_round, "rounds": len(proc.rounds),
+    return {**wire_bytes(contender, proc, last),
+            "contender": contender, "clients": clients, "clients_per_round": per_round, "rounds": len(proc.rounds),
             **steady(proc, warmup), "peak_rss_bytes": proc.peak_rss_bytes, "accuracy": last.get("accuracy"),
             "eval_loss": last.get("eval_loss"), "wall_s": proc.wall_s, "load_avg_1m": list(proc.load_avg),
             "round_end_s": [r["t"] - proc.launched for r in proc.rounds],
@@ -283,12 +291,31 @@ def digits_row(contender: str, proc: Proc, clients: int, rounds: int, warmup: in
             "eval_loss_curve": [r.get("eval_loss") for r in proc.rounds]}
 
 
+def wire_bytes(contender: str, proc: Proc, last: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per worker, both ways, between the server and the processes that train: lowband's pool workers
+    (its summary: the replica each read and the partials it sent), Flower's client actors (the model arrays to
+    and from every sampled client, split over FLOWER_CLIENT_ACTORS)."""
+    if contender.startswith("flower-"):
+        sent, received = last.get("bytes_from_clients"), last.get("bytes_to_clients")
+        if sent is None or received is None:
+            return {}
+        sent, received = sent / FLOWER_CLIENT_ACTORS, received / FLOWER_CLIENT_ACTORS
+    else:
+        s = proc.extra
+        if "bytes_sent_per_worker" not in s:
+            return {}
+        sent, received = s["bytes_sent_per_worker"], s["bytes_received_per_worker"]
+    return {"bytes_sent_per_worker": sent, "bytes_received_per_worker": received,
+            "bytes_total_per_worker": sent + received}
+
+
 def shakespeare_row(proc: Proc, clients: int, rounds: int, warmup: int) -> dict[str, Any]:
     if proc.returncode != 0 or len(proc.rounds) != rounds:
         raise RuntimeError(f"lowband-shakespeare: exit {proc.returncode}, {len(proc.rounds)} of {rounds} rounds; "
                            f"log {proc.log}:\n{proc.tail()}")
     s = proc.extra
-    return {"contender": "lowband-shakespeare-10k" if clients == 10_000 else f"lowband-shakespeare-{clients}",
+    return {**wire_bytes("lowband-shakespeare", proc, {}),
+            "contender": "lowband-shakespeare-10k" if clients == 10_000 else f"lowband-shakespeare-{clients}",
             "clients": s.get("clients"), "clients_per_round": proc.rounds[0]["sampled"], "rounds": len(proc.rounds),
             **steady(proc, warmup), "peak_rss_bytes": proc.peak_rss_bytes, "accuracy": None,
             "eval_loss": s.get("final_eval_loss"), "wall_s": proc.wall_s, "load_avg_1m": list(proc.load_avg),

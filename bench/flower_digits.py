@@ -93,6 +93,11 @@ def train_client(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> tuple[d
     return model.state_dict(), len(part), sum(losses) / max(len(losses), 1)
 
 
+def record_bytes(record: Any) -> int:
+    """Bytes of an ArrayRecord's arrays as Flower serializes them (each array's `data`)."""
+    return sum(len(array.data) for array in record.values())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=100)
@@ -124,19 +129,24 @@ def main(argv: list[str] | None = None) -> None:
             nodes = sorted(grid.get_node_ids())
             round_ = server_round - 1
             messages = []
+            size = record_bytes(arrays)
             for c in sample_clients(args.clients, per_round, round_, args.seed).tolist():
                 cfg = ConfigRecord({**config, **task, "server-round": server_round, "client": c,
                                     "client-seed": client_seed(args.seed, round_, c)})
                 messages.append(Message(content=RecordDict({"arrays": arrays, "config": cfg}),
                                         message_type="train", dst_node_id=nodes[c]))
+            wire["to_clients"] += size * len(messages)
             return messages
 
         def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> Any:
             replies = list(replies)
             answered[server_round] = sum(not m.has_error() for m in replies)
+            wire["from_clients"] += sum(record_bytes(m.content["arrays"]) for m in replies if not m.has_error())
             return super().aggregate_train(server_round, replies)
 
     answered: dict[int, int] = {}  # per round, the replies without an error
+    # Bytes of the model arrays as Flower serializes them, server to clients and back, over the run so far.
+    wire = {"to_clients": 0, "from_clients": 0}
     client_app = ClientApp()
 
     @client_app.train()
@@ -159,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         accuracy = float((logits.argmax(-1) == eval_y).float().mean())
         if server_round > 0:
             row = {"round": server_round, "eval_loss": float(loss), "accuracy": accuracy,
-                   "aggregated": answered.get(server_round, 0), "t": time.time()}
+                   "aggregated": answered.get(server_round, 0), "bytes_to_clients": wire["to_clients"],
+                   "bytes_from_clients": wire["from_clients"], "t": time.time()}
             print(PREFIX + json.dumps(row), flush=True)
         return MetricRecord({"eval_loss": float(loss), "accuracy": accuracy})
 

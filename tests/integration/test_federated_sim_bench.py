@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bench import flower_digits
-from bench.federated_sim import add_ratios, digits_overrides, digits_row, run_lowband, targets
+from bench.federated_sim import add_ratios, digits_overrides, digits_row, run_lowband, targets, wire_bytes
 from deploy.cli import recipe_path
 from protocols.config import load_config
 from worker.federated.engine import Engine
@@ -83,6 +83,11 @@ def test_lowband_row_and_targets(tmp_path: Path) -> None:
     assert len(row["accuracy_curve"]) == len(row["eval_loss_curve"]) == ROUNDS
     assert 0.0 <= row["accuracy"] <= 1.0 and math.isfinite(row["eval_loss"])
     assert row["eval_loss"] == proc.extra["final_eval_loss"] and row["accuracy"] == proc.extra["final_accuracy"]
+    # Both ways per pool worker: each round a pool worker reads the 4,810-parameter replica and sends a partial.
+    assert row["bytes_total_per_worker"] == row["bytes_sent_per_worker"] + row["bytes_received_per_worker"]
+    assert row["bytes_received_per_worker"] <= ROUNDS * 4810 * 4 and row["bytes_sent_per_worker"] > 0
+    flower = wire_bytes("flower-100x10", proc, {"bytes_to_clients": 8000, "bytes_from_clients": 6000})
+    assert flower == {"bytes_sent_per_worker": 3000, "bytes_received_per_worker": 4000, "bytes_total_per_worker": 7000}
 
     # Ratios and pass/fail against a made-up Flower row (the real one needs .bench-envs/flower and Ray).
     slow = {**row, "contender": "flower-100x10", "rounds_per_s": row["rounds_per_s"] / 8,

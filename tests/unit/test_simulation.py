@@ -182,3 +182,15 @@ def test_a_partial_speaking_for_a_client_not_sampled_is_refused_whole() -> None:
 def test_a_dp_budget_that_cannot_be_met_stops_the_run_before_it_starts() -> None:
     with pytest.raises(ConfigError, match="epsilon"):
         Simulation(digits(dp={"enabled": True, "epsilon": 0.01, "max_noise_multiplier": 2.0}))
+
+
+def test_bytes_are_counted_both_ways_per_pool_worker() -> None:
+    sim, logs = run(digits(workers=2))
+    dense = sum(t.numel() * t.element_size() for t in sim.aggregator.replica.params.values())
+    for log in logs:  # each working pool worker read the dense replica and sent one dense partial (+ header)
+        assert log.bytes_received == log.messages * dense
+        assert log.messages * dense <= log.bytes_sent <= log.messages * (dense + 4096)
+    summary = sim.summary(logs)
+    sent, received = sum(log.bytes_sent for log in logs), sum(log.bytes_received for log in logs)
+    assert summary["bytes_sent_per_worker"] == sent / 2 and summary["bytes_received_per_worker"] == received / 2
+    assert summary["bytes_total_per_worker"] == (sent + received) / 2

@@ -52,6 +52,11 @@ class RoundLog:
     messages: int  # partials (or FedBuff arrivals) the aggregator received
     mean_staleness: float = 0.0
     refused: int = 0  # client updates or pool partials refused this round (`Engine.refusals` says why)
+    # What crossed between the aggregator and the pool this round, all pool workers together: the replica each
+    # working pool worker read (dense; what a Ray actor is sent) and the partials (or FedBuff's single
+    # updates) they sent back, refused ones included.
+    bytes_sent: int = 0
+    bytes_received: int = 0
     epsilon_max: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)  # server-side eval (loss, accuracy)
 
@@ -67,6 +72,8 @@ class Engine:
         self.deadline_s = deadline(sim.timing, self.work, self.speeds)
         self.epsilons: dict[int, float] = {}
         self.refusals: list[str] = []  # updates and partials refused, each saying why
+        self.bytes_sent = [0] * len(workers)  # per pool worker, over the run (see RoundLog)
+        self.bytes_received = [0] * len(workers)
         self.clock = 0.0
         self._pool = ThreadPoolExecutor(len(workers), thread_name_prefix="lowband-pool")
 
@@ -86,9 +93,13 @@ class Engine:
         mine = [[j for j in jobs if j.client % n == w] for w in range(n)]
         futures = [(w, self._pool.submit(self.workers[w].train, replica, js, fold), js)
                    for w, js in enumerate(mine) if js]
+        replica_bytes = sum(t.numel() * t.element_size() for t in replica.params.values())
         partials = []
         for w, future, given in futures:
             partial = future.result()
+            self.bytes_received[w] += replica_bytes
+            sent = [partial.update] if partial.update is not None else [o.update for o in partial.outcomes]
+            self.bytes_sent[w] += sum(u.nbytes() for u in sent)
             strangers = sorted({o.client for o in partial.outcomes} - {j.client for j in given})
             if strangers:
                 self.refusals.append(f"pool worker {w}: its partial carries client(s) {strangers[:5]} that were not "
@@ -104,8 +115,13 @@ class Engine:
             self.aggregator.submit(f"pool{order}", update, order)
         self.aggregator.close()
 
-    def _log(self, log: RoundLog, outcomes: list[ClientOutcome], refused_before: int) -> RoundLog:
-        log.refused = len(self.refusals) - refused_before
+    def _mark(self) -> tuple[int, int, int]:
+        """Where the run's counters stand: refusals, bytes sent, bytes received (a round logs the differences)."""
+        return len(self.refusals), sum(self.bytes_sent), sum(self.bytes_received)
+
+    def _log(self, log: RoundLog, outcomes: list[ClientOutcome], mark: tuple[int, int, int]) -> RoundLog:
+        now = self._mark()
+        log.refused, log.bytes_sent, log.bytes_received = (now[i] - mark[i] for i in range(3))
         for o in outcomes:
             if o.epsilon is not None:
                 self.epsilons[o.client] = o.epsilon
@@ -118,7 +134,7 @@ class Engine:
     def synchronous(self) -> Iterator[RoundLog]:
         carried: list[ClientOutcome] = []
         for round_ in range(self.sim.rounds):
-            refused = len(self.refusals)
+            mark = self._mark()
             sampled = sample_clients(self.sim.clients, self.sim.per_round, round_, self.seed)
             fates = round_fates(sampled, self.work[sampled], self.speeds, self.sim.timing, round_, self.seed,
                                 self.deadline_s)
@@ -139,7 +155,7 @@ class Engine:
             log = RoundLog(round_, len(sampled), sum(f.dropped for f in fates), len(late),
                            len(outcomes) + len(carried), len(carried), self.clock, None, len(updates))
             carried = [o for p in held for o in p.outcomes]
-            yield self._log(log, outcomes + carried, refused)
+            yield self._log(log, outcomes + carried, mark)
 
     def fedbuff(self) -> Iterator[RoundLog]:
         cfg, timing = self.sim.asynchronous, self.sim.timing
@@ -161,7 +177,7 @@ class Engine:
 
         launch(cfg.concurrency, 0)
         for version in range(self.sim.rounds):
-            refused = len(self.refusals)
+            mark = self._mark()
             buffer: list[tuple[int, ClientOutcome]] = []
             dropped = 0
             while len(buffer) < cfg.buffer_k and in_flight:
@@ -179,7 +195,7 @@ class Engine:
                 self._close(updates)
             log = RoundLog(version, len(buffer) + dropped, dropped, 0, len(buffer), 0, self.clock, None, len(updates),
                            mean_staleness=float(np.mean([s for s, _ in buffer])) if buffer else 0.0)
-            yield self._log(log, [o for _, o in buffer], refused)
+            yield self._log(log, [o for _, o in buffer], mark)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -100,6 +100,7 @@ class Simulation:
     def summary(self, logs: list[RoundLog]) -> dict[str, Any]:
         last_metrics = next((log.metrics for log in reversed(logs) if log.metrics), {})
         stores = [w.store for w in self.local_workers]
+        sent, received, pool = sum(self.engine.bytes_sent), sum(self.engine.bytes_received), len(self.workers)
         return {
             "name": self.cfg.name,
             "protocol": self.cfg.protocol.kind,
@@ -112,6 +113,10 @@ class Simulation:
             "wall_s": time.monotonic() - self.started,
             "client_updates": sum(log.aggregated for log in logs),
             "messages": sum(log.messages for log in logs),
+            # Per pool worker, between it and the aggregator (RoundLog says what counts), averaged over the pool.
+            "bytes_sent_per_worker": sent / pool,
+            "bytes_received_per_worker": received / pool,
+            "bytes_total_per_worker": (sent + received) / pool,
             "refusals": self.engine.refusals[:100],
             "noise_multiplier": self.noise,
             "dp_epsilon_max": max(self.engine.epsilons.values()) if self.engine.epsilons else None,
