@@ -77,6 +77,3 @@ def base_digest(model: nn.Module) -> str:
     frozen = frozen_params(model)
     return params_digest(frozen) if frozen else ""
 
-
-def trainable_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -194,3 +194,11 @@ def test_bytes_are_counted_both_ways_per_pool_worker() -> None:
     sent, received = sum(log.bytes_sent for log in logs), sum(log.bytes_received for log in logs)
     assert summary["bytes_sent_per_worker"] == sent / 2 and summary["bytes_received_per_worker"] == received / 2
     assert summary["bytes_total_per_worker"] == (sent + received) / 2
+
+
+def test_the_dp_plan_goes_into_the_summary_and_no_client_spends_more() -> None:
+    sim, logs = run(digits(rounds=2, dp={"enabled": True, "epsilon": 6.0}))
+    plan = sim.summary(logs)["dp_plan"]
+    assert plan["noise_multiplier"] == sim.noise and plan["rounds"] == 2 and plan["epsilon"] == 6.0
+    assert 0 < plan["planned_epsilon"] <= 6.0
+    assert 0 < sim.summary(logs)["dp_epsilon_max"] <= plan["planned_epsilon"] + 1e-9

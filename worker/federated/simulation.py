@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from worker.federated.pool import PoolTrainer, build_pool_worker
 from worker.federated.tasks import FederatedTask, build_task
 from worker.trainer import load_trainable, trainable
 
+if TYPE_CHECKING:  # opacus is imported only when a run asks for DP
+    from worker.federated.dp import DPBudget
+
 
 def simulation_of(cfg: RunConfig) -> SimulationConfig:
     if cfg.simulation is None:
@@ -38,15 +41,15 @@ def simulation_of(cfg: RunConfig) -> SimulationConfig:
     return cfg.simulation
 
 
-def plan_noise(sim: SimulationConfig, task: FederatedTask, steps: np.ndarray) -> float | None:
-    """The run's DP noise multiplier (see the module docstring), or None without DP; `steps[c]` is client
-    c's local steps per round."""
+def plan_dp(sim: SimulationConfig, task: FederatedTask, steps: np.ndarray) -> DPBudget | None:
+    """The run's DP plan, its noise multiplier and what the worst-placed client would spend (see the module
+    docstring), or None without DP; `steps[c]` is client c's local steps per round."""
     if not sim.dp.enabled:
         return None
-    from worker.federated.dp import plan, sample_rate
+    from worker.federated.dp import DPBudget, sample_rate
 
     smallest = min(task.samples(c) for c in range(sim.clients))  # the largest sampling rate
-    return plan(sim.dp, sample_rate(sim.batch_size, smallest), int(steps.max()), sim.rounds)
+    return DPBudget.make(sim.dp, sample_rate(sim.batch_size, smallest), int(steps.max()), sim.rounds)
 
 
 PoolMaker = Callable[[RunConfig, int, str], PoolTrainer]  # (config, index, spill root) -> a pool worker
@@ -69,7 +72,8 @@ class Simulation:
                               f"partition {sim.partition!r} of task {sim.task!r} can make")
         steps = np.asarray([self.task.steps(c, sim.local_epochs, sim.batch_size, sim.max_local_steps)
                             for c in range(sim.clients)])
-        self.noise = plan_noise(sim, self.task, steps)
+        self.dp = plan_dp(sim, self.task, steps)
+        self.noise = self.dp.noise_multiplier if self.dp is not None else None
         self._tmp = tempfile.TemporaryDirectory(prefix="lowband-clients-") if spill_dir is None else None
         spill = str(sim.store.spill_dir or spill_dir or self._tmp.name)  # type: ignore[union-attr]
         if pool is None:
@@ -119,6 +123,7 @@ class Simulation:
             "bytes_total_per_worker": (sent + received) / pool,
             "refusals": self.engine.refusals[:100],
             "noise_multiplier": self.noise,
+            "dp_plan": self.dp.summary() if self.dp is not None else None,
             "dp_epsilon_max": max(self.engine.epsilons.values()) if self.engine.epsilons else None,
             "dp_epsilon_per_client": {str(c): e for c, e in sorted(self.engine.epsilons.items())},
             "backend": self.sim.backend,

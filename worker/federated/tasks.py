@@ -22,7 +22,7 @@ from protocols.config import ConfigError, RunConfig
 from worker.data import load_corpus
 from worker.federated.digits import DigitsMLP, load_digits_split
 from worker.federated.partition import partition
-from worker.federated.roles import Role, roles, split_roles
+from worker.federated.roles import Role, role_tokens, roles, split_roles
 from worker.models import build_model
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -91,7 +91,7 @@ class ShakespeareTask:
         corpus = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars).select(cfg.data.plays)
         self.tokenizer, self.corpus = corpus.tokenizer, corpus
         if sim.partition == "by_role":
-            self.clients = [self.tokenizer.encode(r.text) for r in self._role_pieces(sim.clients, cfg.seed)]
+            self.clients = [role_tokens(r, self.tokenizer) for r in self._role_pieces(sim.clients, cfg.seed)]
         elif sim.partition == "by_play":
             self.clients = list(corpus.train)
         elif sim.partition == "iid":
