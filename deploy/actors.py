@@ -1,7 +1,8 @@
 """The Ray actors: thin shells that run the coordinator and worker processes inside Ray.
 
 All logic lives in `coordinator/` and `worker/`; these only give Ray something to schedule with
-explicit `num_cpus`, and return plain dicts to the driver.
+explicit `num_cpus` (and `num_gpus` when the run trains on CUDA: deploy/gpus.py), and return plain dicts
+to the driver.
 """
 
 from __future__ import annotations
@@ -19,11 +20,19 @@ from worker.faults import Faults
 from worker.runners import run_grpc_worker
 
 
+def node_bind() -> str:
+    """HOST:0 on the address Ray knows this node by (a free port; IPv6 hosts bracketed)."""
+    host = ray.util.get_node_ip_address()
+    return f"[{host}]:0" if ":" in host else f"{host}:0"
+
+
 @ray.remote
 class CoordinatorActor:
     def __init__(self, cfg_json: dict[str, Any], run_dir: str) -> None:
         logging.basicConfig(level=logging.WARNING)
-        self.server = CoordinatorServer(RunConfig.model_validate(cfg_json), bind="127.0.0.1:0", run_dir=run_dir)
+        # The node's own address, not loopback: on a multi-node cluster (`lowband run --address`) the worker
+        # actors dial it from other machines.
+        self.server = CoordinatorServer(RunConfig.model_validate(cfg_json), bind=node_bind(), run_dir=run_dir)
 
     def start(self) -> str:
         return self.server.start().address

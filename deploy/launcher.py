@@ -7,6 +7,8 @@ node as a thread (deploy/gossip_inproc.py). An actor rather than the driver, as 
 in-process runs, so Ray reserves `workers x cpus_per_worker` CPUs for it and an `--address` cluster places
 it on a node with room; the driver only waits and draws the plots (consensus.png besides loss.png).
 
+Training actors ask Ray for GPUs when `cluster.device` resolves to CUDA on the cluster (deploy/gpus.py).
+
 The driver only schedules actors, shows progress and writes the human-facing files (summary.json,
 loss.png); the coordinator actor writes config.yaml, metrics.jsonl and the checkpoints itself.
 """
@@ -27,6 +29,7 @@ from rich.table import Table
 
 from coordinator.rundir import RunDir
 from deploy.actors import AllGatherActor, CoordinatorActor, DDPActor, InprocActor, WorkerActor
+from deploy.gpus import actor_options, plan_devices, with_device
 from deploy.memory import ALLOCATOR_ENV
 from deploy.report import human_bytes, plot_consensus, plot_loss, plot_utilization, span_rows
 from protocols.config import RunConfig
@@ -73,6 +76,15 @@ def _await_started(refs: list[Any], actors: list[Any], cfg: RunConfig, what: str
             f"and the Ray cluster has {cpus:g} CPUs; see `ray status`, or lower cluster.workers or "
             f"cluster.cpus_per_worker"
         ) from None
+
+
+def _cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def _training_options(cfg: RunConfig, num_cpus: float) -> dict[str, Any]:
+    """Ray options of a training actor: `num_cpus`, and its share of the GPUs when the run trains on CUDA."""
+    return actor_options(num_cpus, plan_devices(cfg, _cluster_gpus()))
 
 
 def _threads(cfg: RunConfig) -> int:
@@ -133,7 +145,7 @@ def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: lis
     cfg_json = cfg.model_dump(mode="json")
     coord = CoordinatorActor.options(num_cpus=0, max_concurrency=8).remote(cfg_json, str(run_dir))  # type: ignore[attr-defined]
     [address] = _await_started([coord.start.remote()], [coord], cfg, "coordinator actor")
-    workers = [WorkerActor.options(num_cpus=cfg.cluster.cpus_per_worker).remote()  # type: ignore[attr-defined]
+    workers = [WorkerActor.options(**_training_options(cfg, cfg.cluster.cpus_per_worker)).remote()  # type: ignore[attr-defined]
                for _ in range(cfg.cluster.workers)]
     _await_started([w.ready.remote() for w in workers], [*workers, coord], cfg, f"{len(workers)} worker actors")
     faults = faults or [{} for _ in workers]
@@ -182,7 +194,7 @@ def run_allgather(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, 
     n = cfg.cluster.workers
     store = run_dir / "allgather_store"
     store.unlink(missing_ok=True)
-    actors = [AllGatherActor.options(num_cpus=cfg.cluster.cpus_per_worker).remote()  # type: ignore[attr-defined]
+    actors = [AllGatherActor.options(**_training_options(cfg, cfg.cluster.cpus_per_worker)).remote()  # type: ignore[attr-defined]
               for _ in range(n)]
     _await_started([a.ready.remote() for a in actors], actors, cfg, f"{n} all-gather actors")
     started = time.monotonic()
@@ -199,7 +211,8 @@ def run_allgather(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, 
 
 def run_inproc_actor(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
     """Every worker and the coordinator's state machine in one Ray actor (threads)."""
-    actor = InprocActor.options(num_cpus=cfg.cluster.workers * cfg.cluster.cpus_per_worker).remote()  # type: ignore[attr-defined]
+    cpus = cfg.cluster.workers * cfg.cluster.cpus_per_worker
+    actor = InprocActor.options(**_training_options(cfg, cpus)).remote()  # type: ignore[attr-defined]
     _await_started([actor.ready.remote()], [actor], cfg, "in-process actor")
     started = time.monotonic()
     with console.status(f"{cfg.name}: {cfg.protocol.kind} in process, {cfg.cluster.workers} workers"):
@@ -213,7 +226,8 @@ def run_ddp(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
     n = cfg.cluster.workers
     store = run_dir / "ddp_store"
     store.unlink(missing_ok=True)
-    actors = [DDPActor.options(num_cpus=cfg.cluster.cpus_per_worker).remote() for _ in range(n)]  # type: ignore[attr-defined]
+    actors = [DDPActor.options(**_training_options(cfg, cfg.cluster.cpus_per_worker)).remote()  # type: ignore[attr-defined]
+              for _ in range(n)]
     _await_started([a.ready.remote() for a in actors], actors, cfg, f"{n} DDP actors")
     started = time.monotonic()
     with console.status(f"{cfg.name}: DDP with {n} workers, {cfg.train.steps} steps each"):
@@ -256,6 +270,8 @@ def run(cfg: RunConfig, address: str | None = None, console: Console | None = No
     if not cfg.protocol.coordinated and cfg.protocol.kind not in ("ddp", "gossip"):
         raise LaunchError(f"protocol.kind {cfg.protocol.kind!r} has no runner in `lowband run` yet")
     start_ray(cfg, address)
+    # From here on cluster.device is 'cpu' or 'cuda', decided once from the Ray cluster's GPUs (deploy/gpus.py).
+    cfg = with_device(cfg, plan_devices(cfg, _cluster_gpus()))
     if cfg.protocol.kind == "ddp":
         summary = run_ddp(cfg, run_dir, console)
     elif cfg.cluster.transport == "allgather":

@@ -321,6 +321,10 @@ class ClusterConfig(_Strict):
     # instead of waiting forever on a cluster that cannot fit them.
     actor_start_timeout_s: PositiveFloat = 120.0
     token: str = ""  # shared secret workers must present; empty = none
+    # Where workers train (worker/devices.py): auto = CUDA when torch sees a GPU, else CPU, decided by each
+    # worker on its own machine (under `lowband run`, by the Ray cluster's GPUs); cuda without a GPU is an error.
+    # Only the model and its batches move: what goes to the codec, the wire and the replica stays on CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> ClusterConfig:

@@ -13,6 +13,9 @@ it excludes headers and DDP's bucket padding.
 With a `link:` block, each rank's gradient buckets are held, after their all-reduce, for as long as those
 ring bytes (plus 2 (N - 1) hops of latency) take on the rank's own emulated link (`LinkConfig.for_worker`),
 through a DDP communication hook (worker/link_hook.py); the gradients themselves are unchanged.
+
+Ranks train on `cluster.device` (worker/devices.py); `protocol.backend: auto` all-reduces with NCCL when
+that is CUDA (one GPU per rank) and with gloo on CPU.
 """
 
 from __future__ import annotations
@@ -29,23 +32,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from protocols.config import RunConfig
 from protocols.ddp import DDPConfig
+from worker.devices import check_local_ranks, resolve_backend, resolve_device
 from worker.evals import EvalLog
 from worker.link_hook import LinkHook, ring_allreduce_bytes
 from worker.session import Session
 from worker.spawn import pin_gloo_to_loopback, spawn_on_loopback
 from worker.trainer import params_digest
 from worker.transports.link import worker_link
-
-
-def resolve_backend(requested: str) -> str:
-    """'auto' -> nccl when CUDA is present, else gloo; an explicit 'nccl' without CUDA is an error."""
-    if requested == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if requested == "nccl" and not torch.cuda.is_available():
-        raise ValueError("protocol.backend 'nccl' needs a CUDA GPU and none is visible; use 'gloo' or 'auto'")
-    if requested not in ("gloo", "nccl"):
-        raise ValueError(f"protocol.backend must be 'auto', 'gloo' or 'nccl', got {requested!r}")
-    return requested
 
 
 def run_ddp_worker(
@@ -72,7 +65,8 @@ def run_ddp_worker(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside [0, {world_size})")
-    backend = resolve_backend(cfg.protocol.backend if isinstance(cfg.protocol, DDPConfig) else "auto")
+    device = resolve_device(cfg.cluster.device, rank)
+    backend = resolve_backend(_requested_backend(cfg), device)
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     pin_gloo_to_loopback(init_method)
@@ -85,10 +79,8 @@ def run_ddp_worker(
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     try:
-        device = torch.device("cpu")
-        if backend == "nccl":
-            device = torch.device("cuda", rank % torch.cuda.device_count())
-            torch.cuda.set_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's communicator and DDP's buckets use the current device
         device_ids = [device.index] if device.type == "cuda" else None
         link = worker_link(cfg, rank)
         if link is not None:
@@ -147,5 +139,10 @@ def run_ddp_local(
 
     Raises RuntimeError naming the rank (with its traceback) if a process fails or exits without reporting.
     """
+    check_local_ranks(resolve_backend(_requested_backend(cfg), resolve_device(cfg.cluster.device)), world_size)
     target = functools.partial(run_ddp_worker, cfg=cfg, num_threads=num_threads, timeout_s=timeout_s)
     return spawn_on_loopback(target, world_size, num_threads=num_threads)
+
+
+def _requested_backend(cfg: RunConfig) -> str:
+    return cfg.protocol.backend if isinstance(cfg.protocol, DDPConfig) else "auto"

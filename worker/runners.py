@@ -21,7 +21,7 @@ import yaml
 from protocols.config import RunConfig, parse_config
 from protocols.registry import build_protocol
 from worker.client import CoordinatorClient
-from worker.ddp import resolve_backend
+from worker.devices import check_local_ranks, resolve_backend, resolve_device
 from worker.faults import Faults
 from worker.gossip_loop import GossipLoop, GossipResult
 from worker.loop import Progress, RoundLoop, WorkerResult
@@ -94,15 +94,14 @@ def run_allgather_rank(
 ) -> dict[str, Any]:
     """Train one rank of `cfg.protocol` over all-gather; its `WorkerResult` as a dict, plus rank,
     world_size, backend and param_hash (the final replica's parameters). Rank 0 evaluates."""
-    backend = resolve_backend("auto")
+    device = resolve_device(cfg.cluster.device, rank)
+    backend = resolve_backend("auto", device)
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     protocol = build_protocol(cfg)  # fails on kinds with no aggregator half before any process group exists
     with process_group(rank, world_size, init_method, backend, timeout_s):
-        device = torch.device("cpu")
-        if backend == "nccl":
-            device = torch.device("cuda", rank % torch.cuda.device_count())
-            torch.cuda.set_device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's communicator (and the transport's buffers) use the current device
         session = Session.build(cfg, rank, world_size, device, evaluates=rank == 0)
         transport = with_link(AllGatherTransport(cfg, protocol, rank), cfg, rank)
         loop = RoundLoop(session, transport, protocol, progress)
@@ -115,6 +114,7 @@ def run_allgather_local(
     cfg: RunConfig, world_size: int, num_threads: int = 1, timeout_s: float = 300.0
 ) -> list[dict[str, Any]]:
     """An all-gather job of `world_size` spawned ranks on loopback; their results, by rank."""
+    check_local_ranks(resolve_backend("auto", resolve_device(cfg.cluster.device)), world_size)
     target = functools.partial(run_allgather_rank, cfg=cfg, timeout_s=timeout_s)
     return spawn_on_loopback(target, world_size, num_threads=num_threads)
 

@@ -20,6 +20,7 @@ from torch import nn
 from protocols.config import RunConfig
 from protocols.replica import Params
 from worker.data import Batch, Corpus, load_corpus
+from worker.devices import resolve_device
 from worker.lowrank import base_digest
 from worker.models import build_model
 from worker.trainer import InnerTrainer
@@ -51,8 +52,10 @@ class Session:
         `independent_init: true` (gossip): worker `index` then seeds `cfg.seed + index`, so the workers start
         from uncorrelated models. The protocol's `frozen_in_training` tensors (FFA-LoRA's and FedSVD's LoRA A) are
         left out of the inner optimizer. `wrap` (e.g. DistributedDataParallel) wraps the model for training;
-        `evaluates` False skips building eval batches on workers that never evaluate."""
-        device = device or torch.device("cpu")
+        `evaluates` False skips building eval batches on workers that never evaluate. `device` None is
+        `cluster.device` resolved on this machine (worker/devices.py); the model is built on CPU from the seed
+        and then moved, so every device starts from the same weights."""
+        device = device if device is not None else resolve_device(cfg.cluster.device, index)
         corpus = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars).select(cfg.data.plays)
         independent = bool(getattr(cfg.protocol, "independent_init", False))
         torch.manual_seed(cfg.seed + index if independent else cfg.seed)

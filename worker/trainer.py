@@ -145,9 +145,13 @@ class InnerTrainer:
 
     def params(self) -> dict[str, torch.Tensor]:
         """The trainable parameters as detached CPU copies (tied weights appear once): every weight, or with
-        adapters (worker/lowrank.py) the adapter factors only. What the protocols exchange."""
+        adapters (worker/lowrank.py) the adapter factors only. What the protocols exchange.
+
+        The device boundary: on a GPU the model trains there, but the replica, the codecs and the wire work on
+        CPU tensors, so this is where parameters leave the device (and `load_params` where they return)."""
         return {name: p.detach().cpu().clone() for name, p in trainable(self.module).items()}
 
     def load_params(self, params: dict[str, torch.Tensor]) -> None:
-        """Copy `params` into the trainable parameters in place; names and shapes must match exactly."""
+        """Copy `params` (CPU tensors: the replica) into the trainable parameters in place, onto the model's
+        device; names and shapes must match exactly."""
         load_trainable(self.module, params)

@@ -11,7 +11,7 @@ import torch
 from protocols.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from protocols.ddp import DDPConfig
 from worker.data import load_corpus
-from worker.ddp import resolve_backend, run_ddp_local, run_ddp_worker
+from worker.ddp import run_ddp_local, run_ddp_worker
 from worker.model import GPT
 from worker.spawn import spawn_on_loopback
 from worker.trainer import InnerTrainer
@@ -85,16 +85,6 @@ def test_single_rank_reports_progress_and_sends_nothing() -> None:
     assert summary["bytes_sent"] == summary["bytes_received"] == summary["bytes_total"] == 0
     assert summary["eval_loss"] == seen[-1]["eval_loss"]
     assert not out["still_initialized"]  # the process group was destroyed
-
-
-def test_backend_resolution() -> None:
-    if torch.cuda.is_available():
-        assert resolve_backend("auto") == "nccl"
-    else:
-        assert resolve_backend("auto") == "gloo"
-        with pytest.raises(ValueError, match="nccl"):
-            resolve_backend("nccl")
-    assert resolve_backend("gloo") == "gloo"
 
 
 def test_a_failing_rank_is_reported_not_waited_on() -> None:
