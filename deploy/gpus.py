@@ -7,8 +7,8 @@ cluster has any GPU. The decision is written into the config the actors get (`cl
 
 - grpc workers share the GPUs evenly, at most one each (`num_gpus = min(1, GPUs / workers)`; Ray accepts
   fractions and sets each actor's CUDA_VISIBLE_DEVICES).
-- DDP and all-gather ranks over NCCL need a whole GPU each: fewer GPUs than ranks is a ConfigError (DDP with
-  `protocol.backend: gloo` may share them, like grpc workers).
+- DDP and all-gather ranks over NCCL need a whole GPU each: with fewer GPUs than ranks, `auto` trains them
+  on CPU and `cuda` is a ConfigError (DDP with `protocol.backend: gloo` may share GPUs, like grpc workers).
 - the in-process runner (one actor holding every worker as a thread) takes one GPU.
 - the coordinator does CPU work only and asks for no GPU.
 """
@@ -50,6 +50,16 @@ def plan_devices(cfg: RunConfig, cluster_gpus: float) -> DevicePlan:
     """The plan for `cfg` on a Ray cluster with `cluster_gpus` GPUs in all (`ray.cluster_resources()`); a
     ConfigError naming the field when `cluster.device` cannot be met."""
     requested = cfg.cluster.device
+    plan = _plan(cfg, cluster_gpus)
+    if plan.device == "cpu" and isinstance(cfg.protocol, DDPConfig) and cfg.protocol.backend == "nccl":
+        raise ConfigError(f"protocol.backend 'nccl' needs the ranks on CUDA, but cluster.device {requested!r} on a "
+                          f"Ray cluster with {cluster_gpus:g} GPUs trains them on CPU; use protocol.backend 'gloo' "
+                          f"or 'auto'")
+    return plan
+
+
+def _plan(cfg: RunConfig, cluster_gpus: float) -> DevicePlan:
+    requested = cfg.cluster.device
     if requested == "cpu" or (requested == "auto" and cluster_gpus <= 0):
         return DevicePlan("cpu", 0.0)
     if cluster_gpus <= 0:
@@ -57,12 +67,14 @@ def plan_devices(cfg: RunConfig, cluster_gpus: float) -> DevicePlan:
                           "none; `ray status` shows what it has); set cluster.device to 'auto' or 'cpu'")
     actors = _actors(cfg)
     if _needs_whole_gpus(cfg):
-        if cluster_gpus < actors:
-            raise ConfigError(
-                f"NCCL needs a GPU per rank: {actors} ranks (cluster.workers) but the Ray cluster has "
-                f"{cluster_gpus:g} GPUs; lower cluster.workers, set cluster.device 'cpu', or (ddp) protocol.backend "
-                f"'gloo' so that ranks share GPUs")
-        return DevicePlan("cuda", 1.0)
+        if cluster_gpus >= actors:
+            return DevicePlan("cuda", 1.0)
+        if requested == "auto":  # auto never fails: ranks that cannot have a GPU each train on CPU
+            return DevicePlan("cpu", 0.0)
+        raise ConfigError(
+            f"NCCL needs a GPU per rank: {actors} ranks (cluster.workers) but the Ray cluster has {cluster_gpus:g} "
+            f"GPUs; lower cluster.workers, set cluster.device 'cpu', or (ddp) protocol.backend 'gloo' so that ranks "
+            f"share GPUs")
     # Ray takes resource amounts in steps of 1e-4: round the share down so that every actor still fits.
     return DevicePlan("cuda", min(1.0, math.floor(cluster_gpus / actors * 1e4) / 1e4))
 

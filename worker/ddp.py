@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from protocols.config import RunConfig
 from protocols.ddp import DDPConfig
-from worker.devices import check_local_ranks, resolve_backend, resolve_device
+from worker.devices import local_ranks_device, resolve_backend, resolve_device
 from worker.evals import EvalLog
 from worker.link_hook import LinkHook, ring_allreduce_bytes
 from worker.session import Session
@@ -139,7 +139,7 @@ def run_ddp_local(
 
     Raises RuntimeError naming the rank (with its traceback) if a process fails or exits without reporting.
     """
-    check_local_ranks(resolve_backend(_requested_backend(cfg), resolve_device(cfg.cluster.device)), world_size)
+    cfg = local_ranks_device(cfg, _requested_backend(cfg), world_size)
     target = functools.partial(run_ddp_worker, cfg=cfg, num_threads=num_threads, timeout_s=timeout_s)
     return spawn_on_loopback(target, world_size, num_threads=num_threads)
 

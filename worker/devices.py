@@ -6,13 +6,15 @@ trainable parameters to CPU and `load_params` copies the replica back onto the d
 their hashes and their byte counts are the same on every device.
 
 The collective baselines (DDP, all-gather) talk over torch.distributed: NCCL when the ranks train on CUDA
-(`protocol.backend: auto`), gloo on CPU. NCCL needs a GPU of its own for every rank.
+(`protocol.backend: auto`), gloo on CPU. NCCL needs a GPU of its own for every rank: under `auto`, ranks
+that would have to share one train on CPU instead (`local_ranks_device`; deploy/gpus.py on a Ray cluster).
 """
 
 from __future__ import annotations
 
 import torch
 
+from protocols.config import RunConfig
 from protocols.settings import ConfigError
 
 NO_GPU = (
@@ -49,11 +51,19 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def check_local_ranks(backend: str, world_size: int) -> None:
-    """ConfigError when `world_size` ranks spawned on this machine cannot each get a GPU for NCCL (two NCCL ranks
-    on one GPU fail inside NCCL with a message that names neither field)."""
-    if backend == "nccl" and torch.cuda.device_count() < world_size:
-        raise ConfigError(
-            f"NCCL needs a GPU per rank: {world_size} ranks (cluster.workers) but {torch.cuda.device_count()} GPUs "
-            f"visible; lower cluster.workers, or set protocol.backend 'gloo' (ranks share GPUs) or cluster.device 'cpu'"
-        )
+def local_ranks_device(cfg: RunConfig, requested_backend: str, world_size: int) -> RunConfig:
+    """`cfg` for `world_size` ranks spawned on this machine, `cluster.device` pinned to where they can train:
+    NCCL ranks cannot share a GPU (they fail inside NCCL with a message that names neither field), so with
+    fewer GPUs than ranks `auto` falls back to CPU (gloo) and an explicit `cuda` is a ConfigError."""
+    device = resolve_device(cfg.cluster.device)
+    if device.type == "cuda" and resolve_backend(requested_backend, device) == "nccl":
+        if torch.cuda.device_count() >= world_size:
+            return cfg
+        if cfg.cluster.device == "cuda":
+            raise ConfigError(
+                f"NCCL needs a GPU per rank: {world_size} ranks (cluster.workers) but {torch.cuda.device_count()} "
+                f"GPUs visible; lower cluster.workers, or set protocol.backend 'gloo' (ranks share GPUs) or "
+                f"cluster.device 'cpu'"
+            )
+        device = torch.device("cpu")
+    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"device": device.type})})

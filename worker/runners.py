@@ -21,7 +21,7 @@ import yaml
 from protocols.config import RunConfig, parse_config
 from protocols.registry import build_protocol
 from worker.client import CoordinatorClient
-from worker.devices import check_local_ranks, resolve_backend, resolve_device
+from worker.devices import local_ranks_device, resolve_backend, resolve_device
 from worker.faults import Faults
 from worker.gossip_loop import GossipLoop, GossipResult
 from worker.loop import Progress, RoundLoop, WorkerResult
@@ -114,7 +114,7 @@ def run_allgather_local(
     cfg: RunConfig, world_size: int, num_threads: int = 1, timeout_s: float = 300.0
 ) -> list[dict[str, Any]]:
     """An all-gather job of `world_size` spawned ranks on loopback; their results, by rank."""
-    check_local_ranks(resolve_backend("auto", resolve_device(cfg.cluster.device)), world_size)
+    cfg = local_ranks_device(cfg, "auto", world_size)
     target = functools.partial(run_allgather_rank, cfg=cfg, timeout_s=timeout_s)
     return spawn_on_loopback(target, world_size, num_threads=num_threads)
 

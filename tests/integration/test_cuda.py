@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from deploy.inproc import run_inproc
-from protocols.config import RunConfig, parse_config
+from protocols.config import ConfigError, RunConfig, parse_config
 from worker.ddp import run_ddp_local
+from worker.devices import local_ranks_device
 from worker.session import Session
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -58,3 +59,15 @@ def test_ddp_uses_nccl_on_cuda() -> None:
     [summary] = run_ddp_local(cfg, world_size=1)
     assert summary["backend"] == "nccl"
     assert summary["steps"] == 8
+
+
+def test_local_nccl_ranks_need_a_gpu_each() -> None:
+    ranks = torch.cuda.device_count()
+    fits = _cfg(cluster={"device": "cuda", "workers": ranks}, protocol={"kind": "ddp"})
+    assert local_ranks_device(fits, "auto", ranks).cluster.device == "cuda"
+    too_many = _cfg(cluster={"device": "cuda", "workers": ranks + 1}, protocol={"kind": "ddp"})
+    with pytest.raises(ConfigError, match=rf"NCCL needs a GPU per rank: {ranks + 1} ranks"):
+        local_ranks_device(too_many, "auto", ranks + 1)
+    auto = _cfg(cluster={"device": "auto", "workers": ranks + 1}, protocol={"kind": "ddp"})
+    assert local_ranks_device(auto, "auto", ranks + 1).cluster.device == "cpu"  # auto never fails
+    assert local_ranks_device(too_many, "gloo", ranks + 1).cluster.device == "cuda"  # gloo ranks may share

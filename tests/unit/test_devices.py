@@ -8,7 +8,7 @@ import torch
 
 from deploy.gpus import DevicePlan, actor_options, plan_devices, with_device
 from protocols.config import ConfigError, RunConfig, parse_config
-from worker.devices import check_local_ranks, resolve_backend, resolve_device
+from worker.devices import local_ranks_device, resolve_backend, resolve_device
 
 NO_GPU_HERE = pytest.mark.skipif(torch.cuda.is_available(), reason="asserts what happens on a machine without a GPU")
 
@@ -50,11 +50,12 @@ def test_backend_follows_the_device() -> None:
         resolve_backend("mpi", cpu)
 
 
-def test_local_nccl_ranks_need_a_gpu_each() -> None:
-    check_local_ranks("gloo", 8)  # gloo ranks share whatever there is
-    too_many = torch.cuda.device_count() + 1
-    with pytest.raises(ConfigError, match=rf"NCCL needs a GPU per rank: {too_many} ranks"):
-        check_local_ranks("nccl", too_many)
+@NO_GPU_HERE
+def test_locally_spawned_ranks_get_a_concrete_device() -> None:
+    for backend in ("auto", "gloo"):
+        assert local_ranks_device(_cfg("auto", protocol={"kind": "ddp"}), backend, 4).cluster.device == "cpu"
+    with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+        local_ranks_device(_cfg("cuda", protocol={"kind": "ddp"}), "auto", 4)
 
 
 def test_cpu_and_auto_without_gpus_ask_ray_for_none() -> None:
@@ -92,8 +93,14 @@ def test_nccl_ranks_need_a_whole_gpu_each() -> None:
     ddp = {"kind": "ddp"}
     with pytest.raises(ConfigError, match=r"NCCL needs a GPU per rank: 4 ranks \(cluster.workers\).* 2 GPUs"):
         plan_devices(_cfg("cuda", workers=4, protocol=ddp), cluster_gpus=2)
-    with pytest.raises(ConfigError, match="NCCL needs a GPU per rank"):
-        plan_devices(_cfg("auto", workers=4, transport="allgather"), cluster_gpus=3)
+    # auto never fails: ranks that cannot each have a GPU train on CPU
+    assert plan_devices(_cfg("auto", workers=4, transport="allgather"), cluster_gpus=3) == DevicePlan("cpu", 0.0)
+    assert plan_devices(_cfg("auto", workers=3, transport="allgather"), cluster_gpus=3) == DevicePlan("cuda", 1.0)
+    # ...unless the recipe insists on NCCL, which cannot run on CPU
+    with pytest.raises(ConfigError, match=r"protocol\.backend 'nccl' needs the ranks on CUDA.* 3 GPUs"):
+        plan_devices(_cfg("auto", workers=4, protocol={"kind": "ddp", "backend": "nccl"}), cluster_gpus=3)
+    with pytest.raises(ConfigError, match=r"protocol\.backend 'nccl' needs the ranks on CUDA"):
+        plan_devices(_cfg("cpu", workers=4, protocol={"kind": "ddp", "backend": "nccl"}), cluster_gpus=8)
     assert plan_devices(_cfg("auto", workers=4, protocol=ddp), cluster_gpus=4) == DevicePlan("cuda", 1.0)
     # gloo ranks may share
     gloo = {"kind": "ddp", "backend": "gloo"}
