@@ -9,7 +9,7 @@ ARGS ?=
 # The whole suite takes about 2 minutes on 2 cores; past this limit it is stuck, and fails instead of waiting.
 TEST_LIMIT_S ?= 2400
 
-.PHONY: install run test lint proto bench clean
+.PHONY: install run test lint proto bench clean docker-test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,23 @@ bench: install
 	$(LOOPBACK) $(PY) -m bench.transport
 	$(LOOPBACK) $(PY) -m bench.compression
 	$(LOOPBACK) $(PY) -m bench.wire_bytes
+
+# Build the image (Dockerfile) and run a small job in it, with no network. Not part of `make test`: it needs a
+# Docker daemon and downloads torch. DOCKER_BUILD_ARGS="--build-arg TORCH_INDEX=..." builds the CUDA image.
+DOCKER_IMAGE ?= lowband:test
+DOCKER_BUILD_ARGS ?=
+DOCKER_SMOKE := lowband run diloco --set name=smoke --set cluster.workers=2 --set train.steps=20 \
+	--set protocol.inner_steps=10 --set train.eval_every_steps=10 --set data.max_chars=200000 \
+	&& test -s runs/smoke/summary.json
+docker-test:
+	@if ! command -v docker > /dev/null 2>&1; then \
+		echo "docker-test: skipped, docker is not installed (nothing built)"; exit 0; fi; \
+	if ! docker info > /dev/null 2>&1; then \
+		echo "docker-test: skipped, no Docker daemon answers 'docker info' (nothing built)"; exit 0; fi; \
+	set -e; \
+	docker build $(DOCKER_BUILD_ARGS) -t $(DOCKER_IMAGE) .; \
+	docker run --rm --network none --shm-size 1g $(DOCKER_IMAGE) sh -c '$(DOCKER_SMOKE)'; \
+	echo "docker-test: $(DOCKER_IMAGE) built and ran a 2-worker DiLoCo job"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
