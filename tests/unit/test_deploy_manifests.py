@@ -4,6 +4,7 @@ and their torch / Ray pins agree with the Makefile's venv. Nothing here needs Do
 
 from __future__ import annotations
 
+import copy
 import re
 import shlex
 from pathlib import Path
@@ -94,6 +95,10 @@ def test_the_rayjob_runs_lowband_run_on_the_cluster_kuberay_starts() -> None:
 def test_the_ray_cluster_yaml_installs_pinned_torch_first_and_starts_ray() -> None:
     spec = yaml.safe_load((ROOT / "deploy/ray/cluster.yaml").read_text())
     assert spec["provider"]["type"] == "local" and spec["provider"]["worker_ips"]
+    # what `ray up` does first: fill in the defaults and check the result against Ray's own schema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(spec)))
     setup = spec["setup_commands"]
     torch_at = next(i for i, c in enumerate(setup) if "torch==" in c)
     lowband_at = next(i for i, c in enumerate(setup) if "lowband-src" in c and "pip install" in c)
