@@ -9,7 +9,7 @@ import torch
 from deploy.inproc import run_inproc
 from protocols.config import ConfigError, RunConfig, parse_config
 from worker.ddp import run_ddp_local
-from worker.devices import local_ranks_device
+from worker.devices import local_ranks_device, resolve_device
 from worker.session import Session
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -35,6 +35,8 @@ def test_a_session_trains_on_cuda_and_hands_the_protocol_cpu_tensors() -> None:
     assert all(p.device.type == "cuda" for p in session.model.parameters())
     before = session.params()
     assert all(t.device.type == "cpu" for t in before.values())
+    on_cpu = Session.build(cfg, 0, 2, torch.device("cpu")).params()
+    assert all(torch.equal(before[k], on_cpu[k]) for k in before)  # built on CPU from the seed, then moved
     losses = session.trainer.train(3)
     assert all(torch.isfinite(torch.tensor(losses)))
     after = session.params()
@@ -71,3 +73,10 @@ def test_local_nccl_ranks_need_a_gpu_each() -> None:
     auto = _cfg(cluster={"device": "auto", "workers": ranks + 1}, protocol={"kind": "ddp"})
     assert local_ranks_device(auto, "auto", ranks + 1).cluster.device == "cpu"  # auto never fails
     assert local_ranks_device(too_many, "gloo", ranks + 1).cluster.device == "cuda"  # gloo ranks may share
+
+
+def test_workers_spread_over_the_visible_gpus() -> None:
+    count = torch.cuda.device_count()
+    assert [resolve_device("cuda", i) for i in range(count + 1)] == [
+        *(torch.device("cuda", i) for i in range(count)), torch.device("cuda", 0)]
+    assert resolve_device("auto", 1) == torch.device("cuda", 1 % count)
