@@ -26,6 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.rundir import RunDir
+from coordinator.traffic import traffic_of, traffic_per_worker
 from deploy.actors import AllGatherActor, CoordinatorActor, DDPActor, InprocActor, WorkerActor
 from deploy.memory import ALLOCATOR_ENV
 from deploy.report import human_bytes, plot_consensus, plot_loss, plot_utilization, span_rows
@@ -120,6 +121,9 @@ def merge_worker_results(summary: dict[str, Any], results: list[dict[str, Any]],
         bytes_sent_per_worker=sent / n,
         bytes_received_per_worker=received / n,
         bytes_total_per_worker=(sent + received) / n,
+        # Results of a transport that does not tell the kinds apart carry all their bytes as protocol bytes.
+        traffic_per_worker=traffic_per_worker([traffic_of(r.get("traffic") or {
+            "protocol_sent": r["bytes_sent"], "protocol_received": r["bytes_received"]}) for r in results]),
         resyncs=sum(r.get("resyncs", 0) for r in results),
         stale_updates=sum(r.get("stale_updates", 0) for r in results),
         worker_results=results,
