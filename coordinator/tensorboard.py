@@ -5,6 +5,9 @@ every run under its name).
 worker (totals, and the protocol / control / state split), tokens, duration and compute utilization, at step =
 the round. It uses `torch.utils.tensorboard.SummaryWriter`, which needs the `tensorboard` package; without it
 `tensorboard_listener` returns None and the run goes on with metrics.jsonl alone.
+
+Runs without a coordinator (DDP, the all-gather transport) get their eval points written once they finish
+(`write_eval_scalars`), at step = the optimizer step the point names.
 """
 
 from __future__ import annotations
@@ -67,3 +70,24 @@ def tensorboard_listener(log_dir: str | Path, state: CoordinatorState) -> Tensor
         log.warning("the tensorboard package is not installed: no TensorBoard scalars for %s", log_dir)
         return None
     return TensorBoardScalars(log_dir, state)
+
+
+def write_eval_scalars(log_dir: str | Path, points: list[dict[str, Any]]) -> bool:
+    """Eval points of a run without a coordinator ({"step", "eval_loss", optional "train_loss", "bytes_sent",
+    "bytes_received"}) as TensorBoard scalars; False (nothing written) when tensorboard is not installed."""
+    if not tensorboard_available():
+        return False
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer: Any = SummaryWriter(log_dir=str(log_dir))
+    for point in points:
+        step = int(point["step"])
+        writer.add_scalar("loss/eval", float(point["eval_loss"]), step)
+        if point.get("train_loss") is not None:
+            writer.add_scalar("loss/train", float(point["train_loss"]), step)
+        if point.get("bytes_sent") is not None:
+            writer.add_scalar("bytes_per_worker/sent", float(point["bytes_sent"]), step)
+            received = point.get("bytes_received", point["bytes_sent"])  # a ring all-reduce: as much each way
+            writer.add_scalar("bytes_per_worker/received", float(received), step)
+    writer.close()
+    return True

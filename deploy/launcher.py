@@ -26,6 +26,8 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.rundir import RunDir
+from coordinator.status import tokens_per_s
+from coordinator.tensorboard import write_eval_scalars
 from coordinator.traffic import traffic_of, traffic_per_worker
 from deploy.actors import AllGatherActor, CoordinatorActor, DDPActor, InprocActor, WorkerActor
 from deploy.memory import ALLOCATOR_ENV
@@ -81,15 +83,22 @@ def _threads(cfg: RunConfig) -> int:
 
 
 def _progress_table(cfg: RunConfig, prog: dict[str, Any], started: float) -> Table:
+    """The live table: a row a worker, its losses as they come (the eval loss its latest update reported), its
+    speed and its bytes both ways, with the protocol's own share (updates up, aggregates down)."""
     table = Table(title=f"{cfg.name}: round {prog['round']}/{prog['rounds']} ({prog['phase']}) "
                         f"{time.monotonic() - started:.0f}s")
-    for col in ("worker", "alive", "step", "train loss", "eval loss", "bytes sent", "bytes received", "resyncs"):
+    for col in ("worker", "alive", "round", "step", "train loss", "eval loss", "tokens/s", "bytes sent",
+                "bytes received", "protocol sent / recv", "resyncs"):
         table.add_column(col)
     for wid, w in sorted(prog["workers"].items()):
         loss, ev = w.get("loss"), w.get("eval_loss")
-        table.add_row(wid, "yes" if w["alive"] else "no", str(w["step"]),
+        speed = tokens_per_s(w.get("last_metrics") or {})
+        table.add_row(wid, "yes" if w["alive"] else "no", str(w.get("round", "-")), str(w["step"]),
                       f"{loss:.3f}" if loss is not None else "-", f"{ev:.3f}" if ev is not None else "-",
-                      human_bytes(w["bytes_sent"]), human_bytes(w["bytes_received"]), str(w["resyncs"]))
+                      f"{speed:.0f}" if speed is not None else "-",
+                      human_bytes(w["bytes_sent"]), human_bytes(w["bytes_received"]),
+                      f"{human_bytes(w.get('protocol_sent', 0))} / {human_bytes(w.get('protocol_received', 0))}",
+                      str(w["resyncs"]))
     return table
 
 
@@ -137,6 +146,9 @@ def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: lis
     cfg_json = cfg.model_dump(mode="json")
     coord = CoordinatorActor.options(num_cpus=0, max_concurrency=8).remote(cfg_json, str(run_dir))  # type: ignore[attr-defined]
     [address] = _await_started([coord.start.remote()], [coord], cfg, "coordinator actor")
+    token = " --token TOKEN" if cfg.cluster.token else ""  # the secret itself stays out of logs
+    console.print(f"coordinator listening on {address} (see it with `lowband status {address}{token}`)",
+                  highlight=False, soft_wrap=True)
     workers = [WorkerActor.options(num_cpus=cfg.cluster.cpus_per_worker).remote()  # type: ignore[attr-defined]
                for _ in range(cfg.cluster.workers)]
     _await_started([w.ready.remote() for w in workers], [*workers, coord], cfg, f"{len(workers)} worker actors")
@@ -178,6 +190,7 @@ def _log_evals(run_dir: Path, cfg: RunConfig, evals: list[dict[str, Any]],
                    train_loss=point.get("train_loss"), bytes_total_per_worker=total)
     for row in span_rows(ranks or []):
         rundir.log("timing", **row)
+    write_eval_scalars(run_dir, evals)
 
 
 def run_allgather(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:

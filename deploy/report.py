@@ -74,17 +74,24 @@ def plot_loss(run_dir: Path, summary: dict[str, Any]) -> Path:
     return _save(fig, run_dir / "loss.png")
 
 
+def compare_curves(summaries: list[dict[str, Any]]) -> dict[str, list[tuple[float, float, float]]]:
+    """Each run's (tokens, bytes per worker, eval loss) points (`eval_curve`), by "name (protocol)"; runs without
+    a single evaluation are left out."""
+    curves = {}
+    for summary in summaries:
+        points = eval_curve(Path(summary["run_dir"]), summary)
+        if points:
+            curves[f"{summary.get('name', '')} ({summary.get('protocol', '')})"] = points
+    return curves
+
+
 def plot_compare(summaries: list[dict[str, Any]], out: Path) -> Path:
     """compare.png: every run's eval-loss curve in one figure, against tokens (the budget the runs share: a DDP
     baseline has steps, not rounds) and against bytes per worker both ways (log scale: protocols differ by orders
     of magnitude). Each summary names its directory (`run_dir`), whose metrics.jsonl holds its curve."""
     fig, left, right = _two_panels(11)
-    for summary in summaries:
-        points = eval_curve(Path(summary["run_dir"]), summary)
-        if not points:
-            continue
+    for label, points in compare_curves(summaries).items():
         tokens, moved, loss = zip(*points, strict=True)
-        label = f"{summary.get('name', '')} ({summary.get('protocol', '')})"
         left.plot(tokens, loss, marker="o", label=label)
         right.plot([max(b, 1.0) for b in moved], loss, marker="o", label=label)
     left.set(xlabel="tokens (all workers)", ylabel="eval loss", title="loss vs tokens")
