@@ -31,7 +31,7 @@ from coordinator.tensorboard import write_eval_scalars
 from coordinator.traffic import traffic_of, traffic_per_worker
 from deploy.actors import AllGatherActor, CoordinatorActor, DDPActor, InprocActor, WorkerActor
 from deploy.memory import ALLOCATOR_ENV
-from deploy.report import human_bytes, plot_consensus, plot_loss, plot_utilization, span_rows
+from deploy.report import human_bytes, plot_consensus, plot_loss, plot_utilization, round_line, span_rows
 from protocols.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -102,19 +102,18 @@ def _progress_table(cfg: RunConfig, prog: dict[str, Any], started: float) -> Tab
     return table
 
 
-def _progress_line(prog: dict[str, Any], started: float) -> str:
-    """The live table as one plain line: where the run is, and its workers' mean losses and bytes."""
-    workers = prog["workers"].values()
+def _working(console: Console, what: str) -> Any:
+    """A spinner on a terminal; elsewhere the same words once, as a plain line (a spinner would print nothing)."""
+    if not console.is_terminal:
+        console.print(f"{what} ...", highlight=False, soft_wrap=True)
+    return console.status(what)
 
-    def mean(key: str) -> str:
-        values = [w[key] for w in workers if w.get(key) is not None]
-        return f"{sum(values) / len(values):.4f}" if values else "-"
 
-    sent = sum(w["bytes_sent"] for w in workers) / max(len(workers), 1)
-    received = sum(w["bytes_received"] for w in workers) / max(len(workers), 1)
-    return (f"round {prog['round']}/{prog['rounds']} ({prog['phase']}), {time.monotonic() - started:.0f} s: "
-            f"{sum(1 for w in workers if w['alive'])} workers alive, train loss {mean('loss')}, "
-            f"eval loss {mean('eval_loss')}, {human_bytes(sent)} sent and {human_bytes(received)} received per worker")
+def _print_closed_rounds(console: Console, records: list[dict[str, Any]], rounds: int) -> int:
+    """One plain line a closed round (the same line `lowband coordinator` prints); how many were printed."""
+    for record in records:
+        console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
+    return len(records)
 
 
 def merge_worker_results(summary: dict[str, Any], results: list[dict[str, Any]], started: float) -> dict[str, Any]:
@@ -156,16 +155,17 @@ def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: lis
     refs = [w.run.remote(address, cfg.cluster.token, _threads(cfg), f) for w, f in zip(workers, faults, strict=True)]
     finish = coord.finish.remote(FINAL_EVAL_GRACE_S)
     started = time.monotonic()
-    shown = -1  # the last round printed as a plain line (output that is not a terminal gets no live table)
+    shown = 0  # rounds printed as plain lines (output that is not a terminal gets no live table)
     with Live(console=console, refresh_per_second=2, transient=not console.is_terminal) as live:
         pending = list(refs)
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
             prog = ray.get(coord.progress.remote())
             live.update(_progress_table(cfg, prog, started))
-            if not console.is_terminal and prog["round"] > shown:
-                shown = prog["round"]
-                console.print(_progress_line(prog, started), highlight=False, soft_wrap=True)
+            if not console.is_terminal:
+                shown += _print_closed_rounds(console, ray.get(coord.rounds_since.remote(shown)), cfg.rounds)
+        if not console.is_terminal:  # the rounds that closed after the last poll
+            _print_closed_rounds(console, ray.get(coord.rounds_since.remote(shown)), cfg.rounds)
     results: list[dict[str, Any]] = []
     for i, ref in enumerate(refs):
         try:
@@ -203,7 +203,7 @@ def run_allgather(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, 
               for _ in range(n)]
     _await_started([a.ready.remote() for a in actors], actors, cfg, f"{n} all-gather actors")
     started = time.monotonic()
-    with console.status(f"{cfg.name}: {cfg.protocol.kind} over all-gather, {n} ranks, {cfg.rounds} rounds"):
+    with _working(console, f"{cfg.name}: {cfg.protocol.kind} over all-gather, {n} ranks, {cfg.rounds} rounds"):
         results = ray.get([a.run.remote(r, n, f"file://{store}", cfg.model_dump(mode="json"), _threads(cfg))
                            for r, a in enumerate(actors)])
     for actor in actors:
@@ -219,7 +219,7 @@ def run_inproc_actor(cfg: RunConfig, run_dir: Path, console: Console) -> dict[st
     actor = InprocActor.options(num_cpus=cfg.cluster.workers * cfg.cluster.cpus_per_worker).remote()  # type: ignore[attr-defined]
     _await_started([actor.ready.remote()], [actor], cfg, "in-process actor")
     started = time.monotonic()
-    with console.status(f"{cfg.name}: {cfg.protocol.kind} in process, {cfg.cluster.workers} workers"):
+    with _working(console, f"{cfg.name}: {cfg.protocol.kind} in process, {cfg.cluster.workers} workers"):
         summary, results = ray.get(actor.run.remote(cfg.model_dump(mode="json"), str(run_dir), _threads(cfg)))
     ray.kill(actor)
     return merge_worker_results(summary, results, started)
@@ -233,7 +233,7 @@ def run_ddp(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
     actors = [DDPActor.options(num_cpus=cfg.cluster.cpus_per_worker).remote() for _ in range(n)]  # type: ignore[attr-defined]
     _await_started([a.ready.remote() for a in actors], actors, cfg, f"{n} DDP actors")
     started = time.monotonic()
-    with console.status(f"{cfg.name}: DDP with {n} workers, {cfg.train.steps} steps each"):
+    with _working(console, f"{cfg.name}: DDP with {n} workers, {cfg.train.steps} steps each"):
         results = ray.get([a.run.remote(r, n, f"file://{store}", cfg.model_dump(mode="json"), _threads(cfg),
                                          str(run_dir / "checkpoint.pt"))
                            for r, a in enumerate(actors)])

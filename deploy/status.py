@@ -86,7 +86,14 @@ def status_table(status: dict[str, Any]) -> Table:
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
     ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    status = status_dict(fetch_status(args.address, args.token, ca, args.timeout))
+    try:
+        status = status_dict(fetch_status(args.address, args.token, ca, args.timeout))
+    except grpc.RpcError as err:
+        if err.code() is not grpc.StatusCode.UNIMPLEMENTED:
+            raise  # the CLI prints the coordinator's own words (UNAUTHENTICATED: bad token, UNAVAILABLE, ...)
+        console.print(f"[red]error:[/red] {args.address} serves no Status call: it is a gossip run's rendezvous "
+                      f"or a coordinator older than `lowband status`", highlight=False)
+        return 1
     if args.json:
         console.print(json.dumps(status, indent=2), markup=False, highlight=False, soft_wrap=True)
     else:
