@@ -3,8 +3,9 @@ every run under its name).
 
 `TensorBoardScalars` is a round listener of `CoordinatorRun`: each closed round adds its losses, bytes per
 worker (totals, and the protocol / control / state split), tokens, duration and compute utilization, at step =
-the round. It uses `torch.utils.tensorboard.SummaryWriter`, which needs the `tensorboard` package; without it
-`tensorboard_listener` returns None and the run goes on with metrics.jsonl alone.
+the round; the writer is closed after the run's last round. It uses `torch.utils.tensorboard.SummaryWriter`,
+which needs the `tensorboard` package; without it `tensorboard_listener` returns None and the run goes on with
+metrics.jsonl alone.
 
 Runs without a coordinator (DDP, the all-gather transport) get their eval points written once they finish
 (`write_eval_scalars`), at step = the optimizer step the point names.
@@ -59,6 +60,8 @@ class TensorBoardScalars:
         for tag, key in TRAFFIC_TAGS.items():
             self.writer.add_scalar(tag, split[key], step)
         self.writer.flush()  # a live `tensorboard` sees every round as it closes
+        if record.round + 1 >= self.state.total_rounds:
+            self.close()  # the last round: let the writer's thread and file go
 
     def close(self) -> None:
         self.writer.close()

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import grpc
 import pytest
 import torch
 
 from compression.payload import dense
 from coordinator.server import CoordinatorServer
 from coordinator.traffic import TRAFFIC_KEYS, traffic_of
+from deploy.status import fetch_status
 from protocols.base import Update
 from tests.conftest import tiny_config
 from worker.client import CoordinatorClient
+from worker.traffic import Traffic
 
 ROUNDS = 3
 HEARTBEATS_PER_ROUND = 7
@@ -43,6 +46,14 @@ def test_protocol_bytes_are_the_update_streams_and_every_split_reconciles(server
         reply = client.push(round_, update, {"train_loss": 2.0, "tokens": 64.0})
         acknowledged += reply.bytes_received
         client.pull_aggregate(round_)
+    # Neither a refused call nor an operator's Status counts against the worker.
+    counted = traffic_of(server.state.members_copy()[0])
+    with pytest.raises(grpc.RpcError) as refused:
+        client.heartbeat(99, -1.0, None)  # a negative loss: INVALID_ARGUMENT
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert len(fetch_status(server.address).workers) == 1
+    assert traffic_of(server.state.members_copy()[0]) == counted
+    client.traffic = Traffic(**counted)  # the client counted the refused request it sent; start again from equal
     client.leave()
 
     [member] = server.state.members_copy()
