@@ -364,6 +364,8 @@ class CoordinatorState:
 
     def count_download(self, worker_id: str, nbytes: int, kind: str = "protocol") -> None:
         """`nbytes` streamed to a worker: an aggregate ("protocol") or a whole replica ("state")."""
+        if kind not in ("protocol", "state"):
+            raise ValueError(f"a download is 'protocol' or 'state' traffic, not {kind!r}")
         with self._cond:
             if worker_id in self.members:
                 member = self.members[worker_id]

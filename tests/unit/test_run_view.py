@@ -59,6 +59,9 @@ def test_status_shows_each_workers_round_eval_loss_speed_link_and_bytes_by_kind(
     assert math.isnan(second.eval_loss) and math.isnan(second.tokens_per_s)
     members = {mb.worker_id: mb for mb in state.members_copy()}
     assert members[ids[0]].bytes_sent == 140 and members[ids[1]].bytes_received == 9
+    with pytest.raises(ValueError, match="a download is 'protocol' or 'state' traffic, not 'control'"):
+        state.count_download(ids[0], 5, "control")  # control bytes come with both directions: count_control
+    assert [mb.bytes_received for mb in state.members_copy()] == [30, 9]
 
     shown = status_dict(reply)
     rows = {w["worker_id"]: w for w in shown["workers"]}
