@@ -17,6 +17,8 @@ from typing import Any
 
 from coordinator.rundir import RunDir, load_checkpoint
 from coordinator.state import CoordinatorState, Phase, RoundRecord
+from coordinator.tensorboard import tensorboard_listener
+from coordinator.traffic import traffic_of, traffic_per_worker
 from protocols.config import RunConfig
 from protocols.registry import build_protocol
 from protocols.round import RoundAggregator
@@ -31,6 +33,9 @@ class CoordinatorRun:
         # Called with every closed round's record (e.g. `lowband coordinator`'s plain line per round).
         self.round_listeners: list[Callable[[RoundRecord], None]] = []
         self.state = CoordinatorState(cfg, build_protocol(cfg), on_round=self._on_round)
+        scalars = tensorboard_listener(self.run_dir.path, self.state) if self.run_dir is not None else None
+        if scalars is not None:
+            self.round_listeners.append(scalars)
         if resume is not None:
             ckpt = load_checkpoint(resume)
             if "replica" not in ckpt:
@@ -89,13 +94,15 @@ class CoordinatorRun:
             "bytes_sent_per_worker": sum(m.bytes_sent for m in members) / n,
             "bytes_received_per_worker": sum(m.bytes_received for m in members) / n,
             "bytes_total_per_worker": sum(m.bytes_sent + m.bytes_received for m in members) / n,
+            # The same bytes split into protocol, control and state traffic (coordinator/traffic.py), per worker.
+            "traffic_per_worker": traffic_per_worker([traffic_of(m) for m in members]),
             "resyncs": sum(m.resyncs for m in members),
             "state_hash": self.state.state_hash,
             "base_digest": self.state.base_digest,
             "workers": {
                 m.worker_id: {"bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received,
                               "bytes_total": m.bytes_sent + m.bytes_received, "tokens": m.tokens,
-                              "resyncs": m.resyncs, "alive": m.alive}
+                              "resyncs": m.resyncs, "alive": m.alive, "traffic": traffic_of(m)}
                 for m in members
             },
         }

@@ -15,6 +15,7 @@ import grpc
 
 from coordinator.run import CoordinatorRun
 from coordinator.servicer import CoordinatorServicer
+from coordinator.traffic import ControlTraffic
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc
 from protocols.wire.messages import GRPC_OPTIONS
@@ -33,7 +34,8 @@ class CoordinatorServer(CoordinatorRun):
     ) -> None:
         super().__init__(cfg, run_dir, resume)
         threads = 4 * cfg.cluster.workers + 8  # every worker may hold one long-poll plus a stream
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=GRPC_OPTIONS)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=GRPC_OPTIONS,
+                                  interceptors=[ControlTraffic(self.state)])
         lowband_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.state), self.server)
         if tls is not None:
             creds = grpc.ssl_server_credentials([(tls[1], tls[0])])  # (private key, certificate chain)

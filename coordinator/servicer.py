@@ -13,6 +13,7 @@ import grpc
 from compression.payload import dense
 from coordinator.errors import Code, Rejected
 from coordinator.state import AlreadyFolded, CoordinatorState, Phase
+from coordinator.status import status_reply
 from protocols.base import Update
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
@@ -110,7 +111,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         for msg in serde.pull_stream(header, entries, self.chunk_bytes):
             sent += msg.ByteSize()
             yield msg
-        self.state.count_download(req.envelope.worker_id, sent)
+        self.state.count_download(req.envelope.worker_id, sent, "state")
 
     def PullAggregate(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
@@ -179,3 +180,8 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         except (Rejected, m.WireError) as err:
             refuse(context, err)
 
+    def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return serde.to_pb(status_reply(self.state, serde.from_pb(request, m.StatusRequest)))
+        except (Rejected, m.WireError) as err:
+            refuse(context, err)

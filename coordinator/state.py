@@ -63,9 +63,20 @@ class Member:
     step: int = 0
     loss: float | None = None
     eval_loss: float | None = None
-    # Bytes this worker sent to / received from the coordinator, as the coordinator counted them.
+    # Bytes this worker sent to / received from the coordinator, as the coordinator counted them: the totals,
+    # and their split into protocol (updates up, aggregates down), control (joins, heartbeats, waits, leaves,
+    # pull requests, push replies: counted by coordinator/traffic.py) and state (the initial-state upload,
+    # whole-replica pulls). Every count adds to its kind and to the total, so the three always sum to it.
     bytes_sent: int = 0
     bytes_received: int = 0
+    protocol_sent: int = 0
+    protocol_received: int = 0
+    control_sent: int = 0
+    control_received: int = 0
+    state_sent: int = 0
+    state_received: int = 0
+    round: int = 0  # the round it trains for: one past the last round its update was folded in
+    last_metrics: dict[str, float] = field(default_factory=dict)  # what its latest folded update reported
     tokens: int = 0
     resyncs: int = 0  # whole replicas pulled because the worker's fell behind or differed
     left: bool = False  # said Leave: departed until it joins again (no other call brings it back)
@@ -239,6 +250,7 @@ class CoordinatorState:
                 raise Rejected(Code.ALREADY_EXISTS, "the coordinator already holds the global state")
             params = check_initial_state(worker_id, payloads)
             member.bytes_sent += wire_bytes
+            member.state_sent += wire_bytes
             self._install(RoundAggregator(self.protocol, self.downlink, Replica(self.round, params),
                                           fold_in_order=self.cfg.cluster.fold_order == "worker"))
             self._maybe_start()
@@ -340,16 +352,35 @@ class CoordinatorState:
             current.reported[worker_id] = dict(metrics)
             self.folded.setdefault(round_, set()).add(worker_id)
             member.bytes_sent += wire_bytes
+            member.protocol_sent += wire_bytes
             member.tokens += int(metrics.get("tokens", 0))
+            member.round, member.last_metrics = round_ + 1, dict(metrics)
+            if "eval_loss" in metrics:  # the live view shows it as it comes, not only at the end
+                member.eval_loss = metrics["eval_loss"]
             member.last_seen, member.alive = self.clock(), True
             self._maybe_close()
             self._cond.notify_all()
             return round_
 
-    def count_download(self, worker_id: str, nbytes: int) -> None:
+    def count_download(self, worker_id: str, nbytes: int, kind: str = "protocol") -> None:
+        """`nbytes` streamed to a worker: an aggregate ("protocol") or a whole replica ("state")."""
+        if kind not in ("protocol", "state"):
+            raise ValueError(f"a download is 'protocol' or 'state' traffic, not {kind!r}")
         with self._cond:
             if worker_id in self.members:
-                self.members[worker_id].bytes_received += nbytes
+                member = self.members[worker_id]
+                member.bytes_received += nbytes
+                setattr(member, f"{kind}_received", getattr(member, f"{kind}_received") + nbytes)
+
+    def count_control(self, worker_id: str, sent: int, received: int) -> None:
+        """A control call's bytes: `sent` by the worker (its request), `received` by it (the reply)."""
+        with self._cond:
+            if worker_id in self.members:
+                member = self.members[worker_id]
+                member.bytes_sent += sent
+                member.bytes_received += received
+                member.control_sent += sent
+                member.control_received += received
 
     # ---- time --------------------------------------------------------------------------------
     def tick(self) -> None:

@@ -40,6 +40,10 @@ class CoordinatorActor:
     def progress(self) -> dict[str, Any]:
         return self.server.progress()
 
+    def rounds_since(self, closed: int) -> list[dict[str, Any]]:
+        """The records of the rounds closed after the first `closed` (for the driver's plain line per round)."""
+        return [asdict(record) for record in list(self.server.state.history)[closed:]]
+
     def finish(self, grace_s: float) -> dict[str, Any]:
         """Wait for the last round, let workers report their final eval, stop, and summarize."""
         self.server.wait_finished()

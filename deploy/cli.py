@@ -1,4 +1,4 @@
-"""The `lowband` command line: run, coordinator, worker, simulate, sample, export."""
+"""The `lowband` command line: run, coordinator, worker, status, simulate, sample, export."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from deploy.launcher import LaunchError, run
-    from deploy.report import print_final
+    from deploy.report import plot_compare, print_final
 
     cfg = _load(args)
     try:
@@ -77,6 +77,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]error:[/red] {err}", highlight=False)
         return 1
     print_final(summaries, console)
+    if len(summaries) > 1:
+        compared = plot_compare(summaries, Path(summaries[-1]["run_dir"]) / "compare.png")
+        console.print(f"both runs in one plot: {compared}")
     console.print(f"run directory: {summaries[-1]['run_dir']}")
     return 0
 
@@ -276,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-advertise", default=None,
                    help="gossip runs: the HOST (or HOST:PORT) peers dial to reach this worker (default: the bind host)")
     p.set_defaults(func=cmd_worker)
+
+    from deploy.status import add_parser as add_status_parser
+
+    add_status_parser(sub)
 
     p = sub.add_parser("simulate", help="simulate federated clients (100 to 10,000) as state in one process")
     _add_config_args(p)

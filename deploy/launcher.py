@@ -28,10 +28,13 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.rundir import RunDir
+from coordinator.status import tokens_per_s
+from coordinator.tensorboard import write_eval_scalars
+from coordinator.traffic import traffic_of, traffic_per_worker
 from deploy.actors import AllGatherActor, CoordinatorActor, DDPActor, InprocActor, WorkerActor
 from deploy.gpus import actor_options, plan_devices, with_device
 from deploy.memory import ALLOCATOR_ENV
-from deploy.report import human_bytes, plot_consensus, plot_loss, plot_utilization, span_rows
+from deploy.report import human_bytes, plot_consensus, plot_loss, plot_utilization, round_line, span_rows
 from protocols.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -92,31 +95,37 @@ def _threads(cfg: RunConfig) -> int:
 
 
 def _progress_table(cfg: RunConfig, prog: dict[str, Any], started: float) -> Table:
+    """The live table: a row a worker, its losses as they come (the eval loss its latest update reported), its
+    speed and its bytes both ways, with the protocol's own share (updates up, aggregates down)."""
     table = Table(title=f"{cfg.name}: round {prog['round']}/{prog['rounds']} ({prog['phase']}) "
                         f"{time.monotonic() - started:.0f}s")
-    for col in ("worker", "alive", "step", "train loss", "eval loss", "bytes sent", "bytes received", "resyncs"):
+    for col in ("worker", "alive", "round", "step", "train loss", "eval loss", "tokens/s", "bytes sent",
+                "bytes received", "protocol sent / recv", "resyncs"):
         table.add_column(col)
     for wid, w in sorted(prog["workers"].items()):
         loss, ev = w.get("loss"), w.get("eval_loss")
-        table.add_row(wid, "yes" if w["alive"] else "no", str(w["step"]),
+        speed = tokens_per_s(w.get("last_metrics") or {})
+        table.add_row(wid, "yes" if w["alive"] else "no", str(w.get("round", "-")), str(w["step"]),
                       f"{loss:.3f}" if loss is not None else "-", f"{ev:.3f}" if ev is not None else "-",
-                      human_bytes(w["bytes_sent"]), human_bytes(w["bytes_received"]), str(w["resyncs"]))
+                      f"{speed:.0f}" if speed is not None else "-",
+                      human_bytes(w["bytes_sent"]), human_bytes(w["bytes_received"]),
+                      f"{human_bytes(w.get('protocol_sent', 0))} / {human_bytes(w.get('protocol_received', 0))}",
+                      str(w["resyncs"]))
     return table
 
 
-def _progress_line(prog: dict[str, Any], started: float) -> str:
-    """The live table as one plain line: where the run is, and its workers' mean losses and bytes."""
-    workers = prog["workers"].values()
+def _working(console: Console, what: str) -> Any:
+    """A spinner on a terminal; elsewhere the same words once, as a plain line (a spinner would print nothing)."""
+    if not console.is_terminal:
+        console.print(f"{what} ...", highlight=False, soft_wrap=True)
+    return console.status(what)
 
-    def mean(key: str) -> str:
-        values = [w[key] for w in workers if w.get(key) is not None]
-        return f"{sum(values) / len(values):.4f}" if values else "-"
 
-    sent = sum(w["bytes_sent"] for w in workers) / max(len(workers), 1)
-    received = sum(w["bytes_received"] for w in workers) / max(len(workers), 1)
-    return (f"round {prog['round']}/{prog['rounds']} ({prog['phase']}), {time.monotonic() - started:.0f} s: "
-            f"{sum(1 for w in workers if w['alive'])} workers alive, train loss {mean('loss')}, "
-            f"eval loss {mean('eval_loss')}, {human_bytes(sent)} sent and {human_bytes(received)} received per worker")
+def _print_closed_rounds(console: Console, records: list[dict[str, Any]], rounds: int) -> int:
+    """One plain line a closed round (the same line `lowband coordinator` prints); how many were printed."""
+    for record in records:
+        console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
+    return len(records)
 
 
 def merge_worker_results(summary: dict[str, Any], results: list[dict[str, Any]], started: float) -> dict[str, Any]:
@@ -132,6 +141,9 @@ def merge_worker_results(summary: dict[str, Any], results: list[dict[str, Any]],
         bytes_sent_per_worker=sent / n,
         bytes_received_per_worker=received / n,
         bytes_total_per_worker=(sent + received) / n,
+        # Results of a transport that does not tell the kinds apart carry all their bytes as protocol bytes.
+        traffic_per_worker=traffic_per_worker([traffic_of(r.get("traffic") or {
+            "protocol_sent": r["bytes_sent"], "protocol_received": r["bytes_received"]}) for r in results]),
         resyncs=sum(r.get("resyncs", 0) for r in results),
         stale_updates=sum(r.get("stale_updates", 0) for r in results),
         worker_results=results,
@@ -145,6 +157,9 @@ def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: lis
     cfg_json = cfg.model_dump(mode="json")
     coord = CoordinatorActor.options(num_cpus=0, max_concurrency=8).remote(cfg_json, str(run_dir))  # type: ignore[attr-defined]
     [address] = _await_started([coord.start.remote()], [coord], cfg, "coordinator actor")
+    token = " --token TOKEN" if cfg.cluster.token else ""  # the secret itself stays out of logs
+    console.print(f"coordinator listening on {address} (see it with `lowband status {address}{token}`)",
+                  highlight=False, soft_wrap=True)
     workers = [WorkerActor.options(**_training_options(cfg, cfg.cluster.cpus_per_worker)).remote()  # type: ignore[attr-defined]
                for _ in range(cfg.cluster.workers)]
     _await_started([w.ready.remote() for w in workers], [*workers, coord], cfg, f"{len(workers)} worker actors")
@@ -152,16 +167,17 @@ def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: lis
     refs = [w.run.remote(address, cfg.cluster.token, _threads(cfg), f) for w, f in zip(workers, faults, strict=True)]
     finish = coord.finish.remote(FINAL_EVAL_GRACE_S)
     started = time.monotonic()
-    shown = -1  # the last round printed as a plain line (output that is not a terminal gets no live table)
+    shown = 0  # rounds printed as plain lines (output that is not a terminal gets no live table)
     with Live(console=console, refresh_per_second=2, transient=not console.is_terminal) as live:
         pending = list(refs)
         while pending:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
             prog = ray.get(coord.progress.remote())
             live.update(_progress_table(cfg, prog, started))
-            if not console.is_terminal and prog["round"] > shown:
-                shown = prog["round"]
-                console.print(_progress_line(prog, started), highlight=False, soft_wrap=True)
+            if not console.is_terminal:
+                shown += _print_closed_rounds(console, ray.get(coord.rounds_since.remote(shown)), cfg.rounds)
+        if not console.is_terminal:  # the rounds that closed after the last poll
+            _print_closed_rounds(console, ray.get(coord.rounds_since.remote(shown)), cfg.rounds)
     results: list[dict[str, Any]] = []
     for i, ref in enumerate(refs):
         try:
@@ -186,6 +202,7 @@ def _log_evals(run_dir: Path, cfg: RunConfig, evals: list[dict[str, Any]],
                    train_loss=point.get("train_loss"), bytes_total_per_worker=total)
     for row in span_rows(ranks or []):
         rundir.log("timing", **row)
+    write_eval_scalars(run_dir, evals)
 
 
 def run_allgather(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
@@ -198,7 +215,7 @@ def run_allgather(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, 
               for _ in range(n)]
     _await_started([a.ready.remote() for a in actors], actors, cfg, f"{n} all-gather actors")
     started = time.monotonic()
-    with console.status(f"{cfg.name}: {cfg.protocol.kind} over all-gather, {n} ranks, {cfg.rounds} rounds"):
+    with _working(console, f"{cfg.name}: {cfg.protocol.kind} over all-gather, {n} ranks, {cfg.rounds} rounds"):
         results = ray.get([a.run.remote(r, n, f"file://{store}", cfg.model_dump(mode="json"), _threads(cfg))
                            for r, a in enumerate(actors)])
     for actor in actors:
@@ -215,7 +232,7 @@ def run_inproc_actor(cfg: RunConfig, run_dir: Path, console: Console) -> dict[st
     actor = InprocActor.options(**_training_options(cfg, cpus)).remote()  # type: ignore[attr-defined]
     _await_started([actor.ready.remote()], [actor], cfg, "in-process actor")
     started = time.monotonic()
-    with console.status(f"{cfg.name}: {cfg.protocol.kind} in process, {cfg.cluster.workers} workers"):
+    with _working(console, f"{cfg.name}: {cfg.protocol.kind} in process, {cfg.cluster.workers} workers"):
         summary, results = ray.get(actor.run.remote(cfg.model_dump(mode="json"), str(run_dir), _threads(cfg)))
     ray.kill(actor)
     return merge_worker_results(summary, results, started)
@@ -230,7 +247,7 @@ def run_ddp(cfg: RunConfig, run_dir: Path, console: Console) -> dict[str, Any]:
               for _ in range(n)]
     _await_started([a.ready.remote() for a in actors], actors, cfg, f"{n} DDP actors")
     started = time.monotonic()
-    with console.status(f"{cfg.name}: DDP with {n} workers, {cfg.train.steps} steps each"):
+    with _working(console, f"{cfg.name}: DDP with {n} workers, {cfg.train.steps} steps each"):
         results = ray.get([a.run.remote(r, n, f"file://{store}", cfg.model_dump(mode="json"), _threads(cfg),
                                          str(run_dir / "checkpoint.pt"))
                            for r, a in enumerate(actors)])

@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.traffic import TRAFFIC_KEYS
+
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
@@ -70,6 +72,35 @@ def plot_loss(run_dir: Path, summary: dict[str, Any]) -> Path:
     left.set(xlabel="tokens (all workers)", ylabel="eval loss", title=f"{summary.get('name', '')}: loss vs tokens")
     right.set(xlabel="bytes per worker (sent + received)", ylabel="eval loss", title="loss vs bytes on the wire")
     return _save(fig, run_dir / "loss.png")
+
+
+def compare_curves(summaries: list[dict[str, Any]]) -> dict[str, list[tuple[float, float, float]]]:
+    """Each run's (tokens, bytes per worker, eval loss) points (`eval_curve`), by "name (protocol)"; runs without
+    a single evaluation are left out."""
+    curves = {}
+    for summary in summaries:
+        points = eval_curve(Path(summary["run_dir"]), summary)
+        if points:
+            curves[f"{summary.get('name', '')} ({summary.get('protocol', '')})"] = points
+    return curves
+
+
+def plot_compare(summaries: list[dict[str, Any]], out: Path) -> Path:
+    """compare.png: every run's eval-loss curve in one figure, against tokens (the budget the runs share: a DDP
+    baseline has steps, not rounds) and against bytes per worker both ways (log scale: protocols differ by orders
+    of magnitude). Each summary names its directory (`run_dir`), whose metrics.jsonl holds its curve."""
+    fig, left, right = _two_panels(11)
+    for label, points in compare_curves(summaries).items():
+        tokens, moved, loss = zip(*points, strict=True)
+        left.plot(tokens, loss, marker="o", label=label)
+        right.plot([max(b, 1.0) for b in moved], loss, marker="o", label=label)
+    left.set(xlabel="tokens (all workers)", ylabel="eval loss", title="loss vs tokens")
+    right.set(xlabel="bytes per worker (sent + received)", ylabel="eval loss", title="loss vs bytes on the wire")
+    right.set_xscale("log")
+    for axes in (left, right):
+        if axes.get_lines():
+            axes.legend(fontsize="small")
+    return _save(fig, out)
 
 
 def span_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -173,25 +204,48 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+def traffic_split(summary: dict[str, Any]) -> dict[str, float]:
+    """A summary's bytes per worker by kind and direction (coordinator/traffic.py's keys). A summary without a
+    split (DDP: every byte is the all-reduce) counts all of its bytes as protocol bytes."""
+    split = summary.get("traffic_per_worker")
+    if split:
+        return {key: float(split.get(key, 0.0)) for key in TRAFFIC_KEYS}
+    return {key: 0.0 for key in TRAFFIC_KEYS} | {
+        "protocol_sent": float(summary.get("bytes_sent_per_worker") or 0.0),
+        "protocol_received": float(summary.get("bytes_received_per_worker") or 0.0)}
+
+
+def _both_ways(sent: float, received: float) -> str:
+    return f"{human_bytes(sent)} / {human_bytes(received)}"
+
+
 def final_table(summaries: list[dict[str, Any]]) -> Table:
-    table = Table(title="lowband: final results (bytes per worker)")
-    # Bytes per worker, sent + received (summary.json has each direction); every comparison uses the total.
-    columns = ("run", "protocol", "eval loss", "tokens", "bytes", "vs first", "wall")
+    """One row a run. Bytes are per worker, "sent / received", split into the protocol's own traffic (updates up,
+    aggregates down), control traffic (joins, heartbeats, waits, ...) and the initial state (the one-time upload
+    and whole-replica pulls); "vs first" compares protocol bytes, both ways, with the first run's."""
+    table = Table(title="lowband: final results (bytes per worker, sent / received)")
+    columns = ("run", "protocol", "eval loss", "tokens", "protocol bytes", "control", "initial state", "total",
+               "vs first", "wall")
     for col in columns:
         table.add_column(col, justify="right" if col not in ("run", "protocol") else "left")
-    base = summaries[0].get("bytes_total_per_worker") or 0
+    first = traffic_split(summaries[0])
+    base = first["protocol_sent"] + first["protocol_received"]
     for s in summaries:
-        total = s.get("bytes_total_per_worker") or 0
-        ratio = f"{base / total:.1f}x fewer" if total and s is not summaries[0] and total < base else ""
-        if total and s is not summaries[0] and total > base and base:
-            ratio = f"{total / base:.1f}x more"
+        split = traffic_split(s)
+        moved = split["protocol_sent"] + split["protocol_received"]
+        ratio = ""
+        if s is not summaries[0] and moved and base and moved != base:
+            ratio = f"{base / moved:.1f}x fewer" if moved < base else f"{moved / base:.1f}x more"
         loss = s.get("final_eval_loss")
         table.add_row(
             s.get("name", ""),
             s.get("protocol", ""),
             f"{loss:.4f}" if loss is not None else "-",
             f"{s.get('tokens', 0) / 1e6:.2f}M",
-            human_bytes(total),
+            _both_ways(split["protocol_sent"], split["protocol_received"]),
+            _both_ways(split["control_sent"], split["control_received"]),
+            _both_ways(split["state_sent"], split["state_received"]),
+            _both_ways(s.get("bytes_sent_per_worker") or 0.0, s.get("bytes_received_per_worker") or 0.0),
             ratio,
             f"{s.get('wall_s', 0):.0f} s",
         )

@@ -3,7 +3,9 @@
 Transient failures (coordinator restarting, network blips: UNAVAILABLE, DEADLINE_EXCEEDED) are retried
 with exponential backoff up to `retry_for_s`; a coordinator that forgot us (NOT_FOUND after it restarted)
 gets a re-join under the same id. Refusals (bad shape, stale round, bad token) are never retried.
-Bytes are counted as serialized messages, i.e. what really crossed the wire.
+Bytes are counted as serialized messages, i.e. what really crossed the wire, split by kind (`Traffic`):
+updates and aggregates are protocol bytes, the initial state and whole-replica pulls state bytes, every other
+call (and the small requests and replies around the streams) control bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from protocols.config import PROTOCOL_VERSION
 from protocols.replica import Params, Replica
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
+from worker.traffic import Traffic
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,8 +53,7 @@ class CoordinatorClient:
         self.chunk_bytes, self.retry_for_s = chunk_bytes, retry_for_s
         self.run_id, self.worker_id, self.round = "", "", 0
         self.hostname = ""
-        self.bytes_sent = 0
-        self.bytes_received = 0
+        self.traffic = Traffic()
         self.last_state_hash = ""
         self._connect()
 
@@ -65,6 +67,14 @@ class CoordinatorClient:
 
     def close(self) -> None:
         self.channel.close()
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.traffic.sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.traffic.received
 
     def _envelope(self, round_: int | None = None) -> m.Envelope:
         r = self.round if round_ is None else round_
@@ -90,9 +100,9 @@ class CoordinatorClient:
 
     def _unary(self, method: Callable[..., Any], msg: Any, timeout: float = 60.0) -> Any:
         pb = serde.to_pb(msg)
-        self.bytes_sent += pb.ByteSize()
+        self.traffic.add("control", sent=pb.ByteSize())
         reply = method(pb, timeout=timeout)
-        self.bytes_received += reply.ByteSize()
+        self.traffic.add("control", received=reply.ByteSize())
         return serde.from_pb(reply)
 
     # ---- calls ---------------------------------------------------------------------------------
@@ -142,10 +152,11 @@ class CoordinatorClient:
         """The coordinator's whole replica, checked against its digest (`resync`: ours fell behind or differed)."""
 
         def once() -> Replica:
-            req = m.PullRequest(envelope=self._envelope(), resync=resync)
-            stream = self.stub.PullState(serde.to_pb(req), timeout=600.0)
+            req = serde.to_pb(m.PullRequest(envelope=self._envelope(), resync=resync))
+            self.traffic.add("control", sent=req.ByteSize())
+            stream = self.stub.PullState(req, timeout=600.0)
             # read_pull recomputes the digest of what arrived and refuses a mismatch.
-            header, entries = serde.read_pull(self._count_in(stream), max_total_bytes=1 << 40)
+            header, entries = serde.read_pull(self._count_in(stream, "state"), max_total_bytes=1 << 40)
             replica = Replica.from_tensors({name: dense_values(p) for name, p in entries.items()})
             self.round, self.last_state_hash = header.round, header.state_hash
             return replica
@@ -157,9 +168,10 @@ class CoordinatorClient:
         aggregate leaves out this worker's own update (`own_update`, what it pushed), which is put back."""
 
         def once() -> tuple[m.AggregateHeader, Aggregate]:
-            req = m.AggregateRequest(envelope=self._envelope(), round=round_)
-            stream = self.stub.PullAggregate(serde.to_pb(req), timeout=600.0)
-            return serde.read_aggregate(self._count_in(stream), 1 << 40, own_update)
+            req = serde.to_pb(m.AggregateRequest(envelope=self._envelope(), round=round_))
+            self.traffic.add("control", sent=req.ByteSize())
+            stream = self.stub.PullAggregate(req, timeout=600.0)
+            return serde.read_aggregate(self._count_in(stream, "protocol"), 1 << 40, own_update)
 
         return self._call(once)
 
@@ -198,20 +210,24 @@ class CoordinatorClient:
             metrics=dict(metrics),
         )
 
+        counted_as = "state" if kind is m.PushKind.INITIAL_STATE else "protocol"
+
         def once() -> m.PushReply:
-            stream = self._count_out(serde.push_stream(header, entries, self.chunk_bytes))
-            reply = serde.from_pb(self.stub.PushUpdate(stream, timeout=600.0))
+            stream = self._count_out(serde.push_stream(header, entries, self.chunk_bytes), counted_as)
+            pb_reply = self.stub.PushUpdate(stream, timeout=600.0)
+            self.traffic.add("control", received=pb_reply.ByteSize())
+            reply = serde.from_pb(pb_reply)
             assert isinstance(reply, m.PushReply)
             return reply
 
         return self._call(once)
 
-    def _count_out(self, msgs: Iterable[Any]) -> Iterator[Any]:
+    def _count_out(self, msgs: Iterable[Any], kind: str) -> Iterator[Any]:
         for msg in msgs:
-            self.bytes_sent += msg.ByteSize()
+            self.traffic.add(kind, sent=msg.ByteSize())
             yield msg
 
-    def _count_in(self, msgs: Iterable[Any]) -> Iterator[Any]:
+    def _count_in(self, msgs: Iterable[Any], kind: str) -> Iterator[Any]:
         for msg in msgs:
-            self.bytes_received += msg.ByteSize()
+            self.traffic.add(kind, received=msg.ByteSize())
             yield msg

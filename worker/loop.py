@@ -39,6 +39,8 @@ class WorkerResult:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_total: int = 0
+    # bytes_sent / bytes_received split into protocol, control and state traffic (worker/traffic.py)
+    traffic: dict[str, int] = field(default_factory=dict)
     stale_updates: int = 0  # updates that arrived after their round closed (not folded)
     resyncs: int = 0  # whole replicas pulled after the start
     state_hashes: list[str] = field(default_factory=list)  # the replica's digest after every round
@@ -291,6 +293,7 @@ class RoundLoop:
         r = self.result
         r.bytes_sent, r.bytes_received = self.transport.bytes_sent, self.transport.bytes_received
         r.bytes_total = r.bytes_sent + r.bytes_received
+        r.traffic = self.transport.traffic.as_dict()
         r.wall_s = time.monotonic() - self.session.started
         r.base_hash = self.session.base_digest()
         r.trainable_params = sum(t.numel() for t in self.session.params().values())

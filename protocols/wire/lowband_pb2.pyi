@@ -824,6 +824,171 @@ class RoundInfo(_message.Message):
 Global___RoundInfo: _TypeAlias = RoundInfo  # noqa: Y015
 
 @_typing.final
+class StatusRequest(_message.Message):
+    """Status: an operator asks where the run stands."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def envelope(self) -> Global___Envelope:
+        """token (checked when the run has one) and protocol_version; the other fields may be empty."""
+
+    def __init__(
+        self,
+        *,
+        envelope: Global___Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusRequest: _TypeAlias = StatusRequest  # noqa: Y015
+
+@_typing.final
+class StatusReply(_message.Message):
+    """Status: the run and each worker that ever joined it, as the coordinator sees them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PROTOCOL_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    ROUNDS_TOTAL_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run."""
+    name: _builtins.str
+    """The run's name (config `name`)."""
+    protocol: _builtins.str
+    """The protocol kind (e.g. "diloco")."""
+    phase: Global___Phase.ValueType
+    """The run phase."""
+    round: _builtins.int
+    """The coordinator's current round (= rounds closed so far)."""
+    rounds_total: _builtins.int
+    """Number of rounds the run will do."""
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkerStatus]:
+        """Every worker that joined, in join order."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        protocol: _builtins.str = ...,
+        phase: Global___Phase.ValueType = ...,
+        round: _builtins.int = ...,
+        rounds_total: _builtins.int = ...,
+        workers: _abc.Iterable[Global___WorkerStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "phase", b"phase", "protocol", b"protocol", "round", b"round", "rounds_total", b"rounds_total", "run_id", b"run_id", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusReply: _TypeAlias = StatusReply  # noqa: Y015
+
+@_typing.final
+class WorkerStatus(_message.Message):
+    """One worker in a StatusReply. Bytes are what crossed the coordinator's wire for this worker, split three ways:
+    protocol (updates up, aggregates down), control (joins, heartbeats, waits, leaves, pull requests, push replies)
+    and state (the one-time initial-state upload, whole-replica pulls). "sent" is worker -> coordinator.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    ALIVE_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
+    INNER_STEP_FIELD_NUMBER: _builtins.int
+    LOSS_FIELD_NUMBER: _builtins.int
+    EVAL_LOSS_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    TOKENS_PER_S_FIELD_NUMBER: _builtins.int
+    LINK_FIELD_NUMBER: _builtins.int
+    RESYNCS_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_S_FIELD_NUMBER: _builtins.int
+    PROTOCOL_SENT_FIELD_NUMBER: _builtins.int
+    PROTOCOL_RECEIVED_FIELD_NUMBER: _builtins.int
+    CONTROL_SENT_FIELD_NUMBER: _builtins.int
+    CONTROL_RECEIVED_FIELD_NUMBER: _builtins.int
+    STATE_SENT_FIELD_NUMBER: _builtins.int
+    STATE_RECEIVED_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
+    """The worker's id."""
+    hostname: _builtins.str
+    """Where it runs, as it said when it joined."""
+    alive: _builtins.bool
+    """False once its heartbeats stopped or it left."""
+    round: _builtins.int
+    """The round it trains for: one past the last round its update was folded in."""
+    inner_step: _builtins.int
+    """Inner optimizer steps taken, as of its latest heartbeat."""
+    loss: _builtins.float
+    """Latest training loss (NaN before the first)."""
+    eval_loss: _builtins.float
+    """Latest held-out loss (NaN before the first evaluation)."""
+    tokens: _builtins.int
+    """Tokens it trained on, summed over its folded updates."""
+    tokens_per_s: _builtins.float
+    """Its speed in its latest round: tokens / the round's wall seconds (NaN unknown)."""
+    link: _builtins.str
+    """The emulated link it reported (e.g. "10 Mbit/s, 50 ms"); empty when none."""
+    resyncs: _builtins.int
+    """Whole replicas pulled because its own fell behind or differed."""
+    last_seen_s: _builtins.float
+    """Seconds since the coordinator last heard from it."""
+    protocol_sent: _builtins.int
+    """Update bytes it pushed."""
+    protocol_received: _builtins.int
+    """Aggregate bytes it pulled."""
+    control_sent: _builtins.int
+    """Control request bytes it sent."""
+    control_received: _builtins.int
+    """Control reply bytes it received."""
+    state_sent: _builtins.int
+    """Initial-state bytes it pushed."""
+    state_received: _builtins.int
+    """Whole-replica bytes it pulled."""
+    def __init__(
+        self,
+        *,
+        worker_id: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        alive: _builtins.bool = ...,
+        round: _builtins.int = ...,
+        inner_step: _builtins.int = ...,
+        loss: _builtins.float = ...,
+        eval_loss: _builtins.float = ...,
+        tokens: _builtins.int = ...,
+        tokens_per_s: _builtins.float = ...,
+        link: _builtins.str = ...,
+        resyncs: _builtins.int = ...,
+        last_seen_s: _builtins.float = ...,
+        protocol_sent: _builtins.int = ...,
+        protocol_received: _builtins.int = ...,
+        control_sent: _builtins.int = ...,
+        control_received: _builtins.int = ...,
+        state_sent: _builtins.int = ...,
+        state_received: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "control_received", b"control_received", "control_sent", b"control_sent", "eval_loss", b"eval_loss", "hostname", b"hostname", "inner_step", b"inner_step", "last_seen_s", b"last_seen_s", "link", b"link", "loss", b"loss", "protocol_received", b"protocol_received", "protocol_sent", b"protocol_sent", "resyncs", b"resyncs", "round", b"round", "state_received", b"state_received", "state_sent", b"state_sent", "tokens", b"tokens", "tokens_per_s", b"tokens_per_s", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkerStatus: _TypeAlias = WorkerStatus  # noqa: Y015
+
+@_typing.final
 class Scalar(_message.Message):
     """A scalar of a payload's metadata (chunk size, k, seed, bits, ...); exactly one value is set."""
 

@@ -75,6 +75,11 @@ class CoordinatorStub:
                 request_serializer=protocols_dot_wire_dot_lowband__pb2.AttestRequest.SerializeToString,
                 response_deserializer=protocols_dot_wire_dot_lowband__pb2.AttestReply.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/lowband.v1.Coordinator/Status',
+                request_serializer=protocols_dot_wire_dot_lowband__pb2.StatusRequest.SerializeToString,
+                response_deserializer=protocols_dot_wire_dot_lowband__pb2.StatusReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -142,6 +147,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Where the run stands, for an operator (`lowband status HOST:PORT`): the phase, the round and every worker's
+        progress and traffic. The caller is no worker (envelope.worker_id is empty); it presents the run's token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +197,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.AttestBase,
                     request_deserializer=protocols_dot_wire_dot_lowband__pb2.AttestRequest.FromString,
                     response_serializer=protocols_dot_wire_dot_lowband__pb2.AttestReply.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=protocols_dot_wire_dot_lowband__pb2.StatusRequest.FromString,
+                    response_serializer=protocols_dot_wire_dot_lowband__pb2.StatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +421,33 @@ class Coordinator:
             '/lowband.v1.Coordinator/AttestBase',
             protocols_dot_wire_dot_lowband__pb2.AttestRequest.SerializeToString,
             protocols_dot_wire_dot_lowband__pb2.AttestReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lowband.v1.Coordinator/Status',
+            protocols_dot_wire_dot_lowband__pb2.StatusRequest.SerializeToString,
+            protocols_dot_wire_dot_lowband__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,

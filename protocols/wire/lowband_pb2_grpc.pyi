@@ -73,6 +73,10 @@ class CoordinatorStub:
     digest stated is the run's, a different one is refused (FAILED_PRECONDITION). Workers whose every weight
     trains have no base and skip it.
     """
+    Status: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.StatusRequest, _lowband_pb2.StatusReply]
+    """Where the run stands, for an operator (`lowband status HOST:PORT`): the phase, the round and every worker's
+    progress and traffic. The caller is no worker (envelope.worker_id is empty); it presents the run's token.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -103,6 +107,10 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """A worker that trains adapters over frozen base weights states their digest before it takes part: the first
     digest stated is the run's, a different one is refused (FAILED_PRECONDITION). Workers whose every weight
     trains have no base and skip it.
+    """
+    Status: _aio.UnaryUnaryMultiCallable[_lowband_pb2.StatusRequest, _lowband_pb2.StatusReply]  # type: ignore[assignment]
+    """Where the run stands, for an operator (`lowband status HOST:PORT`): the phase, the round and every worker's
+    progress and traffic. The caller is no worker (envelope.worker_id is empty); it presents the run's token.
     """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
@@ -179,6 +187,16 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         """A worker that trains adapters over frozen base weights states their digest before it takes part: the first
         digest stated is the run's, a different one is refused (FAILED_PRECONDITION). Workers whose every weight
         trains have no base and skip it.
+        """
+
+    @_abc_1.abstractmethod
+    def Status(
+        self,
+        request: _lowband_pb2.StatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lowband_pb2.StatusReply, _abc.Awaitable[_lowband_pb2.StatusReply]]:
+        """Where the run stands, for an operator (`lowband status HOST:PORT`): the phase, the round and every worker's
+        progress and traffic. The caller is no worker (envelope.worker_id is empty); it presents the run's token.
         """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

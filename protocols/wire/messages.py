@@ -194,6 +194,49 @@ class RoundInfo:
     rounds_total: int
 
 
+@dataclass(frozen=True)
+class StatusRequest:
+    """An operator asks where the run stands (no worker: envelope.worker_id is empty)."""
+
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker as the coordinator sees it (see `WorkerStatus` in lowband.proto): bytes split into protocol,
+    control and state traffic, "sent" meaning worker -> coordinator."""
+
+    worker_id: str
+    hostname: str = ""
+    alive: bool = False
+    round: int = 0
+    inner_step: int = 0
+    loss: float = float("nan")  # NaN: none yet
+    eval_loss: float = float("nan")  # NaN: none yet
+    tokens: int = 0
+    tokens_per_s: float = float("nan")  # NaN: unknown
+    link: str = ""  # empty: the worker reported no emulated link
+    resyncs: int = 0
+    last_seen_s: float = 0.0
+    protocol_sent: int = 0
+    protocol_received: int = 0
+    control_sent: int = 0
+    control_received: int = 0
+    state_sent: int = 0
+    state_received: int = 0
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    run_id: str
+    name: str
+    protocol: str
+    phase: Phase
+    round: int
+    rounds_total: int
+    workers: tuple[WorkerStatus, ...] = ()
+
+
 # ---- gossip: the Rendezvous and Peer services -----------------------------------------------------
 
 
@@ -280,6 +323,9 @@ Message = (
     | PushReply
     | WaitRequest
     | RoundInfo
+    | StatusRequest
+    | WorkerStatus
+    | StatusReply
     | EnrollRequest
     | EnrollReply
     | RosterRequest

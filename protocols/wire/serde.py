@@ -69,7 +69,7 @@ __all__ = [
 _MESSAGE_TYPES: tuple[type, ...] = (
     m.Envelope, m.JoinRequest, m.JoinReply, m.HeartbeatRequest, m.HeartbeatReply, m.LeaveRequest,
     m.LeaveReply, m.AttestRequest, m.AttestReply, m.PullRequest, m.StateHeader, m.PushHeader, m.PushReply,
-    m.WaitRequest, m.RoundInfo,
+    m.WaitRequest, m.RoundInfo, m.StatusRequest, m.WorkerStatus, m.StatusReply,
     m.AggregateRequest, m.AggregateHeader, m.EnrollRequest, m.EnrollReply, m.RosterRequest, m.RosterReply,
     m.ReportRequest, m.ReportReply, m.PeerHeader, m.PeerAck,
 )  # fmt: skip
@@ -104,6 +104,8 @@ def to_pb(msg: m.Message) -> Any:
                 setattr(out, f.name, _ENUMS[type(value)][value])
             elif isinstance(value, dict):
                 getattr(out, f.name).update(value)
+            elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+                getattr(out, f.name).extend(to_pb(item) for item in value)  # repeated message
             elif isinstance(value, tuple):
                 getattr(out, f.name).extend(value)
             else:
@@ -146,6 +148,8 @@ def from_pb(message: Any, expected: type[Any] | None = None) -> Any:
                 bad = {k: v for k, v in values[f.name].items() if not math.isfinite(v)}
                 if bad:
                     raise WireError(f"{where} must be finite, got {bad}")
+        elif cls is m.StatusReply and f.name == "workers":
+            values[f.name] = tuple(from_pb(w, m.WorkerStatus) for w in message.workers)
         elif f.name == "addresses":
             values[f.name] = dict(message.addresses)
         elif f.name == "relayed_weights":

@@ -28,9 +28,11 @@ def test_lowband_run_through_ray_writes_every_file(tmp_path: Path) -> None:
     recipe = write_recipe(cfg, tmp_path / "raytiny.yaml")
     done = _lowband_run(recipe)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    # Its output is not a terminal: progress comes as plain lines, the first at round 0 of 2.
+    # Its output is not a terminal: progress comes as one plain line a closed round, as the coordinator prints.
     progress = [line for line in done.stdout.splitlines() if line.startswith("round ")]
-    assert progress and progress[0].startswith("round 0/2") and "workers alive" in progress[0], done.stdout[-3000:]
+    assert [line.split(" closed")[0] for line in progress] == ["round 1/2", "round 2/2"], done.stdout[-3000:]
+    assert all("2 workers" in line and "eval loss" in line for line in progress)
+    assert "lowband status 127.0.0.1:" in done.stdout  # where to ask for the live view
 
     run_dir = tmp_path / "runs" / "raytiny"
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "checkpoint.pt"):
@@ -54,6 +56,13 @@ def test_lowband_run_through_ray_writes_every_file(tmp_path: Path) -> None:
         assert r["bytes_total_per_worker"] == r["bytes_sent_per_worker"] + r["bytes_received_per_worker"]
         assert r["bytes_sent_per_worker"] > 0
     assert "final results" in done.stdout and "eval loss" in done.stdout
+    # The final table's bytes are split by kind and the split adds up to the totals.
+    assert "protocol bytes" in done.stdout and "initial state" in done.stdout
+    split = summary["traffic_per_worker"]
+    assert split["protocol_sent"] > 0 and split["control_sent"] > 0 and split["state_sent"] > 0
+    assert sum(split[f"{k}_sent"] for k in ("protocol", "control", "state")) == pytest.approx(sent)
+    assert sum(split[f"{k}_received"] for k in ("protocol", "control", "state")) == pytest.approx(received)
+    assert list(run_dir.glob("events.out.tfevents.*")), "no TensorBoard scalars in the run directory"
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -99,6 +108,7 @@ def test_lowband_run_compare_ddp_runs_both_on_the_same_budget(tmp_path: Path) ->
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "loss.png", "checkpoint.pt"):
         assert (tmp_path / "runs" / "cmp-ddp" / name).stat().st_size > 0, name
     assert "cmp-ddp" in done.stdout and "ddp" in done.stdout
+    assert (tmp_path / "runs" / "cmp" / "compare.png").stat().st_size > 0  # both runs in one plot
 
 
 # A driver on a 1-CPU Ray cluster that cannot fit 2 workers of 2 CPUs each.

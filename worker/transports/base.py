@@ -16,6 +16,7 @@ from typing import Generic, TypeVar
 
 from protocols.base import Aggregate, Update
 from protocols.replica import Params, Replica
+from worker.traffic import Traffic
 
 T = TypeVar("T")
 
@@ -85,6 +86,12 @@ class Transport(ABC):
     @property
     def bytes_received(self) -> int:
         return self._received
+
+    @property
+    def traffic(self) -> Traffic:
+        """The bytes split by kind (worker/traffic.py). A transport that does not tell them apart moves only the
+        round's exchange: all of it counts as protocol bytes."""
+        return Traffic(protocol_sent=self.bytes_sent, protocol_received=self.bytes_received)
 
     @abstractmethod
     def start(self, params: Params, base_digest: str = "") -> Replica:

@@ -17,6 +17,7 @@ from protocols.base import Aggregate, Update
 from protocols.replica import Params, Replica
 from protocols.wire.messages import JoinReply
 from worker.client import CoordinatorClient, EarlyRound, StaleRound
+from worker.traffic import Traffic
 from worker.transports.star import PushOutcome, StarTransport
 
 
@@ -52,6 +53,10 @@ class GrpcTransport(StarTransport):
     @property
     def bytes_received(self) -> int:
         return self.client.bytes_received
+
+    @property
+    def traffic(self) -> Traffic:
+        return self.client.traffic
 
     def _offer(self, params: Params) -> Replica | None:
         if not self.joined.has_global_state and self.client.offer_state(params):

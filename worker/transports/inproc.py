@@ -14,6 +14,7 @@ from protocols.base import Aggregate, Update
 from protocols.config import PROTOCOL_VERSION
 from protocols.refusals import Rejected, is_early, is_stale
 from protocols.replica import Params, Replica
+from worker.traffic import Traffic
 from worker.transports.star import PushOutcome, StarTransport
 
 # How long one wait on the state machine lasts before it is asked again (the run may have finished).
@@ -35,7 +36,7 @@ class RoundService(Protocol):
                wire_bytes: int) -> int: ...  # fmt: skip
     def aggregate_for(self, worker_id: str, token: str, round_: int) -> tuple[Aggregate, str, int | None]: ...
     def snapshot(self, worker_id: str, token: str, resync: bool = False) -> Any: ...
-    def count_download(self, worker_id: str, nbytes: int) -> None: ...
+    def count_download(self, worker_id: str, nbytes: int, kind: str = "protocol") -> None: ...
     def heartbeat(self, worker_id: str, token: str, step: int, loss: float | None,
                   eval_loss: float | None) -> None: ...  # fmt: skip
     def leave(self, worker_id: str, token: str) -> None: ...
@@ -47,7 +48,7 @@ class InprocTransport(StarTransport):
         self.state, self.token = service, token
         member = self.state.join("inproc", self.token, PROTOCOL_VERSION, name)
         self.worker_id, self.index = member.worker_id, member.index
-        self._sent = self._received = 0
+        self._traffic = Traffic()
         super().__init__(f"lowband-inproc-{self.worker_id}")
 
     def _offer(self, params: Params) -> Replica | None:
@@ -55,7 +56,7 @@ class InprocTransport(StarTransport):
             return None
         offered = {n: dense(t) for n, t in params.items()}
         nbytes = sum(p.nbytes() for p in offered.values())
-        self._sent += nbytes
+        self._traffic.add("state", sent=nbytes)
         self.state.offer_initial_state(self.worker_id, self.token, offered, nbytes)
         return Replica(self.state.round, {n: t.clone() for n, t in params.items()})
 
@@ -71,9 +72,9 @@ class InprocTransport(StarTransport):
                 return "early"
             if not is_stale(err):
                 raise
-            self._sent += update.nbytes()
+            self._traffic.add("protocol", sent=update.nbytes())
             return "stale"
-        self._sent += update.nbytes()
+        self._traffic.add("protocol", sent=update.nbytes())
         return "accepted"
 
     def _aggregate(self, round_: int, own: Update | None) -> tuple[Aggregate, str] | None:
@@ -81,7 +82,7 @@ class InprocTransport(StarTransport):
             aggregate, state_hash, _ = self.state.aggregate_for(self.worker_id, self.token, round_)
         except Rejected:
             return None
-        self._received += aggregate.nbytes()
+        self._traffic.add("protocol", received=aggregate.nbytes())
         self.state.count_download(self.worker_id, aggregate.nbytes())
         return aggregate, state_hash
 
@@ -91,9 +92,22 @@ class InprocTransport(StarTransport):
     def _pull(self, resync: bool) -> Replica:
         replica = self.state.snapshot(self.worker_id, self.token, resync).replica
         nbytes = sum(t.numel() * t.element_size() for t in replica.to_tensors().values())
-        self._received += nbytes
-        self.state.count_download(self.worker_id, nbytes)
+        self._traffic.add("state", received=nbytes)
+        self.state.count_download(self.worker_id, nbytes, "state")
         return replica
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._traffic.sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self._traffic.received
+
+    @property
+    def traffic(self) -> Traffic:
+        """No control calls cross a wire in process: protocol and state bytes only."""
+        return self._traffic
 
     def report(self, step: int, loss: float | None, eval_loss: float | None) -> None:
         self.state.heartbeat(self.worker_id, self.token, step, loss, eval_loss)

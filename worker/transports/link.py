@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from protocols.base import Update
 from protocols.config import RunConfig
 from protocols.replica import Params, Replica
+from worker.traffic import Traffic
 from worker.transports.base import Handle, RoundResult, RoundStatus, Transport
 
 
@@ -76,6 +77,11 @@ class TokenBucket:
             return self._free_at
 
 
+# The metrics an update through a `Link` carries, so the aggregator can tell which link a worker is on.
+LINK_BANDWIDTH_METRIC = "link_bandwidth_mbps"
+LINK_LATENCY_METRIC = "link_latency_ms"
+
+
 class Link(Transport):
     """`transport` seen through `model`: see the module docstring."""
 
@@ -105,6 +111,10 @@ class Link(Transport):
     @property
     def bytes_received(self) -> int:
         return self.inner.bytes_received
+
+    @property
+    def traffic(self) -> Traffic:
+        return self.inner.traffic
 
     def _hold(self, sent: int, received: int) -> None:
         """Wait until `sent` bytes up and `received` bytes down would have crossed the link."""
@@ -136,7 +146,10 @@ class Link(Transport):
 
     def exchange(self, round_: int, update: Update, metrics: dict[str, float]) -> Handle[RoundResult]:
         """The update's payload crosses the uplink before the aggregator sees it; what else moved (headers,
-        polls) and the aggregate coming down are held for after."""
+        polls) and the aggregate coming down are held for after. The metrics name the link (the coordinator's
+        status view shows it)."""
+        metrics = {**metrics, LINK_BANDWIDTH_METRIC: self.model.bandwidth_mbps,
+                   LINK_LATENCY_METRIC: self.model.latency_ms}
 
         def delayed() -> RoundResult:
             sent, received = self.inner.bytes_sent, self.inner.bytes_received
