@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from coordinator.run import CoordinatorRun
-from coordinator.servicer import CoordinatorServicer
+from coordinator.servicer import CallLimits, CoordinatorServicer
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc
 from protocols.wire.messages import GRPC_OPTIONS
@@ -32,8 +32,9 @@ class CoordinatorServer(CoordinatorRun):
         tls: tuple[bytes, bytes] | None = None,
     ) -> None:
         super().__init__(cfg, run_dir, resume)
-        threads = 4 * cfg.cluster.workers + 8  # every worker may hold one long-poll plus a stream
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=GRPC_OPTIONS)
+        limits = CallLimits.of(cfg)  # room for every bounded long call plus the quick ones (coordinator/servicer.py)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=GRPC_OPTIONS,
+                                  maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
         lowband_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.state), self.server)
         if tls is not None:
             creds = grpc.ssl_server_credentials([(tls[1], tls[0])])  # (private key, certificate chain)

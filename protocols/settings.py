@@ -321,6 +321,12 @@ class ClusterConfig(_Strict):
     # instead of waiting forever on a cluster that cannot fit them.
     actor_start_timeout_s: PositiveFloat = 120.0
     token: str = ""  # shared secret workers must present; empty = none
+    # An update holding a value above max_update_ratio x the largest |parameter| (at least 1) is refused
+    # (protocols/check.py DEFAULT_MAX_UPDATE_RATIO: honest updates stay within a few x).
+    max_update_ratio: PositiveFloat = 100.0
+    # Server-side stream deadline: a push stream that sends nothing for this long (its header included) is
+    # ended with DEADLINE_EXCEEDED, so a stalled client holds no coordinator thread for longer.
+    stream_idle_s: PositiveFloat = 30.0
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> ClusterConfig:
