@@ -45,8 +45,11 @@ class CoordinatorClient:
         tls_ca: bytes | None = None,
         chunk_bytes: int = m.DEFAULT_CHUNK_BYTES,
         retry_for_s: float = 60.0,
+        tls_client: tuple[bytes, bytes] | None = None,
     ) -> None:
-        self.address, self.token, self.tls_ca = address, token, tls_ca
+        # tls_client: (certificate chain, private key) this worker shows a coordinator that requires client
+        # certificates (mutual TLS); only with tls_ca.
+        self.address, self.token, self.tls_ca, self.tls_client = address, token, tls_ca, tls_client
         self.chunk_bytes, self.retry_for_s = chunk_bytes, retry_for_s
         self.run_id, self.worker_id, self.round = "", "", 0
         self.hostname = ""
@@ -57,7 +60,8 @@ class CoordinatorClient:
 
     def _connect(self) -> None:
         if self.tls_ca is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=self.tls_ca)
+            cert, key = self.tls_client or (None, None)
+            creds = grpc.ssl_channel_credentials(root_certificates=self.tls_ca, private_key=key, certificate_chain=cert)
             self.channel = grpc.secure_channel(self.address, creds, options=m.GRPC_OPTIONS)
         else:
             self.channel = grpc.insecure_channel(self.address, options=m.GRPC_OPTIONS)

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import grpc
 
 from protocols.refusals import Code, Rejected
-from protocols.wire.messages import WireError, WireTooLarge
+from protocols.wire.messages import GRPC_OPTIONS, WireError, WireTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,17 @@ STATUS = {
     Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+# Servers add to the shared message-size options: no SO_REUSEPORT, so a second server on a port in use fails
+# to bind instead of silently sharing it.
+SERVER_OPTIONS: list[tuple[str, int]] = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+
+
+def server_credentials(cert_chain: bytes, private_key: bytes, client_ca: bytes | None = None) -> grpc.ServerCredentials:
+    """TLS for a server; with `client_ca`, mutual TLS: a client must show a certificate that CA signed."""
+    return grpc.ssl_server_credentials([(private_key, cert_chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
 def refusal_status(err: Exception) -> tuple[grpc.StatusCode, str]:
