@@ -1,0 +1,77 @@
+"""Issue 12: no client can hold the coordinator. Twenty push streams that stall (opened, nothing sent) must
+not starve members' heartbeats: past the push slots they are refused at once with RESOURCE_EXHAUSTED, and
+the ones holding a slot are ended with DEADLINE_EXCEEDED once they idle past `cluster.stream_idle_s`
+(the header: past min(idle, HEADER_WAIT_S)), as is a member's push that sends its header and stalls."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from coordinator.servicer import CallLimits
+from protocols.wire import lowband_pb2 as pb
+from protocols.wire import lowband_pb2_grpc
+from protocols.wire import messages as m
+from tests.integration.hostile import envelope, fingerprint, good_entries, header, running
+from tests.integration.procs import wait_for
+
+STALLED = 20
+
+
+def _stalled(release: threading.Event, first: pb.PushMessage | None = None) -> Iterator[pb.PushMessage]:
+    if first is not None:
+        yield first
+    release.wait(120)  # hang guard: the test releases it
+
+
+def _code(future: Any) -> grpc.StatusCode:
+    try:
+        future.result(timeout=0)
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def test_twenty_stalled_push_streams_do_not_starve_heartbeats() -> None:
+    release = threading.Event()
+    with running(stream_idle_s=600.0) as (server, (first, second)), \
+            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        stub = lowband_pb2_grpc.CoordinatorStub(channel)
+        slots = CallLimits.of(server.state.cfg).pushes
+        futures = [stub.PushUpdate.future(_stalled(release), timeout=300) for _ in range(STALLED)]
+        try:
+            wait_for(lambda: sum(f.done() for f in futures) >= STALLED - slots, 60, "the refused streams")
+            codes = [_code(f) for f in futures if f.done()]
+            assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (STALLED - slots)
+            assert sum(not f.done() for f in futures) == slots  # these hold every push slot, stalled
+            for _ in range(5):  # members are served while the stalled streams are open
+                assert first.heartbeat(1, 2.5, None).round == 0
+                assert second.heartbeat(1, 2.5, None).round == 0
+            assert first.wait_round(-1, max_wait_s=1).round == 0
+            assert sum(not f.done() for f in futures) == slots
+        finally:
+            release.set()
+            for future in futures:
+                future.cancel()
+
+
+def test_a_stalled_stream_is_ended_by_the_servers_idle_deadline() -> None:
+    release = threading.Event()
+    with running(stream_idle_s=1.0) as (server, (first, _)), \
+            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        stub = lowband_pb2_grpc.CoordinatorStub(channel)
+        before = fingerprint(server)
+        member_header = header(envelope(first.worker_id, run_id=first.run_id), good_entries())
+        try:
+            for first_message in (None, member_header):  # nothing at all; a member's header, then nothing
+                future = stub.PushUpdate.future(_stalled(release, first_message), timeout=300)
+                wait_for(future.done, 120, "the server to end the stalled stream")
+                assert _code(future) == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "sent nothing for 1 s" in (future.exception().details() or "")
+        finally:
+            release.set()
+        assert fingerprint(server) == before
+        assert first.heartbeat(1, 2.5, None).round == 0  # the coordinator kept serving
