@@ -404,7 +404,10 @@ def runtime_error_line(err: Exception, args: argparse.Namespace) -> str:
         return (f"cannot listen on {where}: the port is in use, or the address is not one of this machine's "
                 "(--bind HOST:PORT; port 0 picks a free one)")
     if isinstance(err, (pickle.UnpicklingError, EOFError)) or "PytorchStreamReader" in text or "zip archive" in text:
-        return f"a checkpoint is corrupt, truncated or not a lowband checkpoint ({type(err).__name__}: {text})"
+        named = [str(v) for k in ("resume", "run_dir", "init_from") if (v := getattr(args, k, None))]
+        which = f" ({' / '.join(named)})" if named else ""
+        return (f"the checkpoint{which} is corrupt, truncated or not a lowband checkpoint "
+                f"({type(err).__name__}: {text})")
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.filename}: {err.strerror or text}"
     return f"{type(err).__name__}: {text} (run with -v for the traceback)"

@@ -26,10 +26,10 @@ TOKEN = "s3cret"
 
 
 @contextmanager
-def running(tls: Any = None, **cluster: Any) -> Iterator[tuple[CoordinatorServer, list[CoordinatorClient]]]:
-    """A 2-worker DiLoCo coordinator (dense uplink), both workers joined and round 0 open; with `tls`, the
-    server's TLS material and no clients (the test makes its own)."""
-    cfg = tiny_config(protocol={"kind": "diloco", "inner_steps": 5},
+def running(tls: Any = None, protocol: dict[str, Any] | None = None, **cluster: Any) -> Iterator[tuple[CoordinatorServer, list[CoordinatorClient]]]:
+    """A 2-worker DiLoCo coordinator (dense uplink unless `protocol` says), both workers joined and round 0
+    open; with `tls`, the server's TLS material and no clients (the test makes its own)."""
+    cfg = tiny_config(protocol=protocol or {"kind": "diloco", "inner_steps": 5},
                       cluster={"workers": 2, "token": TOKEN, "heartbeat_interval_s": 0.5, **cluster})
     server = CoordinatorServer(cfg, tls=tls).start()
     clients: list[CoordinatorClient] = []
