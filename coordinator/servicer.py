@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import grpc
@@ -131,10 +131,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
                 total_bytes=sum(p.nbytes() for p in entries.values()),
                 state_hash=snap.state_hash,
             )
-            sent = 0
-            for msg in serde.pull_stream(header, entries, self.chunk_bytes):
-                sent += msg.ByteSize()
-                yield msg
+            sent = yield from self._send(serde.pull_stream(header, entries, self.chunk_bytes), context)
         self.state.count_download(req.envelope.worker_id, sent)
 
     @answered_stream
@@ -153,11 +150,19 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
                 relayed_weights=weights,
                 own_slot=0 if own is None else own + 1,
             )
-            sent = 0
-            for msg in serde.aggregate_stream(header, entries, self.chunk_bytes):
-                sent += msg.ByteSize()
-                yield msg
+            sent = yield from self._send(serde.aggregate_stream(header, entries, self.chunk_bytes), context)
         self.state.count_download(req.envelope.worker_id, sent)
+
+    def _send(self, messages: Iterator[Any], context: grpc.ServicerContext) -> Generator[Any, None, int]:
+        """Yield a response stream under the watchdog (a client that stops reading is ended after the idle
+        limit, freeing its thread); returns the bytes sent."""
+        sent = 0
+        with self.watchdog.guard(iter(()), context, self.idle_s) as stream:
+            for msg in messages:
+                sent += msg.ByteSize()
+                with stream.waiting():
+                    yield msg
+        return sent
 
     @answered
     def WaitRound(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -169,13 +169,21 @@ class GuardedStream:
         return self
 
     def __next__(self) -> Any:
+        with self.waiting():
+            try:
+                return next(self.inner)
+            except grpc.RpcError:
+                if self.ended_by is not None:
+                    raise Rejected(Code.DEADLINE_EXCEEDED, self.ended_by) from None
+                raise
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Time inside counts as the client's: a read of its next message, or (a response stream) the
+        client taking the message just yielded."""
         self.waiting_since = time.monotonic()
         try:
-            return next(self.inner)
-        except grpc.RpcError:
-            if self.ended_by is not None:
-                raise Rejected(Code.DEADLINE_EXCEEDED, self.ended_by) from None
-            raise
+            yield
         finally:
             self.waiting_since = None
 

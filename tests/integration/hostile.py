@@ -26,7 +26,8 @@ TOKEN = "s3cret"
 
 
 @contextmanager
-def running(tls: Any = None, protocol: dict[str, Any] | None = None, **cluster: Any) -> Iterator[tuple[CoordinatorServer, list[CoordinatorClient]]]:
+def running(tls: Any = None, protocol: dict[str, Any] | None = None,
+            **cluster: Any) -> Iterator[tuple[CoordinatorServer, list[CoordinatorClient]]]:
     """A 2-worker DiLoCo coordinator (dense uplink unless `protocol` says), both workers joined and round 0
     open; with `tls`, the server's TLS material and no clients (the test makes its own)."""
     cfg = tiny_config(protocol=protocol or {"kind": "diloco", "inner_steps": 5},
@@ -81,8 +82,11 @@ def good_entries() -> dict[str, Payload]:
     return {name: dense(t) for name, t in UPDATE.items()}
 
 
-def push(address: str, messages: Iterable[pb.PushMessage], timeout: float = 30) -> Any:
-    with grpc.insecure_channel(address, options=m.GRPC_OPTIONS) as channel:
+def push(address: str, messages: Iterable[pb.PushMessage], timeout: float = 30,
+         max_send: int = m.MAX_MESSAGE_BYTES) -> Any:
+    """One raw push; `max_send` raises the client's own send limit (to reach the server's)."""
+    options = [("grpc.max_send_message_length", max_send), ("grpc.max_receive_message_length", m.MAX_MESSAGE_BYTES)]
+    with grpc.insecure_channel(address, options=options) as channel:
         return lowband_pb2_grpc.CoordinatorStub(channel).PushUpdate(iter(messages), timeout=timeout)
 
 

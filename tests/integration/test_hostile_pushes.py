@@ -125,3 +125,20 @@ def test_an_initial_state_with_a_hostile_shape_is_refused_and_an_honest_one_then
     finally:
         member.close()
         server.stop(0)
+
+
+@pytest.mark.parametrize(("megabytes", "text"), [(5, "a chunk of 5242880 bytes, over the limit of 4194304"),
+                                                (17, "Received message larger than max")])
+def test_an_oversized_message_is_resource_exhausted(megabytes: int, text: str) -> None:
+    """Per message: a chunk past MAX_CHUNK_BYTES is refused by the coordinator, a message past
+    MAX_MESSAGE_BYTES by gRPC itself; both with RESOURCE_EXHAUSTED (it used to be INVALID_ARGUMENT)."""
+    with running() as (server, (first, _)):
+        before = fingerprint(server)
+        entries = good_entries()
+        messages = [header(envelope(first.worker_id, run_id=first.run_id), entries), *chunks(entries)]
+        messages[1].chunk.data = bytes(megabytes << 20)
+        with pytest.raises(grpc.RpcError) as info:
+            push(server.address, messages, max_send=64 << 20)
+        assert info.value.code() == EXHAUSTED, info.value.details()
+        assert text in (info.value.details() or ""), info.value.details()
+        assert fingerprint(server) == before

@@ -1,7 +1,8 @@
 """Issue 12: no client can hold the coordinator. Twenty push streams that stall (opened, nothing sent) must
 not starve members' heartbeats: past the push slots they are refused at once with RESOURCE_EXHAUSTED, and
 the ones holding a slot are ended with DEADLINE_EXCEEDED once they idle past `cluster.stream_idle_s`
-(the header: past min(idle, HEADER_WAIT_S)), as is a member's push that sends its header and stalls."""
+(the header: past min(idle, HEADER_WAIT_S)), as is a member's push that sends its header and stalls, and a
+pull whose client stops reading."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import pytest
+import torch
 
+from coordinator.server import CoordinatorServer
 from coordinator.servicer import CallLimits
 from protocols.wire import lowband_pb2 as pb
-from protocols.wire import lowband_pb2_grpc
+from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
-from tests.integration.hostile import envelope, fingerprint, good_entries, header, running
+from tests.conftest import tiny_config
+from tests.integration.hostile import TOKEN, envelope, fingerprint, good_entries, header, running
 from tests.integration.procs import wait_for
+from worker.client import CoordinatorClient
 
 STALLED = 20
 
@@ -75,3 +81,31 @@ def test_a_stalled_stream_is_ended_by_the_servers_idle_deadline() -> None:
             release.set()
         assert fingerprint(server) == before
         assert first.heartbeat(1, 2.5, None).round == 0  # the coordinator kept serving
+
+
+def test_a_member_that_stops_reading_its_pull_is_ended_by_the_idle_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    """A PullState whose client takes one message and then stops reading (flow control then blocks the
+    server's send) is ended after the idle limit, so the pull slot and its thread come back."""
+    cfg = tiny_config(protocol={"kind": "diloco", "inner_steps": 5},
+                      cluster={"workers": 1, "token": TOKEN, "stream_idle_s": 1.0})
+    server = CoordinatorServer(cfg).start()
+    member = CoordinatorClient(server.address, token=TOKEN)
+    try:
+        member.join("test")
+        member.offer_state({"w": torch.zeros(4 << 20)})  # 16 MiB: far more than the flow-control windows hold
+        with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+            env = envelope(member.worker_id, run_id=member.run_id)
+            call = lowband_pb2_grpc.CoordinatorStub(channel).PullState(
+                serde.to_pb(m.PullRequest(envelope=env)), timeout=300)
+            assert next(call).WhichOneof("body") == "header"
+            wait_for(lambda: any("ending a stream" in r.getMessage() for r in caplog.records), 120,
+                     "the server to end the stalled pull")
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in call:  # what was in flight still arrives, then the status; never the whole state
+                    pass
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+            assert "sent nothing for 1 s" in (info.value.details() or "")
+        assert member.pull().params["w"].numel() == 4 << 20  # a reading member still pulls it whole
+    finally:
+        member.close()
+        server.stop(0)
