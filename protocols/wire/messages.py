@@ -30,7 +30,7 @@ MAX_CHUNK_BYTES = 4 << 20
 # (rounds, steps, bytes, tokens) stay exact in a float64; strings other than the run config are short.
 MAX_WIRE_INT = 1 << 53
 MAX_WIRE_STRING = 4096
-MAX_METRICS = 64
+MAX_METRICS = 1024
 # Bounds on what a tensor stream may declare (tensor_chunks.py): entries per stream, dimensions per shape
 # and elements per tensor.
 MAX_ENTRIES = 1 << 20

@@ -148,8 +148,8 @@ def from_pb(message: Any, expected: type[Any] | None = None) -> Any:
             values[f.name] = _ENUMS_FROM_PB[enum_cls][raw]
         elif f.name == "metrics":
             values[f.name] = dict(message.metrics)
-            if len(values[f.name]) > MAX_METRICS or any(len(k) > 64 for k in values[f.name]):
-                raise WireError(f"{where}: at most {MAX_METRICS} metrics, named in at most 64 characters")
+            if len(values[f.name]) > MAX_METRICS or any(len(k) > 256 for k in values[f.name]):
+                raise WireError(f"{where}: at most {MAX_METRICS} metrics, named in at most 256 characters")
             if cls is m.ReportRequest:  # a push's metrics are judged by the state machine; a report's only here
                 bad = {k: v for k, v in values[f.name].items() if not math.isfinite(v)}
                 if bad:

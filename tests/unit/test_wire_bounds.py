@@ -70,7 +70,8 @@ def _envelope(**fields: object) -> pb.Envelope:
     (pb.JoinRequest(envelope=_envelope(), hostname="h" * 5000), "hostname is 5000 characters long"),
     (pb.JoinRequest(envelope=_envelope(token="t" * 5000)), "token is 5000 characters long"),
     (pb.PushHeader(envelope=_envelope(), kind=pb.PUSH_KIND_UPDATE, weight=1.0,
-                   metrics={f"k{i}": 1.0 for i in range(65)}), "at most 64 metrics"),
+                   metrics={f"k{i}": 1.0 for i in range(1025)}), "at most 1024 metrics"),
+    (pb.ReportRequest(envelope=_envelope(), metrics={"k" * 257: 1.0}), "named in at most 256 characters"),
     (pb.WaitRequest(envelope=_envelope(), after_round=-5), "after_round = -5 is out of range"),
 ])
 def test_counts_and_strings_from_the_wire_are_bounded(message: object, text: str) -> None:
