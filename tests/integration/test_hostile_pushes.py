@@ -142,3 +142,10 @@ def test_an_oversized_message_is_resource_exhausted(megabytes: int, text: str) -
         assert info.value.code() == EXHAUSTED, info.value.details()
         assert text in (info.value.details() or ""), info.value.details()
         assert fingerprint(server) == before
+
+
+def test_the_magnitude_bound_follows_cluster_max_update_ratio() -> None:
+    with running(max_update_ratio=1e5) as (server, (first, second)):
+        for member in (first, second):  # -1e4 is refused at the default ratio (above), folded at 1e5
+            push(server.address, _with(_huge(-1e4))(envelope(member.worker_id, run_id=member.run_id)))
+        assert first.wait_round(0).round == 1
