@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrupt-replica-at-round", type=int, default=-1, metavar="R",
                    help="flip one parameter of the replica after round R (fault injection: the worker must resync)")
     p.add_argument("--result-json", default=None, help="write this worker's result (rounds, bytes, hashes) here")
-    p.add_argument("--peer-bind", default="127.0.0.1:0",
+    p.add_argument("--peer-bind", default="127.0.0.1:0", type=bind_address,
                    help="gossip runs: HOST:PORT this worker's Peer service listens on (port 0 picks a free one)")
     p.add_argument("--peer-advertise", default=None,
                    help="gossip runs: the HOST (or HOST:PORT) peers dial to reach this worker (default: the bind host)")
