@@ -41,7 +41,8 @@ def _code(future: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def test_twenty_stalled_push_streams_do_not_starve_heartbeats() -> None:
+def test_twenty_stalled_push_streams_do_not_starve_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("coordinator.servicer.HEADER_WAIT_S", 600.0)  # the held streams stay held (hang guard)
     release = threading.Event()
     with running(stream_idle_s=600.0) as (server, (first, second)), \
             grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
