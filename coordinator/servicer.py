@@ -4,10 +4,11 @@ unexpected: INTERNAL, never UNKNOWN; see `protocols/wire/servicing.py`).
 
 No client can hold the coordinator: push streams, long polls and state pulls each have a bounded number of
 slots (`CallLimits`; one more is refused at once with RESOURCE_EXHAUSTED), the server's thread pool has
-room for all of them plus the quick calls (heartbeats, joins), and a push stream that waits longer than
-`cluster.stream_idle_s` for its next message (its header: at most HEADER_WAIT_S) is ended with
-DEADLINE_EXCEEDED. The token and round of a push are checked from its header, before any payload is
-buffered; a push must then finish within PUSH_BASE_S plus its declared bytes at MIN_PUSH_RATE."""
+room for all of them plus the quick calls (heartbeats, joins), and a stream that waits longer than
+`cluster.stream_idle_s` for its client (a push's next message, its header: at most HEADER_WAIT_S; a pull's
+client taking the next one) is ended with DEADLINE_EXCEEDED. The token and round of a push are checked from
+its header, before any payload is buffered; a push must then finish within PUSH_BASE_S plus its declared
+bytes at MIN_PUSH_RATE, however it paces its messages."""
 
 from __future__ import annotations
 
@@ -60,7 +61,6 @@ class CallLimits:
     @classmethod
     def of(cls, cfg: RunConfig) -> CallLimits:
         return cls(cfg.cluster.workers)
-
 
 
 class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):

@@ -110,3 +110,27 @@ def test_a_member_that_stops_reading_its_pull_is_ended_by_the_idle_deadline(capl
     finally:
         member.close()
         server.stop(0)
+
+
+def test_a_member_dripping_its_push_is_ended_by_the_push_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each message within the idle limit, but the push as a whole past PUSH_BASE_S + bytes / MIN_PUSH_RATE."""
+    monkeypatch.setattr("coordinator.servicer.PUSH_BASE_S", 1.0)
+    stop = threading.Event()
+    with running(stream_idle_s=60.0) as (server, (first, _)):
+        before = fingerprint(server)
+        entries = good_entries()
+
+        def drip() -> Iterator[pb.PushMessage]:
+            yield header(envelope(first.worker_id, run_id=first.run_id), entries)
+            for chunk in serde.encode_entries(entries, 1):  # 60 one-byte chunks, one every 0.2 s
+                if stop.wait(0.2):
+                    return
+                yield pb.PushMessage(chunk=chunk)
+
+        with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                lowband_pb2_grpc.CoordinatorStub(channel).PushUpdate(drip(), timeout=300)
+            stop.set()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+        assert "ran past its server-side deadline" in (info.value.details() or "")
+        assert fingerprint(server) == before
