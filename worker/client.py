@@ -1,6 +1,7 @@
 """The worker's side of the gRPC star: every call to the coordinator, with reconnect and backoff.
 
-Transient failures (coordinator restarting, network blips: UNAVAILABLE, DEADLINE_EXCEEDED) are retried
+Transient failures (coordinator restarting, network blips: UNAVAILABLE, DEADLINE_EXCEEDED; a busy
+coordinator: RESOURCE_EXHAUSTED saying so) are retried
 with exponential backoff up to `retry_for_s`; a coordinator that forgot us (NOT_FOUND after it restarted)
 gets a re-join under the same id. Refusals (bad shape, stale round, bad token) are never retried.
 Bytes are counted as serialized messages, i.e. what really crossed the wire.
@@ -27,6 +28,15 @@ from protocols.wire import messages as m
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def _transient(err: grpc.RpcError) -> bool:
+    """Worth retrying: the coordinator unreachable or slow, or busy (RESOURCE_EXHAUSTED for want of a free
+    slot, not for a request too big)."""
+    code = err.code()
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return (err.details() or "").startswith(m.BUSY_PREFIXES)
+    return code in _TRANSIENT
 
 
 class StaleRound(Exception):
@@ -86,7 +96,7 @@ class CoordinatorClient:
                     self._join_once()
                     rejoin = False
                     continue
-                if code not in _TRANSIENT or time.monotonic() > deadline:
+                if not _transient(err) or time.monotonic() > deadline:
                     raise
                 log.info("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
                 time.sleep(delay * (0.5 + random.random()))

@@ -38,6 +38,11 @@ MAX_DIMS = 16
 MAX_ELEMENTS = 1 << 40
 
 
+# A RESOURCE_EXHAUSTED whose details start with one of these means the server is busy (all slots of a kind
+# in use, or gRPC's bound on calls in flight), not that the request was too big: clients retry it later.
+BUSY_PREFIXES = ("server busy:", "Concurrent RPC limit exceeded")
+
+
 class WireError(ValueError):
     """A wire message is malformed or inconsistent; the message names the field and what was wrong.
 

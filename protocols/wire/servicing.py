@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 import grpc
 
 from protocols.refusals import Code, Rejected
-from protocols.wire.messages import GRPC_OPTIONS, WireError, WireTooLarge
+from protocols.wire.messages import BUSY_PREFIXES, GRPC_OPTIONS, WireError, WireTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ class Slots:
     @contextmanager
     def hold(self) -> Iterator[None]:
         if not self._free.acquire(blocking=False):
-            raise Rejected(Code.RESOURCE_EXHAUSTED, f"too many {self.what} in flight (at most {self.limit}); "
-                                                    "retry later")
+            raise Rejected(Code.RESOURCE_EXHAUSTED, f"{BUSY_PREFIXES[0]} too many {self.what} in flight (at most "
+                                                    f"{self.limit}); retry later")
         try:
             yield
         finally:

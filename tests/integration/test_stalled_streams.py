@@ -16,6 +16,7 @@ import torch
 
 from coordinator.server import CoordinatorServer
 from coordinator.servicer import CallLimits
+from protocols.base import Update
 from protocols.wire import lowband_pb2 as pb
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
@@ -134,3 +135,33 @@ def test_a_member_dripping_its_push_is_ended_by_the_push_deadline(monkeypatch: p
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
         assert "ran past its server-side deadline" in (info.value.details() or "")
         assert fingerprint(server) == before
+
+
+def test_a_member_refused_for_want_of_a_push_slot_retries_and_gets_through(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A full set of push slots makes the coordinator busy, not the member's update wrong: the worker's
+    client retries the busy RESOURCE_EXHAUSTED with backoff, and its push folds once a slot is free."""
+    monkeypatch.setattr("coordinator.servicer.HEADER_WAIT_S", 600.0)
+    release = threading.Event()
+    with running(stream_idle_s=600.0) as (server, (first, _)), \
+            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        stub = lowband_pb2_grpc.CoordinatorStub(channel)
+        slots = CallLimits.of(server.state.cfg).pushes
+        stalled = [stub.PushUpdate.future(_stalled(release), timeout=300) for _ in range(slots)]
+        result: list[Any] = []
+        try:
+            wait_for(lambda: all(not f.done() for f in stalled) and server.state.aggregator is not None, 60,
+                     "the stalled streams to hold every slot")
+            pusher = threading.Thread(target=lambda: result.append(
+                first.push(0, Update(good_entries()), {"tokens": 10.0})))
+            pusher.start()
+            wait_for(lambda: any("server busy" in r.getMessage() for r in caplog.records), 120,
+                     "the member's push to be refused as busy")
+            assert server.state.aggregator is not None and server.state.aggregator.senders == []
+        finally:
+            release.set()
+            for future in stalled:
+                future.cancel()
+        pusher.join(timeout=120)
+        assert result and result[0].accepted
+        assert server.state.aggregator.senders == [first.worker_id]
