@@ -110,14 +110,39 @@ class SparseCompressor(Compressor):
 # ---- header helpers ---------------------------------------------------------------------------------
 
 
-def meta_int(p: Payload, key: str, low: int = 0) -> int:
-    """An integer meta field >= low (bools rejected)."""
+# Bounds on integers a payload header may carry: no tensor has more than 2^40 elements, and no codec chunks
+# by more than 2^24 entries (a header from the wire is refused past them before anything is allocated).
+MAX_META_INT = 1 << 40
+MAX_CHUNK = 1 << 24
+
+
+def meta_int(p: Payload, key: str, low: int = 0, high: int = MAX_META_INT) -> int:
+    """An integer meta field in [low, high] (bools rejected)."""
     v = p.meta.get(key)
     if v is None:
         raise PayloadError(f"{p.codec} payload is missing meta field {key!r}")
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
         raise PayloadError(f"{p.codec} payload meta {key!r}={v!r} is not an integer >= {low}")
+    if v > high:
+        raise PayloadError(f"{p.codec} payload meta {key!r}={v!r} is over the limit of {high}")
     return v
+
+
+def meta_chunk(p: Payload, low: int = 1) -> int:
+    """The header's chunk size, in [low, MAX_CHUNK]."""
+    return meta_int(p, "chunk", low=low, high=MAX_CHUNK)
+
+
+def check_chunk_size(chunk: int) -> None:
+    """A codec's configured chunk size must be in [1, MAX_CHUNK] (what the decoder accepts)."""
+    if not 1 <= chunk <= MAX_CHUNK:
+        raise ValueError(f"chunk must be in [1, {MAX_CHUNK}], got {chunk}")
+
+
+def per_entry_scales(scales: torch.Tensor, chunk: int, numel: int) -> torch.Tensor:
+    """Each entry's chunk scale: entry i takes scales[i // chunk]. Indexing, not `repeat_interleave`, so the
+    memory is numel, whatever chunk size a header names."""
+    return scales[torch.arange(numel, device=scales.device) // chunk]
 
 
 def meta_dtype(p: Payload, key: str) -> torch.dtype:

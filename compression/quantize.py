@@ -12,7 +12,15 @@ from typing import ClassVar
 
 import torch
 
-from compression.base import Compressor, check_chunks, component, meta_int
+from compression.base import (
+    Compressor,
+    check_chunk_size,
+    check_chunks,
+    component,
+    meta_chunk,
+    meta_int,
+    per_entry_scales,
+)
 from compression.chunks import chunk_rows
 from compression.packing import pack_bits, packed_nbytes, unpack_bits
 from compression.payload import Payload, PayloadError
@@ -32,8 +40,7 @@ class _AbsMax(Compressor):
     bits: ClassVar[int]
 
     def __init__(self, chunk: int = 4096) -> None:
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        check_chunk_size(chunk)
         self.chunk = chunk
 
     @property
@@ -58,7 +65,7 @@ class _AbsMax(Compressor):
         )
 
     def _validate(self, p: Payload) -> None:
-        chunk = meta_int(p, "chunk", low=1)
+        chunk = meta_chunk(p)
         chunks = check_chunks(p, chunk)
         if meta_int(p, "bits") != self.bits:
             raise PayloadError(f"{p.codec} payload meta bits={p.meta['bits']} is not {self.bits}")
@@ -68,8 +75,7 @@ class _AbsMax(Compressor):
     def _decode(self, p: Payload) -> torch.Tensor:
         scales = p.tensors["scales"]
         codes = self._read_codes(p).to(scales.device)
-        # Only the last chunk can be short: repeating each scale `chunk` times and cutting at n works.
-        per_entry = scales.repeat_interleave(int(p.meta["chunk"]))[: p.numel]
+        per_entry = per_entry_scales(scales, int(p.meta["chunk"]), p.numel)
         return (codes.float() * per_entry).to(p.dtype).view(p.shape)
 
     def _wire_codes(self, codes: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from compression.base import Compressor, check_chunks, component, meta_int
+from compression.base import Compressor, check_chunk_size, check_chunks, component, meta_chunk, per_entry_scales
 from compression.chunks import chunk_rows, num_chunks
 from compression.packing import pack_bits, packed_nbytes, unpack_bits
 from compression.payload import Payload, PayloadError
@@ -29,8 +29,8 @@ class Sign(Compressor):
     codec: ClassVar[str] = "sign"
 
     def __init__(self, chunk: int | None = 4096) -> None:
-        if chunk is not None and chunk < 1:
-            raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
+        if chunk is not None:
+            check_chunk_size(chunk)
         self.chunk = chunk
 
     def _encode(self, x: torch.Tensor, key: str) -> Payload:
@@ -49,7 +49,7 @@ class Sign(Compressor):
         )
 
     def _unit(self, p: Payload) -> int:
-        chunk = meta_int(p, "chunk")
+        chunk = meta_chunk(p, low=0)
         return chunk or max(1, p.numel)
 
     def _validate(self, p: Payload) -> None:
@@ -65,7 +65,5 @@ class Sign(Compressor):
     def _decode(self, p: Payload) -> torch.Tensor:
         scales = p.tensors["scales"]
         signs = unpack_bits(p.tensors["signs"], 1, p.numel).to(scales.device)
-        # Only the last unit can be short, so repeating every scale `unit` times and cutting at n
-        # gives each entry its own unit's scale.
-        per_entry = scales.repeat_interleave(self._unit(p))[: p.numel]
+        per_entry = per_entry_scales(scales, self._unit(p), p.numel)
         return torch.where(signs.bool(), per_entry, -per_entry).to(p.dtype).view(p.shape)

@@ -21,6 +21,7 @@ from compression.base import (
     check_chunks,
     component,
     dtype_name,
+    meta_chunk,
     meta_dtype,
     meta_int,
 )
@@ -104,7 +105,7 @@ def chunked_meta(numel: int, chunk: int, density: float) -> dict[str, int]:
 
 def read_chunked(p: Payload) -> tuple[ChunkedHeader, torch.Tensor]:
     """Check a chunked sparse header and its packed 'indices'; return it and the flat int64 indices."""
-    chunk = meta_int(p, "chunk", low=1)
+    chunk = meta_chunk(p)
     h = ChunkedHeader(chunk, check_chunks(p, chunk), meta_int(p, "k", 1), meta_int(p, "k_last"), meta_int(p, "bits", 1))
     full, rem = divmod(p.numel, chunk)
     if h.k > chunk:

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from compression.base import Compressor, check_chunks, component, meta_int
+from compression.base import MAX_CHUNK, Compressor, check_chunks, component, meta_chunk
 from compression.chunks import chunk_rows
 from compression.packing import pack_bits, packed_nbytes, unpack_bits
 from compression.payload import Payload, PayloadError
@@ -76,8 +76,8 @@ class Int2(Compressor):
     codec: ClassVar[str] = "int2"
 
     def __init__(self, chunk: int = 4096, range_sigmas: float = 2.0) -> None:
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if not 1 <= chunk <= MAX_CHUNK:
+            raise ValueError(f"chunk must be in [1, {MAX_CHUNK}], got {chunk}")
         if range_sigmas <= 0:
             raise ValueError(f"range_sigmas must be > 0, got {range_sigmas}")
         self.chunk, self.range_sigmas = chunk, range_sigmas
@@ -94,7 +94,7 @@ class Int2(Compressor):
         )
 
     def _validate(self, p: Payload) -> None:
-        chunk = meta_int(p, "chunk", low=1)
+        chunk = meta_chunk(p)
         check_codes(p, p.numel, check_chunks(p, chunk))
 
     def _decode(self, p: Payload) -> torch.Tensor:

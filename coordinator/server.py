@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 
 from coordinator.run import CoordinatorRun
-from coordinator.servicer import CoordinatorServicer
+from coordinator.servicer import CallLimits, CoordinatorServicer
 from coordinator.traffic import ControlTraffic
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc
-from protocols.wire.messages import GRPC_OPTIONS
+from protocols.wire.servicing import SERVER_OPTIONS, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,16 @@ class CoordinatorServer(CoordinatorRun):
         bind: str = "127.0.0.1:0",
         run_dir: str | Path | None = None,
         resume: str | Path | None = None,
-        tls: tuple[bytes, bytes] | None = None,
+        tls: tuple[bytes, bytes] | tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
         super().__init__(cfg, run_dir, resume)
-        threads = 4 * cfg.cluster.workers + 8  # every worker may hold one long-poll plus a stream
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=GRPC_OPTIONS,
+        limits = CallLimits.of(cfg)  # room for every bounded long call plus the quick ones (coordinator/servicer.py)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=SERVER_OPTIONS,
+                                  maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
                                   interceptors=[ControlTraffic(self.state)])
         lowband_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.state), self.server)
         if tls is not None:
-            creds = grpc.ssl_server_credentials([(tls[1], tls[0])])  # (private key, certificate chain)
+            creds = server_credentials(*tls)  # (certificate chain, private key[, CA of required client certs])
             self.port = self.server.add_secure_port(bind, creds)
         else:
             self.port = self.server.add_insecure_port(bind)

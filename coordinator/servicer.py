@@ -1,11 +1,20 @@
 """The gRPC servicer: thin. It converts wire messages with `serde`, calls the state machine, and maps
-`Rejected` / `WireError` onto gRPC status codes whose message says exactly what was wrong."""
+`Rejected` / `WireError` onto gRPC status codes whose message says exactly what was wrong (anything
+unexpected: INTERNAL, never UNKNOWN; see `protocols/wire/servicing.py`).
+
+No client can hold the coordinator: push streams, long polls and state pulls each have a bounded number of
+slots (`CallLimits`; one more is refused at once with RESOURCE_EXHAUSTED), the server's thread pool has
+room for all of them plus the quick calls (heartbeats, joins), and a stream that waits longer than
+`cluster.stream_idle_s` for its client (a push's next message, its header: at most HEADER_WAIT_S; a pull's
+client taking the next one) is ended with DEADLINE_EXCEEDED. The token and round of a push are checked from
+its header, before any payload is buffered; a push must then finish within PUSH_BASE_S plus its declared
+bytes at MIN_PUSH_RATE, however it paces its messages."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import grpc
@@ -15,9 +24,10 @@ from coordinator.errors import Code, Rejected
 from coordinator.state import AlreadyFolded, CoordinatorState, Phase
 from coordinator.status import status_reply
 from protocols.base import Update
+from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
-from protocols.wire.servicing import CountingIterator, refuse
+from protocols.wire.servicing import CountingIterator, Slots, StreamWatchdog, answered, answered_stream
 
 log = logging.getLogger(__name__)
 
@@ -28,160 +38,182 @@ _PHASE = {
 }
 # A worker never needs to wait longer than this per WaitRound call; it simply asks again.
 MAX_WAIT_S = 30.0
+# A push stream's header must arrive within this (or cluster.stream_idle_s, if shorter): an unauthenticated
+# stream holds its slot no longer.
+HEADER_WAIT_S = 10.0
+# An authenticated push must finish within PUSH_BASE_S + its declared bytes / MIN_PUSH_RATE seconds.
+PUSH_BASE_S = 120.0
+MIN_PUSH_RATE = 32 << 10  # bytes per second: 1 GiB within 9 hours
 
+
+class CallLimits:
+    """How many calls of each long-running kind may be in flight at once, and the server's thread pool and
+    concurrency bound that make room for all of them plus the quick calls."""
+
+    def __init__(self, workers: int) -> None:
+        self.pushes = 2 * workers + 4  # each worker pushes one at a time; the rest is for retries and strangers
+        self.waits = 2 * workers + 2
+        self.pulls = 2 * workers + 2
+        quick = 8  # joins, heartbeats, leaves, attests: they never block, so a few threads serve them all
+        self.threads = self.pushes + self.waits + self.pulls + quick
+        # Calls past the pool queue for a thread; past this bound gRPC refuses them with RESOURCE_EXHAUSTED.
+        self.max_concurrent_rpcs = self.threads + 4 * workers + 16
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> CallLimits:
+        return cls(cfg.cluster.workers)
 
 
 class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
     def __init__(self, state: CoordinatorState, chunk_bytes: int = m.DEFAULT_CHUNK_BYTES) -> None:
         self.state = state
         self.chunk_bytes = chunk_bytes
+        limits = CallLimits.of(state.cfg)
+        self.push_slots = Slots("push streams", limits.pushes)
+        self.wait_slots = Slots("WaitRound calls", limits.waits)
+        self.pull_slots = Slots("state or aggregate pulls", limits.pulls)
+        self.watchdog = StreamWatchdog()
+        self.idle_s = state.cfg.cluster.stream_idle_s
 
     def _check_run(self, env: m.Envelope) -> None:
         if env.run_id and env.run_id != self.state.run_id:
             raise Rejected(Code.FAILED_PRECONDITION, f"wrong run id {env.run_id!r} (this run is {self.state.run_id!r})")
 
+    @answered
     def Join(self, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            req = serde.from_pb(request)
-            assert isinstance(req, m.JoinRequest)
-            env = req.envelope
-            self._check_run(env)
-            member = self.state.join(req.hostname, env.token, env.protocol_version, env.worker_id)
-            reply = m.JoinReply(
-                worker_id=member.worker_id,
-                worker_index=member.index,
-                run_id=self.state.run_id,
-                round=self.state.round,
-                config_yaml=self.state.config_yaml,
-                has_global_state=not self.state.must_offer_state(member.worker_id),
-                heartbeat_interval_s=self.state.cfg.cluster.heartbeat_interval_s,
-            )
-            return serde.to_pb(reply)
-        except (Rejected, m.WireError) as err:
-            refuse(context, err)
-
-    def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            req = serde.from_pb(request)
-            assert isinstance(req, m.HeartbeatRequest)
-            self._check_run(req.envelope)
-            loss = None if req.last_loss != req.last_loss else req.last_loss  # NaN means "no loss yet"
-            eval_loss = None if req.eval_loss != req.eval_loss else req.eval_loss
-            self.state.heartbeat(req.envelope.worker_id, req.envelope.token, req.inner_step, loss, eval_loss)
-            return serde.to_pb(m.HeartbeatReply(round=self.state.round, phase=_PHASE[self.state.phase]))
-        except (Rejected, m.WireError) as err:
-            refuse(context, err)
-
-    def AttestBase(self, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            req = serde.from_pb(request)
-            assert isinstance(req, m.AttestRequest)
-            self._check_run(req.envelope)
-            digest = self.state.attest_base(req.envelope.worker_id, req.envelope.token, req.base_digest)
-            return serde.to_pb(m.AttestReply(run_base_digest=digest))
-        except (Rejected, m.WireError) as err:
-            refuse(context, err)
-
-    def Leave(self, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            req = serde.from_pb(request)
-            assert isinstance(req, m.LeaveRequest)
-            self._check_run(req.envelope)
-            self.state.leave(req.envelope.worker_id, req.envelope.token)
-            return serde.to_pb(m.LeaveReply())
-        except (Rejected, m.WireError) as err:
-            refuse(context, err)
-
-    def PullState(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            req = serde.from_pb(request)
-            assert isinstance(req, m.PullRequest)
-            self._check_run(req.envelope)
-            snap = self.state.snapshot(req.envelope.worker_id, req.envelope.token, req.resync)
-        except (Rejected, m.WireError) as err:
-            refuse(context, err)
-        entries = {name: dense(t) for name, t in snap.replica.to_tensors().items()}
-        header = m.StateHeader(
-            round=snap.round,
-            num_entries=len(entries),
-            total_bytes=sum(p.nbytes() for p in entries.values()),
-            state_hash=snap.state_hash,
+        req = serde.from_pb(request, m.JoinRequest)
+        env = req.envelope
+        self._check_run(env)
+        member = self.state.join(req.hostname, env.token, env.protocol_version, env.worker_id)
+        reply = m.JoinReply(
+            worker_id=member.worker_id,
+            worker_index=member.index,
+            run_id=self.state.run_id,
+            round=self.state.round,
+            config_yaml=self.state.config_yaml,
+            has_global_state=not self.state.must_offer_state(member.worker_id),
+            heartbeat_interval_s=self.state.cfg.cluster.heartbeat_interval_s,
         )
-        sent = 0
-        for msg in serde.pull_stream(header, entries, self.chunk_bytes):
-            sent += msg.ByteSize()
-            yield msg
+        return serde.to_pb(reply)
+
+    @answered
+    def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
+        req = serde.from_pb(request, m.HeartbeatRequest)
+        self._check_run(req.envelope)
+        loss = None if req.last_loss != req.last_loss else req.last_loss  # NaN means "no loss yet"
+        eval_loss = None if req.eval_loss != req.eval_loss else req.eval_loss
+        self.state.heartbeat(req.envelope.worker_id, req.envelope.token, req.inner_step, loss, eval_loss)
+        return serde.to_pb(m.HeartbeatReply(round=self.state.round, phase=_PHASE[self.state.phase]))
+
+    @answered
+    def AttestBase(self, request: Any, context: grpc.ServicerContext) -> Any:
+        req = serde.from_pb(request, m.AttestRequest)
+        self._check_run(req.envelope)
+        digest = self.state.attest_base(req.envelope.worker_id, req.envelope.token, req.base_digest)
+        return serde.to_pb(m.AttestReply(run_base_digest=digest))
+
+    @answered
+    def Leave(self, request: Any, context: grpc.ServicerContext) -> Any:
+        req = serde.from_pb(request, m.LeaveRequest)
+        self._check_run(req.envelope)
+        self.state.leave(req.envelope.worker_id, req.envelope.token)
+        return serde.to_pb(m.LeaveReply())
+
+    @answered_stream
+    def PullState(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        req = serde.from_pb(request, m.PullRequest)
+        self._check_run(req.envelope)
+        with self.pull_slots.hold():
+            snap = self.state.snapshot(req.envelope.worker_id, req.envelope.token, req.resync)
+            entries = {name: dense(t) for name, t in snap.replica.to_tensors().items()}
+            header = m.StateHeader(
+                round=snap.round,
+                num_entries=len(entries),
+                total_bytes=sum(p.nbytes() for p in entries.values()),
+                state_hash=snap.state_hash,
+            )
+            sent = yield from self._send(serde.pull_stream(header, entries, self.chunk_bytes), context)
         self.state.count_download(req.envelope.worker_id, sent, "state")
 
+    @answered_stream
     def PullAggregate(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            req = serde.from_pb(request)
-            assert isinstance(req, m.AggregateRequest)
-            self._check_run(req.envelope)
-            aggregate, state_hash, own = self.state.aggregate_for(req.envelope.worker_id, req.envelope.token, req.round)
-        except (Rejected, m.WireError) as err:
-            refuse(context, err)
-        entries, weights = serde.aggregate_entries(aggregate, omit=own)
-        header = m.AggregateHeader(
-            round=aggregate.round,
-            num_entries=len(entries),
-            total_bytes=sum(p.nbytes() for p in entries.values()),
-            state_hash=state_hash,
-            relayed_weights=weights,
-            own_slot=0 if own is None else own + 1,
-        )
-        sent = 0
-        for msg in serde.aggregate_stream(header, entries, self.chunk_bytes):
-            sent += msg.ByteSize()
-            yield msg
+        req = serde.from_pb(request, m.AggregateRequest)
+        self._check_run(req.envelope)
+        with self.pull_slots.hold():
+            aggregate, state_hash, own = self.state.aggregate_for(req.envelope.worker_id, req.envelope.token,
+                                                                  req.round)
+            entries, weights = serde.aggregate_entries(aggregate, omit=own)
+            header = m.AggregateHeader(
+                round=aggregate.round,
+                num_entries=len(entries),
+                total_bytes=sum(p.nbytes() for p in entries.values()),
+                state_hash=state_hash,
+                relayed_weights=weights,
+                own_slot=0 if own is None else own + 1,
+            )
+            sent = yield from self._send(serde.aggregate_stream(header, entries, self.chunk_bytes), context)
         self.state.count_download(req.envelope.worker_id, sent)
 
+    def _send(self, messages: Iterator[Any], context: grpc.ServicerContext) -> Generator[Any, None, int]:
+        """Yield a response stream under the watchdog (a client that stops reading is ended after the idle
+        limit, freeing its thread); returns the bytes sent."""
+        sent = 0
+        with self.watchdog.guard(iter(()), context, self.idle_s) as stream:
+            for msg in messages:
+                sent += msg.ByteSize()
+                with stream.waiting():
+                    yield msg
+        return sent
+
+    @answered
     def WaitRound(self, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            req = serde.from_pb(request)
-            assert isinstance(req, m.WaitRequest)
-            self._check_run(req.envelope)
-            self.state.check_member(req.envelope.worker_id, req.envelope.token)
-            if not (math.isfinite(req.max_wait_s) and req.max_wait_s >= 0):
-                raise Rejected(Code.INVALID_ARGUMENT, f"max_wait_s must be a finite number of seconds >= 0, got "
-                                                      f"{req.max_wait_s}")
-            wait = min(req.max_wait_s or MAX_WAIT_S, MAX_WAIT_S)
+        req = serde.from_pb(request, m.WaitRequest)
+        self._check_run(req.envelope)
+        self.state.check_member(req.envelope.worker_id, req.envelope.token)
+        if not (math.isfinite(req.max_wait_s) and req.max_wait_s >= 0):
+            raise Rejected(Code.INVALID_ARGUMENT, f"max_wait_s must be a finite number of seconds >= 0, got "
+                                                  f"{req.max_wait_s}")
+        wait = min(req.max_wait_s or MAX_WAIT_S, MAX_WAIT_S)
+        with self.wait_slots.hold():
             round_, phase, state_hash = self.state.wait_for_round(req.after_round, wait)
-            info = m.RoundInfo(round_, _PHASE[phase], state_hash, self.state.total_rounds)
-            return serde.to_pb(info)
-        except (Rejected, m.WireError) as err:
-            refuse(context, err)
+        info = m.RoundInfo(round_, _PHASE[phase], state_hash, self.state.total_rounds)
+        return serde.to_pb(info)
 
+    @answered
     def PushUpdate(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        counted = CountingIterator(request_iterator)
+        with self.push_slots.hold(), \
+                self.watchdog.guard(request_iterator, context, min(self.idle_s, HEADER_WAIT_S)) as stream:
+            counted = CountingIterator(stream)
 
-        def refuse_early(header: m.PushHeader) -> None:
-            env = header.envelope
-            self._check_run(env)
-            initial = header.kind is m.PushKind.INITIAL_STATE
-            self.state.check_push(env.worker_id, env.token, env.round, initial)
+            def refuse_early(header: m.PushHeader) -> None:
+                env = header.envelope
+                self._check_run(env)
+                initial = header.kind is m.PushKind.INITIAL_STATE
+                self.state.check_push(env.worker_id, env.token, env.round, initial)
+                # Authenticated: from now on the stream may pause up to the idle limit, and must end in time.
+                stream.idle_s = self.idle_s
+                stream.set_deadline(PUSH_BASE_S + header.total_bytes / MIN_PUSH_RATE)
 
-        try:
-            header, entries = serde.read_push(counted, self.state.max_push_bytes, refuse_early)
-            env = header.envelope
-            if header.kind is m.PushKind.INITIAL_STATE:
-                self.state.offer_initial_state(env.worker_id, env.token, entries, counted.nbytes)
-                round_ = self.state.round
-            else:
-                metrics = dict(header.metrics)
-                metrics.setdefault("tokens", float(header.tokens))
-                if header.train_loss == header.train_loss:
-                    metrics.setdefault("train_loss", header.train_loss)
-                update = Update(payloads=entries, weight=header.weight)
-                round_ = self.state.submit(env.worker_id, env.token, env.round, update, metrics, counted.nbytes)
-            return serde.to_pb(m.PushReply(accepted=True, round=round_, bytes_received=counted.nbytes))
-        except AlreadyFolded as done:  # a retry after a lost reply: the same answer, nothing folded twice
-            return serde.to_pb(m.PushReply(accepted=True, round=done.round, bytes_received=counted.nbytes))
-        except (Rejected, m.WireError) as err:
-            refuse(context, err)
+            try:
+                header, entries = serde.read_push(counted, self.state.max_push_bytes, refuse_early)
+                return self._apply_push(header, entries, counted.nbytes)
+            except AlreadyFolded as done:  # a retry after a lost reply: the same answer, nothing folded twice
+                return serde.to_pb(m.PushReply(accepted=True, round=done.round, bytes_received=counted.nbytes))
 
+    def _apply_push(self, header: m.PushHeader, entries: dict[str, Any], nbytes: int) -> Any:
+        env = header.envelope
+        if header.kind is m.PushKind.INITIAL_STATE:
+            self.state.offer_initial_state(env.worker_id, env.token, entries, nbytes)
+            round_ = self.state.round
+        else:
+            metrics = dict(header.metrics)
+            metrics.setdefault("tokens", float(header.tokens))
+            if header.train_loss == header.train_loss:
+                metrics.setdefault("train_loss", header.train_loss)
+            update = Update(payloads=entries, weight=header.weight)
+            round_ = self.state.submit(env.worker_id, env.token, env.round, update, metrics, nbytes)
+        return serde.to_pb(m.PushReply(accepted=True, round=round_, bytes_received=nbytes))
+
+    @answered
     def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return serde.to_pb(status_reply(self.state, serde.from_pb(request, m.StatusRequest)))
-        except (Rejected, m.WireError) as err:
-            refuse(context, err)
+        return serde.to_pb(status_reply(self.state, serde.from_pb(request, m.StatusRequest)))

@@ -435,6 +435,7 @@ class CoordinatorState:
         return member
 
     def _install(self, aggregator: RoundAggregator) -> None:
+        aggregator.bound_updates(self.cfg.cluster.max_update_ratio)
         self.aggregator = aggregator
         self.state_hash = aggregator.replica.digest()
         params = aggregator.replica.params

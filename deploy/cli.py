@@ -1,10 +1,15 @@
-"""The `lowband` command line: run, coordinator, worker, status, simulate, sample, export."""
+"""The `lowband` command line: run, coordinator, worker, status, simulate, sample, export, certs.
+
+Every error is one line on stderr (never a traceback; `-v` adds it to the log): exit status 2 for a usage or
+configuration error (bad argument, bad recipe, missing TLS file), 1 for a failure at run time (a port in use,
+a refusing or unreachable coordinator, a corrupt checkpoint)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import pickle
 import signal
 import sys
 from collections.abc import Callable
@@ -15,7 +20,18 @@ from typing import Any
 
 import grpc
 from rich.console import Console
+from rich.markup import escape
 
+from deploy.cli_args import (
+    OneLineParser,
+    bind_address,
+    join_address,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    read_pem,
+    readable_file,
+)
 from deploy.memory import tune_this_process
 from protocols.config import GOSSIP, ConfigError, RunConfig, load_config
 
@@ -40,7 +56,9 @@ def _load(args: argparse.Namespace) -> RunConfig:
     overrides = list(args.set)
     if args.init_from is not None:
         overrides.append(f"init_from={json.dumps(args.init_from)}")
-    cfg = load_config(recipe_path(args.recipe), overrides)
+    path = recipe_path(args.recipe)
+    _check_text(path)
+    cfg = load_config(path, overrides)
     # Paths resolved here, where the user typed them: workers (Ray actors, other processes) may run elsewhere.
     if cfg.init_from is not None:
         from worker.models import checkpoint_path
@@ -51,6 +69,20 @@ def _load(args: argparse.Namespace) -> RunConfig:
         model = cfg.model.model_copy(update={"path": str(Path(cfg.model.path).resolve())})
         cfg = cfg.model_copy(update={"model": model})
     return cfg
+
+
+def _check_text(path: Path) -> None:
+    """ConfigError unless the recipe is UTF-8 text (a binary file would fail deep inside the YAML reader)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"recipe {str(path)!r} cannot be read: {err.strerror or err}") from None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {str(path)!r} is not a text (UTF-8 YAML) file") from None
+    if b"\0" in data:
+        raise ConfigError(f"recipe {str(path)!r} is not a text (YAML) file: it holds NUL bytes")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -84,12 +116,32 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _read_tls(cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
+def _read_tls(cert: str | None, key: str | None, client_ca: str | None = None
+              ) -> tuple[bytes, bytes] | tuple[bytes, bytes, bytes] | None:
+    """The coordinator's (certificate chain, key[, CA its workers' client certificates must come from])."""
     if not cert and not key:
+        if client_ca:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         return None
     if not (cert and key):
         raise ConfigError("--tls-cert and --tls-key must be given together")
-    return Path(cert).read_bytes(), Path(key).read_bytes()
+    chain, private = read_pem(cert, "--tls-cert"), read_pem(key, "--tls-key")
+    assert chain is not None and private is not None
+    ca = read_pem(client_ca, "--tls-client-ca")
+    return (chain, private) if ca is None else (chain, private, ca)
+
+
+def _client_tls(args: argparse.Namespace) -> dict[str, Any]:
+    """A worker's TLS arguments for `CoordinatorClient`: the CA that signed the coordinator, and the client
+    certificate and key it shows a coordinator that requires one (mutual TLS)."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key must be given together")
+    if args.tls_cert and not args.tls_ca:
+        raise ConfigError("--tls-cert/--tls-key (a client certificate) need --tls-ca (TLS to the coordinator)")
+    client = None
+    if args.tls_cert:
+        client = (read_pem(args.tls_cert, "--tls-cert"), read_pem(args.tls_key, "--tls-key"))
+    return {"tls_ca": read_pem(args.tls_ca, "--tls-ca"), "tls_client": client}
 
 
 def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
@@ -103,7 +155,7 @@ def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
     if cfg.protocol.kind == GOSSIP:
         return _serve_rendezvous(cfg, args, run_dir, console)
     server = CoordinatorServer(cfg, bind=args.bind, run_dir=run_dir, resume=args.resume,
-                               tls=_read_tls(args.tls_cert, args.tls_key)).start()
+                               tls=_read_tls(args.tls_cert, args.tls_key, args.tls_client_ca)).start()
     rounds = server.state.total_rounds
     server.round_listeners.append(
         lambda record: console.print(round_line(asdict(record), rounds), highlight=False, soft_wrap=True))
@@ -143,9 +195,9 @@ def _serve_rendezvous(cfg: RunConfig, args: argparse.Namespace, run_dir: Path, c
     if cfg.cluster.transport != "p2p":
         raise ConfigError(f"a gossip run over cluster.transport {cfg.cluster.transport!r} runs in one process "
                           f"(`lowband run`); `lowband coordinator` serves the rendezvous of transport 'p2p'")
-    if args.resume or args.tls_cert or args.tls_key:
+    if args.resume or args.tls_cert or args.tls_key or args.tls_client_ca:
         raise ConfigError("a gossip run's rendezvous holds no state to resume and serves no TLS: drop --resume, "
-                          "--tls-cert and --tls-key")
+                          "--tls-cert, --tls-key and --tls-client-ca")
     server = RendezvousServer(cfg, bind=args.bind, run_dir=run_dir).start()
     what = f"rendezvous for gossip run [bold]{server.rendezvous.run_id}[/bold]"
     return _serve_until_finished(server, what, cfg, args, console, plot_consensus)
@@ -156,8 +208,7 @@ def cmd_worker(args: argparse.Namespace, console: Console) -> int:
     from worker.faults import Faults
     from worker.runners import run_grpc_worker
 
-    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    client = CoordinatorClient(args.join, token=args.token, tls_ca=ca, retry_for_s=args.retry_for)
+    client = CoordinatorClient(args.join, token=args.token, retry_for_s=args.retry_for, **_client_tls(args))
 
     def show(event: dict[str, Any]) -> None:
         ev = f", eval {event['eval_loss']:.3f}" if "eval_loss" in event else ""
@@ -188,9 +239,9 @@ def _gossip_worker(args: argparse.Namespace, console: Console) -> int:
     """`lowband worker` in a gossip run: serve the Peer service, enroll with the rendezvous, gossip."""
     from worker.runners import run_p2p_worker
 
-    if args.tls_ca:
+    if args.tls_ca or args.tls_cert:
         raise ConfigError("a gossip run's rendezvous and peer links carry no TLS (peers authenticate by the run's "
-                          "token): drop --tls-ca")
+                          "token): drop --tls-ca, --tls-cert and --tls-key")
     if args.step_delay or args.crash_at_step >= 0 or args.corrupt_replica_at_round >= 0:
         raise ConfigError("--step-delay, --crash-at-step and --corrupt-replica-at-round apply to coordinated runs; "
                           "this coordinator runs a gossip run")
@@ -239,8 +290,18 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace, console: Console) -> int:
+    from deploy.certs import make_certs
+
+    written = make_certs(Path(args.out_dir), args.host, args.client, args.days)
+    console.print(f"wrote {', '.join(p.name for p in written)} to {args.out_dir}: start the coordinator with "
+                  f"--tls-cert server.pem --tls-key server.key (and --tls-client-ca ca.pem for mutual TLS); "
+                  f"give workers --tls-ca ca.pem", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="lowband", description="Train PyTorch models across machines joined by slow, unreliable links.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -254,27 +315,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("coordinator", help="run the coordinator as a plain process (no Ray)")
     _add_config_args(p)
-    p.add_argument("--bind", default="127.0.0.1:7070", help="HOST:PORT to listen on (port 0 picks a free one)")
+    p.add_argument("--bind", default="127.0.0.1:7070", type=bind_address,
+                   help="HOST:PORT to listen on (port 0 picks a free one)")
     p.add_argument("--token", default="", help="shared secret workers must present")
     p.add_argument("--resume", default=None, help="checkpoint.pt to resume the global state from")
-    p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
-    p.add_argument("--tls-key", default=None, help="PEM private key")
+    p.add_argument("--tls-cert", default=None, type=readable_file,
+                   help="PEM certificate chain (enables TLS with --tls-key; `lowband certs` makes one)")
+    p.add_argument("--tls-key", default=None, type=readable_file, help="PEM private key")
+    p.add_argument("--tls-client-ca", default=None, type=readable_file,
+                   help="PEM CA certificate: require every worker to show a client certificate it signed (mutual TLS)")
     p.add_argument("--address-file", default=None, help="write the bound HOST:PORT here once listening")
     p.set_defaults(func=cmd_coordinator)
 
     p = sub.add_parser("worker", help="join a coordinator as a worker (no Ray)")
-    p.add_argument("--join", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    p.add_argument("--join", required=True, metavar="HOST:PORT", type=join_address,
+                   help="the coordinator's address (port 1..65535)")
     p.add_argument("--token", default="", help="the coordinator's shared secret")
     p.add_argument("--name", default="", help="worker id to ask for (default: the coordinator assigns one)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for this worker")
-    p.add_argument("--tls-ca", default=None, help="PEM root certificate to verify the coordinator (enables TLS)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads for this worker")
+    p.add_argument("--tls-ca", default=None, type=readable_file,
+                   help="PEM root certificate to verify the coordinator (enables TLS)")
+    p.add_argument("--tls-cert", default=None, type=readable_file,
+                   help="PEM client certificate for a coordinator that requires one (mutual TLS; with --tls-key)")
+    p.add_argument("--tls-key", default=None, type=readable_file, help="PEM private key of --tls-cert")
     p.add_argument("--retry-for", type=float, default=60.0, help="seconds to keep retrying an unreachable coordinator")
     p.add_argument("--step-delay", type=float, default=0.0, help="seconds added to every step (simulate a straggler)")
     p.add_argument("--crash-at-step", type=int, default=-1, help="SIGKILL this worker at that step (fault injection)")
     p.add_argument("--corrupt-replica-at-round", type=int, default=-1, metavar="R",
                    help="flip one parameter of the replica after round R (fault injection: the worker must resync)")
     p.add_argument("--result-json", default=None, help="write this worker's result (rounds, bytes, hashes) here")
-    p.add_argument("--peer-bind", default="127.0.0.1:0",
+    p.add_argument("--peer-bind", default="127.0.0.1:0", type=bind_address,
                    help="gossip runs: HOST:PORT this worker's Peer service listens on (port 0 picks a free one)")
     p.add_argument("--peer-advertise", default=None,
                    help="gossip runs: the HOST (or HOST:PORT) peers dial to reach this worker (default: the bind host)")
@@ -291,16 +361,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="print text generated by a trained run's final checkpoint")
     p.add_argument("run_dir", help="a run directory, e.g. runs/diloco")
     p.add_argument("--prompt", default="ROMEO:", help="text to start from")
-    p.add_argument("--tokens", type=int, default=300, help="characters to generate")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", type=positive_int, default=300, help="characters to generate (>= 1)")
+    p.add_argument("--temperature", type=positive_float, default=0.8, help="sampling temperature (> 0)")
+    p.add_argument("--top-k", type=positive_int, default=20, help="sample among the k likeliest characters (>= 1)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="write a finished run as a plain checkpoint, low-rank adapters merged")
     p.add_argument("run_dir", help="a run directory, e.g. runs/lora-finetune")
     p.add_argument("--out", default=None, help="directory to write (default RUN_DIR/export)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("certs", help="make a CA, a server certificate (and a client one) for a run's TLS")
+    p.add_argument("out_dir", help="directory to write ca.pem/.key, server.pem/.key (and CLIENT.pem/.key) into")
+    p.add_argument("--host", action="append", default=None, metavar="NAME",
+                   help="a host name or IP the coordinator is reached by (repeat; default: localhost and 127.0.0.1)")
+    p.add_argument("--client", default=None, metavar="NAME",
+                   help="also make a client certificate NAME.pem/.key for a worker (mutual TLS)")
+    p.add_argument("--days", type=positive_int, default=365, help="validity in days")
+    p.set_defaults(func=cmd_certs)
     return parser
 
 
@@ -313,14 +392,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, console))
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
-        return 2
+        return _fail(console, str(err), 2)
     except grpc.RpcError as err:  # the coordinator refused us, or could not be reached in time
-        console.print(f"[red]error:[/red] coordinator said {err.code().name}: {err.details()}", highlight=False)
-        return 1
+        return _fail(console, f"coordinator said {err.code().name}: {err.details()}", 1)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130
+    except Exception as err:  # one line for the user; the traceback only with -v
+        logging.getLogger("lowband").debug("traceback", exc_info=err)
+        return _fail(console, runtime_error_line(err, args), 1)
+
+
+def runtime_error_line(err: Exception, args: argparse.Namespace) -> str:
+    """The one line that explains a failure at run time."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, RuntimeError) and text.startswith("Failed to bind to address"):
+        where = getattr(args, "bind", None) or getattr(args, "peer_bind", "")
+        return (f"cannot listen on {where}: the port is in use, or the address is not one of this machine's "
+                "(--bind HOST:PORT; port 0 picks a free one)")
+    if isinstance(err, (pickle.UnpicklingError, EOFError)) or "PytorchStreamReader" in text or "zip archive" in text:
+        named = [str(v) for k in ("resume", "run_dir", "init_from") if (v := getattr(args, k, None))]
+        which = f" ({' / '.join(named)})" if named else ""
+        return (f"the checkpoint{which} is corrupt, truncated or not a lowband checkpoint "
+                f"({type(err).__name__}: {text})")
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or text}"
+    return f"{type(err).__name__}: {text} (run with -v for the traceback)"
+
+
+def _fail(console: Console, message: str, status: int) -> int:
+    line = " ".join(message.split())
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {escape(line)}", highlight=False)
+    del console
+    return status
 
 
 if __name__ == "__main__":

@@ -33,6 +33,11 @@ class UpdateRejected(ValueError):
 # The largest weight an update may carry (tokens or samples trained on): far above any real count, far below
 # what turns a weighted sum in float32 into inf (a weight of 1e39 did).
 MAX_WEIGHT = 1e15
+# Default bound on an update's magnitude, relative to the model (`cluster.max_update_ratio`): no decoded value
+# may exceed ratio * max(1, the largest |parameter| of the tensors sent). A pseudo-gradient, a weight delta or
+# the weights themselves (FedAvg) stay within a few times the largest parameter; 100x is far from any honest
+# update and far below what overflows a float32 sum (a lone finite 3e38 did).
+DEFAULT_MAX_UPDATE_RATIO = 100.0
 
 
 @dataclass(frozen=True)
@@ -46,11 +51,15 @@ class Expectation:
     max_bytes: int  # no codec makes an update bigger than twice the dense tensors
     # Replica tensors that updates must not carry (`Protocol.uplink_names`: frozen on every client).
     withheld: frozenset[str] = frozenset()
+    # The largest |value| a decoded update may hold (see DEFAULT_MAX_UPDATE_RATIO).
+    max_abs: float = math.inf
 
 
-def expectation(protocol: Protocol[Any, Any], replica: Replica, view: View) -> Expectation:
+def expectation(protocol: Protocol[Any, Any], replica: Replica, view: View,
+                max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO) -> Expectation:
     """What a valid update looks like: every tensor of `protocol.uplink_names` (by default the whole
-    replica), nothing else, in the run's uplink codec."""
+    replica), nothing else, in the run's uplink codec, no value above `max_update_ratio` times the largest
+    |parameter| (at least 1)."""
     every = frozenset(replica.params)
     sent = protocol.uplink_names(every)
     if not sent <= every or (every and not sent):
@@ -65,7 +74,14 @@ def expectation(protocol: Protocol[Any, Any], replica: Replica, view: View) -> E
         view=view,
         max_bytes=2 * dense_bytes + 4096,
         withheld=every - sent,
+        max_abs=max_update_ratio * max([1.0, *(_abs_max(t) for t in params.values())]),
     )
+
+
+def _abs_max(t: torch.Tensor) -> float:
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0.0
+    return float(t.detach().abs().max())
 
 
 def _decode(who: str, name: str, payload: Any, view: View) -> Decoded:
@@ -132,5 +148,9 @@ def check_update(worker_id: str, update: Update, expect: Expectation) -> Checked
             raise UpdateRejected(f"{who}: tensor {name!r}: {err}") from None
         if decoded.values.is_floating_point() and not bool(torch.isfinite(decoded.values).all()):
             raise UpdateRejected(f"{who}: tensor {name!r} contains NaN or Inf")
+        if decoded.values.numel() and float(decoded.values.abs().max()) > expect.max_abs:
+            raise UpdateRejected(
+                f"{who}: tensor {name!r} holds a value of magnitude {float(decoded.values.abs().max()):.3g}, over "
+                f"the bound of {expect.max_abs:.3g} (cluster.max_update_ratio times the largest parameter)")
         tensors[name] = decoded
     return CheckedUpdate(tensors=tensors, weight=float(update.weight), raw=update)

@@ -12,7 +12,8 @@ class Code(Enum):
     FAILED_PRECONDITION = "FAILED_PRECONDITION"  # stale round, wrong run, no state yet, run finished
     ALREADY_EXISTS = "ALREADY_EXISTS"  # second update for the same round, second initial state
     UNAUTHENTICATED = "UNAUTHENTICATED"  # bad token
-    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # oversized message
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # oversized message or stream, too many calls in flight
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # a stream whose client went quiet past the server's deadline
 
 
 class Rejected(Exception):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from protocols.base import Accumulator, Aggregate, CheckedUpdate, Protocol, Update
-from protocols.check import UpdateRejected, check_update, expectation
+from protocols.check import DEFAULT_MAX_UPDATE_RATIO, UpdateRejected, check_update, expectation
 from protocols.downlink import Downlink, apply_aggregate
 from protocols.replica import Replica
 
@@ -40,6 +40,7 @@ class RoundAggregator:
         # floating-point sums whatever the arrival order (reproducible across transports), at the price of
         # keeping every checked update until the round closes.
         self.fold_in_order = fold_in_order
+        self.max_update_ratio = DEFAULT_MAX_UPDATE_RATIO
         self.last_fold_order: list[str] = []
         self.state = protocol.init_aggregator_state(replica) if fresh else state
         self.downlink_state = downlink.init_state() if fresh else downlink_state
@@ -47,11 +48,16 @@ class RoundAggregator:
 
     def _open(self) -> None:
         self.acc: Accumulator = self.protocol.new_round()
-        self.expect = expectation(self.protocol, self.replica, type(self.acc).view)
+        self.expect = expectation(self.protocol, self.replica, type(self.acc).view, self.max_update_ratio)
         self.folded: list[CheckedUpdate] = []
         self.fold_order: list[str] = []
         self.senders: list[str] = []
         self.pending: list[tuple[int, str, CheckedUpdate]] = []
+
+    def bound_updates(self, max_update_ratio: float) -> None:
+        """Refuse, from now on, updates holding a value above `max_update_ratio` times the largest parameter."""
+        self.max_update_ratio = max_update_ratio
+        self.expect = expectation(self.protocol, self.replica, type(self.acc).view, max_update_ratio)
 
     @property
     def round(self) -> int:

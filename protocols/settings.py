@@ -325,6 +325,12 @@ class ClusterConfig(_Strict):
     # worker on its own machine (under `lowband run`, by the Ray cluster's GPUs); cuda without a GPU is an error.
     # Only the model and its batches move: what goes to the codec, the wire and the replica stays on CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # An update holding a value above max_update_ratio x the largest |parameter| (at least 1) is refused
+    # (protocols/check.py DEFAULT_MAX_UPDATE_RATIO: honest updates stay within a few x).
+    max_update_ratio: PositiveFloat = 100.0
+    # Server-side stream deadline: a push stream that sends nothing for this long (its header included) is
+    # ended with DEADLINE_EXCEEDED, so a stalled client holds no coordinator thread for longer.
+    stream_idle_s: PositiveFloat = 30.0
 
     @model_validator(mode="after")
     def _quorum_fits(self) -> ClusterConfig:

@@ -1,6 +1,7 @@
 """The worker's side of the gRPC star: every call to the coordinator, with reconnect and backoff.
 
-Transient failures (coordinator restarting, network blips: UNAVAILABLE, DEADLINE_EXCEEDED) are retried
+Transient failures (coordinator restarting, network blips: UNAVAILABLE, DEADLINE_EXCEEDED; a busy
+coordinator: RESOURCE_EXHAUSTED saying so) are retried
 with exponential backoff up to `retry_for_s`; a coordinator that forgot us (NOT_FOUND after it restarted)
 gets a re-join under the same id. Refusals (bad shape, stale round, bad token) are never retried.
 Bytes are counted as serialized messages, i.e. what really crossed the wire, split by kind (`Traffic`):
@@ -32,6 +33,15 @@ T = TypeVar("T")
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
+def _transient(err: grpc.RpcError) -> bool:
+    """Worth retrying: the coordinator unreachable or slow, or busy (RESOURCE_EXHAUSTED for want of a free
+    slot, not for a request too big)."""
+    code = err.code()
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return (err.details() or "").startswith(m.BUSY_PREFIXES)
+    return code in _TRANSIENT
+
+
 class StaleRound(Exception):
     """The round this update was for has already closed (we were too slow); nothing was applied."""
 
@@ -48,8 +58,11 @@ class CoordinatorClient:
         tls_ca: bytes | None = None,
         chunk_bytes: int = m.DEFAULT_CHUNK_BYTES,
         retry_for_s: float = 60.0,
+        tls_client: tuple[bytes, bytes] | None = None,
     ) -> None:
-        self.address, self.token, self.tls_ca = address, token, tls_ca
+        # tls_client: (certificate chain, private key) this worker shows a coordinator that requires client
+        # certificates (mutual TLS); only with tls_ca.
+        self.address, self.token, self.tls_ca, self.tls_client = address, token, tls_ca, tls_client
         self.chunk_bytes, self.retry_for_s = chunk_bytes, retry_for_s
         self.run_id, self.worker_id, self.round = "", "", 0
         self.hostname = ""
@@ -59,7 +72,8 @@ class CoordinatorClient:
 
     def _connect(self) -> None:
         if self.tls_ca is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=self.tls_ca)
+            cert, key = self.tls_client or (None, None)
+            creds = grpc.ssl_channel_credentials(root_certificates=self.tls_ca, private_key=key, certificate_chain=cert)
             self.channel = grpc.secure_channel(self.address, creds, options=m.GRPC_OPTIONS)
         else:
             self.channel = grpc.insecure_channel(self.address, options=m.GRPC_OPTIONS)
@@ -92,7 +106,7 @@ class CoordinatorClient:
                     self._join_once()
                     rejoin = False
                     continue
-                if code not in _TRANSIENT or time.monotonic() > deadline:
+                if not _transient(err) or time.monotonic() > deadline:
                     raise
                 log.info("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
                 time.sleep(delay * (0.5 + random.random()))

@@ -26,11 +26,33 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 4 << 20
 
 
+# Bounds on numbers and strings from the wire, checked by `serde.from_pb` before anything uses them: counts
+# (rounds, steps, bytes, tokens) stay exact in a float64; strings other than the run config are short.
+MAX_WIRE_INT = 1 << 53
+MAX_WIRE_STRING = 4096
+MAX_METRICS = 1024
+# Bounds on what a tensor stream may declare (tensor_chunks.py): entries per stream, dimensions per shape
+# and elements per tensor.
+MAX_ENTRIES = 1 << 20
+MAX_DIMS = 16
+MAX_ELEMENTS = 1 << 40
+
+
+# A RESOURCE_EXHAUSTED whose details start with one of these means the server is busy (all slots of a kind
+# in use, or gRPC's bound on calls in flight), not that the request was too big: clients retry it later.
+BUSY_PREFIXES = ("server busy:", "Concurrent RPC limit exceeded")
+
+
 class WireError(ValueError):
     """A wire message is malformed or inconsistent; the message names the field and what was wrong.
 
     Whoever raised it applied nothing from the message.
     """
+
+
+class WireTooLarge(WireError):
+    """A message or stream is over a size limit (answered with RESOURCE_EXHAUSTED); nothing was buffered
+    beyond the limit."""
 
 
 class Phase(enum.Enum):

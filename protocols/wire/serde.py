@@ -36,10 +36,15 @@ from protocols.wire.messages import (
     DEFAULT_CHUNK_BYTES,
     GRPC_OPTIONS,
     MAX_CHUNK_BYTES,
+    MAX_ENTRIES,
     MAX_MESSAGE_BYTES,
+    MAX_METRICS,
+    MAX_WIRE_INT,
+    MAX_WIRE_STRING,
     PushHeader,
     StateHeader,
     WireError,
+    WireTooLarge,
 )
 from protocols.wire.tensor_chunks import EntryAssembler, encode_entries
 
@@ -48,6 +53,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "EntryAssembler",
     "WireError",
+    "WireTooLarge",
     "aggregate_entries",
     "aggregate_from_entries",
     "aggregate_stream",
@@ -144,6 +150,8 @@ def from_pb(message: Any, expected: type[Any] | None = None) -> Any:
             values[f.name] = _ENUMS_FROM_PB[enum_cls][raw]
         elif f.name == "metrics":
             values[f.name] = dict(message.metrics)
+            if len(values[f.name]) > MAX_METRICS or any(len(k) > 256 for k in values[f.name]):
+                raise WireError(f"{where}: at most {MAX_METRICS} metrics, named in at most 256 characters")
             if cls is m.ReportRequest:  # a push's metrics are judged by the state machine; a report's only here
                 bad = {k: v for k, v in values[f.name].items() if not math.isfinite(v)}
                 if bad:
@@ -158,11 +166,23 @@ def from_pb(message: Any, expected: type[Any] | None = None) -> Any:
                 raise WireError(f"{where} must be finite and positive, got {list(weights)}")
             values[f.name] = weights
         else:
-            values[f.name] = getattr(message, f.name)
+            values[f.name] = _bounded(getattr(message, f.name), where)
     if cls in (m.PushHeader, m.PeerHeader) and not (math.isfinite(values["weight"]) and values["weight"] > 0):
         raise WireError(f"{name}.weight must be finite and positive, got {values['weight']}")
     result: m.Message = cls(**values)
     return result
+
+
+def _bounded(value: Any, where: str) -> Any:
+    """A scalar field's value, refused when a number is out of range or a string too long (the run config
+    excepted: it is long by nature, and only the coordinator sends it)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and not -1 <= value <= MAX_WIRE_INT:
+        raise WireError(f"{where} = {value} is out of range [-1, {MAX_WIRE_INT}]")
+    if isinstance(value, str) and len(value) > MAX_WIRE_STRING and not where.endswith(".config_yaml"):
+        raise WireError(f"{where} is {len(value)} characters long, over the limit of {MAX_WIRE_STRING}")
+    return value
 
 
 def _check_header_totals(kind: str, declared: tuple[int, int], entries: Mapping[str, Payload]) -> None:
@@ -268,7 +288,9 @@ def _read_stream(
     num_entries: int = getattr(header, "num_entries")  # noqa: B009 - both header types have it
     total_bytes: int = getattr(header, "total_bytes")  # noqa: B009
     if total_bytes > max_total_bytes:
-        raise WireError(f"{stream} declares {total_bytes} bytes, over the limit of {max_total_bytes}")
+        raise WireTooLarge(f"{stream} declares {total_bytes} bytes, over the limit of {max_total_bytes}")
+    if num_entries > MAX_ENTRIES:
+        raise WireTooLarge(f"{stream} declares {num_entries} entries, over the limit of {MAX_ENTRIES}")
     if on_header is not None:
         on_header(header)  # may refuse the stream before any payload is buffered
     assembler = EntryAssembler(num_entries, max_total_bytes=total_bytes)
@@ -373,7 +395,9 @@ def update_from_bytes(data: bytes | bytearray | memoryview, max_total_bytes: int
     if not (math.isfinite(weight) and weight > 0):
         raise WireError(f"update weight must be finite and positive, got {weight}")
     if total_bytes > max_total_bytes:
-        raise WireError(f"update declares {total_bytes} bytes, over the limit of {max_total_bytes}")
+        raise WireTooLarge(f"update declares {total_bytes} bytes, over the limit of {max_total_bytes}")
+    if num_entries > MAX_ENTRIES:
+        raise WireTooLarge(f"update declares {num_entries} entries, over the limit of {MAX_ENTRIES}")
     assembler = EntryAssembler(num_entries, max_total_bytes=total_bytes)
     pos = _UPDATE_FIELDS.size
     while pos < len(body):

@@ -1,18 +1,30 @@
-"""What every gRPC servicer of lowband shares: refusals as gRPC statuses, and a byte-counting stream.
+"""What every gRPC servicer of lowband shares: refusals as gRPC statuses, a byte-counting stream, and the
+guards that keep one client from holding the server.
 
 The coordinator's servicer, the rendezvous' and each peer's all answer a `Rejected` (protocols/refusals.py)
-with the status its code names, and anything else a malformed message sent them with INVALID_ARGUMENT.
+with the status its code names, an oversized message or stream (`WireTooLarge`) with RESOURCE_EXHAUSTED,
+anything else a malformed message sent them with INVALID_ARGUMENT, and an unexpected exception with INTERNAL
+(logged with its traceback), never gRPC's bare UNKNOWN.
+
+Guards (`Slots`, `StreamWatchdog`): a sync gRPC server runs each call on a pool thread, so a client that
+opens a stream and stalls holds that thread. `Slots` bounds how many calls of one kind run at once (past it:
+RESOURCE_EXHAUSTED at once, no thread kept), and `StreamWatchdog` ends, with DEADLINE_EXCEEDED, a client
+stream that waited longer than its idle limit for the next message, or ran past its overall deadline.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import grpc
 
 from protocols.refusals import Code, Rejected
+from protocols.wire.messages import BUSY_PREFIXES, GRPC_OPTIONS, WireError, WireTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +35,30 @@ STATUS = {
     Code.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     Code.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     Code.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Code.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+# Servers add to the shared message-size options: no SO_REUSEPORT, so a second server on a port in use fails
+# to bind instead of silently sharing it.
+SERVER_OPTIONS: list[tuple[str, int]] = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+
+
+def server_credentials(cert_chain: bytes, private_key: bytes, client_ca: bytes | None = None) -> grpc.ServerCredentials:
+    """TLS for a server; with `client_ca`, mutual TLS: a client must show a certificate that CA signed."""
+    return grpc.ssl_server_credentials([(private_key, cert_chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
 def refusal_status(err: Exception) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and message that answer `err`."""
     if isinstance(err, Rejected):
         return STATUS[err.code], err.message
-    return grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}"
+    if isinstance(err, WireTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
+    if isinstance(err, WireError):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}"
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(err).__name__}: {err}); nothing of the request was applied"
 
 
 def abort(context: grpc.ServicerContext, status: grpc.StatusCode, message: str, level: int = logging.WARNING
@@ -42,8 +70,49 @@ def abort(context: grpc.ServicerContext, status: grpc.StatusCode, message: str, 
 
 
 def refuse(context: grpc.ServicerContext, err: Exception) -> NoReturn:
-    """End the call with the status that answers `err`."""
-    abort(context, *refusal_status(err))
+    """End the call with the status that answers `err` (an unexpected one: INTERNAL, traceback logged)."""
+    status, message = refusal_status(err)
+    if status is grpc.StatusCode.INTERNAL:
+        log.error("internal error answering a call", exc_info=err)
+    abort(context, status, message)
+
+
+def answered(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap an RPC method so that any exception it lets escape becomes a status that says what went wrong
+    (`refuse`), never gRPC's UNKNOWN. The status of a call already ended (aborted, or cancelled by a guard)
+    passes through untouched."""
+
+    def call(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return handler(self, request, context)
+        except Exception as err:
+            if _ended(context):
+                raise
+            refuse(context, err)
+
+    call.__name__, call.__doc__ = handler.__name__, handler.__doc__
+    return call
+
+
+def answered_stream(handler: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    """`answered` for an RPC that streams its response (a generator)."""
+
+    def call(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from handler(self, request, context)
+        except Exception as err:
+            if _ended(context):
+                raise
+            refuse(context, err)
+
+    call.__name__, call.__doc__ = handler.__name__, handler.__doc__
+    return call
+
+
+def _ended(context: grpc.ServicerContext) -> bool:
+    # `context.abort` raises a bare Exception after setting the status: that is a deliberate ending.
+    state = getattr(context, "_state", None)
+    return bool(getattr(state, "aborted", False)) or not context.is_active()
 
 
 class CountingIterator:
@@ -60,3 +129,119 @@ class CountingIterator:
         msg = next(self.inner)
         self.nbytes += msg.ByteSize()
         return msg
+
+
+class Slots:
+    """At most `limit` calls of one kind at a time; one more is refused at once with RESOURCE_EXHAUSTED."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        if limit < 1:
+            raise ValueError(f"{what}: the limit must be >= 1, got {limit}")
+        self.what, self.limit = what, limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if not self._free.acquire(blocking=False):
+            raise Rejected(Code.RESOURCE_EXHAUSTED, f"{BUSY_PREFIXES[0]} too many {self.what} in flight (at most "
+                                                    f"{self.limit}); retry later")
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
+class GuardedStream:
+    """A client stream under a `StreamWatchdog`: it may wait at most `idle_s` for each message (the first
+    included) and, once `set_deadline` was called, must end by then. Time the server spends between two
+    reads does not count as the client's."""
+
+    def __init__(self, inner: Iterator[Any], context: grpc.ServicerContext, idle_s: float) -> None:
+        self.inner, self.context, self.idle_s = inner, context, idle_s
+        self.waiting_since: float | None = None
+        self.deadline = float("inf")
+        self.ended_by: str | None = None  # set when the watchdog ended the call
+
+    def set_deadline(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def __iter__(self) -> GuardedStream:
+        return self
+
+    def __next__(self) -> Any:
+        with self.waiting():
+            try:
+                return next(self.inner)
+            except grpc.RpcError:
+                if self.ended_by is not None:
+                    raise Rejected(Code.DEADLINE_EXCEEDED, self.ended_by) from None
+                raise
+
+    @contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Time inside counts as the client's: a read of its next message, or (a response stream) the
+        client taking the message just yielded."""
+        self.waiting_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.waiting_since = None
+
+    def overdue(self, now: float) -> str | None:
+        """Why the watchdog must end this stream now, or None."""
+        if self.waiting_since is not None and now - self.waiting_since > self.idle_s:
+            return f"the stream sent nothing for {self.idle_s:g} s (server-side idle limit); call ended"
+        if now > self.deadline:
+            return "the stream ran past its server-side deadline; call ended"
+        return None
+
+
+class StreamWatchdog:
+    """One daemon thread that ends every overdue `GuardedStream` with DEADLINE_EXCEEDED, freeing its thread."""
+
+    def __init__(self, poll_s: float = 0.25) -> None:
+        self.poll_s = poll_s
+        self._streams: set[GuardedStream] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.ended = 0  # streams ended so far (tests and logs)
+
+    @contextmanager
+    def guard(self, inner: Iterator[Any], context: grpc.ServicerContext, idle_s: float) -> Iterator[GuardedStream]:
+        stream = GuardedStream(inner, context, idle_s)
+        with self._lock:
+            self._streams.add(stream)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="stream-watchdog", daemon=True)
+                self._thread.start()
+        try:
+            yield stream
+        finally:
+            with self._lock:
+                self._streams.discard(stream)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            now = time.monotonic()
+            with self._lock:
+                overdue = [(s, why) for s in self._streams if (why := s.overdue(now)) is not None]
+                for stream, _ in overdue:
+                    self._streams.discard(stream)
+            for stream, why in overdue:
+                stream.ended_by = why
+                self.ended += 1
+                log.warning("ending a stream: %s", why)
+                _cancel(stream.context, why)
+
+
+def _cancel(context: grpc.ServicerContext, why: str) -> None:
+    """End the call from outside its handler thread with DEADLINE_EXCEEDED and `why`; the handler's blocked
+    read then raises. grpc's public `cancel()` can only say CANCELLED, so the core call is used when present."""
+    call: Any = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        from grpc._cython import cygrpc
+
+        call.cancel(cygrpc.StatusCode.deadline_exceeded, why)
+    except Exception:  # a grpc build without that core call: a plain cancel still frees the thread
+        context.cancel()

@@ -22,7 +22,14 @@ import torch
 
 from compression.payload import Payload, Scalar
 from protocols.wire import lowband_pb2 as pb
-from protocols.wire.messages import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, WireError
+from protocols.wire.messages import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_DIMS,
+    MAX_ELEMENTS,
+    WireError,
+    WireTooLarge,
+)
 
 _TORCH_TO_PB: dict[torch.dtype, pb.DType.ValueType] = {
     torch.float32: pb.DTYPE_FLOAT32,
@@ -79,9 +86,15 @@ def _scalar_from_pb(value: pb.Scalar, where: str) -> Scalar:
 
 
 def _shape(dims: Iterable[int], where: str) -> tuple[int, ...]:
+    """A shape from the wire: at most MAX_DIMS dimensions, each in [0, MAX_ELEMENTS], and at most
+    MAX_ELEMENTS elements counting only the non-zero dimensions (so [2^62, 2^62, 0] is refused too)."""
     shape = tuple(int(d) for d in dims)
+    if len(shape) > MAX_DIMS:
+        raise WireError(f"{where}: shape has {len(shape)} dimensions, at most {MAX_DIMS} are allowed")
     if any(d < 0 for d in shape):
         raise WireError(f"{where}: negative dimension in shape {shape}")
+    if _numel(tuple(d for d in shape if d)) > MAX_ELEMENTS:
+        raise WireTooLarge(f"{where}: shape {list(shape)} is over the limit of {MAX_ELEMENTS} elements")
     return shape
 
 
@@ -191,6 +204,10 @@ class EntryAssembler:
         else:
             raise WireError(f"a chunk of entry {name!r} arrived before the chunk carrying its spec")
         data = chunk.data
+        if len(data) > MAX_CHUNK_BYTES:
+            raise WireTooLarge(f"entry {name!r}: a chunk of {len(data)} bytes, over the limit of {MAX_CHUNK_BYTES}")
+        if not data and not chunk.HasField("spec"):
+            raise WireError(f"entry {name!r}: a chunk carries neither a spec nor data")
         if not chunk.component:
             if data:
                 raise WireError(f"entry {name!r}: chunk with data names no component")
@@ -237,7 +254,8 @@ class EntryAssembler:
             layouts.append((cspec.name, dtype, shape, needed))
         total = self.declared_bytes + sum(layout[3] for layout in layouts)
         if total > self.max_total_bytes:
-            raise WireError(f"{where} brings the stream to {total} bytes, over the limit of {self.max_total_bytes}")
+            raise WireTooLarge(
+                f"{where} brings the stream to {total} bytes, over the limit of {self.max_total_bytes}")
         self.declared_bytes = total
         for cname, dtype, shape, nbytes in layouts:
             buffer = torch.empty(nbytes, dtype=torch.uint8)
@@ -268,4 +286,7 @@ def _to_tensor(comp: _Component, where: str) -> torch.Tensor:
         # Any byte but 0 or 1 is not a valid torch.bool; reading it would be undefined behaviour.
         raise WireError(f"{where}: bool tensor holds bytes other than 0 and 1")
     # The buffer is ours alone, so it can be reinterpreted in place instead of copied.
-    return comp.buffer.view(comp.dtype).reshape(comp.shape)
+    try:
+        return comp.buffer.view(comp.dtype).reshape(comp.shape)
+    except RuntimeError as err:  # the shape was bounded on arrival; this is a last line, never an UNKNOWN
+        raise WireError(f"{where}: shape {list(comp.shape)} does not hold its bytes: {err}") from None

@@ -29,7 +29,7 @@ def test_worker_trains_over_tls_and_a_plaintext_worker_gets_one_clear_error(tmp_
     plain = subprocess.run([*LOWBAND, "worker", "--join", address, "--token", "s3", "--retry-for", "1"],
                            capture_output=True, text=True, timeout=120)
     assert plain.returncode == 1
-    assert "error: coordinator said UNAVAILABLE" in plain.stdout and "Traceback" not in plain.stderr
+    assert "error: coordinator said UNAVAILABLE" in plain.stderr and "Traceback" not in plain.stderr
 
     worker = start_worker(address, tmp_path, 0, "--tls-ca", str(cert), "--token", "s3")
     assert finish(worker, 180, tmp_path / "worker0.log") == 0, (tmp_path / "worker0.log").read_text()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from protocols.base import Accumulator, CheckedUpdate, Protocol, Update
-from protocols.check import check_update, expectation
+from protocols.check import DEFAULT_MAX_UPDATE_RATIO, check_update, expectation
 from protocols.downlink import Downlink
 from protocols.replica import Params, Replica
 from protocols.round import RoundAggregator
@@ -29,14 +29,16 @@ def clone(params: Params) -> Params:
     return {name: t.clone() for name, t in params.items()}
 
 
-def checked(protocol: AnyProtocol, replica: Replica, worker_id: str, update: Update, acc: Accumulator) -> CheckedUpdate:
+def checked(protocol: AnyProtocol, replica: Replica, worker_id: str, update: Update, acc: Accumulator,
+            max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO) -> CheckedUpdate:
     """`update` checked exactly as a `RoundAggregator` would before folding it into `acc`."""
-    return check_update(worker_id, update, expectation(protocol, replica, type(acc).view))
+    return check_update(worker_id, update, expectation(protocol, replica, type(acc).view, max_update_ratio))
 
 
-def fold(protocol: AnyProtocol, replica: Replica, acc: Accumulator, worker_id: str, update: Update) -> None:
+def fold(protocol: AnyProtocol, replica: Replica, acc: Accumulator, worker_id: str, update: Update,
+         max_update_ratio: float = DEFAULT_MAX_UPDATE_RATIO) -> None:
     """Check, then fold one update into a bare accumulator (what `RoundAggregator.submit` does)."""
-    acc.fold(worker_id, checked(protocol, replica, worker_id, update, acc))
+    acc.fold(worker_id, checked(protocol, replica, worker_id, update, acc, max_update_ratio))
 
 
 def dense_aggregator(protocol: AnyProtocol, params: Params, **replica_fields: Any) -> RoundAggregator:

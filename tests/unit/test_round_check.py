@@ -252,6 +252,7 @@ def test_a_close_that_fails_leaves_the_round_as_it_was(feedback: str) -> None:
     # Every update is finite, but their float32 sum overflows: the aggregate is Inf and is refused.
     protocol = DiLoCo(outer_lr=1.0, outer_momentum=0.0, compression=Compression(error_feedback=feedback))
     aggregator = RoundAggregator(protocol, Downlink("dense"), Replica(0, {"x": torch.zeros(2)}), fold_in_order=True)
+    aggregator.bound_updates(float("inf"))  # the magnitude bound would refuse 3e38 before any fold
     huge = Update({"x": dense(torch.full((2,), 3e38))})
     aggregator.submit("a", huge)
     aggregator.submit("b", huge)

@@ -1,0 +1,167 @@
+"""Issue 12: no client can hold the coordinator. Twenty push streams that stall (opened, nothing sent) must
+not starve members' heartbeats: past the push slots they are refused at once with RESOURCE_EXHAUSTED, and
+the ones holding a slot are ended with DEADLINE_EXCEEDED once they idle past `cluster.stream_idle_s`
+(the header: past min(idle, HEADER_WAIT_S)), as is a member's push that sends its header and stalls, and a
+pull whose client stops reading."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from coordinator.server import CoordinatorServer
+from coordinator.servicer import CallLimits
+from protocols.base import Update
+from protocols.wire import lowband_pb2 as pb
+from protocols.wire import lowband_pb2_grpc, serde
+from protocols.wire import messages as m
+from tests.conftest import tiny_config
+from tests.integration.hostile import TOKEN, envelope, fingerprint, good_entries, header, running
+from tests.integration.procs import wait_for
+from worker.client import CoordinatorClient
+
+STALLED = 20
+
+
+def _stalled(release: threading.Event, first: pb.PushMessage | None = None) -> Iterator[pb.PushMessage]:
+    if first is not None:
+        yield first
+    release.wait(120)  # hang guard: the test releases it
+
+
+def _code(future: Any) -> grpc.StatusCode:
+    try:
+        future.result(timeout=0)
+    except grpc.RpcError as err:
+        return err.code()
+    return grpc.StatusCode.OK
+
+
+def test_twenty_stalled_push_streams_do_not_starve_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("coordinator.servicer.HEADER_WAIT_S", 600.0)  # the held streams stay held (hang guard)
+    release = threading.Event()
+    with running(stream_idle_s=600.0) as (server, (first, second)), \
+            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        stub = lowband_pb2_grpc.CoordinatorStub(channel)
+        slots = CallLimits.of(server.state.cfg).pushes
+        futures = [stub.PushUpdate.future(_stalled(release), timeout=300) for _ in range(STALLED)]
+        try:
+            wait_for(lambda: sum(f.done() for f in futures) >= STALLED - slots, 60, "the refused streams")
+            codes = [_code(f) for f in futures if f.done()]
+            assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (STALLED - slots)
+            assert sum(not f.done() for f in futures) == slots  # these hold every push slot, stalled
+            for _ in range(5):  # members are served while the stalled streams are open
+                assert first.heartbeat(1, 2.5, None).round == 0
+                assert second.heartbeat(1, 2.5, None).round == 0
+            assert first.wait_round(-1, max_wait_s=1).round == 0
+            assert sum(not f.done() for f in futures) == slots
+        finally:
+            release.set()
+            for future in futures:
+                future.cancel()
+
+
+def test_a_stalled_stream_is_ended_by_the_servers_idle_deadline() -> None:
+    release = threading.Event()
+    with running(stream_idle_s=1.0) as (server, (first, _)), \
+            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        stub = lowband_pb2_grpc.CoordinatorStub(channel)
+        before = fingerprint(server)
+        member_header = header(envelope(first.worker_id, run_id=first.run_id), good_entries())
+        try:
+            for first_message in (None, member_header):  # nothing at all; a member's header, then nothing
+                future = stub.PushUpdate.future(_stalled(release, first_message), timeout=300)
+                wait_for(future.done, 120, "the server to end the stalled stream")
+                assert _code(future) == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert "sent nothing for 1 s" in (future.exception().details() or "")
+        finally:
+            release.set()
+        assert fingerprint(server) == before
+        assert first.heartbeat(1, 2.5, None).round == 0  # the coordinator kept serving
+
+
+def test_a_member_that_stops_reading_its_pull_is_ended_by_the_idle_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    """A PullState whose client takes one message and then stops reading (flow control then blocks the
+    server's send) is ended after the idle limit, so the pull slot and its thread come back."""
+    cfg = tiny_config(protocol={"kind": "diloco", "inner_steps": 5},
+                      cluster={"workers": 1, "token": TOKEN, "stream_idle_s": 1.0})
+    server = CoordinatorServer(cfg).start()
+    member = CoordinatorClient(server.address, token=TOKEN)
+    try:
+        member.join("test")
+        member.offer_state({"w": torch.zeros(4 << 20)})  # 16 MiB: far more than the flow-control windows hold
+        with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+            env = envelope(member.worker_id, run_id=member.run_id)
+            call = lowband_pb2_grpc.CoordinatorStub(channel).PullState(
+                serde.to_pb(m.PullRequest(envelope=env)), timeout=300)
+            assert next(call).WhichOneof("body") == "header"
+            wait_for(lambda: any("ending a stream" in r.getMessage() for r in caplog.records), 120,
+                     "the server to end the stalled pull")
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in call:  # what was in flight still arrives, then the status; never the whole state
+                    pass
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+            assert "sent nothing for 1 s" in (info.value.details() or "")
+        assert member.pull().params["w"].numel() == 4 << 20  # a reading member still pulls it whole
+    finally:
+        member.close()
+        server.stop(0)
+
+
+def test_a_member_dripping_its_push_is_ended_by_the_push_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each message within the idle limit, but the push as a whole past PUSH_BASE_S + bytes / MIN_PUSH_RATE."""
+    monkeypatch.setattr("coordinator.servicer.PUSH_BASE_S", 1.0)
+    stop = threading.Event()
+    with running(stream_idle_s=60.0) as (server, (first, _)):
+        before = fingerprint(server)
+        entries = good_entries()
+
+        def drip() -> Iterator[pb.PushMessage]:
+            yield header(envelope(first.worker_id, run_id=first.run_id), entries)
+            for chunk in serde.encode_entries(entries, 1):  # 60 one-byte chunks, one every 0.2 s
+                if stop.wait(0.2):
+                    return
+                yield pb.PushMessage(chunk=chunk)
+
+        with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                lowband_pb2_grpc.CoordinatorStub(channel).PushUpdate(drip(), timeout=300)
+            stop.set()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+        assert "ran past its server-side deadline" in (info.value.details() or "")
+        assert fingerprint(server) == before
+
+
+def test_a_member_refused_for_want_of_a_push_slot_retries_and_gets_through(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A full set of push slots makes the coordinator busy, not the member's update wrong: the worker's
+    client retries the busy RESOURCE_EXHAUSTED with backoff, and its push folds once a slot is free."""
+    monkeypatch.setattr("coordinator.servicer.HEADER_WAIT_S", 600.0)
+    release = threading.Event()
+    with running(stream_idle_s=600.0) as (server, (first, _)), \
+            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        stub = lowband_pb2_grpc.CoordinatorStub(channel)
+        slots = CallLimits.of(server.state.cfg).pushes
+        stalled = [stub.PushUpdate.future(_stalled(release), timeout=300) for _ in range(slots)]
+        result: list[Any] = []
+        try:
+            wait_for(lambda: all(not f.done() for f in stalled) and server.state.aggregator is not None, 60,
+                     "the stalled streams to hold every slot")
+            pusher = threading.Thread(target=lambda: result.append(
+                first.push(0, Update(good_entries()), {"tokens": 10.0})))
+            pusher.start()
+            wait_for(lambda: any("server busy" in r.getMessage() for r in caplog.records), 120,
+                     "the member's push to be refused as busy")
+            assert server.state.aggregator is not None and server.state.aggregator.senders == []
+        finally:
+            release.set()
+            for future in stalled:
+                future.cancel()
+        pusher.join(timeout=120)
+        assert result and result[0].accepted
+        assert server.state.aggregator.senders == [first.worker_id]
