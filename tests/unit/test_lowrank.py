@@ -183,7 +183,7 @@ def test_the_lora_finetune_recipe_fine_tunes_the_default_run_on_the_held_out_pla
     assert (cfg.protocol.kind, cfg.inner_steps, cfg.cluster.workers) == ("diloco", 30, 4)
     # Without the base run's checkpoint it stops before anything starts, saying what is missing.
     assert main(["run", "lora-finetune", "--init-from", "/nonexistent/run"]) == 2
-    assert "/nonexistent/run" in capsys.readouterr().out
+    assert "/nonexistent/run" in capsys.readouterr().err  # CLI errors go to stderr
 
 
 def test_sample_reads_an_export_and_a_run_with_adapters_alike(tmp_path: Path) -> None:
