@@ -23,7 +23,7 @@ def test_lowband_run_refuses_cuda_on_a_ray_cluster_without_gpus(tmp_path: Path) 
     done = subprocess.run([*LOWBAND, "run", str(recipe)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "COLUMNS": "200"})
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"error: {NO_GPU} the Ray cluster has no GPU" in " ".join(done.stdout.split())
+    assert f"error: {NO_GPU} the Ray cluster has no GPU" in " ".join(done.stderr.split())  # errors: stderr
     assert not (tmp_path / "runs" / "nogpu" / "summary.json").exists()
     assert not (tmp_path / "runs" / "nogpu" / "metrics.jsonl").exists()  # no coordinator was started
 
