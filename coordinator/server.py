@@ -37,7 +37,8 @@ class CoordinatorServer(CoordinatorRun):
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=SERVER_OPTIONS,
                                   maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
                                   interceptors=[ControlTraffic(self.state)])
-        lowband_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(self.state), self.server)
+        self.servicer = CoordinatorServicer(self.state)
+        lowband_pb2_grpc.add_CoordinatorServicer_to_server(self.servicer, self.server)
         if tls is not None:
             creds = server_credentials(*tls)  # (certificate chain, private key[, CA of required client certs])
             self.port = self.server.add_secure_port(bind, creds)

@@ -138,17 +138,21 @@ class Slots:
         if limit < 1:
             raise ValueError(f"{what}: the limit must be >= 1, got {limit}")
         self.what, self.limit = what, limit
-        self._free = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self.in_use = 0
 
     @contextmanager
     def hold(self) -> Iterator[None]:
-        if not self._free.acquire(blocking=False):
-            raise Rejected(Code.RESOURCE_EXHAUSTED, f"{BUSY_PREFIXES[0]} too many {self.what} in flight (at most "
-                                                    f"{self.limit}); retry later")
+        with self._lock:
+            if self.in_use >= self.limit:
+                raise Rejected(Code.RESOURCE_EXHAUSTED, f"{BUSY_PREFIXES[0]} too many {self.what} in flight (at "
+                                                        f"most {self.limit}); retry later")
+            self.in_use += 1
         try:
             yield
         finally:
-            self._free.release()
+            with self._lock:
+                self.in_use -= 1
 
 
 class GuardedStream:

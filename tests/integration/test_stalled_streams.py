@@ -150,7 +150,7 @@ def test_a_member_refused_for_want_of_a_push_slot_retries_and_gets_through(
         stalled = [stub.PushUpdate.future(_stalled(release), timeout=300) for _ in range(slots)]
         result: list[Any] = []
         try:
-            wait_for(lambda: all(not f.done() for f in stalled) and server.state.aggregator is not None, 60,
+            wait_for(lambda: server.servicer.push_slots.in_use == slots and server.state.aggregator is not None, 60,
                      "the stalled streams to hold every slot")
             pusher = threading.Thread(target=lambda: result.append(
                 first.push(0, Update(good_entries()), {"tokens": 10.0})))
