@@ -17,7 +17,7 @@ import grpc
 from rich.console import Console
 
 from deploy.memory import tune_this_process
-from protocols.config import GOSSIP, ConfigError, RunConfig, load_config
+from protocols.config import GOSSIP, ConfigError, RunConfig, apply_overrides, load_config, parse_config
 
 DEFAULT_RECIPE = "diloco.yaml"
 
@@ -89,23 +89,52 @@ def _read_tls(cert: str | None, key: str | None) -> tuple[bytes, bytes] | None:
     return Path(cert).read_bytes(), Path(key).read_bytes()
 
 
+def _coordinator_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
+    """The run's config and, with --resume, the checked checkpoint to continue from. Without a recipe a resume
+    takes the checkpoint's own config (token removed: --token gives it again), --set overrides applied; with
+    one, the recipe must match the checkpoint. Every refusal is one ConfigError line, before anything is
+    written."""
+    from coordinator.checkpoint import check_resume_point, read_resume_point
+
+    point = read_resume_point(args.resume) if args.resume else None
+    if point is not None and args.recipe is None:
+        if args.init_from is not None:
+            raise ConfigError("--init-from starts a new run; --resume continues one: drop one of them")
+        cfg = parse_config(apply_overrides(point.checkpoint["config"], list(args.set)))
+    else:
+        cfg = _load(args)
+    if args.token:
+        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": args.token})})
+    if point is not None:
+        check_resume_point(point, cfg)
+    return cfg, point
+
+
 def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
     from coordinator.server import CoordinatorServer
     from deploy.report import plot_utilization, round_line
 
-    cfg = _load(args)
-    if args.token:
-        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": args.token})})
-    run_dir = Path(cfg.run_dir) / cfg.name
+    cfg, point = _coordinator_config(args)
+    run_dir = point.run_dir if point is not None else Path(cfg.run_dir) / cfg.name
     if cfg.protocol.kind == GOSSIP:
         return _serve_rendezvous(cfg, args, run_dir, console)
-    server = CoordinatorServer(cfg, bind=args.bind, run_dir=run_dir, resume=args.resume,
+    server = CoordinatorServer(cfg, bind=args.bind, run_dir=run_dir, resume=point,
                                tls=_read_tls(args.tls_cert, args.tls_key)).start()
     rounds = server.state.total_rounds
     server.round_listeners.append(
         lambda record: console.print(round_line(asdict(record), rounds), highlight=False, soft_wrap=True))
     what = f"coordinator for run [bold]{server.state.run_id}[/bold]"
+    if point is not None:
+        what += f" (resumed at round {point.round} of {rounds} from {point.path})"
     return _serve_until_finished(server, what, cfg, args, console, plot_utilization)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: stop at the last recorded round."""
+
+
+def _raise_terminated(*_: object) -> None:
+    raise _Terminated
 
 
 def _serve_until_finished(server: Any, what: str, cfg: RunConfig, args: argparse.Namespace, console: Console,
@@ -117,19 +146,38 @@ def _serve_until_finished(server: Any, what: str, cfg: RunConfig, args: argparse
     if args.address_file:
         Path(args.address_file).write_text(server.address + "\n")
     console.print(f"{what} listening on {server.address}; waiting for {cfg.cluster.workers} workers")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    stopped_by = None
     try:
         server.wait_finished()
         server.wait_departed(120.0)
-    finally:
-        summary = server.summary()
-        server.stop()
+    except _Terminated:
+        stopped_by = "SIGTERM"
+    except KeyboardInterrupt:
+        stopped_by = "SIGINT"
+    # Stopping: a second signal must not cut the summary short. The checkpoint being written (if any) is
+    # finished, then no round is recorded any more: the run directory holds whole rounds only.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if stopped_by is not None and hasattr(server, "halt"):
+        server.halt()
+    server.stop()
+    summary = server.summary()
+    if stopped_by is not None:
+        summary["stopped_by"] = stopped_by
     if server.run_dir is not None:
         server.run_dir.write_summary(summary)
         plot_loss(server.run_dir.path, summary)
         plot(server.run_dir.path)
     print_final([summary], console)
-    return 0
+    if stopped_by is None:
+        return 0
+    where = server.run_dir.path if server.run_dir is not None else None
+    resume = f"; continue it with `lowband coordinator --resume {where}`" if where is not None and hasattr(
+        server, "halt") else ""
+    print(f"lowband coordinator: stopped by {stopped_by} after {summary.get('rounds')} of {cfg.rounds} rounds; "
+          f"checkpoint and summary.json written in {where}{resume}", file=sys.stderr)
+    return 143 if stopped_by == "SIGTERM" else 130
 
 
 def _serve_rendezvous(cfg: RunConfig, args: argparse.Namespace, run_dir: Path, console: Console) -> int:
@@ -253,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--bind", default="127.0.0.1:7070", help="HOST:PORT to listen on (port 0 picks a free one)")
     p.add_argument("--token", default="", help="shared secret workers must present")
-    p.add_argument("--resume", default=None, help="checkpoint.pt to resume the global state from")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a run from its run directory (or its checkpoint.pt): same run id, workers "
+                        "rejoin; without RECIPE the checkpoint's own config is used (give --token again)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key")
     p.add_argument("--address-file", default=None, help="write the bound HOST:PORT here once listening")
@@ -306,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args, console))
     except ConfigError as err:
-        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False)
+        console.print(f"[red]error:[/red] {err}", markup=True, highlight=False, soft_wrap=True)  # one line
         return 2
     except grpc.RpcError as err:  # the coordinator refused us, or could not be reached in time
         console.print(f"[red]error:[/red] coordinator said {err.code().name}: {err.details()}", highlight=False)
