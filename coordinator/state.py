@@ -431,6 +431,9 @@ class CoordinatorState:
         if member.left:  # NOT_FOUND: the client re-joins under its id if it still means to take part
             raise Rejected(Code.NOT_FOUND, f"worker {worker_id} left the run: join again to take part")
         member.last_seen, member.alive = self.clock(), True
+        if self.phase is Phase.WAITING and self.resumed:  # a restored member is back: maybe the quorum too
+            self._maybe_start()
+            self._cond.notify_all()
         return member
 
     def _install(self, aggregator: RoundAggregator) -> None:
