@@ -187,7 +187,8 @@ class CoordinatorState:
                 member = self.members[requested_id]  # a reconnect keeps its index and counters
                 member.alive, member.last_seen, member.hostname, member.left = True, self.clock(), hostname, False
             else:
-                refuse_past_limit(self.members.keys(), self.cfg.cluster.workers, requested_id)
+                refuse_past_limit({w: m.alive for w, m in self.members.items()}, self.cfg.cluster.workers,
+                                  requested_id)
                 index = len(self.members)
                 worker_id = requested_id or next(f"w{k}" for k in itertools.count(index) if f"w{k}" not in self.members)
                 member = Member(worker_id=worker_id, index=index, hostname=hostname, last_seen=self.clock())

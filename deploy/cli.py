@@ -172,12 +172,22 @@ def _serve_until_finished(server: Any, what: str, cfg: RunConfig, args: argparse
     print_final([summary], console)
     if stopped_by is None:
         return 0
-    where = server.run_dir.path if server.run_dir is not None else None
-    resume = f"; continue it with `lowband coordinator --resume {where}`" if where is not None and hasattr(
-        server, "halt") else ""
-    print(f"lowband coordinator: stopped by {stopped_by} after {summary.get('rounds')} of {cfg.rounds} rounds; "
-          f"checkpoint and summary.json written in {where}{resume}", file=sys.stderr)
+    print(f"lowband coordinator: stopped by {stopped_by}; {_stopped_at(server, summary, cfg)}", file=sys.stderr)
     return 143 if stopped_by == "SIGTERM" else 130
+
+
+def _stopped_at(server: Any, summary: dict[str, Any], cfg: RunConfig) -> str:
+    """What a stopped coordinator left behind, and how to continue."""
+    where, rounds = server.run_dir.path if server.run_dir is not None else None, summary.get("rounds") or 0
+    if where is None:
+        return f"{rounds} of {cfg.rounds} rounds done, nothing written"
+    if not hasattr(server, "halt"):  # a gossip rendezvous keeps no checkpoint
+        return f"{rounds} of {cfg.rounds} rounds done; summary.json written in {where}"
+    if not (where / "checkpoint.pt").is_file():
+        return f"no round closed, nothing to resume; summary.json written in {where}"
+    token = " --token ..." if cfg.cluster.token else ""
+    return (f"{rounds} of {cfg.rounds} rounds recorded; checkpoint and summary.json in {where}; continue it with "
+            f"`lowband coordinator --resume {where}{token}`")
 
 
 def _serve_rendezvous(cfg: RunConfig, args: argparse.Namespace, run_dir: Path, console: Console) -> int:
@@ -359,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/red] {err}", markup=True, highlight=False, soft_wrap=True)  # one line
         return 2
     except grpc.RpcError as err:  # the coordinator refused us, or could not be reached in time
-        console.print(f"[red]error:[/red] coordinator said {err.code().name}: {err.details()}", highlight=False)
+        console.print(f"[red]error:[/red] coordinator said {err.code().name}: {err.details()}", highlight=False,
+                      soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

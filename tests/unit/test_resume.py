@@ -91,6 +91,9 @@ def test_resume_continues_the_same_run_with_bit_identical_state_and_appends_the_
     assert {(m.worker_id, m.index, m.alive, m.tokens) for m in state.members_copy()} == {
         ("w0", 0, False, 80), ("w1", 1, False, 80)}
     assert (run_dir / "metrics.jsonl").read_bytes().startswith(before)  # appended, never truncated
+    with pytest.raises(Rejected) as err:  # a worker restarted without --name is told which ids to rejoin as
+        state.join("host", "", PROTOCOL_VERSION)
+    assert err.value.code is Code.RESOURCE_EXHAUSTED and "not alive: w0, w1" in err.value.message
 
     for w in ids:  # the workers call again under their ids: the round reopens where the checkpoint was
         state.heartbeat(w, "", 10, None, None)
@@ -210,6 +213,7 @@ def test_join_is_refused_past_cluster_workers_but_a_known_id_rejoins(tmp_path: P
         state.join("host", "", PROTOCOL_VERSION)
     assert err.value.code is Code.RESOURCE_EXHAUSTED
     assert "cluster.workers = 2" in err.value.message and "--name" in err.value.message
+    assert "not alive" not in err.value.message  # everyone is here: no id to suggest
     with pytest.raises(Rejected) as err:
         state.join("host", "", PROTOCOL_VERSION, "w7")
     assert err.value.code is Code.RESOURCE_EXHAUSTED
