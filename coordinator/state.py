@@ -270,8 +270,10 @@ class CoordinatorState:
             self.resumed = True
             if run_id:
                 self.run_id = run_id
+            known = {f.name for f in dataclasses.fields(Member)}  # a field this version lacks is dropped
             for worker_id, fields in (members or {}).items():
-                self.members[worker_id] = Member(**{**fields, "worker_id": worker_id, "alive": False,
+                kept = {k: v for k, v in fields.items() if k in known}
+                self.members[worker_id] = Member(**{**kept, "worker_id": worker_id, "alive": False,
                                                     "last_seen": self.clock()})
 
     def membership(self) -> dict[str, dict[str, Any]]:

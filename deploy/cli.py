@@ -183,6 +183,8 @@ def _stopped_at(server: Any, summary: dict[str, Any], cfg: RunConfig) -> str:
         return f"{rounds} of {cfg.rounds} rounds done, nothing written"
     if not hasattr(server, "halt"):  # a gossip rendezvous keeps no checkpoint
         return f"{rounds} of {cfg.rounds} rounds done; summary.json written in {where}"
+    if rounds >= cfg.rounds:
+        return f"the run had finished all {cfg.rounds} rounds; summary.json written in {where}"
     if not (where / "checkpoint.pt").is_file():
         return f"no round closed, nothing to resume; summary.json written in {where}"
     token = " --token ..." if cfg.cluster.token else ""
