@@ -49,6 +49,12 @@ def started_run(tmp: Path, cfg: RunConfig, token: str = "") -> tuple[Coordinator
     return run, ids
 
 
+def printed(capsys: pytest.CaptureFixture[str]) -> str:
+    """What the CLI printed, stdout and stderr together (its one-line errors may go to either)."""
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
 def rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -157,17 +163,17 @@ def test_a_missing_resume_path_is_one_line_and_leaves_the_metrics_untouched(
     capsys.readouterr()
     typo = tmp_path / "runs" / "tinyy"
     assert main(["coordinator", str(recipe), "--bind", "127.0.0.1:0", "--resume", str(typo)]) == 2
-    out = capsys.readouterr().out.strip()
+    out = printed(capsys).strip()
     assert out == f"error: --resume {str(typo)!r}: no such file or directory"
     assert metrics.read_bytes() == before
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["coordinator", str(recipe), "--resume", str(empty)]) == 2
-    assert "holds no checkpoint.pt" in capsys.readouterr().out
+    assert "holds no checkpoint.pt" in printed(capsys)
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     assert main(["coordinator", str(recipe), "--resume", str(corrupt)]) == 2
-    assert "not a readable lowband checkpoint" in capsys.readouterr().out
+    assert "not a readable lowband checkpoint" in printed(capsys)
     assert metrics.read_bytes() == before
 
 
@@ -181,7 +187,7 @@ def test_resuming_a_finished_run_says_so_and_leaves_its_summary_intact(
     before = summary.read_bytes(), (run.run_dir.path / "metrics.jsonl").read_bytes()
     capsys.readouterr()
     assert main(["coordinator", "--resume", str(run.run_dir.path)]) == 2  # the checkpoint's own config
-    out = capsys.readouterr().out
+    out = printed(capsys)
     assert "already finished (3 of 3 rounds)" in out and "summary.json is left as it is" in out
     assert (summary.read_bytes(), (run.run_dir.path / "metrics.jsonl").read_bytes()) == before
     assert json.loads(summary.read_text())["tokens"] == 3 * 2 * 40
