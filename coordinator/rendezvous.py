@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.base_attest import attested_base
+from coordinator.checkpoint import redacted
 from coordinator.errors import Code, Rejected
 from coordinator.rendezvous_rows import COUNTERS, Peer, check_metrics, round_row
 from coordinator.rundir import RunDir
@@ -53,7 +54,7 @@ class Rendezvous:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg, self.clock = cfg, clock
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        self.config_yaml = to_yaml(cfg)
+        self.config_yaml = to_yaml(redacted(cfg))  # workers have their token: never send it
         self.total_rounds = cfg.rounds
         self.run_dir = RunDir(run_dir, cfg) if run_dir is not None else None
         self.members: dict[str, Peer] = {}

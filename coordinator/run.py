@@ -1,6 +1,12 @@
 """One coordinated run, without its transport: the state machine, the run directory, a liveness ticker,
 progress and the summary.
 
+Resuming (`resume`: a run directory or its checkpoint.pt) continues the same run: the checkpoint is read
+and checked against the config before anything is written (coordinator/checkpoint.py), then the run id,
+the replica, the aggregator's and the downlink's state and the membership are restored, and the run
+directory the checkpoint lives in is appended to. `halt` stops persisting, after the checkpoint being
+written (if any) is complete, so a SIGTERM never leaves a round half-recorded.
+
 `CoordinatorServer` (coordinator/server.py) puts a gRPC server in front of it; the in-process transport
 (`deploy/inproc.py`) uses it as it is.
 """
@@ -15,8 +21,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from coordinator.rundir import RunDir, load_checkpoint
-from coordinator.state import CoordinatorState, Phase, RoundRecord
+from coordinator.checkpoint import ResumePoint, load_resume_point, state_digest
+from coordinator.rundir import RunDir
+from coordinator.state import CoordinatorState, Member, Phase, RoundRecord
 from coordinator.tensorboard import tensorboard_listener
 from coordinator.traffic import traffic_of, traffic_per_worker
 from protocols.config import RunConfig
@@ -27,25 +34,54 @@ log = logging.getLogger(__name__)
 
 
 class CoordinatorRun:
-    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, resume: str | Path | None = None) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None,
+                 resume: str | Path | ResumePoint | None = None) -> None:
+        """`run_dir`: where a fresh run writes; a resumed run writes where its checkpoint is, and refuses
+        (ConfigError, nothing written) a checkpoint that is missing, foreign, finished or of another config."""
         self.cfg = cfg
-        self.run_dir = RunDir(run_dir, cfg) if run_dir is not None else None
+        point = resume if isinstance(resume, ResumePoint) or resume is None else load_resume_point(resume, cfg)
+        if point is not None and run_dir is not None:
+            run_dir = point.run_dir
+        self.run_dir = RunDir(run_dir, cfg, resume=point) if run_dir is not None else None
         # Called with every closed round's record (e.g. `lowband coordinator`'s plain line per round).
         self.round_listeners: list[Callable[[RoundRecord], None]] = []
-        self.state = CoordinatorState(cfg, build_protocol(cfg), on_round=self._on_round)
+        self.state = CoordinatorState(cfg, build_protocol(cfg), on_round=self._on_round, on_join=self._on_join)
         scalars = tensorboard_listener(self.run_dir.path, self.state) if self.run_dir is not None else None
         if scalars is not None:
             self.round_listeners.append(scalars)
-        if resume is not None:
-            ckpt = load_checkpoint(resume)
-            if "replica" not in ckpt:
-                raise ValueError(f"{resume}: not a coordinator checkpoint (no replica; a DDP run's cannot resume)")
-            self.state.restore(ckpt["replica"], ckpt["aggregator_state"], ckpt["downlink_state"],
-                               ckpt.get("base_digest", ""))
-            log.info("resumed from %s at round %d", resume, ckpt["round"])
+        self._io = threading.Lock()  # held while a round is recorded: `halt` waits for a checkpoint in progress
+        self._halted = False
+        self.elapsed_before = 0.0  # wall seconds of the run before this process resumed it
+        self.resumed_from: dict[str, Any] | None = None
+        if point is not None:
+            self._restore(point)
+        self._recorded = self.state.round  # rounds recorded (checkpoint and metrics row), resumed ones included
         self.started = time.monotonic()
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, daemon=True, name="lowband-ticker")
+
+    def _restore(self, point: ResumePoint) -> None:
+        ckpt = point.checkpoint
+        self.state.restore(ckpt["replica"], ckpt["aggregator_state"], ckpt["downlink_state"],
+                           ckpt.get("base_digest", ""), run_id=point.run_id, members=ckpt["members"])
+        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        aggregator = self.state.aggregator
+        assert aggregator is not None  # restore installed it
+        # What was loaded, by digest: a test (or an operator) compares it with the checkpoint on disk.
+        self.resumed_from = {"checkpoint": str(point.path), "round": self.state.round, "run_id": self.state.run_id,
+                             "replica_digest": aggregator.replica.digest(),
+                             "aggregator_state_digest": state_digest(aggregator.state),
+                             "downlink_state_digest": state_digest(aggregator.downlink_state),
+                             "members": sorted(ckpt["members"])}
+        if self.run_dir is not None:
+            self.run_dir.log("resume", **self.resumed_from)
+        log.info("resumed run %s from %s at round %d", self.state.run_id, point.path, self.state.round)
+
+    def halt(self) -> None:
+        """Stop recording rounds: waits for a checkpoint being written, then no round is recorded any more
+        (what the run directory holds is then final: the checkpoint and its metrics row agree)."""
+        with self._io:
+            self._halted = True
 
     def start_ticker(self) -> None:
         self._ticker.start()
@@ -80,6 +116,7 @@ class CoordinatorRun:
         }
 
     def summary(self) -> dict[str, Any]:
+        """The run so far; `rounds` counts the rounds recorded (after `halt`, those the checkpoint holds)."""
         members = self.state.members_copy()
         finals = [m.eval_loss for m in members if m.eval_loss is not None]
         n = max(len(members), 1)
@@ -87,10 +124,10 @@ class CoordinatorRun:
             "name": self.cfg.name,
             "run_id": self.state.run_id,
             "protocol": self.cfg.protocol.kind,
-            "rounds": self.state.round,
+            "rounds": self._recorded,
             "final_eval_loss": sum(finals) / len(finals) if finals else None,
             "tokens": sum(m.tokens for m in members),
-            "wall_s": time.monotonic() - self.started,
+            "wall_s": self.elapsed_before + time.monotonic() - self.started,
             "bytes_sent_per_worker": sum(m.bytes_sent for m in members) / n,
             "bytes_received_per_worker": sum(m.bytes_received for m in members) / n,
             "bytes_total_per_worker": sum(m.bytes_sent + m.bytes_received for m in members) / n,
@@ -102,19 +139,32 @@ class CoordinatorRun:
             "workers": {
                 m.worker_id: {"bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received,
                               "bytes_total": m.bytes_sent + m.bytes_received, "tokens": m.tokens,
-                              "resyncs": m.resyncs, "alive": m.alive, "traffic": traffic_of(m)}
+                              "resyncs": m.resyncs, "alive": m.alive, "index": m.index, "joins": m.joins,
+                              "traffic": traffic_of(m)}
                 for m in members
             },
         }
 
     def _on_round(self, record: RoundRecord, aggregator: RoundAggregator) -> None:
-        for listener in self.round_listeners:
-            listener(record)
-        if self.run_dir is None:
-            return
-        self.run_dir.log_round(record)
-        self.run_dir.save_checkpoint(aggregator.replica, aggregator.state, aggregator.downlink_state, self.state.run_id,
-                                     self.state.base_digest)
+        """Record a closed round: the checkpoint first, then its metrics row (a crash between the two is
+        mended on resume from the record the checkpoint carries, so each round is logged exactly once)."""
+        with self._io:
+            if self._halted:
+                return
+            for listener in self.round_listeners:
+                listener(record)
+            if self.run_dir is not None:
+                self.run_dir.save_checkpoint(
+                    aggregator.replica, aggregator.state, aggregator.downlink_state, self.state.run_id,
+                    self.state.base_digest, members=self.state.membership(), record=record,
+                    elapsed_s=self.elapsed_before + time.monotonic() - self.started)
+                self.run_dir.log_round(record, self.state.run_id)
+            self._recorded = record.round + 1
+
+    def _on_join(self, member: Member) -> None:
+        if self.run_dir is not None:
+            self.run_dir.log("join", worker=member.worker_id, index=member.index, joins=member.joins,
+                             hostname=member.hostname, round=self.state.round)
 
     def _tick(self) -> None:
         while not self._stop.wait(0.25):

@@ -1,11 +1,14 @@
-"""The run directory `runs/<name>/`: resolved config, metrics.jsonl, checkpoint, summary.json.
+"""The run directory `runs/<name>/`: resolved config (token removed), metrics.jsonl, checkpoint, summary.json.
 
-Writes are atomic (temp file + rename) so a crash never leaves a torn checkpoint or summary behind.
+Files are replaced atomically (temp file, fsync, rename) so a crash never leaves a torn checkpoint or
+summary behind. metrics.jsonl is one JSON row per line, each written with a single `write`: a fresh run
+starts it empty, a resumed run (`resume`) only ever appends to it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -13,56 +16,83 @@ from typing import Any
 
 import torch
 
+from coordinator.checkpoint import ResumePoint, atomic_write, load_checkpoint, redacted
 from coordinator.state import RoundRecord
 from protocols.config import RunConfig, to_yaml
 from protocols.replica import Replica
 
+__all__ = ["RunDir", "load_checkpoint"]
+log = logging.getLogger(__name__)
+
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(data))
 
 
 class RunDir:
-    def __init__(self, root: str | Path, cfg: RunConfig) -> None:
+    def __init__(self, root: str | Path, cfg: RunConfig, resume: ResumePoint | None = None) -> None:
         self.path = Path(root)
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self.path / "config.yaml", to_yaml(cfg).encode())
+        self.cfg = cfg
+        _atomic_write_bytes(self.path / "config.yaml", to_yaml(redacted(cfg)).encode())
         self.metrics = self.path / "metrics.jsonl"
-        self.metrics.write_text("")
+        if resume is None:
+            self.metrics.write_text("")
+        else:
+            self._continue_metrics(resume)
+
+    def _continue_metrics(self, resume: ResumePoint) -> None:
+        """Make metrics.jsonl hold every round before the checkpoint's exactly once, by appending only: a
+        fragment torn by a crash mid-write is cut off, and the round the checkpoint closed is appended when
+        the crash came between the checkpoint and its row (the checkpoint is written first)."""
+        if self.metrics.exists():
+            data = self.metrics.read_bytes()
+            whole = data.rfind(b"\n") + 1  # bytes up to the end of the last whole row
+            if whole < len(data):
+                log.warning("%s: dropping a row torn by the crash (%d bytes)", self.metrics, len(data) - whole)
+                with self.metrics.open("r+b") as f:
+                    f.truncate(whole)
+        logged = {row.get("round") for row in self.rows() if row.get("event") == "round"}
+        record = resume.checkpoint.get("record")
+        if record is not None and record["round"] not in logged:
+            self.log("round", run_id=resume.run_id, **record)
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
 
     def log(self, event: str, **fields: Any) -> None:
-        with self.metrics.open("a") as f:
-            f.write(json.dumps({"event": event, **fields}) + "\n")
+        line = (json.dumps({"event": event, **fields}) + "\n").encode()
+        fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)  # one write: a crash leaves the row whole or torn at the end, never interleaved
+        finally:
+            os.close(fd)
 
-    def log_round(self, record: RoundRecord) -> None:
-        self.log("round", **asdict(record))
+    def log_round(self, record: RoundRecord, run_id: str = "") -> None:
+        self.log("round", run_id=run_id, **asdict(record))
 
     def save_checkpoint(self, replica: Replica, aggregator_state: Any, downlink_state: Any, run_id: str,
-                        base_digest: str = "") -> Path:
+                        base_digest: str = "", members: dict[str, dict[str, Any]] | None = None,
+                        record: RoundRecord | None = None, elapsed_s: float = 0.0) -> Path:
         """The replica after its last round plus what only the aggregator keeps (shifts, downlink residual) and,
         under adapters, the digest of the frozen base they train against (`params` then holds the adapter
         factors only: `lowband export` merges them into a plain checkpoint). `params` is kept at the top level
-        so `lowband sample` reads any checkpoint alike."""
+        so `lowband sample` reads any checkpoint alike. With the run id, the membership, the round's record and
+        the config (token removed) it is everything `--resume` needs (coordinator/checkpoint.py)."""
         path = self.path / "checkpoint.pt"
-        tmp = path.with_name("checkpoint.pt.tmp")
-        torch.save({"round": replica.round, "run_id": run_id, "params": replica.params, "replica": replica,
-                    "aggregator_state": aggregator_state, "downlink_state": downlink_state,
-                    "base_digest": base_digest}, tmp)
-        os.replace(tmp, path)
+        contents = {
+            "round": replica.round, "run_id": run_id, "params": replica.params, "replica": replica,
+            "aggregator_state": aggregator_state, "downlink_state": downlink_state, "base_digest": base_digest,
+            "members": members or {}, "record": asdict(record) if record is not None else None,
+            "elapsed_s": elapsed_s, "config": redacted(self.cfg).model_dump(mode="json"),
+            "token_required": bool(self.cfg.cluster.token),
+        }
+        atomic_write(path, lambda f: torch.save(contents, f))
         return path
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         path = self.path / "summary.json"
         _atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
         return path
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by `RunDir.save_checkpoint` (our own file, so full unpickling is fine)."""
-    ckpt: dict[str, Any] = torch.load(Path(path), map_location="cpu", weights_only=False)
-    for key in ("round", "params"):
-        if key not in ckpt:
-            raise ValueError(f"{path}: not a lowband checkpoint (no {key!r})")
-    return ckpt

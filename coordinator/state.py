@@ -27,7 +27,9 @@ from typing import Any
 
 from compression.payload import Payload
 from coordinator.base_attest import attested_base
+from coordinator.checkpoint import redacted
 from coordinator.errors import Code, Rejected
+from coordinator.membership import TRANSIENT_MEMBER_FIELDS, refuse_past_limit
 from coordinator.validate import check_initial_state
 from protocols.base import Aggregate, Protocol, Update
 from protocols.config import PROTOCOL_VERSION, RunConfig, to_yaml
@@ -81,6 +83,7 @@ class Member:
     resyncs: int = 0  # whole replicas pulled because the worker's fell behind or differed
     left: bool = False  # said Leave: departed until it joins again (no other call brings it back)
     pulls: int = 0  # whole replicas pulled in all (joins and rejoins included)
+    joins: int = 0  # joins under this id: the first, then one per rejoin (a restarted process, a NOT_FOUND)
 
 
 @dataclass
@@ -144,6 +147,7 @@ class CoordinatorState:
         run_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_round: Callable[[RoundRecord, RoundAggregator], None] | None = None,
+        on_join: Callable[[Member], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.protocol = protocol
@@ -151,6 +155,9 @@ class CoordinatorState:
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.clock = clock
         self.on_round = on_round
+        self.on_join = on_join  # called with every member that joined or rejoined, under the lock
+        # Restored from a checkpoint: training (re)starts once a quorum of members is back, not all of them.
+        self.resumed = False
         self.total_rounds = cfg.rounds
         self.members: dict[str, Member] = {}
         self.phase = Phase.WAITING
@@ -171,7 +178,7 @@ class CoordinatorState:
         self.base_digest = ""
         self._current: _Round | None = None
         self._cond = threading.Condition()
-        self.config_yaml = to_yaml(cfg)
+        self.config_yaml = to_yaml(redacted(cfg))  # workers have their token: never send it
         # Largest push accepted: before the state exists, an initial state of up to 8 GiB; after, twice
         # a dense copy of the model (no codec makes an update bigger than that) plus header slack.
         self.max_push_bytes = 8 << 30
@@ -191,10 +198,15 @@ class CoordinatorState:
                 member = self.members[requested_id]  # a reconnect keeps its index and counters
                 member.alive, member.last_seen, member.hostname, member.left = True, self.clock(), hostname, False
             else:
+                refuse_past_limit({w: m.alive for w, m in self.members.items()}, self.cfg.cluster.workers,
+                                  requested_id)
                 index = len(self.members)
                 worker_id = requested_id or next(f"w{k}" for k in itertools.count(index) if f"w{k}" not in self.members)
                 member = Member(worker_id=worker_id, index=index, hostname=hostname, last_seen=self.clock())
                 self.members[worker_id] = member
+            member.joins += 1
+            if self.on_join is not None:
+                self.on_join(dataclasses.replace(member))
             if self.aggregator is None and not self._initializer_alive():
                 self.initializer = member.worker_id
             self._maybe_start()
@@ -256,14 +268,31 @@ class CoordinatorState:
             self._maybe_start()
             self._cond.notify_all()
 
-    def restore(self, replica: Replica, aggregator_state: Any, downlink_state: Any, base_digest: str = "") -> None:
-        """Resume from a checkpoint (replica, aggregator and downlink state, the run's base digest), before any
-        worker joins."""
+    def restore(self, replica: Replica, aggregator_state: Any, downlink_state: Any, base_digest: str = "",
+                run_id: str | None = None, members: dict[str, dict[str, Any]] | None = None) -> None:
+        """Resume from a checkpoint (replica, aggregator and downlink state, the run's base digest, its run id
+        and membership), before any worker joins. Restored members keep their index and counters and count as
+        not alive until they call again (any authenticated call is proof of life); training restarts once a
+        quorum (`cluster.min_workers`) of them is back."""
         with self._cond:
             self.base_digest = base_digest
             self._install(RoundAggregator(self.protocol, self.downlink, replica, aggregator_state, downlink_state,
                                           fresh=False, fold_in_order=self.cfg.cluster.fold_order == "worker"))
             self.round = replica.round
+            self.resumed = True
+            if run_id:
+                self.run_id = run_id
+            known = {f.name for f in dataclasses.fields(Member)}  # a field this version lacks is dropped
+            for worker_id, fields in (members or {}).items():
+                kept = {k: v for k, v in fields.items() if k in known}
+                self.members[worker_id] = Member(**{**kept, "worker_id": worker_id, "alive": False,
+                                                    "last_seen": self.clock()})
+
+    def membership(self) -> dict[str, dict[str, Any]]:
+        """worker id -> its index and counters: what a checkpoint keeps of the member table."""
+        with self._cond:
+            return {w: {k: v for k, v in dataclasses.asdict(m).items() if k not in TRANSIENT_MEMBER_FIELDS}
+                    for w, m in self.members.items()}
 
     def check_member(self, worker_id: str, token: str) -> None:
         with self._cond:
@@ -317,6 +346,10 @@ class CoordinatorState:
         member = self._member(worker_id, token)
         if self.already_folded(worker_id, round_):
             raise AlreadyFolded(worker_id, round_)
+        if self.phase is Phase.WAITING and self.aggregator is not None:
+            # Resumed, waiting for the quorum to come back: the round opens soon, the sender waits for it.
+            raise Rejected(Code.FAILED_PRECONDITION, f"early round: update is for round {round_}, the coordinator is "
+                                                     f"waiting for workers to reopen round {self.round}")
         if self.phase is not Phase.TRAINING or self._current is None or self.aggregator is None:
             raise Rejected(Code.FAILED_PRECONDITION, f"no round is open (phase {self.phase.value})")
         current = self._current
@@ -432,6 +465,9 @@ class CoordinatorState:
         if member.left:  # NOT_FOUND: the client re-joins under its id if it still means to take part
             raise Rejected(Code.NOT_FOUND, f"worker {worker_id} left the run: join again to take part")
         member.last_seen, member.alive = self.clock(), True
+        if self.phase is Phase.WAITING and self.resumed:  # a restored member is back: maybe the quorum too
+            self._maybe_start()
+            self._cond.notify_all()
         return member
 
     def _install(self, aggregator: RoundAggregator) -> None:
@@ -447,7 +483,8 @@ class CoordinatorState:
     def _maybe_start(self) -> None:
         if self.phase is not Phase.WAITING or self.aggregator is None:
             return
-        if sum(m.alive for m in self.members.values()) < self.cfg.cluster.workers:
+        needed = self.cfg.cluster.quorum if self.resumed else self.cfg.cluster.workers
+        if sum(m.alive for m in self.members.values()) < needed:
             return
         if self.round >= self.total_rounds:
             self.phase = Phase.FINISHED

@@ -33,7 +33,7 @@ from deploy.cli_args import (
     readable_file,
 )
 from deploy.memory import tune_this_process
-from protocols.config import GOSSIP, ConfigError, RunConfig, load_config
+from protocols.config import GOSSIP, ConfigError, RunConfig, apply_overrides, load_config, parse_config
 
 DEFAULT_RECIPE = "diloco.yaml"
 
@@ -144,23 +144,52 @@ def _client_tls(args: argparse.Namespace) -> dict[str, Any]:
     return {"tls_ca": read_pem(args.tls_ca, "--tls-ca"), "tls_client": client}
 
 
+def _coordinator_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
+    """The run's config and, with --resume, the checked checkpoint to continue from. Without a recipe a resume
+    takes the checkpoint's own config (token removed: --token gives it again), --set overrides applied; with
+    one, the recipe must match the checkpoint. Every refusal is one ConfigError line, before anything is
+    written."""
+    from coordinator.checkpoint import check_resume_point, read_resume_point
+
+    point = read_resume_point(args.resume) if args.resume else None
+    if point is not None and args.recipe is None:
+        if args.init_from is not None:
+            raise ConfigError("--init-from starts a new run; --resume continues one: drop one of them")
+        cfg = parse_config(apply_overrides(point.checkpoint["config"], list(args.set)))
+    else:
+        cfg = _load(args)
+    if args.token:
+        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": args.token})})
+    if point is not None:
+        check_resume_point(point, cfg)
+    return cfg, point
+
+
 def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
     from coordinator.server import CoordinatorServer
     from deploy.report import plot_utilization, round_line
 
-    cfg = _load(args)
-    if args.token:
-        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": args.token})})
-    run_dir = Path(cfg.run_dir) / cfg.name
+    cfg, point = _coordinator_config(args)
+    run_dir = point.run_dir if point is not None else Path(cfg.run_dir) / cfg.name
     if cfg.protocol.kind == GOSSIP:
         return _serve_rendezvous(cfg, args, run_dir, console)
-    server = CoordinatorServer(cfg, bind=args.bind, run_dir=run_dir, resume=args.resume,
+    server = CoordinatorServer(cfg, bind=args.bind, run_dir=run_dir, resume=point,
                                tls=_read_tls(args.tls_cert, args.tls_key, args.tls_client_ca)).start()
     rounds = server.state.total_rounds
     server.round_listeners.append(
         lambda record: console.print(round_line(asdict(record), rounds), highlight=False, soft_wrap=True))
     what = f"coordinator for run [bold]{server.state.run_id}[/bold]"
+    if point is not None:
+        what += f" (resumed at round {point.round} of {rounds} from {point.path})"
     return _serve_until_finished(server, what, cfg, args, console, plot_utilization)
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: stop at the last recorded round."""
+
+
+def _raise_terminated(*_: object) -> None:
+    raise _Terminated
 
 
 def _serve_until_finished(server: Any, what: str, cfg: RunConfig, args: argparse.Namespace, console: Console,
@@ -172,19 +201,50 @@ def _serve_until_finished(server: Any, what: str, cfg: RunConfig, args: argparse
     if args.address_file:
         Path(args.address_file).write_text(server.address + "\n")
     console.print(f"{what} listening on {server.address}; waiting for {cfg.cluster.workers} workers")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    stopped_by = None
     try:
         server.wait_finished()
         server.wait_departed(120.0)
-    finally:
-        summary = server.summary()
-        server.stop()
+    except _Terminated:
+        stopped_by = "SIGTERM"
+    except KeyboardInterrupt:
+        stopped_by = "SIGINT"
+    # Stopping: a second signal must not cut the summary short. The checkpoint being written (if any) is
+    # finished, then no round is recorded any more: the run directory holds whole rounds only.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if stopped_by is not None and hasattr(server, "halt"):
+        server.halt()
+    server.stop()
+    summary = server.summary()
+    if stopped_by is not None:
+        summary["stopped_by"] = stopped_by
     if server.run_dir is not None:
         server.run_dir.write_summary(summary)
         plot_loss(server.run_dir.path, summary)
         plot(server.run_dir.path)
     print_final([summary], console)
-    return 0
+    if stopped_by is None:
+        return 0
+    print(f"lowband coordinator: stopped by {stopped_by}; {_stopped_at(server, summary, cfg)}", file=sys.stderr)
+    return 143 if stopped_by == "SIGTERM" else 130
+
+
+def _stopped_at(server: Any, summary: dict[str, Any], cfg: RunConfig) -> str:
+    """What a stopped coordinator left behind, and how to continue."""
+    where, rounds = server.run_dir.path if server.run_dir is not None else None, summary.get("rounds") or 0
+    if where is None:
+        return f"{rounds} of {cfg.rounds} rounds done, nothing written"
+    if not hasattr(server, "halt"):  # a gossip rendezvous keeps no checkpoint
+        return f"{rounds} of {cfg.rounds} rounds done; summary.json written in {where}"
+    if rounds >= cfg.rounds:
+        return f"the run had finished all {cfg.rounds} rounds; summary.json written in {where}"
+    if not (where / "checkpoint.pt").is_file():
+        return f"no round closed, nothing to resume; summary.json written in {where}"
+    token = " --token ..." if cfg.cluster.token else ""
+    return (f"{rounds} of {cfg.rounds} rounds recorded; checkpoint and summary.json in {where}; continue it with "
+            f"`lowband coordinator --resume {where}{token}`")
 
 
 def _serve_rendezvous(cfg: RunConfig, args: argparse.Namespace, run_dir: Path, console: Console) -> int:
@@ -318,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind", default="127.0.0.1:7070", type=bind_address,
                    help="HOST:PORT to listen on (port 0 picks a free one)")
     p.add_argument("--token", default="", help="shared secret workers must present")
-    p.add_argument("--resume", default=None, help="checkpoint.pt to resume the global state from")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a run from its run directory (or its checkpoint.pt): same run id, workers "
+                        "rejoin; without RECIPE the checkpoint's own config is used (give --token again)")
     p.add_argument("--tls-cert", default=None, type=readable_file,
                    help="PEM certificate chain (enables TLS with --tls-key; `lowband certs` makes one)")
     p.add_argument("--tls-key", default=None, type=readable_file, help="PEM private key")

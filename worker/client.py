@@ -7,6 +7,11 @@ gets a re-join under the same id. Refusals (bad shape, stale round, bad token) a
 Bytes are counted as serialized messages, i.e. what really crossed the wire, split by kind (`Traffic`):
 updates and aggregates are protocol bytes, the initial state and whole-replica pulls state bytes, every other
 call (and the small requests and replies around the streams) control bytes.
+
+A coordinator restarted with `--resume` continues from its last checkpoint: an update it acknowledged
+after that checkpoint is gone with the process. So after any transient failure (`reconnects` counts
+them) the update this worker is waiting on is pushed again before the wait goes on; push is idempotent
+per (worker, round), so a coordinator that still has it acknowledges it without folding it twice.
 """
 
 from __future__ import annotations
@@ -68,6 +73,9 @@ class CoordinatorClient:
         self.hostname = ""
         self.traffic = Traffic()
         self.last_state_hash = ""
+        self.reconnects = 0  # transient failures seen (a restart of the coordinator shows up as some)
+        # The last update pushed: (round, its push arguments, `reconnects` when it was last acknowledged).
+        self._pending: tuple[int, tuple[Any, ...], int] | None = None
         self._connect()
 
     def _connect(self) -> None:
@@ -108,6 +116,7 @@ class CoordinatorClient:
                     continue
                 if not _transient(err) or time.monotonic() > deadline:
                     raise
+                self.reconnects += 1
                 log.info("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
@@ -157,10 +166,34 @@ class CoordinatorClient:
         self._unary(self.stub.Leave, m.LeaveRequest(envelope=self._envelope(), reason=reason), timeout=10.0)
 
     def wait_round(self, after_round: int, max_wait_s: float = 30.0) -> m.RoundInfo:
-        req = m.WaitRequest(envelope=self._envelope(), after_round=after_round, max_wait_s=max_wait_s)
-        info = self._call(lambda: self._unary(self.stub.WaitRound, req, timeout=max_wait_s + 30.0))
+        def once() -> Any:
+            wait = max_wait_s if self._repush_if_reconnected(after_round) else min(max_wait_s, 1.0)
+            req = m.WaitRequest(envelope=self._envelope(), after_round=after_round, max_wait_s=wait)
+            return self._unary(self.stub.WaitRound, req, timeout=wait + 30.0)
+
+        info = self._call(once)
         assert isinstance(info, m.RoundInfo)
         return info
+
+    def _repush_if_reconnected(self, round_: int) -> bool:
+        """Push the update of `round_` again if the connection failed since it was acknowledged (the
+        coordinator may have restarted from a checkpoint without it). False while the coordinator cannot
+        take it yet (a resumed coordinator waiting for its workers): the caller then polls briefly."""
+        pending = self._pending
+        if pending is None or pending[0] != round_ or pending[2] == self.reconnects:
+            return True
+        seen = self.reconnects
+        try:
+            self._push(*pending[1])
+        except grpc.RpcError as err:
+            details = err.details() or ""
+            if err.code() is grpc.StatusCode.FAILED_PRECONDITION and details.startswith("early round"):
+                return False
+            if not (err.code() is grpc.StatusCode.FAILED_PRECONDITION and details.startswith("stale round")):
+                raise
+        log.info("pushed round %d's update again after reconnecting", round_)
+        self._pending = (pending[0], pending[1], seen)
+        return True
 
     def pull(self, resync: bool = False) -> Replica:
         """The coordinator's whole replica, checked against its digest (`resync`: ours fell behind or differed)."""
@@ -201,8 +234,12 @@ class CoordinatorClient:
             raise
 
     def push(self, round_: int, update: Update, metrics: dict[str, float]) -> m.PushReply:
+        args = (m.PushKind.UPDATE, round_, update.payloads, update.weight, metrics)
+        seen = self.reconnects
         try:
-            return self._push(m.PushKind.UPDATE, round_, update.payloads, update.weight, metrics)
+            reply = self._push(*args)
+            self._pending = (round_, args, seen)
+            return reply
         except grpc.RpcError as err:
             details = err.details() or ""
             if err.code() is grpc.StatusCode.FAILED_PRECONDITION and details.startswith("stale round"):

@@ -130,6 +130,8 @@ class RoundLoop:
         session, transport, protocol, result = self.session, self.transport, self.protocol, self.result
         replica = transport.start(session.params(), session.base_digest())
         result.worker_id = transport.worker_id
+        # Joining a run already under way (late, or restarted): the LR schedule goes on from the global step.
+        session.continue_from(replica.round)
         state = protocol.init_worker_state(replica.params)
         self._span_began = began = time.perf_counter()
         if protocol.overlapped:

@@ -92,6 +92,22 @@ class Session:
         h = self.cfg.inner_steps
         return max(0, min(h, self.cfg.train.steps - round_ * h))
 
+    def steps_before(self, round_: int) -> int:
+        """Inner steps every worker has taken when round `round_` starts (the global step)."""
+        return min(round_ * self.cfg.inner_steps, self.cfg.train.steps)
+
+    def continue_from(self, round_: int) -> int:
+        """Start training at round `round_` (a late joiner, or a worker process restarted mid-run): the step
+        counter, and so the learning-rate schedule, continues from the global step instead of warming up
+        again, and this shard's batch stream skips the batches the run's earlier rounds drew from it. The
+        inner AdamW moments start afresh (they lived in the lost process). Returns the steps skipped."""
+        target = self.steps_before(round_)
+        skipped = max(0, target - self.trainer.step_count)
+        for _ in range(skipped):
+            next(self.trainer.sampler)
+        self.trainer.step_count += skipped
+        return skipped
+
     def save_checkpoint(self, path: str | Path, params: Params, round_: int, run_id: str) -> None:
         """A plain checkpoint (`lowband sample` reads it as it reads the coordinator's)."""
         torch.save({"round": round_, "run_id": run_id, "params": params}, Path(path))

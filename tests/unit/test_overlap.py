@@ -76,11 +76,18 @@ def test_overlap_changes_the_trajectory_but_not_the_bytes_per_round() -> None:
 
 def test_an_update_for_a_round_not_yet_open_is_refused_as_early_and_one_for_a_closed_round_as_stale() -> None:
     cfg = _config("diloco", overlap=True)
-    state = CoordinatorState(cfg, build_protocol(cfg))
-    for name in ("w0", "w1"):
+    # Three members, w2 silent from the start: rounds close with w0 and w1 (the quorum) once it lapses.
+    cluster = cfg.cluster.model_copy(update={"workers": 3, "min_workers": 2, "heartbeat_timeout_s": 5.0})
+    now = [0.0]
+    state = CoordinatorState(cfg.model_copy(update={"cluster": cluster}), build_protocol(cfg), clock=lambda: now[0])
+    for name in ("w0", "w1", "w2"):
         state.join("test", "", PROTOCOL_VERSION, name)
     params = {"w": torch.zeros(3)}
     state.offer_initial_state("w0", "", {"w": dense(params["w"])})
+    now[0] = 10.0
+    state.heartbeat("w0", "", 0, None, None)
+    state.heartbeat("w1", "", 0, None, None)
+    state.tick()  # w2 lapsed
     update = Update({"w": dense(torch.full((3,), 0.1))})
     state.submit("w0", "", 0, update, {}, 0)
     with pytest.raises(Rejected) as refused:
@@ -89,7 +96,6 @@ def test_an_update_for_a_round_not_yet_open_is_refused_as_early_and_one_for_a_cl
     state.submit("w1", "", 0, update, {}, 0)
     assert state.submit("w0", "", 1, update, {}, 0) == 1  # round 1 is open now
     assert state.submit("w1", "", 0, update, {}, 0) == 0  # a retry of a folded push: acknowledged, folded once
-    state.join("test", "", PROTOCOL_VERSION, "w2")
     with pytest.raises(Rejected) as late:
         state.submit("w2", "", 0, update, {}, 0)  # round 0 has closed without it: too late, not early
     assert is_stale(late.value) and not is_early(late.value)
