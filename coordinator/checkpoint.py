@@ -25,14 +25,7 @@ from typing import Any
 import torch
 
 from protocols.config import ConfigError, RunConfig
-
-# Config fields that may change across a restart: where the run lives and how patient the coordinator is.
-# Everything else shapes the replica, the data or the schedule, and must match the checkpoint.
-OPERATIONAL_FIELDS = frozenset({
-    "name", "run_dir",
-    "cluster.token", "cluster.round_deadline_s", "cluster.heartbeat_interval_s", "cluster.heartbeat_timeout_s",
-    "cluster.actor_start_timeout_s", "cluster.cpus_per_worker",
-})
+from protocols.handshake import OPERATIONAL_FIELDS, flatten
 
 
 def redacted(cfg: RunConfig) -> RunConfig:
@@ -56,19 +49,10 @@ def atomic_write(path: Path, write: Any) -> None:
         os.close(dir_fd)
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): data}
-
-
 def config_difference(saved: dict[str, Any], cfg: RunConfig) -> str | None:
     """None when `cfg` may continue the run whose checkpoint holds `saved` (its `model_dump(mode="json")`);
     else one line naming the differing fields (the first three, with both values)."""
-    old, new = _flatten(saved), _flatten(cfg.model_dump(mode="json"))
+    old, new = flatten(saved), flatten(cfg.model_dump(mode="json"))
     differing = sorted(k for k in old.keys() | new.keys()
                        if k not in OPERATIONAL_FIELDS and old.get(k, "<absent>") != new.get(k, "<absent>"))
     if not differing:

@@ -34,6 +34,7 @@ from coordinator.validate import check_initial_state
 from protocols.base import Aggregate, Protocol, Update
 from protocols.config import PROTOCOL_VERSION, RunConfig, to_yaml
 from protocols.downlink import Downlink
+from protocols.handshake import config_hash, handshake_problem
 from protocols.replica import Replica
 from protocols.round import RoundAggregator, UpdateRejected
 
@@ -179,12 +180,15 @@ class CoordinatorState:
         self._current: _Round | None = None
         self._cond = threading.Condition()
         self.config_yaml = to_yaml(redacted(cfg))  # workers have their token: never send it
+        self.config_hash = config_hash(cfg)
         # Largest push accepted: before the state exists, an initial state of up to 8 GiB; after, twice
         # a dense copy of the model (no codec makes an update bigger than that) plus header slack.
         self.max_push_bytes = 8 << 30
 
     # ---- membership ----------------------------------------------------------------------------
-    def join(self, hostname: str, token: str, protocol_version: int, requested_id: str = "") -> Member:
+    def join(self, hostname: str, token: str, protocol_version: int, requested_id: str = "",
+             software_version: str = "", worker_config_hash: str = "") -> Member:
+        """A worker joins, or re-joins under its id; the handshake (protocols/handshake.py) is judged first."""
         with self._cond:
             self._check_token(token)
             if protocol_version != PROTOCOL_VERSION:
@@ -192,6 +196,9 @@ class CoordinatorState:
                     Code.FAILED_PRECONDITION,
                     f"protocol version {protocol_version} is not supported (coordinator speaks {PROTOCOL_VERSION})",
                 )
+            problem = handshake_problem(software_version, worker_config_hash, self.config_hash)
+            if problem is not None:
+                raise Rejected(Code.FAILED_PRECONDITION, problem)
             if self.phase is Phase.FINISHED:
                 raise Rejected(Code.FAILED_PRECONDITION, "the run has finished; no new workers are accepted")
             if requested_id and requested_id in self.members:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from protocols.config import RunConfig
 
 # Modules of the package that are infrastructure, not protocols (importing them registers nothing).
-_NOT_PROTOCOLS = {"base", "config", "registry", "settings", "wire"}
+_NOT_PROTOCOLS = {"base", "config", "handshake", "registry", "settings", "wire"}
 
 
 @functools.cache

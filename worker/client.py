@@ -28,6 +28,7 @@ import grpc
 from compression.payload import dense, dense_values
 from protocols.base import Aggregate, Update
 from protocols.config import PROTOCOL_VERSION
+from protocols.handshake import LOWBAND_VERSION
 from protocols.replica import Params, Replica
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
@@ -73,6 +74,7 @@ class CoordinatorClient:
         self.hostname = ""
         self.traffic = Traffic()
         self.last_state_hash = ""
+        self.config_hash = ""  # the run's, from the first join (protocols/handshake.py)
         self.reconnects = 0  # transient failures seen (a restart of the coordinator shows up as some)
         # The last update pushed: (round, its push arguments, `reconnects` when it was last acknowledged).
         self._pending: tuple[int, tuple[Any, ...], int] | None = None
@@ -130,10 +132,14 @@ class CoordinatorClient:
 
     # ---- calls ---------------------------------------------------------------------------------
     def _join_once(self) -> m.JoinReply:
-        req = m.JoinRequest(envelope=self._envelope(0), hostname=self.hostname)
+        # A re-join sends the hash of the config this worker took at its first join: a coordinator resumed with
+        # another config refuses it instead of letting it train the old one.
+        req = m.JoinRequest(envelope=self._envelope(0), hostname=self.hostname, software_version=LOWBAND_VERSION,
+                            config_hash=self.config_hash)
         reply = self._unary(self.stub.Join, req)
         assert isinstance(reply, m.JoinReply)
         self.run_id, self.worker_id, self.round = reply.run_id, reply.worker_id, reply.round
+        self.config_hash = reply.config_hash
         return reply
 
     def join(self, hostname: str, requested_id: str = "") -> m.JoinReply:

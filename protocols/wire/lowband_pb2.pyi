@@ -194,8 +194,14 @@ class JoinRequest(_message.Message):
 
     ENVELOPE_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
+    SOFTWARE_VERSION_FIELD_NUMBER: _builtins.int
+    CONFIG_HASH_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     """Where the worker runs, for logs and the run summary only."""
+    software_version: _builtins.str
+    """The lowband version the worker runs; a different one is refused (empty: not judged)."""
+    config_hash: _builtins.str
+    """On a re-join, the hash of the config the worker trains with; refused if not the run's (empty on a first join)."""
     @_builtins.property
     def envelope(self) -> Global___Envelope:
         """worker_id = requested id (may be empty), token and protocol_version are checked."""
@@ -205,10 +211,12 @@ class JoinRequest(_message.Message):
         *,
         envelope: Global___Envelope | None = ...,
         hostname: _builtins.str = ...,
+        software_version: _builtins.str = ...,
+        config_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "hostname", b"hostname"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_hash", b"config_hash", "envelope", b"envelope", "hostname", b"hostname", "software_version", b"software_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -227,6 +235,7 @@ class JoinReply(_message.Message):
     CONFIG_YAML_FIELD_NUMBER: _builtins.int
     HAS_GLOBAL_STATE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    CONFIG_HASH_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The id the coordinator assigned; every later Envelope carries it."""
     worker_index: _builtins.int
@@ -241,6 +250,8 @@ class JoinReply(_message.Message):
     """False: no global parameters yet and this worker is the one asked to push INITIAL_STATE (others wait)."""
     heartbeat_interval_s: _builtins.float
     """How often the worker must call Heartbeat, in seconds."""
+    config_hash: _builtins.str
+    """Hash of the run's config (operational fields left out): sent back on every re-join."""
     def __init__(
         self,
         *,
@@ -251,10 +262,11 @@ class JoinReply(_message.Message):
         config_yaml: _builtins.str = ...,
         has_global_state: _builtins.bool = ...,
         heartbeat_interval_s: _builtins.float = ...,
+        config_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_yaml", b"config_yaml", "has_global_state", b"has_global_state", "heartbeat_interval_s", b"heartbeat_interval_s", "round", b"round", "run_id", b"run_id", "worker_id", b"worker_id", "worker_index", b"worker_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_hash", b"config_hash", "config_yaml", b"config_yaml", "has_global_state", b"has_global_state", "heartbeat_interval_s", b"heartbeat_interval_s", "round", b"round", "run_id", b"run_id", "worker_id", b"worker_id", "worker_index", b"worker_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

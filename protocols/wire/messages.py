@@ -87,6 +87,8 @@ class JoinRequest:
 
     envelope: Envelope
     hostname: str = ""
+    software_version: str = ""  # the worker's lowband version (protocols/handshake.py)
+    config_hash: str = ""  # on a re-join: the hash of the config the worker trains with
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class JoinReply:
     config_yaml: str
     has_global_state: bool
     heartbeat_interval_s: float
+    config_hash: str = ""
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ ENV = m.Envelope(run_id="run-7", worker_id="w3", round=12, protocol_version=1, t
 
 EXAMPLES: list[m.Message] = [
     ENV,
-    m.JoinRequest(m.Envelope(run_id="", worker_id="", round=0, protocol_version=1, token="t"), hostname="gpu-box"),
+    m.JoinRequest(m.Envelope(run_id="", worker_id="", round=0, protocol_version=1, token="t"), hostname="gpu-box",
+                  software_version="0.1.0", config_hash="0123456789abcdef"),
     m.JoinReply(
         worker_id="w3",
         worker_index=2,
@@ -39,6 +40,7 @@ EXAMPLES: list[m.Message] = [
         config_yaml="protocol:\n  kind: diloco\n",
         has_global_state=True,
         heartbeat_interval_s=2.5,
+        config_hash="0123456789abcdef",
     ),
     m.HeartbeatRequest(ENV, inner_step=31, last_loss=1.875, bytes_sent=2**40, eval_loss=2.0625),
     m.HeartbeatReply(round=12, phase=m.Phase.TRAINING),
