@@ -13,11 +13,12 @@ import logging
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from protocols.base import Protocol, Update
 from protocols.downlink import Downlink, apply_aggregate
+from protocols.local_updates import adapted_inner_steps
 from protocols.replica import Params, Replica
 from worker.faults import Faults
 from worker.optimizers import optimizer_state_bytes
@@ -39,7 +40,10 @@ class WorkerResult:
     bytes_sent: int = 0
     bytes_received: int = 0
     bytes_total: int = 0
-    stale_updates: int = 0  # updates that arrived after their round closed (not folded)
+    stale_updates: int = 0  # updates that arrived after their round closed (dropped, or folded late)
+    late_folded: int = 0  # of those, folded weighted down into a later round (`cluster.late: stale`)
+    slowdown: float = 1.0  # the straggler factor this worker ran under (faults.stragglers)
+    steps_per_round: list[int] = field(default_factory=list)  # inner steps run each round (adaptive: fewer)
     resyncs: int = 0  # whole replicas pulled after the start
     state_hashes: list[str] = field(default_factory=list)  # the replica's digest after every round
     param_hash: str = ""  # params_digest of the final replica's parameters
@@ -98,7 +102,13 @@ class RoundLoop:
         self.session, self.transport, self.protocol = session, transport, protocol
         self.downlink = Downlink.of(session.cfg.protocol, protocol)
         self.progress, self.faults = progress, faults or Faults()
-        self.result = WorkerResult(worker_id=transport.worker_id)
+        cfg = session.cfg
+        slowdown = cfg.faults.slowdown(session.index, session.workers, cfg.seed)
+        if slowdown != 1.0 and self.faults.slowdown == 1.0:  # an explicit Faults(slowdown=...) wins
+            self.faults = replace(self.faults, slowdown=slowdown)
+        self.adaptive = bool(getattr(cfg.protocol, "adaptive_inner_steps", False))
+        self.step_s = 0.0  # this worker's measured seconds per inner step, the last round's (slowdown included)
+        self.result = WorkerResult(worker_id=transport.worker_id, slowdown=self.faults.slowdown)
         self._digested: Replica | None = None
         self._last_digest = ""
         self._span_began = time.perf_counter()
@@ -163,7 +173,7 @@ class RoundLoop:
             handle, state, compute_s, _ = self._train(replica.round, replica, replica.params, state)
             waited = time.perf_counter()
             outcome = self._await(handle)
-            if not outcome.accepted:
+            if not (outcome.accepted or outcome.folded_late):
                 state = before
             replica = self._absorb(replica.round, outcome, replica)
             self._account(began, compute_s, time.perf_counter() - waited)
@@ -205,7 +215,7 @@ class RoundLoop:
                             state: Any) -> tuple[Replica, Any]:
         """Absorb an overlapped round's outcome; a refused update goes back into the worker state."""
         outcome = self._await(pending.handle)
-        if not outcome.accepted:
+        if not (outcome.accepted or outcome.folded_late):
             state = self.protocol.withdraw(pending.update, state)
         return self._absorb(pending.round, outcome, replica), state
 
@@ -246,20 +256,33 @@ class RoundLoop:
             self._span_began += evaluated
             self._evaluating_s += evaluated
         steps = session.steps_in_round(round_)
+        if self.adaptive:  # dynamic local updates: as many steps as fit in the round's target time
+            steps = adapted_inner_steps(steps, transport.target_round_s, self.step_s)
         losses = []
+        stepping = time.perf_counter()
         for _ in range(steps):
             self.faults.before_step(session.trainer.step_count)
+            step_began = time.perf_counter()
             losses.append(session.trainer.step())
+            self.faults.after_step(time.perf_counter() - step_began)
             transport.report(session.trainer.step_count, losses[-1], None)
+        if steps:
+            self.step_s = (time.perf_counter() - stepping) / steps
         update, state = self.protocol.make_update(session.params(), start, state)
         update = self.faults.corrupt_update(update)
+        tokens = steps * session.tokens_per_step
+        if self.adaptive and tokens:  # token-weighted averaging (protocols/local_updates.py)
+            update = replace(update, weight=float(tokens))
         compute_s = time.perf_counter() - began
-        metrics.update(train_loss=sum(losses) / max(len(losses), 1), tokens=float(steps * session.tokens_per_step))
+        metrics.update(train_loss=sum(losses) / max(len(losses), 1), tokens=float(tokens))
+        if steps:
+            metrics["step_s"] = self.step_s
         span = self._span(round_, compute_s)
         result.spans.append(span)
         metrics.update({k: v for k, v in span.items() if k != "round"})
         handle = transport.exchange(round_, update, metrics)
         result.rounds += 1
+        result.steps_per_round.append(steps)
         result.steps += steps
         result.tokens += steps * session.tokens_per_step
         if self.progress is not None:
@@ -271,6 +294,7 @@ class RoundLoop:
         """The replica after round `round_`'s outcome: its aggregate applied and checked by digest."""
         if not outcome.accepted:
             self.result.stale_updates += 1
+            self.result.late_folded += outcome.folded_late
         if outcome.aggregate is None:
             replica = self._resync(f"the aggregate of round {round_} is no longer available")
         else:

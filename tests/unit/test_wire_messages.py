@@ -65,7 +65,7 @@ EXAMPLES: list[m.Message] = [
     ),
     m.PushReply(accepted=True, round=13, bytes_received=123456),
     m.WaitRequest(ENV, after_round=12, max_wait_s=30.0),
-    m.RoundInfo(round=13, phase=m.Phase.FINISHED, state_hash="cd" * 32, rounds_total=20),
+    m.RoundInfo(round=13, phase=m.Phase.FINISHED, state_hash="cd" * 32, rounds_total=20, target_round_s=1.5),
     # gossip: the Rendezvous and Peer services
     m.EnrollRequest(ENV, hostname="gpu-box", address="10.1.2.3:50051"),
     m.EnrollReply(worker_id="w3", worker_index=3, run_id="run-7", config_yaml="protocol:\n  kind: gossip\n",
