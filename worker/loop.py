@@ -184,6 +184,8 @@ class RoundLoop:
         for it is the only blocking). The first round after joining has no aggregate to apply, as in the
         paper's first round. A refused (stale) update is taken back into the error feedback
         (`Protocol.withdraw`) after the next round's update was made, so what it carried is sent later.
+        A straggler that fell so far behind that it resynced the whole replica goes on at the open round, as
+        after joining (the outcomes of its older rounds are then already in the replica).
 
         Eager (`overlap.eager`): round t+1 starts from the replica nudged by this worker's own round-t
         update in place of its stale share (`AveragingProtocol.eager_start`); the replica itself, and so
@@ -206,7 +208,11 @@ class RoundLoop:
             if pending is not None:
                 replica, state = self._absorb_withdrawing(pending, replica, state)
             self._account(began, compute_s, time.perf_counter() - waited)
-            pending, round_ = _Pending(round_, handle, update), round_ + 1
+            pending = _Pending(round_, handle, update)
+            if replica.round > round_:  # a straggler resynced past its rounds: it goes on at the open round
+                round_, fresh, stale = replica.round, None, None
+            else:
+                round_ += 1
         if pending is not None:
             replica, state = self._absorb_withdrawing(pending, replica, state)
         return replica, self.transport.status(replica.round - 1)
@@ -295,8 +301,12 @@ class RoundLoop:
         if not outcome.accepted:
             self.result.stale_updates += 1
             self.result.late_folded += outcome.folded_late
-        if outcome.aggregate is None:
+        if replica.round > round_:
+            pass  # a resync already brought the replica past this round (an overlapped straggler)
+        elif outcome.aggregate is None:
             replica = self._resync(f"the aggregate of round {round_} is no longer available")
+        elif replica.round < round_:
+            replica = self._resync(f"the replica is at round {replica.round}, behind round {round_}'s aggregate")
         else:
             replica = self.faults.after_apply(apply_aggregate(self.protocol, self.downlink, outcome.aggregate, replica))
             if self._digest(replica) != outcome.state_hash:

@@ -46,8 +46,7 @@ def test_adaptive_inner_steps_keep_a_3x_straggler_in_every_round_with_a_third_of
     for rec in records:  # nobody is left behind: every round waits for, and gets, both workers
         assert rec["closed_by"] == "all" and rec["workers"] == sorted([slow["worker_id"], fast["worker_id"]])
         assert rec["late_folded"] == {} and rec["late_dropped"] == []
-    assert fast["steps_per_round"] == [inner] * rounds
-    assert slow["steps_per_round"][0] == inner  # no speed measured before the first round
+    assert fast["steps_per_round"][0] == slow["steps_per_round"][0] == inner  # no speed measured before round 0
     # From round 1 on, the slow worker fits about a third of the steps in the fast worker's round time, and
     # reports that many tokens (generous bounds: step times on a loaded machine wander).
     later = records[1:]
