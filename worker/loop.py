@@ -42,6 +42,7 @@ class WorkerResult:
     bytes_total: int = 0
     stale_updates: int = 0  # updates that arrived after their round closed (dropped, or folded late)
     late_folded: int = 0  # of those, folded weighted down into a later round (`cluster.late: stale`)
+    dropped_tokens: int = 0  # tokens trained for updates that were dropped (in no aggregate)
     slowdown: float = 1.0  # the straggler factor this worker ran under (faults.stragglers)
     steps_per_round: list[int] = field(default_factory=list)  # inner steps run each round (adaptive: fewer)
     resyncs: int = 0  # whole replicas pulled after the start
@@ -114,6 +115,7 @@ class RoundLoop:
         self._span_began = time.perf_counter()
         self._span_blocked = self._span_comm = 0.0
         self._evaluating_s = 0.0  # evaluations inside rounds, left out of train_s and of the spans
+        self._round_tokens: dict[int, int] = {}  # tokens of each round whose outcome is still to come
 
     def _digest(self, replica: Replica) -> str:
         """The replica's digest, hashed once per replica object (a round compares it up to three times)."""
@@ -290,7 +292,8 @@ class RoundLoop:
         result.rounds += 1
         result.steps_per_round.append(steps)
         result.steps += steps
-        result.tokens += steps * session.tokens_per_step
+        result.tokens += tokens
+        self._round_tokens[round_] = tokens
         if self.progress is not None:
             self.progress({"worker": transport.worker_id, "round": round_, "step": session.trainer.step_count,
                            **metrics})
@@ -298,9 +301,11 @@ class RoundLoop:
 
     def _absorb(self, round_: int, outcome: RoundResult, replica: Replica) -> Replica:
         """The replica after round `round_`'s outcome: its aggregate applied and checked by digest."""
+        tokens = self._round_tokens.pop(round_, 0)
         if not outcome.accepted:
             self.result.stale_updates += 1
             self.result.late_folded += outcome.folded_late
+            self.result.dropped_tokens += 0 if outcome.folded_late else tokens
         if replica.round > round_:
             pass  # a resync already brought the replica past this round (an overlapped straggler)
         elif outcome.aggregate is None:

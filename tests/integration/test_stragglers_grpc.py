@@ -81,6 +81,7 @@ def test_a_late_update_under_a_fixed_deadline_is_dropped_or_folded_with_its_stal
     for r in results:
         if late == "drop":
             assert r["late_folded"] == 0 and dropped.count(r["worker_id"]) <= r["stale_updates"]
+            assert r["dropped_tokens"] == r["stale_updates"] * inner * 8 * 32  # every late one, dropped whole
         else:
             assert folded_from.count(r["worker_id"]) == r["late_folded"] <= r["stale_updates"]
     if late == "drop":

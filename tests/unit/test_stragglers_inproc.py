@@ -61,6 +61,8 @@ def test_late_updates_are_folded_with_their_staleness_weight(tmp_path: Path, nam
     folded = [(sender, rec["round"], weight) for rec in records for sender, weight in rec["late_folded"].items()]
     for r in results:
         assert sum(sender.startswith(f"{r.worker_id}@") for sender, _, _ in folded) == r.late_folded
+        # Only an update that missed every round (after the last one closed) was dropped.
+        assert r.dropped_tokens == (r.stale_updates - r.late_folded) * H * 8 * 32
     for sender, folded_into, weight in folded:
         pushed_for = int(sender.partition("@")[2])
         assert weight == pytest.approx(0.5 ** (folded_into - pushed_for))
