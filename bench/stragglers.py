@@ -36,6 +36,7 @@ Writes bench/results/<out>.json.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -87,6 +88,7 @@ def collect(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     began = time.perf_counter()
+    load_before = os.getloadavg()  # other jobs on a shared machine move every time here
     with Pool() as pool:
         deadline_s: float | None = None
         for name in CONTENDERS:
@@ -107,7 +109,8 @@ def collect(plan: Plan, log: Callable[[str], None] = print) -> dict[str, Any]:
         "eval_loss_vs_uniform <= 1.02": adaptive["eval_loss_vs_uniform"] <= LOSS_TARGET,
     }
     return {"rows": rows, "targets_stragglers_adaptive": targets, "plan": asdict(plan),
-            "deadline_factor": DEADLINE_FACTOR, "bench_seconds": time.perf_counter() - began}
+            "deadline_factor": DEADLINE_FACTOR, "bench_seconds": time.perf_counter() - began,
+            "load_average_1_5_15min": {"before": list(load_before), "after": list(os.getloadavg())}}
 
 
 def main(argv: list[str] | None = None) -> None:
