@@ -164,3 +164,15 @@ def test_a_slowed_step_sleeps_its_factor_minus_one_times_its_measured_time(monke
     Faults().after_step(10.0)  # no slowdown: no sleep
     Faults(slowdown=2.0).after_step(0.0)
     assert slept == [pytest.approx(0.1)]
+
+
+
+def test_the_stragglers_recipe_resolves_by_name_with_what_its_comments_say() -> None:
+    from deploy.cli import recipe_path
+    from protocols.config import load_config
+
+    cfg = load_config(recipe_path("stragglers"))
+    assert cfg.protocol.kind == "diloco" and getattr(cfg.protocol, "adaptive_inner_steps", False)
+    cluster = cfg.cluster
+    assert (cluster.workers, cluster.quorum, cluster.deadline, cluster.late) == (4, 3, "adaptive", "stale")
+    assert sorted(cfg.faults.slowdown(i, 4, cfg.seed) for i in range(4)) == [1.0, 1.0, 1.0, 3.0]
