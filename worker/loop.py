@@ -108,7 +108,7 @@ class RoundLoop:
         if slowdown != 1.0 and self.faults.slowdown == 1.0:  # an explicit Faults(slowdown=...) wins
             self.faults = replace(self.faults, slowdown=slowdown)
         self.adaptive = bool(getattr(cfg.protocol, "adaptive_inner_steps", False))
-        self.step_s = 0.0  # this worker's measured seconds per inner step, the last round's (slowdown included)
+        self.step_s = 0.0  # this worker's seconds per inner step, measured and smoothed (slowdown included)
         self.result = WorkerResult(worker_id=transport.worker_id, slowdown=self.faults.slowdown)
         self._digested: Replica | None = None
         self._last_digest = ""
@@ -274,8 +274,9 @@ class RoundLoop:
             losses.append(session.trainer.step())
             self.faults.after_step(time.perf_counter() - step_began)
             transport.report(session.trainer.step_count, losses[-1], None)
-        if steps:
-            self.step_s = (time.perf_counter() - stepping) / steps
+        if steps:  # smoothed over rounds (half each): a noisy round moves this worker's step count less
+            measured = (time.perf_counter() - stepping) / steps
+            self.step_s = measured if self.step_s <= 0 else (self.step_s + measured) / 2
         update, state = self.protocol.make_update(session.params(), start, state)
         update = self.faults.corrupt_update(update)
         tokens = steps * session.tokens_per_step
