@@ -178,7 +178,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         wait = min(req.max_wait_s or MAX_WAIT_S, MAX_WAIT_S)
         with self.wait_slots.hold():
             round_, phase, state_hash = self.state.wait_for_round(req.after_round, wait)
-        info = m.RoundInfo(round_, _PHASE[phase], state_hash, self.state.total_rounds)
+        info = m.RoundInfo(round_, _PHASE[phase], state_hash, self.state.total_rounds, self.state.target_round_s)
         return serde.to_pb(info)
 
     @answered

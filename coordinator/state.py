@@ -28,6 +28,7 @@ from typing import Any
 from compression.payload import Payload
 from coordinator.base_attest import attested_base
 from coordinator.checkpoint import redacted
+from coordinator.deadline import DeadlinePolicy
 from coordinator.errors import Code, Rejected
 from coordinator.membership import TRANSIENT_MEMBER_FIELDS, refuse_past_limit
 from coordinator.validate import check_initial_state
@@ -35,6 +36,7 @@ from protocols.base import Aggregate, Protocol, Update
 from protocols.config import PROTOCOL_VERSION, RunConfig, to_yaml
 from protocols.downlink import Downlink
 from protocols.handshake import config_hash, handshake_problem
+from protocols.local_updates import round_target_s
 from protocols.replica import Replica
 from protocols.round import RoundAggregator, UpdateRejected
 
@@ -111,6 +113,12 @@ class RoundRecord:
     comm_s: float | None = None
     compute_utilization: float | None = None
     utilization_per_worker: dict[str, float] = field(default_factory=dict)
+    tokens_per_worker: dict[str, int] = field(default_factory=dict)  # this round's reports
+    deadline_s: float | None = None  # the deadline the round had (coordinator/deadline.py)
+    # Late updates (pushed for a round that had closed): folded into this round, sender "worker@round" ->
+    # the weight applied (`cluster.late: stale`), and the workers whose late update was dropped.
+    late_folded: dict[str, float] = field(default_factory=dict)
+    late_dropped: list[str] = field(default_factory=list)
 
 
 # A worker's span of the round (worker/loop.py `RoundLoop._span`), in seconds, and compute / wall.
@@ -138,6 +146,9 @@ class _Round:
     number: int
     started: float
     reported: dict[str, dict[str, float]] = field(default_factory=dict)
+    quorum_s: float | None = None  # seconds from opening to the quorum-th report
+    late_folded: dict[str, float] = field(default_factory=dict)  # see RoundRecord
+    late_dropped: list[str] = field(default_factory=list)
 
 
 class CoordinatorState:
@@ -178,6 +189,9 @@ class CoordinatorState:
         # Digest of the frozen base weights under adapters: the first one attested (or the checkpoint's).
         self.base_digest = ""
         self._current: _Round | None = None
+        self.deadline = DeadlinePolicy(cfg.cluster)
+        # The round's target compute time for adaptive inner steps (protocols/local_updates.py); 0 = none yet.
+        self.target_round_s = 0.0
         self._cond = threading.Condition()
         self.config_yaml = to_yaml(redacted(cfg))  # workers have their token: never send it
         self.config_hash = config_hash(cfg)
@@ -357,6 +371,9 @@ class CoordinatorState:
             # Resumed, waiting for the quorum to come back: the round opens soon, the sender waits for it.
             raise Rejected(Code.FAILED_PRECONDITION, f"early round: update is for round {round_}, the coordinator is "
                                                      f"waiting for workers to reopen round {self.round}")
+        if self.phase is Phase.FINISHED and round_ < self.round:  # a straggler's update after the last round
+            raise Rejected(Code.FAILED_PRECONDITION,
+                           f"stale round: update is for round {round_}, the run finished after round {self.round - 1}")
         if self.phase is not Phase.TRAINING or self._current is None or self.aggregator is None:
             raise Rejected(Code.FAILED_PRECONDITION, f"no round is open (phase {self.phase.value})")
         current = self._current
@@ -366,18 +383,23 @@ class CoordinatorState:
                 f"early round: update is for round {round_}, the coordinator is still at round {current.number}",
             )
         if round_ < current.number:
+            if self.cfg.cluster.late == "stale":
+                return member, current  # folded into the open round, weighted down (`submit`)
+            current.late_dropped.append(worker_id)  # counted, nothing else changes
             raise Rejected(
                 Code.FAILED_PRECONDITION,
                 f"stale round: update is for round {round_}, the coordinator is at round {current.number}",
             )
-        if worker_id in current.reported:
+        if round_ == current.number and worker_id in current.reported:
             raise Rejected(Code.ALREADY_EXISTS, f"worker {worker_id} already sent its update for round {round_}")
         return member, current
 
     def submit(
         self, worker_id: str, token: str, round_: int, update: Update, metrics: dict[str, float], wire_bytes: int
     ) -> int:
-        """Validate and fold one worker's update into the open round. Returns the round it counted for."""
+        """Validate and fold one worker's update into the open round. Returns the round it counted for: a late
+        update under `cluster.late: stale` counts for the open round, its weight times `stale_weight` per
+        round of lateness, under the sender name "worker@round" (the worker still owes its own update)."""
         with self._cond:
             try:
                 member, current = self._open_round_for(worker_id, token, round_)
@@ -385,11 +407,21 @@ class CoordinatorState:
                 return round_  # acknowledged again, folded once
             assert self.aggregator is not None  # _open_round_for checked it
             _check_metrics(worker_id, metrics)
+            late = round_ < current.number
+            sender = f"{worker_id}@{round_}" if late else worker_id
+            if late:
+                update = dataclasses.replace(
+                    update, weight=update.weight * self.cfg.cluster.stale_weight ** (current.number - round_))
             try:
-                self.aggregator.submit(worker_id, update, member.index)
+                self.aggregator.submit(sender, update, member.index)
             except UpdateRejected as err:
                 raise Rejected(Code.ALREADY_EXISTS if err.duplicate else Code.INVALID_ARGUMENT, str(err)) from None
-            current.reported[worker_id] = dict(metrics)
+            if late:
+                current.late_folded[sender] = update.weight
+            else:
+                current.reported[worker_id] = dict(metrics)
+                if current.quorum_s is None and len(current.reported) >= self.cfg.cluster.quorum:
+                    current.quorum_s = self.clock() - current.started
             self.folded.setdefault(round_, set()).add(worker_id)
             member.bytes_sent += wire_bytes
             member.protocol_sent += wire_bytes
@@ -400,7 +432,7 @@ class CoordinatorState:
             member.last_seen, member.alive = self.clock(), True
             self._maybe_close()
             self._cond.notify_all()
-            return round_
+            return current.number
 
     def count_download(self, worker_id: str, nbytes: int, kind: str = "protocol") -> None:
         """`nbytes` streamed to a worker: an aggregate ("protocol") or a whole replica ("state")."""
@@ -508,7 +540,7 @@ class CoordinatorState:
         if reported and live <= reported and len(reported) >= self.cfg.cluster.quorum:
             closed_by = "all"  # every live worker, and at least the quorum: lapsed heartbeats cannot bypass it
         elif (
-            self.clock() - current.started >= self.cfg.cluster.round_deadline_s
+            self.clock() - current.started >= self.deadline.deadline_s()
             and len(reported) >= self.cfg.cluster.quorum
         ):
             closed_by = "deadline"
@@ -524,6 +556,9 @@ class CoordinatorState:
             self.folded.pop(old, None)
         record = self._record(current, closed_by, aggregate.nbytes())
         self.history.append(record)
+        self.deadline.observe(current.quorum_s)
+        self.target_round_s = round_target_s(self.cfg.inner_steps,
+                                             (m.get("step_s", 0.0) for m in current.reported.values()))
         self.round += 1
         if self.on_round is not None:
             self.on_round(record, self.aggregator)
@@ -560,4 +595,8 @@ class CoordinatorState:
             compute_utilization=mean("utilization"),
             utilization_per_worker={w: m["utilization"] for w, m in sorted(current.reported.items())
                                     if "utilization" in m},
+            tokens_per_worker={w: int(m.get("tokens", 0)) for w, m in sorted(current.reported.items())},
+            deadline_s=self.deadline.deadline_s(),
+            late_folded=dict(current.late_folded),
+            late_dropped=list(current.late_dropped),
         )

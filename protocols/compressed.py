@@ -44,6 +44,9 @@ class AveragingSettings(ProtocolSettings):
     downlink: DownlinkConfig = DownlinkConfig()
     overlap: OverlapConfig = OverlapConfig()
     robust: RobustConfig = RobustConfig()
+    # Dynamic local updates (protocols/local_updates.py): each worker runs as many of the `inner_steps` as fit
+    # in the round's target time at its own measured speed, and updates are averaged weighted by tokens.
+    adaptive_inner_steps: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from protocols.downlink import Downlink
+from protocols.faults_config import FaultsConfig
 from protocols.registry import protocol_class, settings_models
 from protocols.settings import (
     PROTOCOL_VERSION,
@@ -54,6 +55,8 @@ __all__ = [
 
 # The protocol kind with no aggregator: workers mix models with their graph neighbours (protocols/gossip).
 GOSSIP = "gossip"
+# The protocols whose straggler controls (late updates folded, adaptive inner steps) are supported.
+STRAGGLER_KINDS = ("diloco", "sparseloco")
 
 if TYPE_CHECKING:
     ProtocolConfig = ProtocolSettings
@@ -80,6 +83,8 @@ class RunConfig(_Strict):
     init_from: str | None = None
     # `lowband simulate`: federated clients as state (protocols/simulation_config.py); None for other runs.
     simulation: SimulationConfig | None = None
+    # Injected slowness (protocols/faults_config.py): per-worker straggler factors, for experiments.
+    faults: FaultsConfig = FaultsConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -151,6 +156,21 @@ class RunConfig(_Strict):
                 f"link.workers has {len(self.link.workers)} entries but cluster.workers is {self.cluster.workers}: "
                 "give one link per worker"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _straggler_controls_fit(self) -> RunConfig:
+        """Late updates folded with a staleness weight and adaptive inner steps are for the averaging protocols
+        over a coordinator (diloco, its overlapped CO2 form, sparseloco): others key state by sender."""
+        adaptive = getattr(self.protocol, "adaptive_inner_steps", False)
+        for name, on in (("cluster.late 'stale'", self.cluster.late == "stale"),
+                         ("protocol.adaptive_inner_steps", adaptive)):
+            if on and self.protocol.kind not in STRAGGLER_KINDS:
+                raise ValueError(f"{name} is for protocol.kind {' or '.join(STRAGGLER_KINDS)}, not "
+                                 f"{self.protocol.kind!r}")
+            if on and self.cluster.transport not in ("grpc", "inproc"):
+                raise ValueError(f"{name} needs a coordinator (cluster.transport 'grpc' or 'inproc'), not "
+                                 f"{self.cluster.transport!r}")
         return self
 
     @property

@@ -314,6 +314,18 @@ class ClusterConfig(_Strict):
     workers: PositiveInt = 4
     min_workers: PositiveInt | None = None  # quorum at the deadline; None = all workers
     round_deadline_s: PositiveFloat = 300.0
+    # When a round that has its quorum but not every live worker closes (coordinator/deadline.py): `fixed`
+    # = `round_deadline_s` after it opened; `adaptive` = `deadline_factor` times the `deadline_quantile` of
+    # the last `deadline_window` rounds' quorum times (open -> the min_workers-th report), never more than
+    # `round_deadline_s` (also the deadline until a first round has closed). The quorum is never bypassed.
+    deadline: Literal["fixed", "adaptive"] = "fixed"
+    deadline_factor: float = Field(1.5, ge=1.0)
+    deadline_quantile: float = Field(0.5, ge=0.0, le=1.0)
+    deadline_window: PositiveInt = 8
+    # An update pushed for a round that already closed: `drop` it (the worker pulls the aggregate and goes on),
+    # or `stale`: fold it into the open round with its weight times `stale_weight` per round of lateness.
+    late: Literal["drop", "stale"] = "drop"
+    stale_weight: float = Field(0.5, gt=0.0, le=1.0)
     heartbeat_interval_s: PositiveFloat = 2.0
     heartbeat_timeout_s: PositiveFloat = 30.0
     cpus_per_worker: PositiveFloat = 0.5

@@ -1,5 +1,9 @@
 """Fault and straggler injection for experiments and tests: slow steps, a crash at a given step, a
-replica corrupted after a given round (the worker must notice by the digest and resync)."""
+replica corrupted after a given round (the worker must notice by the digest and resync).
+
+A straggler (`slowdown` f > 1, from the run's `faults.stragglers`, protocols/faults_config.py) sleeps
+`(f - 1)` times each inner step's measured duration after it, so it runs f times slower than its machine
+lets it, whatever that machine's speed and load."""
 
 from __future__ import annotations
 
@@ -23,6 +27,12 @@ class Faults:
     # > 0: every update this worker sends is Gaussian noise of this many times its own norm (a broken or
     # malicious worker; dense updates only), to try robust aggregation against.
     garbage_scale: float = 0.0
+    slowdown: float = 1.0  # >= 1: every inner step takes this many times its real duration (see above)
+
+    def after_step(self, measured_s: float) -> None:
+        """Stretch a step that took `measured_s` seconds to `slowdown` times that."""
+        if self.slowdown > 1.0 and measured_s > 0:
+            time.sleep((self.slowdown - 1.0) * measured_s)
 
     def before_step(self, step: int) -> None:
         if self.crash_at_step >= 0 and step >= self.crash_at_step:

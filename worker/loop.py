@@ -13,11 +13,12 @@ import logging
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from protocols.base import Protocol, Update
 from protocols.downlink import Downlink, apply_aggregate
+from protocols.local_updates import adapted_inner_steps
 from protocols.replica import Params, Replica
 from worker.faults import Faults
 from worker.optimizers import optimizer_state_bytes
@@ -41,7 +42,11 @@ class WorkerResult:
     bytes_total: int = 0
     # bytes_sent / bytes_received split into protocol, control and state traffic (worker/traffic.py)
     traffic: dict[str, int] = field(default_factory=dict)
-    stale_updates: int = 0  # updates that arrived after their round closed (not folded)
+    stale_updates: int = 0  # updates that arrived after their round closed (dropped, or folded late)
+    late_folded: int = 0  # of those, folded weighted down into a later round (`cluster.late: stale`)
+    dropped_tokens: int = 0  # tokens trained for updates that were dropped (in no aggregate)
+    slowdown: float = 1.0  # the straggler factor this worker ran under (faults.stragglers)
+    steps_per_round: list[int] = field(default_factory=list)  # inner steps run each round (adaptive: fewer)
     resyncs: int = 0  # whole replicas pulled after the start
     state_hashes: list[str] = field(default_factory=list)  # the replica's digest after every round
     param_hash: str = ""  # params_digest of the final replica's parameters
@@ -100,12 +105,19 @@ class RoundLoop:
         self.session, self.transport, self.protocol = session, transport, protocol
         self.downlink = Downlink.of(session.cfg.protocol, protocol)
         self.progress, self.faults = progress, faults or Faults()
-        self.result = WorkerResult(worker_id=transport.worker_id)
+        cfg = session.cfg
+        slowdown = cfg.faults.slowdown(session.index, session.workers, cfg.seed)
+        if slowdown != 1.0 and self.faults.slowdown == 1.0:  # an explicit Faults(slowdown=...) wins
+            self.faults = replace(self.faults, slowdown=slowdown)
+        self.adaptive = bool(getattr(cfg.protocol, "adaptive_inner_steps", False))
+        self.step_s = 0.0  # this worker's seconds per inner step, measured and smoothed (slowdown included)
+        self.result = WorkerResult(worker_id=transport.worker_id, slowdown=self.faults.slowdown)
         self._digested: Replica | None = None
         self._last_digest = ""
         self._span_began = time.perf_counter()
         self._span_blocked = self._span_comm = 0.0
         self._evaluating_s = 0.0  # evaluations inside rounds, left out of train_s and of the spans
+        self._round_tokens: dict[int, int] = {}  # tokens of each round whose outcome is still to come
 
     def _digest(self, replica: Replica) -> str:
         """The replica's digest, hashed once per replica object (a round compares it up to three times)."""
@@ -167,7 +179,7 @@ class RoundLoop:
             handle, state, compute_s, _ = self._train(replica.round, replica, replica.params, state)
             waited = time.perf_counter()
             outcome = self._await(handle)
-            if not outcome.accepted:
+            if not (outcome.accepted or outcome.folded_late):
                 state = before
             replica = self._absorb(replica.round, outcome, replica)
             self._account(began, compute_s, time.perf_counter() - waited)
@@ -178,6 +190,8 @@ class RoundLoop:
         for it is the only blocking). The first round after joining has no aggregate to apply, as in the
         paper's first round. A refused (stale) update is taken back into the error feedback
         (`Protocol.withdraw`) after the next round's update was made, so what it carried is sent later.
+        A straggler that fell so far behind that it resynced the whole replica goes on at the open round, as
+        after joining (the outcomes of its older rounds are then already in the replica).
 
         Eager (`overlap.eager`): round t+1 starts from the replica nudged by this worker's own round-t
         update in place of its stale share (`AveragingProtocol.eager_start`); the replica itself, and so
@@ -200,7 +214,11 @@ class RoundLoop:
             if pending is not None:
                 replica, state = self._absorb_withdrawing(pending, replica, state)
             self._account(began, compute_s, time.perf_counter() - waited)
-            pending, round_ = _Pending(round_, handle, update), round_ + 1
+            pending = _Pending(round_, handle, update)
+            if replica.round > round_:  # a straggler resynced past its rounds: it goes on at the open round
+                round_, fresh, stale = replica.round, None, None
+            else:
+                round_ += 1
         if pending is not None:
             replica, state = self._absorb_withdrawing(pending, replica, state)
         return replica, self.transport.status(replica.round - 1)
@@ -209,7 +227,7 @@ class RoundLoop:
                             state: Any) -> tuple[Replica, Any]:
         """Absorb an overlapped round's outcome; a refused update goes back into the worker state."""
         outcome = self._await(pending.handle)
-        if not outcome.accepted:
+        if not (outcome.accepted or outcome.folded_late):
             state = self.protocol.withdraw(pending.update, state)
         return self._absorb(pending.round, outcome, replica), state
 
@@ -250,22 +268,37 @@ class RoundLoop:
             self._span_began += evaluated
             self._evaluating_s += evaluated
         steps = session.steps_in_round(round_)
+        if self.adaptive:  # dynamic local updates: as many steps as fit in the round's target time
+            steps = adapted_inner_steps(steps, transport.target_round_s, self.step_s)
         losses = []
+        stepping = time.perf_counter()
         for _ in range(steps):
             self.faults.before_step(session.trainer.step_count)
+            step_began = time.perf_counter()
             losses.append(session.trainer.step())
+            self.faults.after_step(time.perf_counter() - step_began)
             transport.report(session.trainer.step_count, losses[-1], None)
+        if steps:  # smoothed over rounds (half each): a noisy round moves this worker's step count less
+            measured = (time.perf_counter() - stepping) / steps
+            self.step_s = measured if self.step_s <= 0 else (self.step_s + measured) / 2
         update, state = self.protocol.make_update(session.params(), start, state)
         update = self.faults.corrupt_update(update)
+        tokens = steps * session.tokens_per_step
+        if self.adaptive and tokens:  # token-weighted averaging (protocols/local_updates.py)
+            update = replace(update, weight=float(tokens))
         compute_s = time.perf_counter() - began
-        metrics.update(train_loss=sum(losses) / max(len(losses), 1), tokens=float(steps * session.tokens_per_step))
+        metrics.update(train_loss=sum(losses) / max(len(losses), 1), tokens=float(tokens))
+        if steps:
+            metrics["step_s"] = self.step_s
         span = self._span(round_, compute_s)
         result.spans.append(span)
         metrics.update({k: v for k, v in span.items() if k != "round"})
         handle = transport.exchange(round_, update, metrics)
         result.rounds += 1
+        result.steps_per_round.append(steps)
         result.steps += steps
-        result.tokens += steps * session.tokens_per_step
+        result.tokens += tokens
+        self._round_tokens[round_] = tokens
         if self.progress is not None:
             self.progress({"worker": transport.worker_id, "round": round_, "step": session.trainer.step_count,
                            **metrics})
@@ -273,10 +306,17 @@ class RoundLoop:
 
     def _absorb(self, round_: int, outcome: RoundResult, replica: Replica) -> Replica:
         """The replica after round `round_`'s outcome: its aggregate applied and checked by digest."""
+        tokens = self._round_tokens.pop(round_, 0)
         if not outcome.accepted:
             self.result.stale_updates += 1
-        if outcome.aggregate is None:
+            self.result.late_folded += outcome.folded_late
+            self.result.dropped_tokens += 0 if outcome.folded_late else tokens
+        if replica.round > round_:
+            pass  # a resync already brought the replica past this round (an overlapped straggler)
+        elif outcome.aggregate is None:
             replica = self._resync(f"the aggregate of round {round_} is no longer available")
+        elif replica.round < round_:
+            replica = self._resync(f"the replica is at round {replica.round}, behind round {round_}'s aggregate")
         else:
             replica = self.faults.after_apply(apply_aggregate(self.protocol, self.downlink, outcome.aggregate, replica))
             if self._digest(replica) != outcome.state_hash:

@@ -749,9 +749,9 @@ class PushReply(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     BYTES_RECEIVED_FIELD_NUMBER: _builtins.int
     accepted: _builtins.bool
-    """True when the update was folded into the round (false: arrived after the round closed)."""
+    """True when the update was folded (a late one refused instead gets FAILED_PRECONDITION)."""
     round: _builtins.int
-    """The coordinator's round after receiving the push."""
+    """The round it was folded into: a later one than pushed for a late update (late: stale)."""
     bytes_received: _builtins.int
     """Tensor bytes the coordinator received in this push."""
     def __init__(
@@ -811,6 +811,7 @@ class RoundInfo(_message.Message):
     PHASE_FIELD_NUMBER: _builtins.int
     STATE_HASH_FIELD_NUMBER: _builtins.int
     ROUNDS_TOTAL_FIELD_NUMBER: _builtins.int
+    TARGET_ROUND_S_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     """The coordinator's current round."""
     phase: Global___Phase.ValueType
@@ -819,6 +820,10 @@ class RoundInfo(_message.Message):
     """Hash of the global state of `round` (empty while there is none)."""
     rounds_total: _builtins.int
     """Number of rounds the run will do."""
+    target_round_s: _builtins.float
+    """Target compute seconds of the open round for adaptive inner steps (protocols/local_updates.py): H times
+    the fastest step time measured in the round before. 0 = no target yet (run every inner step).
+    """
     def __init__(
         self,
         *,
@@ -826,10 +831,11 @@ class RoundInfo(_message.Message):
         phase: Global___Phase.ValueType = ...,
         state_hash: _builtins.str = ...,
         rounds_total: _builtins.int = ...,
+        target_round_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["phase", b"phase", "round", b"round", "rounds_total", b"rounds_total", "state_hash", b"state_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["phase", b"phase", "round", b"round", "rounds_total", b"rounds_total", "state_hash", b"state_hash", "target_round_s", b"target_round_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

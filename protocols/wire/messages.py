@@ -217,6 +217,7 @@ class RoundInfo:
     phase: Phase
     state_hash: str
     rounds_total: int
+    target_round_s: float = 0.0
 
 
 @dataclass(frozen=True)

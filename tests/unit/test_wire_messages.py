@@ -67,7 +67,7 @@ EXAMPLES: list[m.Message] = [
     ),
     m.PushReply(accepted=True, round=13, bytes_received=123456),
     m.WaitRequest(ENV, after_round=12, max_wait_s=30.0),
-    m.RoundInfo(round=13, phase=m.Phase.FINISHED, state_hash="cd" * 32, rounds_total=20),
+    m.RoundInfo(round=13, phase=m.Phase.FINISHED, state_hash="cd" * 32, rounds_total=20, target_round_s=1.5),
     m.StatusRequest(m.Envelope(run_id="", worker_id="", round=0, protocol_version=1, token="t")),
     m.WorkerStatus(worker_id="w0", hostname="gpu-box", alive=True, round=3, inner_step=90, loss=2.5, eval_loss=2.75,
                    tokens=2**20, tokens_per_s=1024.5, link="10 Mbit/s, 50 ms", resyncs=1, last_seen_s=0.25,

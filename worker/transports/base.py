@@ -35,11 +35,13 @@ class RoundStatus:
 class RoundResult:
     """What came back for one round. accepted: our update was folded (False: the round closed without
     it). aggregate: what every replica applies (None: no longer available; resync the whole replica).
-    state_hash: the digest of the aggregator's replica after applying it."""
+    state_hash: the digest of the aggregator's replica after applying it. folded_late: not accepted for its
+    round, but folded, weighted down, into a later one (`cluster.late: stale`): what it carried was used."""
 
     accepted: bool
     aggregate: Aggregate | None
     state_hash: str
+    folded_late: bool = False
 
 
 class Handle(Generic[T]):
@@ -76,6 +78,9 @@ class Transport(ABC):
     """Carries one worker's side of the rounds. Bytes are counted both ways, as they crossed the wire."""
 
     worker_id: str = ""
+    # The round's target compute time the aggregator last named, for adaptive inner steps
+    # (protocols/local_updates.py); 0.0 = none (run every inner step).
+    target_round_s: float = 0.0
     _sent: int = 0
     _received: int = 0
 

@@ -65,16 +65,17 @@ class GrpcTransport(StarTransport):
 
     def _wait(self, after_round: int) -> tuple[int, str, str]:
         info = self.client.wait_round(after_round)
+        self.target_round_s = info.target_round_s
         return info.round, info.phase.value, info.state_hash
 
     def _push(self, round_: int, update: Update, metrics: dict[str, float]) -> PushOutcome:
         try:
-            self.client.push(round_, update, metrics)
+            reply = self.client.push(round_, update, metrics)
         except StaleRound:
             return "stale"
         except EarlyRound:
             return "early"
-        return "accepted"
+        return "late" if reply.round > round_ else "accepted"
 
     def _aggregate(self, round_: int, own: Update | None) -> tuple[Aggregate, str] | None:
         try:

@@ -25,6 +25,8 @@ class RoundService(Protocol):
     """What the in-process transport calls: the coordinator's state machine (`coordinator.state`), handed
     in by whoever builds the run (the worker package never imports the coordinator)."""
 
+    target_round_s: float  # the round's target compute time, for adaptive inner steps (0 = none)
+
     @property
     def round(self) -> int: ...
     def join(self, hostname: str, token: str, protocol_version: int, requested_id: str = "") -> Any: ...
@@ -62,11 +64,12 @@ class InprocTransport(StarTransport):
 
     def _wait(self, after_round: int) -> tuple[int, str, str]:
         round_, phase, state_hash = self.state.wait_for_round(after_round, WAIT_S)
+        self.target_round_s = self.state.target_round_s
         return round_, phase.value, state_hash
 
     def _push(self, round_: int, update: Update, metrics: dict[str, float]) -> PushOutcome:
         try:
-            self.state.submit(self.worker_id, self.token, round_, update, metrics, update.nbytes())
+            counted = self.state.submit(self.worker_id, self.token, round_, update, metrics, update.nbytes())
         except Rejected as err:
             if is_early(err):
                 return "early"
@@ -75,7 +78,7 @@ class InprocTransport(StarTransport):
             self._traffic.add("protocol", sent=update.nbytes())
             return "stale"
         self._traffic.add("protocol", sent=update.nbytes())
-        return "accepted"
+        return "late" if counted > round_ else "accepted"
 
     def _aggregate(self, round_: int, own: Update | None) -> tuple[Aggregate, str] | None:
         try:

@@ -105,6 +105,10 @@ class Link(Transport):
         return self.inner.worker_id
 
     @property
+    def target_round_s(self) -> float:  # type: ignore[override]
+        return self.inner.target_round_s
+
+    @property
     def bytes_sent(self) -> int:
         return self.inner.bytes_sent
 

@@ -1,6 +1,7 @@
 """What the transports that talk to a coordinator's state machine share, whether over gRPC or in process:
 joining with the seeded model, waiting for a round, pushing an update (an early push waits for its round
-to open, a stale one is dropped), and pulling the closed round's aggregate on a background thread.
+to open, a stale one is dropped or, with `cluster.late: stale`, folded late into the open round), and
+pulling the closed round's aggregate on a background thread.
 
 A subclass says how to reach the state machine through five hooks; the round protocol is written once.
 """
@@ -15,7 +16,9 @@ from protocols.base import Aggregate, Update
 from protocols.replica import Params, Replica
 from worker.transports.base import Handle, RoundResult, RoundStatus, Transport
 
-PushOutcome = Literal["accepted", "stale", "early"]
+# accepted: folded into its round; late: its round had closed, folded into a later one (`cluster.late: stale`);
+# stale: its round had closed, dropped; early: its round is not open yet.
+PushOutcome = Literal["accepted", "late", "stale", "early"]
 
 
 class StarTransport(Transport):
@@ -35,7 +38,7 @@ class StarTransport(Transport):
 
     @abstractmethod
     def _push(self, round_: int, update: Update, metrics: dict[str, float]) -> PushOutcome:
-        """Hand the update in; whether it was folded, its round had closed, or its round is not open yet."""
+        """Hand the update in; what became of it (`PushOutcome`)."""
 
     @abstractmethod
     def _aggregate(self, round_: int, own: Update | None) -> tuple[Aggregate, str] | None:
@@ -80,12 +83,12 @@ class StarTransport(Transport):
     def _exchange(self, round_: int, update: Update, metrics: dict[str, float]) -> RoundResult:
         while (outcome := self._push(round_, update, metrics)) == "early":
             self.status(round_ - 1)  # overlapping: the previous round has not closed yet
-        accepted = outcome == "accepted"  # stale: the round closed without us (we were a straggler)
+        accepted = outcome == "accepted"  # stale or late: the round closed without us (we were a straggler)
         self.status(round_)
         pulled = self._aggregate(round_, update if accepted else None)
         if pulled is None:
-            return RoundResult(accepted, None, "")
-        return RoundResult(accepted, *pulled)
+            return RoundResult(accepted, None, "", folded_late=outcome == "late")
+        return RoundResult(accepted, *pulled, folded_late=outcome == "late")
 
     def resync(self) -> Replica:
         return self._pull(resync=True)

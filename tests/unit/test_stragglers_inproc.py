@@ -1,0 +1,71 @@
+"""Straggler controls in SparseLoCo and CO2 (DiLoCo with overlap), on the in-process transport: the
+coordinator's state machine and worker threads (no sockets), the tiny GPT, a worker slowed by
+`faults.stragglers`. Asserted on the recorded rounds and results, never on times."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy.inproc import run_inproc
+from tests.conftest import tiny_config
+from worker.loop import WorkerResult
+
+H, ROUNDS = 6, 4
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "sparseloco": {"kind": "sparseloco", "inner_steps": H},
+    "co2": {"kind": "diloco", "inner_steps": H, "outer_momentum": 0.0, "overlap": {"enabled": True}},
+}
+
+
+def run(tmp_path: Path, protocol: dict[str, Any], cluster: dict[str, Any], factors: list[float], rounds: int = ROUNDS,
+        link: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[WorkerResult]]:
+    cfg = tiny_config(
+        protocol=protocol, link=link,
+        train={"steps": rounds * H, "lr": 1e-2, "warmup_steps": 1, "eval_batches": 2, "eval_every_steps": 1000},
+        cluster={"workers": len(factors), "transport": "inproc", "heartbeat_timeout_s": 600, **cluster},
+        faults={"stragglers": {"factors": factors}},
+    )
+    _, results = run_inproc(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len({r.param_hash for r in results}) == 1  # every replica ends the same, stragglers included
+    return [row for row in rows if row["event"] == "round"], results
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOLS))
+def test_adaptive_inner_steps_keep_the_straggler_in_every_round_with_fewer_steps(tmp_path: Path, name: str) -> None:
+    # Behind an emulated link (a fast one): the target time reaches the loop through the Link wrapper too.
+    records, results = run(tmp_path, {**PROTOCOLS[name], "adaptive_inner_steps": True}, {}, [3, 1],
+                           link={"bandwidth_mbps": 1000.0})
+    slow = next(r for r in results if r.slowdown == 3.0)
+    fast = next(r for r in results if r.slowdown == 1.0)
+    assert [rec["round"] for rec in records] == list(range(ROUNDS))
+    assert all(rec["closed_by"] == "all" and len(rec["workers"]) == 2 for rec in records)
+    # No speed is known before the first round; then each fits its steps in H of the fastest step time
+    # measured (the fast worker too may fit a step or two fewer when its own steps wander).
+    assert fast.steps_per_round[0] == slow.steps_per_round[0] == H
+    assert sum(slow.steps_per_round[1:]) < sum(fast.steps_per_round[1:])
+    for rec in records:  # what each worker reported is what it trained: steps x batch 8 x block 32
+        assert rec["tokens_per_worker"][slow.worker_id] == slow.steps_per_round[rec["round"]] * 8 * 32
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOLS))
+def test_late_updates_are_folded_with_their_staleness_weight(tmp_path: Path, name: str) -> None:
+    cluster = {"min_workers": 2, "round_deadline_s": 0.05, "late": "stale", "stale_weight": 0.5}
+    # A round closes once the two fast workers have reported: the 3x slower one's updates come in late, in
+    # a run long enough that (at least) the first of them finds a round open to be folded into.
+    records, results = run(tmp_path, PROTOCOLS[name], cluster, [3, 1, 1], rounds=8)
+    assert [rec["round"] for rec in records] == list(range(8))
+    assert next(r for r in results if r.slowdown == 3.0).late_folded >= 1
+    folded = [(sender, rec["round"], weight) for rec in records for sender, weight in rec["late_folded"].items()]
+    for r in results:
+        assert sum(sender.startswith(f"{r.worker_id}@") for sender, _, _ in folded) == r.late_folded
+        # Only an update that missed every round (after the last one closed) was dropped.
+        assert r.dropped_tokens == (r.stale_updates - r.late_folded) * H * 8 * 32
+    for sender, folded_into, weight in folded:
+        pushed_for = int(sender.partition("@")[2])
+        assert weight == pytest.approx(0.5 ** (folded_into - pushed_for))
+    assert all(rec["late_dropped"] == [] for rec in records)
