@@ -44,6 +44,21 @@ STATUS = {
 SERVER_OPTIONS: list[tuple[str, int]] = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
+def listen(server: grpc.Server, bind: str, what: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind `server` to `bind` (TLS with `credentials`); the port bound. A port in use (SERVER_OPTIONS: no
+    sharing) or an address not this machine's raises one OSError that names `what` and `bind`."""
+    try:
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    except RuntimeError as err:  # grpc's "Failed to bind to address ..."
+        port, why = 0, str(err)
+    else:
+        why = ""
+    if port == 0:
+        raise OSError(f"cannot listen on {bind} for the {what}: the port is in use, or the address is not one of "
+                      f"this machine's{f' ({why})' if why else ''}")
+    return port
+
+
 def server_credentials(cert_chain: bytes, private_key: bytes, client_ca: bytes | None = None) -> grpc.ServerCredentials:
     """TLS for a server; with `client_ca`, mutual TLS: a client must show a certificate that CA signed."""
     return grpc.ssl_server_credentials([(private_key, cert_chain)], root_certificates=client_ca,
