@@ -4,7 +4,8 @@
 aggregator, so no state machine, replica or checkpoint; the rendezvous says who is in the run and where each
 worker's Peer service listens, writes metrics.jsonl from the workers' round reports, and drops workers whose
 heartbeats stop (a ticker calls `Rendezvous.tick`). It binds without SO_REUSEPORT (a port in use fails with
-one OSError), and bounds its threads and concurrent calls (`RendezvousLimits`). The models travel worker to worker
+one OSError), and bounds its threads and concurrent calls (`RendezvousLimits`); a call whose request does not arrive
+is ended (`UnaryRequestGuard`). The models travel worker to worker
 (worker/transports/p2p.py); the servicer's per-worker byte counters show that none passed through here.
 """
 
@@ -23,10 +24,12 @@ from coordinator.rendezvous import Rendezvous
 from coordinator.rendezvous_servicer import RendezvousLimits, RendezvousServicer
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc
-from protocols.wire.servicing import SERVER_OPTIONS, listen
+from protocols.wire.servicing import SERVER_OPTIONS, UnaryRequestGuard, listen
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
+# A call's request must arrive within this (or cluster.stream_idle_s, if shorter).
+REQUEST_WAIT_S = 10.0
 
 
 class RendezvousServer:
@@ -37,7 +40,11 @@ class RendezvousServer:
         limits = RendezvousLimits.of(cfg)  # room for every waiting Roster plus the quick calls
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=SERVER_OPTIONS,
                                   maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-        lowband_pb2_grpc.add_RendezvousServicer_to_server(self.servicer, self.server)
+        # A client that opens a call and never sends its request is ended after the wait, holding one of at
+        # most `limits.readers` threads meanwhile.
+        self.request_guard = UnaryRequestGuard("rendezvous", limits.readers,
+                                               min(cfg.cluster.stream_idle_s, REQUEST_WAIT_S))
+        self.request_guard.add(lowband_pb2_grpc.add_RendezvousServicer_to_server, self.servicer, self.server)
         self.port = listen(self.server, bind, "gossip rendezvous")  # a port in use fails (no SO_REUSEPORT)
         self.host = bind.rsplit(":", 1)[0]
         self._stop = threading.Event()

@@ -44,7 +44,8 @@ class RendezvousLimits:
     def __init__(self, workers: int) -> None:
         self.rosters = 2 * workers + 2  # each worker waits in one at a time; the rest is for retries
         quick = 8
-        self.threads = self.rosters + quick
+        self.readers = 8  # calls whose request is still arriving (rendezvous_server.py: UnaryRequestGuard)
+        self.threads = self.rosters + quick + self.readers
         # Calls past the pool queue for a thread; past this bound gRPC refuses them with RESOURCE_EXHAUSTED.
         self.max_concurrent_rpcs = self.threads + 4 * workers + 16
 
