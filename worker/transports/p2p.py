@@ -168,7 +168,8 @@ class P2PTransport(PeerTransport):
         cfg = self.enroll()
         if base_digest:
             self.client.attest_base(base_digest)
-        expect = PeerExpectation.of(params, self.codecs if self.codecs is not None else gossip_codecs(cfg))
+        expect = PeerExpectation.of(params, self.codecs if self.codecs is not None else gossip_codecs(cfg),
+                                    cfg.cluster.max_update_ratio)
         q = int(getattr(cfg.protocol, "gossip_steps", 1))
         self.servicer.open(PeerGate(self.run_id, self.token, self.index, self.workers, q, cfg.rounds * q, expect,
                                     cfg.cluster.stream_idle_s))
