@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -34,7 +36,7 @@ from tests.integration.gossip_hostile import (
     peer_fingerprint,
     rendezvous_fingerprint,
 )
-from tests.integration.procs import wait_for
+from tests.integration.procs import LOWBAND, finish, start_coordinator, wait_for, write_recipe
 from worker.rendezvous_client import RendezvousClient
 from worker.transports.p2p import P2PTransport
 from worker.transports.peer_servicer import GOSSIP_SLOTS
@@ -184,3 +186,19 @@ def test_a_second_rendezvous_or_peer_on_a_port_in_use_fails_clearly() -> None:
                                           "port is in use"):
             P2PTransport(server.address, TOKEN, bind=first.address)
         assert first.client.heartbeat(0).round == 0  # the first servers are untouched
+
+
+def test_lowband_coordinator_of_a_gossip_run_on_a_port_in_use_is_one_line_and_status_1(tmp_path: Path) -> None:
+    cfg = tiny_config(run_dir=str(tmp_path / "runs"), protocol={"kind": "gossip", "inner_steps": 5},
+                      cluster={"workers": 1})
+    recipe = write_recipe(cfg, tmp_path / "gossip.yaml")
+    first, address = start_coordinator(recipe, tmp_path)
+    try:
+        done = subprocess.run([*LOWBAND, "coordinator", str(recipe), "--bind", address], capture_output=True,
+                              text=True, timeout=180)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert f"cannot listen on {address} for the gossip rendezvous: the port is in use" in lines[0]
+    finally:
+        first.terminate()
+        finish(first, 60, tmp_path / "coordinator.log")
