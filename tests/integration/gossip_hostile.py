@@ -37,7 +37,7 @@ def gossip_run(**cluster: Any) -> Iterator[tuple[RendezvousServer, list[P2PTrans
                                                        "gossip_steps": GOSSIP_STEPS},
                       cluster={"workers": 2, "token": TOKEN, "heartbeat_interval_s": 0.5, **cluster})
     server = RendezvousServer(cfg).start()
-    nodes = [P2PTransport(server.address, TOKEN, retry_for_s=10.0) for _ in range(2)]
+    nodes = [P2PTransport(server.address, TOKEN, retry_for_s=60.0) for _ in range(2)]
     models = [params(i) for i in range(2)]
     try:
         for node in nodes:

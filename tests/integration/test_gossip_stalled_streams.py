@@ -2,12 +2,12 @@
 
 - A peer: stalled Gossip streams past its GOSSIP_SLOTS are refused at once with RESOURCE_EXHAUSTED; the ones
   holding a slot are ended with DEADLINE_EXCEEDED once idle past the run's `cluster.stream_idle_s` (before or
-  after a valid header); an honest neighbour's message, refused "server busy" meanwhile, is retried and
-  delivered.
+  after a valid header), and one that drips its chunks past the message deadline is ended too; an honest
+  neighbour's message, refused "server busy" meanwhile, is retried and delivered.
 - The rendezvous: calls that never send their request hold at most its reader slots (the rest refused at
-  once) until the idle deadline; a stranger's Roster is refused before it waits; members' Roster waits are
+  once), each until the idle deadline; a stranger's Roster is refused before it waits; members' Roster waits are
   bounded too; members' heartbeats are served throughout.
-- A second rendezvous or peer on a port in use fails with one clear error.
+- A second rendezvous or peer on a port in use fails with one clear error (`lowband coordinator`: one line).
 """
 
 from __future__ import annotations
@@ -110,6 +110,31 @@ def test_a_stalled_gossip_stream_is_ended_by_the_idle_deadline() -> None:
         assert first.inbox.pending() == [(0, second.index)]
 
 
+def test_a_neighbour_dripping_its_message_is_ended_by_the_message_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chunk within the idle limit, but the message as a whole past GOSSIP_BASE_S + bytes / rate."""
+    monkeypatch.setattr("worker.transports.peer_servicer.GOSSIP_BASE_S", 1.0)
+    stop = threading.Event()
+    with gossip_run(stream_idle_s=60.0) as (_, (first, second), models):
+        before = peer_fingerprint(first, models[0])
+        head, *_ = gossip_messages(second)
+        payloads = {n: dense(t) for n, t in params(second.index).items()}
+
+        def drip() -> Iterator[Any]:
+            yield head
+            for chunk in serde.encode_entries(payloads, 1):  # 60 one-byte chunks, one every 0.2 s
+                if stop.wait(0.2):
+                    return
+                yield type(head)(chunk=chunk)
+
+        with grpc.insecure_channel(first.address, options=m.GRPC_OPTIONS) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                lowband_pb2_grpc.PeerStub(channel).Gossip(drip(), timeout=300)
+            stop.set()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+        assert "ran past its server-side deadline" in (info.value.details() or "")
+        assert peer_fingerprint(first, models[0]) == before
+
+
 def _half_joined(**cluster: Any) -> tuple[RendezvousServer, RendezvousClient]:
     """A 2-worker rendezvous with one member enrolled: a Roster waits for the other."""
     cfg = tiny_config(protocol={"kind": "gossip", "inner_steps": 5},
@@ -120,8 +145,10 @@ def _half_joined(**cluster: Any) -> tuple[RendezvousServer, RendezvousClient]:
     return server, member
 
 
-def test_calls_that_never_send_their_request_hold_the_rendezvous_only_until_the_idle_deadline() -> None:
-    server, member = _half_joined(stream_idle_s=1.0)
+def test_calls_that_never_send_their_request_past_the_reader_slots_are_refused_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("coordinator.rendezvous_server.REQUEST_WAIT_S", 600.0)  # held calls stay held
+    server, member = _half_joined(stream_idle_s=600.0)
     release = threading.Event()
     readers = RendezvousLimits.of(server.cfg).readers
     try:
@@ -130,15 +157,39 @@ def test_calls_that_never_send_their_request_hold_the_rendezvous_only_until_the_
             raw = channel.stream_unary("/lowband.v1.Rendezvous/Heartbeat", lambda b: b, lambda b: b)
             futures = [raw.future(_stalled(release), timeout=300) for _ in range(STALLED)]
             try:
-                wait_for(lambda: all(f.done() for f in futures), 120, "the stalled calls to end")
+                wait_for(lambda: sum(f.done() for f in futures) >= STALLED - readers, 60, "the refused calls")
+                assert [_code(f) for f in futures if f.done()] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
+                    STALLED - readers)
+                wait_for(lambda: server.request_guard.slots.in_use == readers, 60, "the held calls")
             finally:
                 release.set()
-        codes = [_code(f) for f in futures]
-        assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == readers, codes
-        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == STALLED - readers, codes
+                for future in futures:
+                    future.cancel()
+        wait_for(lambda: server.request_guard.slots.in_use == 0, 60, "the cancelled calls to free their slots")
+        assert rendezvous_fingerprint(server) == before
+        assert member.heartbeat(0).round == 0
+    finally:
+        member.close()
+        server.stop(0)
+
+
+def test_a_call_that_never_sends_its_request_is_ended_by_the_idle_deadline() -> None:
+    server, member = _half_joined(stream_idle_s=1.0)
+    release = threading.Event()
+    try:
+        before = rendezvous_fingerprint(server)
+        with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+            raw = channel.stream_unary("/lowband.v1.Rendezvous/Roster", lambda b: b, lambda b: b)
+            future = raw.future(_stalled(release), timeout=300)
+            try:
+                wait_for(future.done, 120, "the rendezvous to end the stalled call")
+            finally:
+                release.set()
+        assert _code(future) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "sent nothing for 1 s" in (future.exception().details() or "")
         assert server.request_guard.slots.in_use == 0
         assert rendezvous_fingerprint(server) == before
-        assert member.heartbeat(0).round == 0  # served after them
+        assert member.heartbeat(0).round == 0  # the rendezvous kept serving
     finally:
         member.close()
         server.stop(0)

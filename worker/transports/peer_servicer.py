@@ -17,7 +17,8 @@ start gossiping while this node is still building its model.
 No neighbour or stranger can hold the node: at most GOSSIP_SLOTS streams are served at once (one more is
 refused at once with RESOURCE_EXHAUSTED "server busy", which senders retry), and a stream that waits longer
 than the run's `cluster.stream_idle_s` for its next message (its header: at most HEADER_WAIT_S) is ended with
-DEADLINE_EXCEEDED (`protocols/wire/servicing.py`). Anything unexpected is answered INTERNAL, never UNKNOWN.
+DEADLINE_EXCEEDED, as is one that runs past GOSSIP_BASE_S plus its declared bytes at MIN_GOSSIP_RATE
+(`protocols/wire/servicing.py`). Anything unexpected is answered INTERNAL, never UNKNOWN.
 
 Bytes are counted as serialized messages both ways (the request stream in, the ack out), as on the wire.
 """
@@ -47,6 +48,10 @@ NOT_READY = "peer not ready"
 # A Gossip stream's header must arrive within this (or the run's stream_idle_s, if shorter): an
 # unauthenticated stream holds its slot no longer.
 HEADER_WAIT_S = 10.0
+# An admitted message must finish within GOSSIP_BASE_S + its declared bytes / MIN_GOSSIP_RATE seconds, however
+# it paces its chunks (as the coordinator bounds a push).
+GOSSIP_BASE_S = 120.0
+MIN_GOSSIP_RATE = 32 << 10  # bytes per second
 # Gossip streams served at once (one more: RESOURCE_EXHAUSTED "server busy", which senders retry). A node's
 # in-neighbours send one message per step each, a few steps ahead at most; the server's thread pool is this
 # plus room for the quick refusals (PEER_THREADS).
@@ -117,6 +122,7 @@ class PeerServicer(lowband_pb2_grpc.PeerServicer):
             def admit(header: m.PeerHeader) -> None:
                 self._admit_header(gate, header)
                 stream.idle_s = gate.idle_s  # authenticated: it may now pause up to the run's idle limit
+                stream.set_deadline(GOSSIP_BASE_S + header.total_bytes / MIN_GOSSIP_RATE)
 
             try:
                 header, entries = serde.read_peer(counted, gate.expect.max_bytes, admit)
