@@ -22,6 +22,7 @@ The consensus distance is estimated from the random-projection sketches the work
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 import uuid
@@ -91,15 +92,23 @@ class Rendezvous:
     def attest_base(self, worker_id: str, token: str, digest: str) -> str:
         """A node's digest of its frozen base weights; the run's (the first stated), or Rejected if it differs."""
         with self._cond:
-            self._member(worker_id, token)
+            peer = self._member(worker_id, token)
             self.base_digest = attested_base(worker_id, digest, self.base_digest)
+            self._seen(peer)
             return self.base_digest
+
+    def check_member(self, worker_id: str, token: str) -> None:
+        """Refuse (Rejected) a caller that is not a member with the run's token; changes nothing. The servicer
+        asks this before a call that may wait, so that a stranger holds no thread."""
+        with self._cond:
+            self._member(worker_id, token)
 
     def roster(self, worker_id: str, token: str, round_: int) -> Roster:
         """Record that the worker reached `round_`; who is in the run and where they listen."""
         with self._cond:
             peer = self._member(worker_id, token)
             self._check_round(worker_id, round_)
+            self._seen(peer)
             peer.round = max(peer.round, round_)
             return Roster(round_, self.cfg.cluster.workers, self._finished(),
                           {p.index: p.address for p in self.members.values() if p.address})
@@ -108,6 +117,13 @@ class Rendezvous:
                   eval_loss: float | None = None) -> None:
         with self._cond:
             peer = self._member(worker_id, token)
+            for name, value in (("loss", loss), ("eval_loss", eval_loss)):
+                if value is not None and not (math.isfinite(value) and value >= 0):
+                    raise Rejected(Code.INVALID_ARGUMENT, f"worker {worker_id} reported {name} {value}: a loss is a "
+                                                          "finite number >= 0")
+            if step < 0:
+                raise Rejected(Code.INVALID_ARGUMENT, f"worker {worker_id} reported inner step {step}: steps are >= 0")
+            self._seen(peer)
             peer.step = max(peer.step, step)
             peer.loss = loss if loss is not None else peer.loss
             peer.eval_loss = eval_loss if eval_loss is not None else peer.eval_loss
@@ -115,7 +131,8 @@ class Rendezvous:
     def leave(self, worker_id: str, token: str) -> None:
         """The worker is done (or giving up): rounds stop waiting for its reports."""
         with self._cond:
-            self._member(worker_id, token).alive = False
+            peer = self._member(worker_id, token)
+            peer.last_seen, peer.alive = self.clock(), False
             self._close_rounds()
             self._cond.notify_all()
 
@@ -144,6 +161,7 @@ class Rendezvous:
                 raise Rejected(Code.ALREADY_EXISTS, f"worker {worker_id} already reported round {peer.reported}; "
                                                     f"rounds are reported once, in order")
             check_metrics(worker_id, metrics, self._reports.get(round_, {}))
+            self._seen(peer)
             self._reports.setdefault(round_, {})[worker_id] = dict(metrics)
             peer.reported = round_
             for key in COUNTERS:
@@ -205,13 +223,16 @@ class Rendezvous:
             raise Rejected(Code.UNAUTHENTICATED, "bad token: the rendezvous' token differs from the one sent")
 
     def _member(self, worker_id: str, token: str) -> Peer:
-        """The calling worker; any authenticated call is proof of life."""
+        """The calling worker (token checked first); changes nothing."""
         self._check_token(token)
         peer = self.members.get(worker_id)
         if peer is None:
             raise Rejected(Code.NOT_FOUND, f"unknown worker id {worker_id!r}: join first")
-        peer.last_seen, peer.alive = self.clock(), True
         return peer
+
+    def _seen(self, peer: Peer) -> None:
+        """A call that passed every check is proof of life (a refused one changes nothing, revives no one)."""
+        peer.last_seen, peer.alive = self.clock(), True
 
     def _check_round(self, worker_id: str, round_: int) -> None:
         if not 0 <= round_ <= self.total_rounds:

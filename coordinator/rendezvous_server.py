@@ -3,7 +3,9 @@
 `lowband coordinator` runs it instead of `CoordinatorServer` when the config's protocol is gossip: there is no
 aggregator, so no state machine, replica or checkpoint; the rendezvous says who is in the run and where each
 worker's Peer service listens, writes metrics.jsonl from the workers' round reports, and drops workers whose
-heartbeats stop (a ticker calls `Rendezvous.tick`). The models travel worker to worker
+heartbeats stop (a ticker calls `Rendezvous.tick`). It binds without SO_REUSEPORT (a port in use fails with
+one OSError), and bounds its threads and concurrent calls (`RendezvousLimits`); a call whose request does not arrive
+is ended (`UnaryRequestGuard`). The models travel worker to worker
 (worker/transports/p2p.py); the servicer's per-worker byte counters show that none passed through here.
 """
 
@@ -19,13 +21,15 @@ from typing import Any
 import grpc
 
 from coordinator.rendezvous import Rendezvous
-from coordinator.rendezvous_servicer import RendezvousServicer
+from coordinator.rendezvous_servicer import RendezvousLimits, RendezvousServicer
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc
-from protocols.wire.messages import GRPC_OPTIONS
+from protocols.wire.servicing import SERVER_OPTIONS, UnaryRequestGuard, listen
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
+# A call's request must arrive within this (or cluster.stream_idle_s, if shorter).
+REQUEST_WAIT_S = 10.0
 
 
 class RendezvousServer:
@@ -33,12 +37,15 @@ class RendezvousServer:
         self.cfg = cfg
         self.rendezvous = Rendezvous(cfg, run_dir=run_dir)
         self.servicer = RendezvousServicer(self.rendezvous)
-        threads = 2 * cfg.cluster.workers + 8  # every worker may hold a Roster wait and a heartbeat at once
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=GRPC_OPTIONS)
-        lowband_pb2_grpc.add_RendezvousServicer_to_server(self.servicer, self.server)
-        self.port = self.server.add_insecure_port(bind)
-        if self.port == 0:
-            raise OSError(f"could not bind the rendezvous to {bind!r}")
+        limits = RendezvousLimits.of(cfg)  # room for every waiting Roster plus the quick calls
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=SERVER_OPTIONS,
+                                  maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
+        # A client that opens a call and never sends its request is ended after the wait, holding one of at
+        # most `limits.readers` threads meanwhile.
+        self.request_guard = UnaryRequestGuard("rendezvous", limits.readers,
+                                               min(cfg.cluster.stream_idle_s, REQUEST_WAIT_S))
+        self.request_guard.add(lowband_pb2_grpc.add_RendezvousServicer_to_server, self.servicer, self.server)
+        self.port = listen(self.server, bind, "gossip rendezvous")  # a port in use fails (no SO_REUSEPORT)
         self.host = bind.rsplit(":", 1)[0]
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, daemon=True, name="lowband-rendezvous-ticker")

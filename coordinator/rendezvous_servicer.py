@@ -1,6 +1,13 @@
 """The Rendezvous gRPC servicer of a gossip run: thin, like the coordinator's. It converts wire messages with
 `serde`, calls `coordinator.rendezvous.Rendezvous`, and maps `Rejected` / `WireError` onto gRPC status codes
-whose message says exactly what was wrong.
+whose message says exactly what was wrong (anything unexpected: INTERNAL, never UNKNOWN; see
+`protocols/wire/servicing.py`).
+
+Every call is unary, so a client that stalls its request holds no thread (gRPC hands a handler only a whole
+request). The one call that waits, Roster (until the run's workers have enrolled, ROSTER_WAIT_S at most),
+first checks that its caller is a member with the run's token, so a stranger is refused at once and holds
+nothing; and at most `RendezvousLimits.rosters` of them wait at a time (one more: RESOURCE_EXHAUSTED at
+once), so the server's threads always have room for heartbeats, reports and enrolls.
 
 It counts the serialized bytes of every request and reply per worker (`bytes_by_worker`), refused calls
 included: the proof that no tensor passes through the coordinator of a gossip run is that these stay at a few
@@ -11,15 +18,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from coordinator.errors import Code, Rejected
 from coordinator.rendezvous import Rendezvous
+from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
-from protocols.wire.servicing import refuse
+from protocols.wire.servicing import Slots, answered
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +37,30 @@ log = logging.getLogger(__name__)
 ROSTER_WAIT_S = 120.0
 
 
+class RendezvousLimits:
+    """How many Roster calls may wait at once, and the thread pool and concurrency bound that make room for
+    all of them plus the quick calls (enrolls, heartbeats, reports, leaves)."""
+
+    def __init__(self, workers: int) -> None:
+        self.rosters = 2 * workers + 2  # each worker waits in one at a time; the rest is for retries
+        quick = 8
+        self.readers = 8  # calls whose request is still arriving (rendezvous_server.py: UnaryRequestGuard)
+        self.threads = self.rosters + quick + self.readers
+        # Calls past the pool queue for a thread; past this bound gRPC refuses them with RESOURCE_EXHAUSTED.
+        self.max_concurrent_rpcs = self.threads + 4 * workers + 16
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> RendezvousLimits:
+        return cls(cfg.cluster.workers)
+
+
 
 class RendezvousServicer(lowband_pb2_grpc.RendezvousServicer):
     def __init__(self, rendezvous: Rendezvous) -> None:
         self.rendezvous = rendezvous
         self._lock = threading.Lock()
         self._bytes: dict[str, list[int]] = {}  # worker id -> [sent by it, received by it]
+        self.roster_slots = Slots("Roster calls", RendezvousLimits.of(rendezvous.cfg).rosters)
 
     def bytes_by_worker(self) -> dict[str, dict[str, int]]:
         """Per worker: the bytes it sent to the rendezvous, received from it, and both (serialized messages)."""
@@ -55,6 +82,24 @@ class RendezvousServicer(lowband_pb2_grpc.RendezvousServicer):
             raise Rejected(Code.FAILED_PRECONDITION,
                            f"wrong run id {env.run_id!r} (this run is {self.rendezvous.run_id!r})")
 
+    def _serve(self, request: Any, kind: type[m.Message], answer: Callable[[Any], m.Message],
+               run_checked: bool = True) -> Any:
+        """Decode `request` as `kind`, check its run id (when `run_checked`), answer it; count the bytes both
+        ways for the calling member, refused calls included (their request only)."""
+        worker_id = ""
+        try:
+            req: Any = serde.from_pb(request, kind)
+            env = req.envelope
+            worker_id = env.worker_id
+            if run_checked:
+                self._check_run(env)
+            reply = serde.to_pb(answer(req))
+        except Exception:
+            self._count(worker_id, request, None)
+            raise
+        self._count(worker_id, request, reply)
+        return reply
+
     def _phase(self) -> m.Phase:
         if self.rendezvous.finished():
             return m.Phase.FINISHED
@@ -62,93 +107,69 @@ class RendezvousServicer(lowband_pb2_grpc.RendezvousServicer):
             return m.Phase.WAITING_FOR_WORKERS
         return m.Phase.TRAINING
 
+    @answered
     def Enroll(self, request: Any, context: grpc.ServicerContext) -> Any:
-        worker_id = ""
-        try:
-            req = serde.from_pb(request, m.EnrollRequest)
+        def answer(req: m.EnrollRequest) -> m.Message:
             env = req.envelope
+            if env.run_id and env.run_id != self.rendezvous.run_id:  # empty: a worker that does not know it yet
+                self._check_run(env)
             joined = self.rendezvous.join(req.hostname, env.token, env.protocol_version, req.address, env.worker_id)
-            worker_id = joined.worker_id
-            reply = serde.to_pb(m.EnrollReply(
-                worker_id=joined.worker_id, worker_index=joined.index, run_id=joined.run_id,
-                config_yaml=joined.config_yaml,
-                heartbeat_interval_s=self.rendezvous.cfg.cluster.heartbeat_interval_s,
-            ))  # fmt: skip
-            self._count(worker_id, request, reply)
-            return reply
-        except (Rejected, m.WireError) as err:
-            refuse(context, err)
+            return m.EnrollReply(worker_id=joined.worker_id, worker_index=joined.index, run_id=joined.run_id,
+                                 config_yaml=joined.config_yaml,
+                                 heartbeat_interval_s=self.rendezvous.cfg.cluster.heartbeat_interval_s)
 
+        reply = self._serve(request, m.EnrollRequest, answer, run_checked=False)
+        if reply.worker_id != request.envelope.worker_id:  # a new member: counted under the id it was given
+            self._count(reply.worker_id, request, reply)
+        return reply
+
+    @answered
     def Roster(self, request: Any, context: grpc.ServicerContext) -> Any:
-        env = None
-        try:
-            req = serde.from_pb(request, m.RosterRequest)
+        def answer(req: m.RosterRequest) -> m.Message:
             env = req.envelope
-            self._check_run(env)
-            self.rendezvous.wait_joined(ROSTER_WAIT_S)
+            self.rendezvous.check_member(env.worker_id, env.token)  # a stranger waits for nothing
+            with self.roster_slots.hold():
+                self.rendezvous.wait_joined(ROSTER_WAIT_S)
             roster = self.rendezvous.roster(env.worker_id, env.token, env.round)
-            reply = serde.to_pb(m.RosterReply(round=roster.round, workers=roster.workers, finished=roster.finished,
-                                              addresses=dict(roster.addresses)))
-            self._count(env.worker_id, request, reply)
-            return reply
-        except (Rejected, m.WireError) as err:
-            self._count(env.worker_id if env else "", request, None)
-            refuse(context, err)
+            return m.RosterReply(round=roster.round, workers=roster.workers, finished=roster.finished,
+                                 addresses=dict(roster.addresses))
 
+        return self._serve(request, m.RosterRequest, answer)
+
+    @answered
     def Report(self, request: Any, context: grpc.ServicerContext) -> Any:
-        env = None
-        try:
-            req = serde.from_pb(request, m.ReportRequest)
+        def answer(req: m.ReportRequest) -> m.Message:
             env = req.envelope
-            self._check_run(env)
             self.rendezvous.report(env.worker_id, env.token, env.round, dict(req.metrics))
-            reply = serde.to_pb(m.ReportReply())
-            self._count(env.worker_id, request, reply)
-            return reply
-        except (Rejected, m.WireError) as err:
-            self._count(env.worker_id if env else "", request, None)
-            refuse(context, err)
+            return m.ReportReply()
 
+        return self._serve(request, m.ReportRequest, answer)
+
+    @answered
     def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
-        env = None
-        try:
-            req = serde.from_pb(request, m.HeartbeatRequest)
+        def answer(req: m.HeartbeatRequest) -> m.Message:
             env = req.envelope
-            self._check_run(env)
             loss = None if req.last_loss != req.last_loss else req.last_loss  # NaN means "no loss yet"
             eval_loss = None if req.eval_loss != req.eval_loss else req.eval_loss
             self.rendezvous.heartbeat(env.worker_id, env.token, req.inner_step, loss, eval_loss)
-            reply = serde.to_pb(m.HeartbeatReply(round=self.rendezvous.next_row, phase=self._phase()))
-            self._count(env.worker_id, request, reply)
-            return reply
-        except (Rejected, m.WireError) as err:
-            self._count(env.worker_id if env else "", request, None)
-            refuse(context, err)
+            return m.HeartbeatReply(round=self.rendezvous.next_row, phase=self._phase())
 
+        return self._serve(request, m.HeartbeatRequest, answer)
+
+    @answered
     def AttestBase(self, request: Any, context: grpc.ServicerContext) -> Any:
-        env = None
-        try:
-            req = serde.from_pb(request, m.AttestRequest)
+        def answer(req: m.AttestRequest) -> m.Message:
             env = req.envelope
-            self._check_run(env)
-            digest = self.rendezvous.attest_base(env.worker_id, env.token, req.base_digest)
-            reply = serde.to_pb(m.AttestReply(run_base_digest=digest))
-            self._count(env.worker_id, request, reply)
-            return reply
-        except (Rejected, m.WireError) as err:
-            self._count(env.worker_id if env else "", request, None)
-            refuse(context, err)
+            return m.AttestReply(run_base_digest=self.rendezvous.attest_base(env.worker_id, env.token,
+                                                                             req.base_digest))
 
+        return self._serve(request, m.AttestRequest, answer)
+
+    @answered
     def Leave(self, request: Any, context: grpc.ServicerContext) -> Any:
-        env = None
-        try:
-            req = serde.from_pb(request, m.LeaveRequest)
+        def answer(req: m.LeaveRequest) -> m.Message:
             env = req.envelope
-            self._check_run(env)
             self.rendezvous.leave(env.worker_id, env.token)
-            reply = serde.to_pb(m.LeaveReply())
-            self._count(env.worker_id, request, reply)
-            return reply
-        except (Rejected, m.WireError) as err:
-            self._count(env.worker_id if env else "", request, None)
-            refuse(context, err)
+            return m.LeaveReply()
+
+        return self._serve(request, m.LeaveRequest, answer)

@@ -2,9 +2,10 @@
 
 The rendezvous only says who is in the run, where each peer listens and which round it is; the models go
 worker to worker (worker/transports/p2p.py). Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED: the
-coordinator restarting, a network blip) are retried with exponential backoff for up to `retry_for_s`;
-refusals (bad token, unknown worker, finished run) are not. Bytes are counted as serialized messages, both
-ways, as `worker/client.py` counts them: what really crossed the wire.
+coordinator restarting, a network blip; RESOURCE_EXHAUSTED "server busy": its guards are full) are retried
+with exponential backoff for up to `retry_for_s`; refusals (bad token, unknown worker, finished run) are not.
+Bytes are counted as serialized messages, both ways, as `worker/client.py` counts them: what really crossed
+the wire.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ class RendezvousClient:
             try:
                 return fn()
             except grpc.RpcError as err:
-                if err.code() not in _TRANSIENT or time.monotonic() > deadline:
+                busy = err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and (err.details() or "").startswith(
+                    m.BUSY_PREFIXES)  # the rendezvous has no room right now: it will have
+                if (err.code() not in _TRANSIENT and not busy) or time.monotonic() > deadline:
                     raise
                 log.info("rendezvous unreachable (%s); retrying in %.1fs", err.code().name, delay)
                 time.sleep(delay * (0.5 + random.random()))

@@ -44,6 +44,21 @@ STATUS = {
 SERVER_OPTIONS: list[tuple[str, int]] = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
+def listen(server: grpc.Server, bind: str, what: str, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Bind `server` to `bind` (TLS with `credentials`); the port bound. A port in use (SERVER_OPTIONS: no
+    sharing) or an address not this machine's raises one OSError that names `what` and `bind`."""
+    try:
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    except RuntimeError as err:  # grpc's "Failed to bind to address ..."
+        port, why = 0, str(err)
+    else:
+        why = ""
+    if port == 0:
+        raise OSError(f"cannot listen on {bind} for the {what}: the port is in use, or the address is not one of "
+                      f"this machine's{f' ({why})' if why else ''}")
+    return port
+
+
 def server_credentials(cert_chain: bytes, private_key: bytes, client_ca: bytes | None = None) -> grpc.ServerCredentials:
     """TLS for a server; with `client_ca`, mutual TLS: a client must show a certificate that CA signed."""
     return grpc.ssl_server_credentials([(private_key, cert_chain)], root_certificates=client_ca,
@@ -249,3 +264,56 @@ def _cancel(context: grpc.ServicerContext, why: str) -> None:
         call.cancel(cygrpc.StatusCode.deadline_exceeded, why)
     except Exception:  # a grpc build without that core call: a plain cancel still frees the thread
         context.cancel()
+
+
+class UnaryRequestGuard:
+    """Keeps clients that never finish sending a unary request from holding the server's threads.
+
+    gRPC's sync server takes a pool thread for a unary call first and then waits, with no deadline, for its
+    request: forty clients that open a call and send nothing hold every thread (and the concurrency bound),
+    starving every honest call. `add` re-registers a service's unary-request methods as client-stream
+    handlers (the same bytes on the wire) that read the one request inside a `Slots` (one more waiting
+    reader: RESOURCE_EXHAUSTED at once) under a `StreamWatchdog` (a request not there within `wait_s`:
+    DEADLINE_EXCEEDED), then call the servicer's method with it."""
+
+    def __init__(self, what: str, readers: int, wait_s: float, watchdog: StreamWatchdog | None = None) -> None:
+        self.slots = Slots(f"{what} requests still arriving", readers)
+        self.wait_s = wait_s
+        self.watchdog = watchdog or StreamWatchdog()
+
+    def add(self, add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.Server) -> None:
+        """Register `servicer` on `server` through `add_to_server` (a generated add_*Servicer_to_server)."""
+        captured: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+        class Capture:
+            def add_generic_rpc_handlers(self, handlers: Any) -> None:
+                pass  # the registered handlers below carry the same methods
+
+            def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+                captured[service] = handlers
+
+        add_to_server(servicer, Capture())
+        for service, handlers in captured.items():
+            guarded = {name: self._guarded(h) if not h.request_streaming else h for name, h in handlers.items()}
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
+            server.add_registered_method_handlers(service, guarded)
+
+    def _guarded(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        method = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+        def read(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            try:
+                with self.slots.hold(), self.watchdog.guard(request_iterator, context, self.wait_s) as stream:
+                    request = next(stream, None)
+                if request is None:
+                    raise Rejected(Code.INVALID_ARGUMENT, "the call carried no request message")
+            except Exception as err:
+                if _ended(context):
+                    raise
+                refuse(context, err)
+            return method(request, context)
+
+        make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else \
+            grpc.stream_unary_rpc_method_handler
+        return make(read, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)

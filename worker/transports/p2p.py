@@ -7,7 +7,8 @@ its payloads in 1-4 MiB `TensorChunk`s (the same chunk encoding as every other s
 
 - Sending runs on a small thread pool (`send` returns a `Handle[bool]` at once). Channels are dialled on first
   use and cached, with the raised message limits of `protocols.wire.messages.GRPC_OPTIONS`. A neighbour that
-  answers "not ready" is alive but still building its model: retried with backoff for `retry_for_s`. One that
+  answers "not ready" is alive but still building its model, one that answers "server busy" serves its
+  maximum of streams: both retried with backoff for `retry_for_s`. One that
   cannot be reached is gone (it served before it enrolled, so it was up once): retried for CONNECT_RETRY_S
   if it never took a message yet (a blip while it starts), else not at all. Then the send is False, logged,
   never raised, and the round loop goes on without it.
@@ -40,11 +41,12 @@ from protocols.config import PROTOCOL_VERSION, RunConfig, parse_config
 from protocols.replica import Params
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
+from protocols.wire.servicing import SERVER_OPTIONS, listen
 from worker.rendezvous_client import RendezvousClient
 from worker.transports.base import Handle
 from worker.transports.peer_check import PeerExpectation, gossip_codecs
 from worker.transports.peer_inbox import PeerInbox
-from worker.transports.peer_servicer import NOT_READY, PeerGate, PeerServicer
+from worker.transports.peer_servicer import NOT_READY, PEER_THREADS, PeerGate, PeerServicer
 from worker.transports.peers import PeerMessage, PeerTransport, Roster
 
 log = logging.getLogger(__name__)
@@ -120,13 +122,12 @@ class P2PTransport(PeerTransport):
         self.inbox = PeerInbox(max_steps_ahead if max_steps_ahead is not None else 0)
         self.undelivered: list[str] = []  # why each message a peer refused or never got was not delivered
         self.servicer = PeerServicer(self.inbox, self._count)
-        # Handler threads: one per in-neighbour stream at a time, plus room for retries and refusals.
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=16, thread_name_prefix="lowband-peer"),
-                                  options=m.GRPC_OPTIONS)
+        # Handler threads: every gossip slot, plus room for quick refusals (peer_servicer.py); past them calls
+        # queue, and past the concurrency bound gRPC refuses them with RESOURCE_EXHAUSTED.
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=PEER_THREADS, thread_name_prefix="lowband-peer"),
+                                  options=SERVER_OPTIONS, maximum_concurrent_rpcs=2 * PEER_THREADS)
         lowband_pb2_grpc.add_PeerServicer_to_server(self.servicer, self.server)
-        port = self.server.add_insecure_port(bind)
-        if port == 0:
-            raise OSError(f"could not bind the Peer service to {bind!r}")
+        port = listen(self.server, bind, "gossip Peer service")  # a port in use fails (no SO_REUSEPORT)
         self.address = _advertised(bind, port, advertise)
         self.server.start()
         self._pool = ThreadPoolExecutor(max_workers=send_threads, thread_name_prefix="lowband-gossip-send")
@@ -167,9 +168,11 @@ class P2PTransport(PeerTransport):
         cfg = self.enroll()
         if base_digest:
             self.client.attest_base(base_digest)
-        expect = PeerExpectation.of(params, self.codecs if self.codecs is not None else gossip_codecs(cfg))
+        expect = PeerExpectation.of(params, self.codecs if self.codecs is not None else gossip_codecs(cfg),
+                                    cfg.cluster.max_update_ratio)
         q = int(getattr(cfg.protocol, "gossip_steps", 1))
-        self.servicer.open(PeerGate(self.run_id, self.token, self.index, self.workers, q, cfg.rounds * q, expect))
+        self.servicer.open(PeerGate(self.run_id, self.token, self.index, self.workers, q, cfg.rounds * q, expect,
+                                    cfg.cluster.stream_idle_s))
         return self.roster(0)
 
     def roster(self, round_: int) -> Roster:
@@ -233,7 +236,9 @@ class P2PTransport(PeerTransport):
             except grpc.RpcError as err:
                 code, details = err.code(), err.details() or ""
                 window = 0.0
-                if code is grpc.StatusCode.UNAVAILABLE:
+                if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(m.BUSY_PREFIXES):
+                    window = self.retry_for_s  # the neighbour serves its maximum of streams: it will have room
+                elif code is grpc.StatusCode.UNAVAILABLE:
                     if details.startswith(NOT_READY):
                         window = self.retry_for_s
                     elif to not in self._reached:

@@ -15,13 +15,14 @@ expect)` raising `Rejected`. Keep them if you change this file.)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from compression.payload import Payload
 from protocols.base import Update
-from protocols.check import Expectation, UpdateRejected, check_update
+from protocols.check import DEFAULT_MAX_UPDATE_RATIO, Expectation, UpdateRejected, check_update
 from protocols.config import RunConfig
 from protocols.refusals import Code, Rejected
 from protocols.replica import Params
@@ -46,16 +47,23 @@ class PeerExpectation:
     dtypes: dict[str, torch.dtype]
     codecs: frozenset[str]
     max_bytes: int
+    max_abs: float = math.inf  # the largest |value| a message may hold
 
     @classmethod
-    def of(cls, params: Params, codecs: frozenset[str]) -> PeerExpectation:
+    def of(cls, params: Params, codecs: frozenset[str],
+           max_ratio: float = DEFAULT_MAX_UPDATE_RATIO) -> PeerExpectation:
+        """`max_ratio` (the run's cluster.max_update_ratio): no value of a message may exceed it times the
+        largest |parameter| of this node's model (at least 1), as the coordinator bounds updates: a finite
+        3e38 would otherwise be mixed into the model."""
         dense_bytes = sum(t.numel() * t.element_size() for t in params.values())
+        largest = max([1.0, *(float(t.detach().abs().max()) for t in params.values()
+                               if t.is_floating_point() and t.numel())])
         return cls({n: tuple(t.shape) for n, t in params.items()}, {n: t.dtype for n, t in params.items()},
-                   frozenset(codecs), 2 * dense_bytes + 4096)
+                   frozenset(codecs), 2 * dense_bytes + 4096, max_ratio * largest)
 
     def tensors(self, codec: str) -> Expectation:
         """`protocols.check`'s expectation for a message in `codec`, decoded dense as the mixing uses it."""
-        return Expectation(dict(self.shapes), dict(self.dtypes), codec, "dense", self.max_bytes)
+        return Expectation(dict(self.shapes), dict(self.dtypes), codec, "dense", self.max_bytes, max_abs=self.max_abs)
 
 
 def check_message(sender: str, payloads: dict[str, Payload], weight: float, expect: PeerExpectation) -> None:

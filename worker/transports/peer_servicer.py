@@ -14,6 +14,12 @@ stale or far-ahead step), ALREADY_EXISTS (a duplicate), UNAUTHENTICATED (bad tok
 its own model (`open`), every stream is refused with UNAVAILABLE, which senders retry: a neighbour may
 start gossiping while this node is still building its model.
 
+No neighbour or stranger can hold the node: at most GOSSIP_SLOTS streams are served at once (one more is
+refused at once with RESOURCE_EXHAUSTED "server busy", which senders retry), and a stream that waits longer
+than the run's `cluster.stream_idle_s` for its next message (its header: at most HEADER_WAIT_S) is ended with
+DEADLINE_EXCEEDED, as is one that runs past GOSSIP_BASE_S plus its declared bytes at MIN_GOSSIP_RATE
+(`protocols/wire/servicing.py`). Anything unexpected is answered INTERNAL, never UNKNOWN.
+
 Bytes are counted as serialized messages both ways (the request stream in, the ack out), as on the wire.
 """
 
@@ -22,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 
@@ -30,21 +36,27 @@ from protocols.config import PROTOCOL_VERSION
 from protocols.refusals import Code, Rejected
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
-from protocols.wire.servicing import CountingIterator, abort, refusal_status
+from protocols.wire.servicing import CountingIterator, Slots, StreamWatchdog, abort, answered
 from worker.transports.peer_check import PeerExpectation, check_message
 from worker.transports.peer_inbox import PeerInbox
 from worker.transports.peers import PeerMessage
 
 log = logging.getLogger(__name__)
 
-
-
 # How a not-ready refusal's message starts: senders retry it (the peer is alive, only still starting).
 NOT_READY = "peer not ready"
-
-
-class _NotReady(Exception):
-    """This node does not know its model yet; the sender should retry."""
+# A Gossip stream's header must arrive within this (or the run's stream_idle_s, if shorter): an
+# unauthenticated stream holds its slot no longer.
+HEADER_WAIT_S = 10.0
+# An admitted message must finish within GOSSIP_BASE_S + its declared bytes / MIN_GOSSIP_RATE seconds, however
+# it paces its chunks (as the coordinator bounds a push).
+GOSSIP_BASE_S = 120.0
+MIN_GOSSIP_RATE = 32 << 10  # bytes per second
+# Gossip streams served at once (one more: RESOURCE_EXHAUSTED "server busy", which senders retry). A node's
+# in-neighbours send one message per step each, a few steps ahead at most; the server's thread pool is this
+# plus room for the quick refusals (PEER_THREADS).
+GOSSIP_SLOTS = 12
+PEER_THREADS = GOSSIP_SLOTS + 4
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,7 @@ class PeerGate:
     gossip_steps: int  # Q: a message's round must be step // Q
     total_steps: int  # rounds * Q: the run's steps are 0..total_steps - 1
     expect: PeerExpectation  # this node's tensors and the run's codec
+    idle_s: float = 30.0  # the run's cluster.stream_idle_s: a stream silent this long is ended
 
 
 class PeerServicer(lowband_pb2_grpc.PeerServicer):
@@ -65,6 +78,8 @@ class PeerServicer(lowband_pb2_grpc.PeerServicer):
         """`count(sent, received)` adds wire bytes to the node's counters."""
         self.inbox, self.count = inbox, count
         self.gate: PeerGate | None = None
+        self.slots = Slots("gossip streams", GOSSIP_SLOTS)
+        self.watchdog = StreamWatchdog()
 
     def open(self, gate: PeerGate) -> None:
         """Start accepting messages judged by `gate` (one reference swap: handler threads see it whole)."""
@@ -94,28 +109,31 @@ class PeerServicer(lowband_pb2_grpc.PeerServicer):
                                                   f"model has {len(gate.expect.shapes)} (another model?)")
         self.inbox.admit(header.step, header.sender)
 
+    @answered
     def Gossip(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        counted = CountingIterator(request_iterator)
-        try:
-            gate = self.gate
-            if gate is None:
-                raise _NotReady(f"{NOT_READY}: this peer is still starting (its model is not built yet); retry")
-            limit = gate.expect.max_bytes
-            header, entries = serde.read_peer(counted, limit, lambda h: self._admit_header(gate, h))
-            message = PeerMessage(round=header.envelope.round, step=header.step, sender=header.sender,
-                                  payloads=entries, weight=header.weight)
-            check_message(f"{header.envelope.worker_id} (node {header.sender})", entries, header.weight, gate.expect)
-            self.inbox.put(message)  # admitted again: the floor may have moved while the payload streamed
+        gate = self.gate
+        if gate is None:  # part of every start (neighbours retry it): not worth a warning
+            abort(context, grpc.StatusCode.UNAVAILABLE,
+                  f"{NOT_READY}: this peer is still starting (its model is not built yet); retry", logging.INFO)
+        with self.slots.hold(), \
+                self.watchdog.guard(request_iterator, context, min(gate.idle_s, HEADER_WAIT_S)) as stream:
+            counted = CountingIterator(stream)
+
+            def admit(header: m.PeerHeader) -> None:
+                self._admit_header(gate, header)
+                stream.idle_s = gate.idle_s  # authenticated: it may now pause up to the run's idle limit
+                stream.set_deadline(GOSSIP_BASE_S + header.total_bytes / MIN_GOSSIP_RATE)
+
+            try:
+                header, entries = serde.read_peer(counted, gate.expect.max_bytes, admit)
+                message = PeerMessage(round=header.envelope.round, step=header.step, sender=header.sender,
+                                      payloads=entries, weight=header.weight)
+                check_message(f"{header.envelope.worker_id} (node {header.sender})", entries, header.weight,
+                              gate.expect)
+                self.inbox.put(message)  # admitted again: the floor may have moved while the payload streamed
+            except BaseException:
+                self.count(0, counted.nbytes)
+                raise
             ack = serde.to_pb(m.PeerAck(step=header.step, bytes_received=counted.nbytes))
             self.count(ack.ByteSize(), counted.nbytes)
             return ack
-        except (Rejected, m.WireError, _NotReady) as err:
-            self.count(0, counted.nbytes)
-            _abort(context, err)
-
-
-def _abort(context: grpc.ServicerContext, err: Exception) -> NoReturn:
-    if isinstance(err, _NotReady):  # part of every start (neighbours retry it): not worth a warning
-        abort(context, grpc.StatusCode.UNAVAILABLE, str(err), logging.INFO)
-    abort(context, *refusal_status(err))
-
