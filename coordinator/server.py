@@ -18,9 +18,11 @@ from coordinator.servicer import CallLimits, CoordinatorServicer
 from coordinator.traffic import ControlTraffic
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc
-from protocols.wire.servicing import SERVER_OPTIONS, server_credentials
+from protocols.wire.servicing import SERVER_OPTIONS, UnaryRequestGuard, server_credentials
 
 log = logging.getLogger(__name__)
+# A call's request must arrive within this (or cluster.stream_idle_s, if shorter).
+REQUEST_WAIT_S = 10.0
 
 
 class CoordinatorServer(CoordinatorRun):
@@ -38,7 +40,11 @@ class CoordinatorServer(CoordinatorRun):
                                   maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
                                   interceptors=[ControlTraffic(self.state)])
         self.servicer = CoordinatorServicer(self.state)
-        lowband_pb2_grpc.add_CoordinatorServicer_to_server(self.servicer, self.server)
+        # A client that opens a call and never sends its request is ended after the wait, holding one of at most
+        # `limits.readers` threads meanwhile (without this, such calls would hold every pool thread).
+        self.request_guard = UnaryRequestGuard("coordinator", limits.readers,
+                                               min(cfg.cluster.stream_idle_s, REQUEST_WAIT_S))
+        self.request_guard.add(lowband_pb2_grpc.add_CoordinatorServicer_to_server, self.servicer, self.server)
         if tls is not None:
             creds = server_credentials(*tls)  # (certificate chain, private key[, CA of required client certs])
             self.port = self.server.add_secure_port(bind, creds)

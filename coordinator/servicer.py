@@ -55,7 +55,8 @@ class CallLimits:
         self.waits = 2 * workers + 2
         self.pulls = 2 * workers + 2
         quick = 8  # joins, heartbeats, leaves, attests: they never block, so a few threads serve them all
-        self.threads = self.pushes + self.waits + self.pulls + quick
+        self.readers = 8  # calls whose request is still arriving (server.py: UnaryRequestGuard)
+        self.threads = self.pushes + self.waits + self.pulls + quick + self.readers
         # Calls past the pool queue for a thread; past this bound gRPC refuses them with RESOURCE_EXHAUSTED.
         self.max_concurrent_rpcs = self.threads + 4 * workers + 16
 

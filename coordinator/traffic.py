@@ -17,6 +17,10 @@ import grpc
 
 SERVICE_PREFIX = "/lowband.v1.Coordinator/"
 UNCOUNTED = {"Status"}
+# Single-request calls the server's UnaryRequestGuard (protocols/wire/servicing.py) registers as client streams
+# of one message: counted as the unary calls they are.
+UNARY = {"Join", "Heartbeat", "Leave", "WaitRound", "AttestBase"}
+OPENING = {"PullState", "PullAggregate"}
 
 
 class ControlCounter(Protocol):
@@ -32,6 +36,13 @@ class ControlTraffic(grpc.ServerInterceptor):
         method: str = details.method
         if handler is None or not method.startswith(SERVICE_PREFIX) or method[len(SERVICE_PREFIX):] in UNCOUNTED:
             return handler
+        name = method[len(SERVICE_PREFIX):]
+        if handler.stream_unary is not None and name in UNARY:
+            return grpc.stream_unary_rpc_method_handler(self._guarded_unary(handler.stream_unary),
+                                                        handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream is not None and name in OPENING:
+            return grpc.stream_stream_rpc_method_handler(self._guarded_opening(handler.stream_stream),
+                                                         handler.request_deserializer, handler.response_serializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary),
                                                        handler.request_deserializer, handler.response_serializer)
@@ -66,6 +77,32 @@ class ControlTraffic(grpc.ServerInterceptor):
 
         return counted
 
+    # The guarded forms read their one request themselves (under the guard's deadline): the stream is passed
+    # through, and its first message counted once the call answered.
+    def _guarded_unary(self, behavior: Callable[[Iterator[Any], Any], Any]) -> Callable[[Iterator[Any], Any], Any]:
+        def counted(requests: Iterator[Any], context: Any) -> Any:
+            recorded = _Recorded(requests)
+            reply = behavior(recorded, context)
+            if reply is not None and recorded.first is not None:
+                worker_id = getattr(reply, "worker_id", "") or recorded.first.envelope.worker_id
+                self.counter.count_control(worker_id, recorded.first.ByteSize(), reply.ByteSize())
+            return reply
+
+        return counted
+
+    def _guarded_opening(self, behavior: Callable[[Iterator[Any], Any], Iterator[Any]]
+                         ) -> Callable[[Iterator[Any], Any], Iterator[Any]]:
+        def counted(requests: Iterator[Any], context: Any) -> Iterator[Any]:
+            recorded = _Recorded(requests)
+            first = True
+            for msg in behavior(recorded, context):
+                if first and recorded.first is not None:
+                    self.counter.count_control(recorded.first.envelope.worker_id, recorded.first.ByteSize(), 0)
+                    first = False
+                yield msg
+
+        return counted
+
     def _closing(self, behavior: Callable[[Iterator[Any], Any], Any]) -> Callable[[Iterator[Any], Any], Any]:
         def counted(requests: Iterator[Any], context: Any) -> Any:
             sender = _Sender(requests)
@@ -75,6 +112,23 @@ class ControlTraffic(grpc.ServerInterceptor):
             return reply
 
         return counted
+
+
+class _Recorded:
+    """A client stream passed through unchanged, keeping its first message."""
+
+    def __init__(self, inner: Iterator[Any]) -> None:
+        self.inner: Iterator[Any] = inner
+        self.first: Any = None
+
+    def __iter__(self) -> _Recorded:
+        return self
+
+    def __next__(self) -> Any:
+        msg = next(self.inner)
+        if self.first is None:
+            self.first = msg
+        return msg
 
 
 class _Sender:

@@ -165,3 +165,47 @@ def test_a_member_refused_for_want_of_a_push_slot_retries_and_gets_through(
         pusher.join(timeout=120)
         assert result and result[0].accepted
         assert server.state.aggregator.senders == [first.worker_id]
+
+
+def test_unary_calls_that_never_send_their_request_hold_only_the_reader_slots(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """gRPC's sync server takes a thread for a unary call before its request arrives: without the guard,
+    calls that open and send nothing would hold every thread. Past the reader slots they are refused at once;
+    once they go, nothing changed and members are served."""
+    monkeypatch.setattr("coordinator.server.REQUEST_WAIT_S", 600.0)  # held calls stay held (hang guard)
+    release = threading.Event()
+    with running(stream_idle_s=600.0) as (server, (first, second)), \
+            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        readers = CallLimits.of(server.state.cfg).readers
+        before = fingerprint(server)
+        raw = channel.stream_unary("/lowband.v1.Coordinator/Heartbeat", lambda b: b, lambda b: b)
+        futures = [raw.future(_stalled(release), timeout=300) for _ in range(STALLED)]
+        try:
+            wait_for(lambda: sum(f.done() for f in futures) >= STALLED - readers, 60, "the refused calls")
+            assert [_code(f) for f in futures if f.done()] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
+                STALLED - readers)
+            wait_for(lambda: server.request_guard.slots.in_use == readers, 60, "the held calls")
+        finally:
+            release.set()
+            for future in futures:
+                future.cancel()
+        wait_for(lambda: server.request_guard.slots.in_use == 0, 60, "the cancelled calls to free their slots")
+        assert fingerprint(server) == before
+        assert first.heartbeat(1, 2.5, None).round == 0 and second.heartbeat(1, 2.5, None).round == 0
+
+
+def test_a_unary_call_that_never_sends_its_request_is_ended_by_the_idle_deadline() -> None:
+    release = threading.Event()
+    with running(stream_idle_s=1.0) as (server, (first, _)), \
+            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        before = fingerprint(server)
+        future = channel.stream_unary("/lowband.v1.Coordinator/Join", lambda b: b, lambda b: b).future(
+            _stalled(release), timeout=300)
+        try:
+            wait_for(future.done, 120, "the coordinator to end the stalled call")
+        finally:
+            release.set()
+        assert _code(future) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "sent nothing for 1 s" in (future.exception().details() or "")
+        assert server.request_guard.slots.in_use == 0 and fingerprint(server) == before
+        assert first.heartbeat(1, 2.5, None).round == 0
