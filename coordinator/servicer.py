@@ -192,7 +192,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
                 env = header.envelope
                 self._check_run(env)
                 initial = header.kind is m.PushKind.INITIAL_STATE
-                self.state.check_push(env.worker_id, env.token, env.round, initial)
+                self.state.check_push(env.worker_id, env.token, env.round, initial, header.base_state_hash)
                 # Authenticated: from now on the stream may pause up to the idle limit, and must end in time.
                 stream.idle_s = self.idle_s
                 stream.set_deadline(PUSH_BASE_S + header.total_bytes / MIN_PUSH_RATE)
@@ -213,7 +213,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             metrics.setdefault("tokens", float(header.tokens))
             if header.train_loss == header.train_loss:
                 metrics.setdefault("train_loss", header.train_loss)
-            update = Update(payloads=entries, weight=header.weight)
+            update = Update(payloads=entries, weight=header.weight, base=header.base_state_hash)
             round_ = self.state.submit(env.worker_id, env.token, env.round, update, metrics, nbytes)
         return serde.to_pb(m.PushReply(accepted=True, round=round_, bytes_received=nbytes))
 

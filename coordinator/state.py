@@ -183,6 +183,9 @@ class CoordinatorState:
         # round -> workers whose update it folded (the open round and the kept ones): a retried push of one of
         # them is acknowledged without folding it again (push is idempotent per worker and round).
         self.folded: dict[int, set[str]] = {}
+        # round -> digest of the replica when it opened (the open round and the kept ones): the base an update
+        # of that round must state (`_check_base`).
+        self.start_hashes: dict[int, str] = {}
         self.history: list[RoundRecord] = []
         # The one worker asked to offer the initial state, so only one dense copy crosses the wire.
         self.initializer: str | None = None
@@ -348,9 +351,9 @@ class CoordinatorState:
             own = senders.index(worker_id) if aggregate.relayed and worker_id in senders else None
             return aggregate, digest_after, own
 
-    def check_push(self, worker_id: str, token: str, round_: int, initial_state: bool) -> None:
-        """Refuse a push from its header alone (bad token, unknown worker, stale round, a second update or
-        initial state), before its payload is read. `submit` checks all of it again under the lock."""
+    def check_push(self, worker_id: str, token: str, round_: int, initial_state: bool, base: str = "") -> None:
+        """Refuse a push from its header alone (bad token, unknown worker, stale round or base, a second update
+        or initial state), before its payload is read. `submit` checks all of it again under the lock."""
         with self._cond:
             if initial_state:
                 self._member(worker_id, token)
@@ -358,6 +361,21 @@ class CoordinatorState:
                     raise Rejected(Code.ALREADY_EXISTS, "the coordinator already holds the global state")
             else:
                 self._open_round_for(worker_id, token, round_)
+                self._check_base(round_, base)
+
+    def _check_base(self, round_: int, base: str) -> None:
+        """An update must have been computed against the state its round started from (under overlap, CO2's
+        one-round-stale start: the state the round before started from). Refused as a stale round otherwise,
+        so the worker resyncs its replica instead of feeding the average an update of another state."""
+        if not base:
+            return
+        starts = [round_ - 1, round_] if self.protocol.overlapped else [round_]
+        allowed = [self.start_hashes[r] for r in starts if r in self.start_hashes]
+        if base not in allowed:
+            raise Rejected(Code.FAILED_PRECONDITION,
+                           f"stale round: the update for round {round_} was computed from state {base[:16]}, not "
+                           f"from the state its round started from "
+                           f"({', '.join(h[:16] for h in allowed) or 'no longer kept'}); pull the state again")
 
     def already_folded(self, worker_id: str, round_: int) -> bool:
         """Whether this worker's update for `round_` was folded (a retry after a lost reply)."""
@@ -406,6 +424,7 @@ class CoordinatorState:
             except AlreadyFolded:
                 return round_  # acknowledged again, folded once
             assert self.aggregator is not None  # _open_round_for checked it
+            self._check_base(round_, update.base)
             _check_metrics(worker_id, metrics)
             late = round_ < current.number
             sender = f"{worker_id}@{round_}" if late else worker_id
@@ -518,6 +537,7 @@ class CoordinatorState:
 
     def _open_round(self) -> None:
         self._current = _Round(self.round, self.clock())
+        self.start_hashes[self.round] = self.state_hash
 
     def _maybe_start(self) -> None:
         if self.phase is not Phase.WAITING or self.aggregator is None:
@@ -554,6 +574,7 @@ class CoordinatorState:
             del self.aggregates[old]
             self.senders.pop(old, None)
             self.folded.pop(old, None)
+            self.start_hashes.pop(old, None)
         record = self._record(current, closed_by, aggregate.nbytes())
         self.history.append(record)
         self.deadline.observe(current.quorum_s)

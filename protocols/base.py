@@ -39,6 +39,9 @@ class Update:
     payloads: dict[str, Payload]
     # How much this update counts in the average (e.g. tokens trained on); 1.0 = equal weight.
     weight: float = 1.0
+    # Digest of the replica it was computed against (`Replica.digest`): the star's coordinator refuses an update
+    # whose base is not the state its round started from. Empty: not stated (not judged).
+    base: str = ""
 
     def nbytes(self) -> int:
         return sum(p.nbytes() for p in self.payloads.values())

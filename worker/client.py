@@ -240,7 +240,7 @@ class CoordinatorClient:
             raise
 
     def push(self, round_: int, update: Update, metrics: dict[str, float]) -> m.PushReply:
-        args = (m.PushKind.UPDATE, round_, update.payloads, update.weight, metrics)
+        args = (m.PushKind.UPDATE, round_, update.payloads, update.weight, metrics, update.base)
         seen = self.reconnects
         try:
             reply = self._push(*args)
@@ -255,7 +255,7 @@ class CoordinatorClient:
             raise
 
     def _push(self, kind: m.PushKind, round_: int, entries: dict[str, Any], weight: float,
-              metrics: dict[str, float]) -> m.PushReply:
+              metrics: dict[str, float], base: str = "") -> m.PushReply:
         header = m.PushHeader(
             envelope=self._envelope(round_),
             kind=kind,
@@ -265,6 +265,7 @@ class CoordinatorClient:
             train_loss=metrics.get("train_loss", float("nan")),
             tokens=int(metrics.get("tokens", 0)),
             metrics=dict(metrics),
+            base_state_hash=base,
         )
 
         counted_as = "state" if kind is m.PushKind.INITIAL_STATE else "protocol"

@@ -282,7 +282,8 @@ class RoundLoop:
             measured = (time.perf_counter() - stepping) / steps
             self.step_s = measured if self.step_s <= 0 else (self.step_s + measured) / 2
         update, state = self.protocol.make_update(session.params(), start, state)
-        update = self.faults.corrupt_update(update)
+        # Tied to the state it was computed against (the replica; eager's nudged start is derived from it).
+        update = replace(self.faults.corrupt_update(update), base=self._digest(replica))
         tokens = steps * session.tokens_per_step
         if self.adaptive and tokens:  # token-weighted averaging (protocols/local_updates.py)
             update = replace(update, weight=float(tokens))

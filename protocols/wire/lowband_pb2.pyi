@@ -667,6 +667,7 @@ class PushHeader(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    BASE_STATE_HASH_FIELD_NUMBER: _builtins.int
     kind: Global___PushKind.ValueType
     """Update or initial state."""
     weight: _builtins.float
@@ -679,6 +680,8 @@ class PushHeader(_message.Message):
     """Mean training loss over the round's inner steps (NaN if unknown)."""
     tokens: _builtins.int
     """Tokens the worker trained on this round."""
+    base_state_hash: _builtins.str
+    """Digest of the replica the update was computed against; refused ("stale round") unless it is the state its round started from (empty: not judged)."""
     @_builtins.property
     def envelope(self) -> Global___Envelope:
         """Who pushes, for which round."""
@@ -698,10 +701,11 @@ class PushHeader(_message.Message):
         train_loss: _builtins.float = ...,
         tokens: _builtins.int = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        base_state_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "kind", b"kind", "metrics", b"metrics", "num_entries", b"num_entries", "tokens", b"tokens", "total_bytes", b"total_bytes", "train_loss", b"train_loss", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_state_hash", b"base_state_hash", "envelope", b"envelope", "kind", b"kind", "metrics", b"metrics", "num_entries", b"num_entries", "tokens", b"tokens", "total_bytes", b"total_bytes", "train_loss", b"train_loss", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

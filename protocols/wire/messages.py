@@ -193,6 +193,7 @@ class PushHeader:
     train_loss: float = float("nan")
     tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    base_state_hash: str = ""  # digest of the replica the update was computed against
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ EXAMPLES: list[m.Message] = [
         train_loss=2.25,
         tokens=4096,
         metrics={"compute_s": 12.5, "lr": 3e-4},
+        base_state_hash="ab" * 32,
     ),
     m.PushReply(accepted=True, round=13, bytes_received=123456),
     m.WaitRequest(ENV, after_round=12, max_wait_s=30.0),
