@@ -68,9 +68,50 @@ def _write(path: Path, doc: dict[str, Any]) -> None:
     tmp.rename(path)
 
 
+class Sections:
+    """Where a round close spends its time, measured from outside the coordinator's code: the wall time of
+    each `RoundAggregator.submit` (check and fold one update), `RoundAggregator.close` (aggregate, outer step,
+    downlink) and `RunDir.save_checkpoint`, all run
+    under the state lock, and how long a thread here waits to take that lock, tried every 0.1 s."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {"fold": [], "close": [], "checkpoint": [], "lock_wait": []}
+
+    def wrap(self, owner: type, method: str, key: str) -> None:
+        original = getattr(owner, method)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[key].append(time.perf_counter() - t0)
+
+        setattr(owner, method, timed)
+
+    def watch_lock(self, lock: Any, stop: threading.Event) -> None:
+        while not stop.wait(PROBE_PERIOD_S):
+            t0 = time.perf_counter()
+            with lock:
+                self.seconds["lock_wait"].append(time.perf_counter() - t0)
+
+    def report(self) -> dict[str, float]:
+        return {f"max_{k}_s": max(v, default=0.0) for k, v in self.seconds.items()} | {
+            f"mean_{k}_s": sum(v) / len(v) if v else 0.0 for k, v in self.seconds.items()}
+
+
 def run_coordinator(spec: dict[str, Any], work: Path) -> None:
+    from coordinator.rundir import RunDir
+    from protocols.round import RoundAggregator
+
     cfg = parse_config(spec["config"])
+    sections = Sections()
+    sections.wrap(RoundAggregator, "submit", "fold")
+    sections.wrap(RoundAggregator, "close", "close")
+    sections.wrap(RunDir, "save_checkpoint", "checkpoint")
     server = CoordinatorServer(cfg, run_dir=work / "run").start()
+    stop = threading.Event()
+    threading.Thread(target=sections.watch_lock, args=(server.state._cond, stop), daemon=True).start()
     _write(work / "coordinator.json", {"address": server.address, "pid": os.getpid(),
                                        "baseline": proc_status()})
     try:
@@ -78,8 +119,10 @@ def run_coordinator(spec: dict[str, Any], work: Path) -> None:
         server.wait_departed(60.0)
         summary = server.summary()
     finally:
+        stop.set()
         server.stop()
-    _write(work / "coordinator_done.json", {"finished": finished, "summary": summary, "status": proc_status()})
+    _write(work / "coordinator_done.json", {"finished": finished, "summary": summary, "status": proc_status(),
+                                            "sections": sections.report()})
 
 
 def run_clients(spec: dict[str, Any], index: int, work: Path) -> None:

@@ -36,6 +36,11 @@ def test_targets_are_judged_from_the_rows() -> None:
     assert not missed["memory_at_most_3x_model"]["met_total"]
     assert not missed["memory_at_most_3x_model"]["met_growth"]  # a growth of 3.5x the model
     assert not missed["heartbeat_within_interval"]["met"]
+    stopped = _row(1000, 50.0) | {"finished": False}  # one fast round closed, then stopped at the time limit
+    cut = verdicts([_row(10, 1.0), _row(100, 9.0), stopped])
+    assert not cut["round_time_at_most_linear"]["met"]
+    assert cut["round_time_at_most_linear"]["unfinished"] == ["workers-1000"]
+    assert cut["memory_at_most_3x_model"]["finished"] is False
 
 
 def test_quick_run_writes_a_row_per_contender(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
