@@ -1,0 +1,214 @@
+"""Coordinator scale: many workers per round against one coordinator, SparseLoCo updates of a ~10M-parameter GPT.
+
+Contenders `workers-N` (N = 10, 100, 1000 by default): a `CoordinatorServer` in its own process (a run
+directory, as `lowband coordinator` keeps one: a checkpoint and a metrics row per round; `cluster.workers` =
+`min_workers` = N, a long deadline, heartbeats every 2 s), N real gRPC `CoordinatorClient`s multiplexed over
+`--client-procs` processes (a thread and a channel each; see bench/scale_procs.py), and one heartbeat probe
+process. Every worker pushes a real SparseLoCo update (codec `sparseloco`: top-64 of every 4096 entries, 2-bit
+values, 12-bit indices), waits for the round to close and pulls the aggregate, for `--rounds` rounds. Each
+client process builds one update with the protocol's `make_update` on a perturbed copy of the parameters and
+pushes it under each of its workers' ids, so the downlink's union of coordinates covers `--client-procs`
+distinct updates, not N (N distinct top-k masks would make the sparse aggregate nearly dense). The one-time
+state pull at join is skipped: every byte counted below is per-round traffic plus the initial-state upload.
+
+Columns:
+- `seconds_per_round`: the median of the coordinator's metrics.jsonl `seconds` (round open to close, i.e.
+  the previous aggregate's pulls plus all N pushes and folds), `seconds_per_round_per_worker` its ratio to N.
+- `peak_rss_bytes`: VmHWM of the coordinator's process; `rss_over_model` its ratio to the model's fp32 bytes;
+  `rss_growth_over_model` the same for the growth above its RSS after start-up (interpreter, torch, gRPC:
+  `baseline_rss_bytes`), i.e. what the run itself costs.
+- `max_heartbeat_delay_s`: the slowest heartbeat call of the probe (every 0.1 s, its own process) while
+  rounds ran; `p99_heartbeat_s` the 99th percentile.
+- `max_fold_s`, `max_close_s`, `max_checkpoint_s`, `max_lock_wait_s` (and `mean_*`): the coordinator's own
+  timing of what it does under its state lock, and of taking that lock (bench/scale_procs.py `Sections`).
+- `finished`: False when the contender was still running after `--timeout` seconds; it is then measured as
+  far as it got (rounds closed, peak RSS so far, heartbeats over the whole run) and stopped.
+- `update_bytes`, `protocol_sent_per_worker`, `protocol_received_per_worker`, `control_*_per_worker`: bytes per
+  worker as the clients counted them (per worker over the whole run).
+
+Targets (issue 13): seconds per round grows at most linearly in workers (`seconds_per_round_per_worker` does
+not grow from row to row), coordinator memory at most 3x the model at 1,000 workers, no heartbeat delayed past
+its interval (2 s) by a round close.
+
+    python -m bench.coordinator_scale --workers 10,100,1000 --rounds 3
+    python -m bench.coordinator_scale --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from bench.common import comma_list, command_line, write_result
+from bench.scale_procs import initial_params, proc_status
+from protocols.config import parse_config
+
+COLUMNS = ["contender", "seconds_per_round", "seconds_per_round_per_worker", "peak_rss_bytes", "rss_over_model",
+           "rss_growth_over_model", "max_heartbeat_delay_s", "p99_heartbeat_s", "update_bytes",
+           "protocol_sent_per_worker", "protocol_received_per_worker", "wall_s"]
+FULL_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}  # 10.7M parameters
+QUICK_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}  # 0.1M parameters
+HEARTBEAT_INTERVAL_S = 2.0
+_LOGS: dict[int, str] = {}  # pid -> its log file, quoted when it fails
+
+
+def bench_config(workers: int, rounds: int, model: dict[str, int]) -> dict[str, Any]:
+    """SparseLoCo with the paper's codec; a round waits for all N (quorum N, deadline far away)."""
+    return {
+        "name": f"scale-{workers}",
+        "model": model,
+        "train": {"steps": rounds, "eval_every_steps": rounds},
+        "protocol": {"kind": "sparseloco", "inner_steps": 1},
+        "cluster": {"workers": workers, "min_workers": workers, "round_deadline_s": 3600,
+                    "heartbeat_interval_s": HEARTBEAT_INTERVAL_S, "heartbeat_timeout_s": 600,
+                    "stream_idle_s": 600},
+    }
+
+
+def _wait_file(path: Path, procs: list[subprocess.Popen[bytes]], timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        for p in procs:
+            if p.poll() not in (None, 0):
+                tail = Path(_LOGS[p.pid]).read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{p.args!r} exited {p.returncode} before {path.name} appeared:\n{tail}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {path}")
+        time.sleep(0.05)
+    doc: dict[str, Any] = json.loads(path.read_text())
+    return doc
+
+
+def _spawn(work: Path, *args: str) -> subprocess.Popen[bytes]:
+    log = work / f"{'-'.join(args)}.log"
+    proc = subprocess.Popen([sys.executable, "-m", "bench.scale_procs", *args[:1], str(work / "spec.json"),
+                             *args[1:]], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    _LOGS[proc.pid] = str(log)
+    return proc
+
+
+def _split(workers: int, procs: int) -> list[int]:
+    procs = min(procs, workers)
+    return [workers // procs + (i < workers % procs) for i in range(procs)]
+
+
+def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs: int, work: Path,
+                  timeout: float) -> dict[str, Any]:
+    """One contender's row. A run still going after `timeout` seconds is measured as far as it got (rounds
+    closed, the coordinator's peak RSS so far, the probe's heartbeats) and stopped: `finished` False."""
+    work.mkdir(parents=True)
+    config = bench_config(workers, rounds, model)
+    spec: dict[str, Any] = {"config": config, "timeout_s": timeout, "clients": _split(workers, client_procs)}
+    (work / "spec.json").write_text(json.dumps(spec))
+    coordinator = _spawn(work, "coordinator")
+    procs = [coordinator]
+    clients: list[dict[str, Any]] = []
+    try:
+        ready = _wait_file(work / "coordinator.json", procs, 300)
+        spec["address"] = ready["address"]
+        (work / "spec.json").write_text(json.dumps(spec))
+        procs.append(_spawn(work, "probe"))
+        started = time.monotonic()
+        procs += [_spawn(work, "clients", str(i)) for i in range(len(spec["clients"]))]
+        try:
+            clients = [_wait_file(work / f"clients{i}.json", procs, timeout - (time.monotonic() - started))
+                       for i in range(len(spec["clients"]))]
+            wall = time.monotonic() - started
+            done = _wait_file(work / "coordinator_done.json", procs, 120)
+        except TimeoutError:
+            wall = time.monotonic() - started
+            done = {"finished": False, "status": proc_status(coordinator.pid), "sections": {}}
+            for p in procs[2:]:
+                p.kill()
+        (work / "stop_probe").touch()
+        probe = _wait_file(work / "probe.json", procs[:2], 60)
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout=30 if clients else 1)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["seconds"] for r in rows if r.get("event") == "round"]
+    first, last = (min(c["started"] for c in clients), max(c["ended"] for c in clients)) if clients else (0, 1e18)
+    beats = [lat for wall_t, lat, ok in probe["samples"] if ok and first <= wall_t <= last]
+    model_bytes = sum(t.numel() * 4 for t in initial_params(parse_config(config)).values())
+    peak, baseline = done["status"]["VmHWM"], ready["baseline"]["VmRSS"]
+    row: dict[str, Any] = {
+        "contender": f"workers-{workers}", "workers": workers, "finished": done["finished"], "rounds": len(seconds),
+        "round_seconds": seconds, "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
+        "model_fp32_bytes": model_bytes, "rss_over_model": peak / model_bytes,
+        "rss_growth_over_model": (peak - baseline) / model_bytes,
+        "max_heartbeat_delay_s": max(beats) if beats else None,
+        "p99_heartbeat_s": statistics.quantiles(beats, n=100)[98] if len(beats) >= 2 else None,
+        "heartbeat_samples": len(beats), "client_procs": len(spec["clients"]), "wall_s": wall,
+        **done["sections"],  # max/mean seconds of fold, close, checkpoint and waiting for the state lock
+    }
+    if seconds:
+        row["seconds_per_round"] = statistics.median(seconds)
+        row["seconds_per_round_per_worker"] = row["seconds_per_round"] / workers
+    if clients:
+        traffic = {k: sum(c["traffic"][k] for c in clients) / workers for k in clients[0]["traffic"]}
+        row |= {"update_bytes": clients[0]["update_bytes"], "protocol_sent_per_worker": traffic["protocol_sent"],
+                "protocol_received_per_worker": traffic["protocol_received"],
+                "control_sent_per_worker": traffic["control_sent"],
+                "control_received_per_worker": traffic["control_received"],
+                "median_push_s": statistics.median(s for c in clients for s in c["push_s"])}
+    return row
+
+
+def verdicts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's three targets, each met or missed, with the numbers behind it."""
+    per_worker = [r.get("seconds_per_round_per_worker") for r in rows]
+    # A run stopped before its rounds closed is a miss: its median covers only the rounds that did close.
+    unfinished = [r["contender"] for r in rows if not r.get("finished", True)]
+    timed = [t for t in per_worker if t is not None]
+    linear = not unfinished and all(b <= a * 1.1 for a, b in pairwise(timed))  # 10% noise allowance
+    biggest = max(rows, key=lambda r: r["workers"])
+    delays = [r["max_heartbeat_delay_s"] for r in rows if r["max_heartbeat_delay_s"] is not None]
+    return {
+        "round_time_at_most_linear": {"met": linear, "seconds_per_round_per_worker": per_worker,
+                                      "unfinished": unfinished},
+        "memory_at_most_3x_model": {"at": biggest["contender"], "finished": biggest.get("finished", True),
+                                    "rss_over_model": biggest["rss_over_model"],
+                                    "rss_growth_over_model": biggest["rss_growth_over_model"],
+                                    "met_total": biggest["rss_over_model"] <= 3.0,
+                                    "met_growth": biggest["rss_growth_over_model"] <= 3.0},
+        "heartbeat_within_interval": {"met": bool(delays) and max(delays) <= HEARTBEAT_INTERVAL_S,
+                                      "max_heartbeat_delay_s": max(delays) if delays else None,
+                                      "interval_s": HEARTBEAT_INTERVAL_S},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", default="10,100,1000",
+                        type=lambda s: comma_list(s, int, lambda v: min(v) >= 1, "worker counts such as 10,100"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--client-procs", type=int, default=2, help="processes the clients are multiplexed over")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="per contender, seconds: a run still going is measured as far as it got, then stopped")
+    parser.add_argument("--quick", action="store_true", help="4 and 8 workers, a 0.1M-parameter model, 2 rounds")
+    parser.add_argument("--out", default="coordinator_scale", help="result name in bench/results")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.client_procs < 1:
+        parser.error("need --rounds >= 1 and --client-procs >= 1")
+    workers, rounds, model = (([4, 8], 2, QUICK_MODEL) if args.quick else (args.workers, args.rounds, FULL_MODEL))
+    with tempfile.TemporaryDirectory(prefix="lowband-scale-") as tmp:
+        rows = [run_contender(n, rounds, model, args.client_procs, Path(tmp) / f"workers-{n}", args.timeout)
+                for n in workers]
+    write_result(args.out, command_line("bench.coordinator_scale"), rows, COLUMNS,
+                 config={"rounds": rounds, "model": model, "client_procs": args.client_procs,
+                         "heartbeat_interval_s": HEARTBEAT_INTERVAL_S}, targets=verdicts(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The processes of bench/coordinator_scale.py, each its own interpreter (so the coordinator's memory is its own):
+
+- `coordinator SPEC`: a `CoordinatorServer` with a run directory (a checkpoint and a metrics row per round, as
+  `lowband coordinator` runs it); writes its address, then its peak RSS (VmHWM) and summary when the run ends.
+- `clients SPEC INDEX`: this process's share of the workers, one thread each, every one a real
+  `CoordinatorClient` (its own gRPC channel): join, then per round push the process's SparseLoCo update (built
+  once by the protocol's `make_update` on a perturbed copy of the parameters, reused under every worker id),
+  long-poll `WaitRound` until the round closed and pull the aggregate. A heartbeat thread sends each worker's
+  heartbeat every `heartbeat_interval_s`, as real workers do.
+- `probe SPEC`: a dedicated client sending a heartbeat (as worker w0) every 0.1 s and timing each call.
+
+SPEC is a JSON file written by bench/coordinator_scale.py; results are JSON files next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coordinator.server import CoordinatorServer
+from protocols.config import PROTOCOL_VERSION, RunConfig, parse_config
+from protocols.registry import build_protocol
+from protocols.replica import Params
+from protocols.wire import lowband_pb2_grpc, serde
+from protocols.wire import messages as m
+from worker.client import CoordinatorClient
+from worker.model import GPT
+
+VOCAB = 65  # the Shakespeare character vocabulary: the model is the default GPT at that size
+PROBE_PERIOD_S = 0.1
+
+
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS and VmHWM (peak resident set) of a process, in bytes."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def initial_params(cfg: RunConfig) -> Params:
+    torch.manual_seed(cfg.seed)
+    return {name: p.detach().clone() for name, p in GPT(cfg.model, VOCAB).named_parameters()}
+
+
+def one_update(cfg: RunConfig, params: Params, seed: int) -> Any:
+    """A real SparseLoCo update: the protocol's worker half on a perturbed copy of the parameters."""
+    protocol = build_protocol(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    local = {n: t + 1e-3 * torch.randn(t.shape, generator=gen) for n, t in params.items()}
+    update, _ = protocol.make_update(local, params, protocol.init_worker_state(params))
+    return update
+
+
+def _write(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.rename(path)
+
+
+class Sections:
+    """Where a round close spends its time, measured from outside the coordinator's code: the wall time of
+    each `RoundAggregator.submit` (check and fold one update), `RoundAggregator.close` (aggregate, outer step,
+    downlink) and `RunDir.save_checkpoint`, all run
+    under the state lock, and how long a thread here waits to take that lock, tried every 0.1 s."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {"fold": [], "close": [], "checkpoint": [], "lock_wait": []}
+
+    def wrap(self, owner: type, method: str, key: str) -> None:
+        original = getattr(owner, method)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[key].append(time.perf_counter() - t0)
+
+        setattr(owner, method, timed)
+
+    def watch_lock(self, lock: Any, stop: threading.Event) -> None:
+        while not stop.wait(PROBE_PERIOD_S):
+            t0 = time.perf_counter()
+            with lock:
+                self.seconds["lock_wait"].append(time.perf_counter() - t0)
+
+    def report(self) -> dict[str, float]:
+        return {f"max_{k}_s": max(v, default=0.0) for k, v in self.seconds.items()} | {
+            f"mean_{k}_s": sum(v) / len(v) if v else 0.0 for k, v in self.seconds.items()}
+
+
+def run_coordinator(spec: dict[str, Any], work: Path) -> None:
+    from coordinator.rundir import RunDir
+    from protocols.round import RoundAggregator
+
+    cfg = parse_config(spec["config"])
+    sections = Sections()
+    sections.wrap(RoundAggregator, "submit", "fold")
+    sections.wrap(RoundAggregator, "close", "close")
+    sections.wrap(RunDir, "save_checkpoint", "checkpoint")
+    server = CoordinatorServer(cfg, run_dir=work / "run").start()
+    stop = threading.Event()
+    threading.Thread(target=sections.watch_lock, args=(server.state._cond, stop), daemon=True).start()
+    _write(work / "coordinator.json", {"address": server.address, "pid": os.getpid(),
+                                       "baseline": proc_status()})
+    try:
+        finished = server.wait_finished(timeout=spec["timeout_s"])
+        server.wait_departed(60.0)
+        summary = server.summary()
+    finally:
+        stop.set()
+        server.stop()
+    _write(work / "coordinator_done.json", {"finished": finished, "summary": summary, "status": proc_status(),
+                                            "sections": sections.report()})
+
+
+def run_clients(spec: dict[str, Any], index: int, work: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = parse_config(spec["config"])
+    count = spec["clients"][index]
+    params = initial_params(cfg)
+    update = one_update(cfg, params, seed=1 + index)
+    address, rounds = spec["address"], cfg.rounds
+    clients = [CoordinatorClient(address, retry_for_s=spec["timeout_s"]) for _ in range(count)]
+    for c in clients:
+        reply = c.join(f"scale-{index}")
+        if not reply.has_global_state:
+            c.offer_state(params)
+    done = threading.Event()
+    beats = {"sent": 0}
+
+    def heartbeats() -> None:  # each worker's heartbeat every interval, spread over the interval
+        period = cfg.cluster.heartbeat_interval_s / max(count, 1)
+        while not done.is_set():
+            for c in clients:
+                if done.wait(period):
+                    return
+                c.heartbeat(0, None, None)
+                beats["sent"] += 1
+
+    def worker(c: CoordinatorClient) -> list[float]:
+        pushes = []
+        while c.wait_round(-1).phase is m.Phase.WAITING_FOR_WORKERS:  # round 0 opens once all N joined
+            pass
+        for r in range(rounds):
+            t0 = time.monotonic()
+            c.push(r, update, {"tokens": 0.0})
+            pushes.append(time.monotonic() - t0)
+            while True:
+                info = c.wait_round(r)
+                if info.round > r or info.phase is m.Phase.FINISHED:
+                    break
+            c.pull_aggregate(r, own_update=update)
+        return pushes
+
+    beat_thread = threading.Thread(target=heartbeats, daemon=True)
+    beat_thread.start()
+    started = time.time()
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        push_s = [s for res in pool.map(worker, clients) for s in res]
+    done.set()
+    beat_thread.join()
+    traffic = [c.traffic.as_dict() for c in clients]
+    for c in clients:
+        c.leave()
+        c.close()
+    _write(work / f"clients{index}.json", {
+        "started": started, "ended": time.time(), "push_s": push_s, "update_bytes": update.nbytes(),
+        "traffic": {k: sum(t[k] for t in traffic) for k in traffic[0]}, "workers": count,
+        "heartbeats": beats["sent"]})
+
+
+def run_probe(spec: dict[str, Any], work: Path) -> None:
+    """Heartbeats as w0 every PROBE_PERIOD_S (no run id: the coordinator checks it only when given), each
+    call timed; NOT_FOUND before w0 joined is recorded as not ok. Stops when `stop_probe` appears."""
+    import grpc
+
+    channel = grpc.insecure_channel(spec["address"], options=m.GRPC_OPTIONS)
+    stub = lowband_pb2_grpc.CoordinatorStub(channel)
+    samples = []
+    while not (work / "stop_probe").exists():
+        req = m.HeartbeatRequest(envelope=m.Envelope("", "w0", 0, PROTOCOL_VERSION, ""), inner_step=0,
+                                 last_loss=float("nan"), bytes_sent=0, eval_loss=float("nan"))
+        t0, wall = time.monotonic(), time.time()
+        try:
+            stub.Heartbeat(serde.to_pb(req), timeout=60.0)
+            ok = True
+        except grpc.RpcError:
+            ok = False
+        samples.append((wall, time.monotonic() - t0, ok))
+        time.sleep(max(0.0, PROBE_PERIOD_S - (time.monotonic() - t0)))
+    channel.close()
+    _write(work / "probe.json", {"samples": samples})
+
+
+def main(argv: list[str]) -> None:
+    role, spec_path = argv[0], Path(argv[1])
+    spec = json.loads(spec_path.read_text())
+    work = spec_path.parent
+    if role == "coordinator":
+        run_coordinator(spec, work)
+    elif role == "clients":
+        run_clients(spec, int(argv[2]), work)
+    elif role == "probe":
+        run_probe(spec, work)
+    else:
+        raise SystemExit(f"unknown role {role!r}: coordinator, clients or probe")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

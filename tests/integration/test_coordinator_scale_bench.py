@@ -1,0 +1,66 @@
+"""bench.coordinator_scale --quick: a real coordinator process, two client processes and a heartbeat probe on
+loopback. Checked: the JSON has a row per contender with the fields the table rests on, the bytes match the
+update pushed, the coordinator's memory and the probe's heartbeats were really measured, and the targets are
+judged. No timing thresholds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import bench.common
+from bench.coordinator_scale import _split, main, verdicts
+
+
+def test_workers_are_split_over_the_client_processes_without_loss() -> None:
+    assert _split(10, 3) == [4, 3, 3]
+    assert _split(1000, 2) == [500, 500]
+    assert _split(2, 4) == [1, 1]  # never a process without a worker
+
+
+def _row(workers: int, spr: float, rss: float = 2.0, beat: float = 0.5) -> dict[str, float | int | str]:
+    return {"contender": f"workers-{workers}", "workers": workers, "seconds_per_round_per_worker": spr / workers,
+            "rss_over_model": rss, "rss_growth_over_model": rss / 2, "max_heartbeat_delay_s": beat}
+
+
+def test_targets_are_judged_from_the_rows() -> None:
+    met = verdicts([_row(10, 1.0), _row(100, 9.0), _row(1000, 95.0, rss=2.5, beat=1.9)])
+    assert met["round_time_at_most_linear"]["met"]
+    assert met["memory_at_most_3x_model"]["at"] == "workers-1000"
+    assert met["memory_at_most_3x_model"]["met_total"] and met["memory_at_most_3x_model"]["met_growth"]
+    assert met["heartbeat_within_interval"]["met"]
+    missed = verdicts([_row(10, 1.0), _row(100, 30.0), _row(1000, 95.0, rss=7.0, beat=2.5)])
+    assert not missed["round_time_at_most_linear"]["met"]  # 100 workers took 30x the time of 10
+    assert not missed["memory_at_most_3x_model"]["met_total"]
+    assert not missed["memory_at_most_3x_model"]["met_growth"]  # a growth of 3.5x the model
+    assert not missed["heartbeat_within_interval"]["met"]
+    stopped = _row(1000, 50.0) | {"finished": False}  # one fast round closed, then stopped at the time limit
+    cut = verdicts([_row(10, 1.0), _row(100, 9.0), stopped])
+    assert not cut["round_time_at_most_linear"]["met"]
+    assert cut["round_time_at_most_linear"]["unfinished"] == ["workers-1000"]
+    assert cut["memory_at_most_3x_model"]["finished"] is False
+
+
+def test_quick_run_writes_a_row_per_contender(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    main(["--quick", "--out", "scale"])
+    doc = json.loads((tmp_path / "scale.json").read_text())
+    assert doc["bench"] == "scale"
+    rows = {r["contender"]: r for r in doc["rows"]}
+    assert sorted(rows) == ["workers-4", "workers-8"]
+    for name, r in rows.items():
+        assert r["workers"] == int(name.split("-")[1])
+        assert r["rounds"] == 2 and len(r["round_seconds"]) == 2
+        assert r["seconds_per_round"] > 0
+        assert r["peak_rss_bytes"] >= r["baseline_rss_bytes"] > 0
+        assert r["rss_over_model"] == pytest.approx(r["peak_rss_bytes"] / r["model_fp32_bytes"])
+        assert r["heartbeat_samples"] > 0 and r["max_heartbeat_delay_s"] > 0
+        # Every worker pushed its update each round (plus the stream's headers), and pulled each aggregate.
+        assert r["protocol_sent_per_worker"] >= 2 * r["update_bytes"] > 0
+        assert r["protocol_received_per_worker"] > 0
+        assert r["control_sent_per_worker"] > 0
+    assert set(doc["targets"]) == {"round_time_at_most_linear", "memory_at_most_3x_model",
+                                   "heartbeat_within_interval"}
+    assert isinstance(doc["targets"]["heartbeat_within_interval"]["met"], bool)
