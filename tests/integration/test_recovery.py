@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,18 @@ def test_an_update_acknowledged_after_the_last_checkpoint_is_pushed_again_to_the
         wait_for(lambda: rounds_logged(run_dir) == [0], 60, "round 0 to be recorded")
         push(clients[0], 1, 0.3)  # acknowledged; only the killed process will ever have held it
         waited: list[Any] = []
-        waiting = threading.Thread(target=lambda: waited.append(clients[0].wait_round(1, 30.0)), daemon=True)
+
+        def wait_for_round_1() -> None:
+            """As a worker's `status` does: wait again while the round has not closed (a resumed coordinator
+            answers "waiting for workers" first; the push is repeated on a wait after the reconnect)."""
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                info = clients[0].wait_round(1, 30.0)
+                if info.round > 1:
+                    waited.append(info)
+                    return
+
+        waiting = threading.Thread(target=wait_for_round_1, daemon=True)
         waiting.start()  # w0 waits for round 1 to close, as a worker does after its push
         first.send_signal(signal.SIGKILL)
         assert first.wait(timeout=30) == -signal.SIGKILL
