@@ -276,8 +276,9 @@ class Pool:
         self.procs = []
 
 
-def measure_coordinated(pool: Pool, cfg: RunConfig) -> Measurement:
-    """A fresh coordinator process (`bench.transport._serve`) on loopback and the pool's 4 workers, to the end."""
+def run_coordinated(pool: Pool, cfg: RunConfig) -> list[WorkerResult]:
+    """A fresh coordinator process (`bench.transport._serve`) on loopback and the pool's 4 workers, to the end;
+    each worker's result."""
     from bench.transport import _finish, _serve
 
     ctx = mp.get_context("spawn")
@@ -292,6 +293,12 @@ def measure_coordinated(pool: Pool, cfg: RunConfig) -> Measurement:
         with contextlib.suppress(OSError):  # a coordinator that already died has no pipe to read
             ours.send("stop")
         _finish([server])
+    return results
+
+
+def measure_coordinated(pool: Pool, cfg: RunConfig) -> Measurement:
+    """`run_coordinated`, measured."""
+    results = run_coordinated(pool, cfg)
     timed = [train_seconds(r) for r in results]
     slowest = max(range(len(results)), key=lambda i: timed[i][0])
     per_worker = []

@@ -6,7 +6,6 @@ Runs on `bench.overlap_runs.Pool` (4 spawned worker processes) against a fresh c
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -88,20 +87,6 @@ def summarize(results: list[WorkerResult]) -> Run:
 
 def measure(pool: Any, cfg: RunConfig) -> Run:
     """A fresh coordinator process on loopback and the pool's 4 workers, to the end."""
-    import torch.multiprocessing as mp
+    from bench.overlap_runs import run_coordinated
 
-    from bench.transport import _finish, _serve
-
-    ctx = mp.get_context("spawn")
-    ours, theirs = ctx.Pipe()
-    server = ctx.Process(target=_serve, args=(cfg.model_dump(), theirs), name="coordinator", daemon=True)
-    server.start()
-    try:
-        if not ours.poll(120):
-            raise RuntimeError(f"the coordinator process reported no address (exit code {server.exitcode})")
-        results: list[WorkerResult] = pool.run(("grpc", ours.recv()), watch=[server])
-    finally:
-        with contextlib.suppress(OSError):
-            ours.send("stop")
-        _finish([server])
-    return summarize(results)
+    return summarize(run_coordinated(pool, cfg))

@@ -29,6 +29,7 @@ from coordinator.servicer import CoordinatorServicer
 from protocols.wire import lowband_pb2 as pb
 from protocols.wire import messages as m
 from protocols.wire import serde
+from tests.integration.fuzzing import mutated, random_message
 from tests.integration.hostile import (
     TOKEN,
     UPDATE,
@@ -92,25 +93,6 @@ def _call(servicer: CoordinatorServicer, rpc: str, request: Any) -> grpc.StatusC
     return grpc.StatusCode.OK
 
 
-def _random_message(rng: random.Random, cls: Any) -> Any | None:
-    """A message of `cls` parsed from random bytes, or None when they do not parse."""
-    try:
-        return cls.FromString(rng.randbytes(rng.randrange(0, 80)))
-    except Exception:  # DecodeError and friends: gRPC itself refuses what does not deserialize
-        return None
-
-
-def _mutated(rng: random.Random, message: Any) -> Any | None:
-    data = bytearray(message.SerializeToString())
-    for _ in range(rng.randrange(1, 4)):
-        if data:
-            data[rng.randrange(len(data))] = rng.randrange(256)
-    try:
-        return type(message).FromString(bytes(data))
-    except Exception:
-        return None
-
-
 def _stranger_requests(run_id: str, worker_id: str) -> dict[str, Any]:
     """A valid-looking request of every unary and server-streaming RPC, with a wrong token."""
     env = serde.to_pb(m.Envelope(run_id, worker_id, 0, 1, "guess"))
@@ -131,12 +113,12 @@ def test_random_and_mutated_messages_into_every_rpc_change_nothing(coordinator) 
             break
         rpc = EVERY_RPC[i % len(EVERY_RPC)]
         if rpc == "PushUpdate":
-            request: Any = [m for m in (_random_message(rng, pb.PushMessage) for _ in range(rng.randrange(1, 4)))
+            request: Any = [m for m in (random_message(rng, pb.PushMessage) for _ in range(rng.randrange(1, 4)))
                             if m is not None]
         elif i % 2:
-            request = _random_message(rng, {**UNARY, **SERVER_STREAMING}[rpc])
+            request = random_message(rng, {**UNARY, **SERVER_STREAMING}[rpc])
         else:
-            request = _mutated(rng, valid[rpc])
+            request = mutated(rng, valid[rpc])
         if request is None:
             continue
         code = _call(servicer, rpc, request)

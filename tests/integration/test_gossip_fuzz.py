@@ -25,6 +25,7 @@ from protocols.replica import Params
 from protocols.wire import lowband_pb2 as pb
 from protocols.wire import messages as m
 from protocols.wire import serde
+from tests.integration.fuzzing import mutated, random_message
 from tests.integration.gossip_hostile import (
     gossip_messages,
     gossip_run,
@@ -66,24 +67,6 @@ def _call(servicer: Any, rpc: str, request: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def _random(rng: random.Random, cls: Any) -> Any | None:
-    try:
-        return cls.FromString(rng.randbytes(rng.randrange(0, 80)))
-    except Exception:  # what does not parse, gRPC itself refuses
-        return None
-
-
-def _mutated(rng: random.Random, message: Any) -> Any | None:
-    data = bytearray(message.SerializeToString())
-    for _ in range(rng.randrange(1, 4)):
-        if data:
-            data[rng.randrange(len(data))] = rng.randrange(256)
-    try:
-        return type(message).FromString(bytes(data))
-    except Exception:
-        return None
-
-
 def _strangers(run_id: str, worker_id: str) -> dict[str, Any]:
     """A valid-looking request of every Rendezvous RPC, with a wrong token."""
     env = serde.to_pb(m.Envelope(run_id, worker_id, 0, PROTOCOL_VERSION, "guess"))
@@ -103,7 +86,7 @@ def test_random_and_mutated_requests_into_every_rendezvous_rpc_change_nothing(ru
         if sum(codes.values()) >= 2400:
             break
         rpc = list(RENDEZVOUS)[i % len(RENDEZVOUS)]
-        request = _random(rng, RENDEZVOUS[rpc]) if i % 2 else _mutated(rng, valid[rpc])
+        request = random_message(rng, RENDEZVOUS[rpc]) if i % 2 else mutated(rng, valid[rpc])
         if request is None:
             continue
         code = _call(server.servicer, rpc, request)
@@ -120,9 +103,9 @@ def test_random_and_mutated_gossip_streams_change_nothing(run: Run) -> None:
     codes: dict[grpc.StatusCode, int] = {}
     for i in range(1200):
         if i % 2:
-            stream = [msg for msg in (_random(rng, pb.PeerChunk) for _ in range(rng.randrange(1, 4))) if msg]
+            stream = [msg for msg in (random_message(rng, pb.PeerChunk) for _ in range(rng.randrange(1, 4))) if msg]
         else:
-            stream = [mutated if (mutated := _mutated(rng, msg)) is not None else msg for msg in stranger]
+            stream = [flipped if (flipped := mutated(rng, msg)) is not None else msg for msg in stranger]
         code = _call(first.servicer, "Gossip", stream)
         codes[code] = codes.get(code, 0) + 1
         assert _fingerprints(run) == before, stream
