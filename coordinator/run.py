@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.checkpoint import ResumePoint, load_resume_point, state_digest
+from coordinator.recorder import ClosedRound, RoundRecorder
 from coordinator.rundir import RunDir
 from coordinator.state import CoordinatorState, Member, Phase, RoundRecord
 from coordinator.tensorboard import tensorboard_listener
@@ -50,6 +51,7 @@ class CoordinatorRun:
         if scalars is not None:
             self.round_listeners.append(scalars)
         self._io = threading.Lock()  # held while a round is recorded: `halt` waits for a checkpoint in progress
+        self.recorder = RoundRecorder(self._record)  # writes closed rounds off the state lock
         self._halted = False
         self.elapsed_before = 0.0  # wall seconds of the run before this process resumed it
         self.resumed_from: dict[str, Any] | None = None
@@ -96,6 +98,7 @@ class CoordinatorRun:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             self.state.wait_for_round(self.state.round, 1.0)
+        self.recorder.flush()  # the last round's checkpoint and metrics row are on disk
         return True
 
     def wait_departed(self, timeout: float) -> None:
@@ -117,6 +120,7 @@ class CoordinatorRun:
 
     def summary(self) -> dict[str, Any]:
         """The run so far; `rounds` counts the rounds recorded (after `halt`, those the checkpoint holds)."""
+        self.recorder.flush()
         members = self.state.members_copy()
         finals = [m.eval_loss for m in members if m.eval_loss is not None]
         n = max(len(members), 1)
@@ -146,8 +150,15 @@ class CoordinatorRun:
         }
 
     def _on_round(self, record: RoundRecord, aggregator: RoundAggregator) -> None:
+        """A round closed (called under the state lock): hand what it closed with to the recorder, which writes
+        it off the lock, so a slow checkpoint holds up no heartbeat or push."""
+        self.recorder.put(ClosedRound(record, aggregator.replica, aggregator.state, aggregator.downlink_state,
+                                      self.state.membership(), self.elapsed_before + time.monotonic() - self.started))
+
+    def _record(self, closed: ClosedRound) -> None:
         """Record a closed round: the checkpoint first, then its metrics row (a crash between the two is
         mended on resume from the record the checkpoint carries, so each round is logged exactly once)."""
+        record = closed.record
         with self._io:
             if self._halted:
                 return
@@ -155,9 +166,8 @@ class CoordinatorRun:
                 listener(record)
             if self.run_dir is not None:
                 self.run_dir.save_checkpoint(
-                    aggregator.replica, aggregator.state, aggregator.downlink_state, self.state.run_id,
-                    self.state.base_digest, members=self.state.membership(), record=record,
-                    elapsed_s=self.elapsed_before + time.monotonic() - self.started)
+                    closed.replica, closed.aggregator_state, closed.downlink_state, self.state.run_id,
+                    self.state.base_digest, members=closed.members, record=record, elapsed_s=closed.elapsed_s)
                 self.run_dir.log_round(record, self.state.run_id)
             self._recorded = record.round + 1
 

@@ -40,6 +40,7 @@ def run_rounds(run: CoordinatorRun, ids: list[str], rounds: int, token: str = ""
         for k, w in enumerate(ids):
             update = Update({"w": dense(torch.full((3, 2), 0.1 * (k + 1) + 0.01 * r))})
             run.state.submit(w, token, r, update, {"tokens": 40.0, "train_loss": 2.0}, 100)
+    run.recorder.flush()  # closed rounds are written off the state lock: wait until they are on disk
 
 
 def started_run(tmp: Path, cfg: RunConfig, token: str = "") -> tuple[CoordinatorRun, list[str]]:
