@@ -37,26 +37,11 @@ from tests.integration.gossip_hostile import (
     rendezvous_fingerprint,
 )
 from tests.integration.procs import LOWBAND, finish, start_coordinator, wait_for, write_recipe
+from tests.integration.stalling import STALLED, code_of, stalled
 from worker.rendezvous_client import RendezvousClient
 from worker.transports.p2p import P2PTransport
 from worker.transports.peer_servicer import GOSSIP_SLOTS
 from worker.transports.peers import PeerMessage
-
-STALLED = 20
-
-
-def _stalled(release: threading.Event, first: Any = None) -> Iterator[Any]:
-    if first is not None:
-        yield first
-    release.wait(120)  # hang guard: the test releases it
-
-
-def _code(future: Any) -> grpc.StatusCode:
-    try:
-        future.result(timeout=0)
-    except grpc.RpcError as err:
-        return err.code()
-    return grpc.StatusCode.OK
 
 
 def test_stalled_gossip_streams_past_the_slots_are_refused_and_an_honest_message_gets_through(
@@ -67,10 +52,10 @@ def test_stalled_gossip_streams_past_the_slots_are_refused_and_an_honest_message
             grpc.insecure_channel(first.address, options=m.GRPC_OPTIONS) as channel:
         before = peer_fingerprint(first, models[0])
         stub = lowband_pb2_grpc.PeerStub(channel)
-        futures = [stub.Gossip.future(_stalled(release), timeout=300) for _ in range(STALLED)]
+        futures = [stub.Gossip.future(stalled(release), timeout=300) for _ in range(STALLED)]
         try:
             wait_for(lambda: sum(f.done() for f in futures) >= STALLED - GOSSIP_SLOTS, 60, "the refused streams")
-            assert [_code(f) for f in futures if f.done()] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
+            assert [code_of(f) for f in futures if f.done()] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
                 STALLED - GOSSIP_SLOTS)
             assert all("server busy" in (f.exception().details() or "") for f in futures if f.done())
             wait_for(lambda: first.servicer.slots.in_use == GOSSIP_SLOTS, 60, "the stalled streams to hold the slots")
@@ -98,9 +83,9 @@ def test_a_stalled_gossip_stream_is_ended_by_the_idle_deadline() -> None:
         stub = lowband_pb2_grpc.PeerStub(channel)
         try:
             for opening in (None, gossip_messages(second)[0]):  # nothing at all; a valid header, then nothing
-                future = stub.Gossip.future(_stalled(release, opening), timeout=300)
+                future = stub.Gossip.future(stalled(release, opening), timeout=300)
                 wait_for(future.done, 120, "the peer to end the stalled stream")
-                assert _code(future) == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert code_of(future) == grpc.StatusCode.DEADLINE_EXCEEDED
                 assert "sent nothing for 1 s" in (future.exception().details() or "")
         finally:
             release.set()
@@ -155,10 +140,10 @@ def test_calls_that_never_send_their_request_past_the_reader_slots_are_refused_a
         before = rendezvous_fingerprint(server)
         with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
             raw = channel.stream_unary("/lowband.v1.Rendezvous/Heartbeat", lambda b: b, lambda b: b)
-            futures = [raw.future(_stalled(release), timeout=300) for _ in range(STALLED)]
+            futures = [raw.future(stalled(release), timeout=300) for _ in range(STALLED)]
             try:
                 wait_for(lambda: sum(f.done() for f in futures) >= STALLED - readers, 60, "the refused calls")
-                assert [_code(f) for f in futures if f.done()] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
+                assert [code_of(f) for f in futures if f.done()] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
                     STALLED - readers)
                 wait_for(lambda: server.request_guard.slots.in_use == readers, 60, "the held calls")
             finally:
@@ -180,12 +165,12 @@ def test_a_call_that_never_sends_its_request_is_ended_by_the_idle_deadline() -> 
         before = rendezvous_fingerprint(server)
         with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
             raw = channel.stream_unary("/lowband.v1.Rendezvous/Roster", lambda b: b, lambda b: b)
-            future = raw.future(_stalled(release), timeout=300)
+            future = raw.future(stalled(release), timeout=300)
             try:
                 wait_for(future.done, 120, "the rendezvous to end the stalled call")
             finally:
                 release.set()
-        assert _code(future) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert code_of(future) == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "sent nothing for 1 s" in (future.exception().details() or "")
         assert server.request_guard.slots.in_use == 0
         assert rendezvous_fingerprint(server) == before
@@ -213,7 +198,7 @@ def test_a_strangers_roster_is_refused_before_it_waits_and_members_waits_are_bou
             futures = [stub.Roster.future(serde.to_pb(m.RosterRequest(envelope=own)), timeout=300)
                        for _ in range(STALLED)]
             wait_for(lambda: sum(f.done() for f in futures) >= STALLED - rosters, 60, "the refused rosters")
-            assert [_code(f) for f in futures if f.done()] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
+            assert [code_of(f) for f in futures if f.done()] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
                 STALLED - rosters)
             wait_for(lambda: server.servicer.roster_slots.in_use == rosters, 60, "the waits to hold every slot")
             assert member.heartbeat(0).round == 0  # a member's quick call is served while they wait
@@ -221,7 +206,7 @@ def test_a_strangers_roster_is_refused_before_it_waits_and_members_waits_are_bou
             other.enroll("test", "127.0.0.1:2")  # the run is complete: every waiting Roster is answered
             other.close()
             wait_for(lambda: all(f.done() for f in futures), 120, "the waiting rosters")
-            answered = [f.result() for f in futures if _code(f) is grpc.StatusCode.OK]
+            answered = [f.result() for f in futures if code_of(f) is grpc.StatusCode.OK]
             assert len(answered) == rosters and all(len(r.addresses) == 2 for r in answered)
     finally:
         member.close()

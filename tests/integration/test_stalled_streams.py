@@ -23,23 +23,8 @@ from protocols.wire import messages as m
 from tests.conftest import tiny_config
 from tests.integration.hostile import TOKEN, envelope, fingerprint, good_entries, header, running
 from tests.integration.procs import wait_for
+from tests.integration.stalling import STALLED, code_of, stalled
 from worker.client import CoordinatorClient
-
-STALLED = 20
-
-
-def _stalled(release: threading.Event, first: pb.PushMessage | None = None) -> Iterator[pb.PushMessage]:
-    if first is not None:
-        yield first
-    release.wait(120)  # hang guard: the test releases it
-
-
-def _code(future: Any) -> grpc.StatusCode:
-    try:
-        future.result(timeout=0)
-    except grpc.RpcError as err:
-        return err.code()
-    return grpc.StatusCode.OK
 
 
 def test_twenty_stalled_push_streams_do_not_starve_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,10 +34,10 @@ def test_twenty_stalled_push_streams_do_not_starve_heartbeats(monkeypatch: pytes
             grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
         stub = lowband_pb2_grpc.CoordinatorStub(channel)
         slots = CallLimits.of(server.state.cfg).pushes
-        futures = [stub.PushUpdate.future(_stalled(release), timeout=300) for _ in range(STALLED)]
+        futures = [stub.PushUpdate.future(stalled(release), timeout=300) for _ in range(STALLED)]
         try:
             wait_for(lambda: sum(f.done() for f in futures) >= STALLED - slots, 60, "the refused streams")
-            codes = [_code(f) for f in futures if f.done()]
+            codes = [code_of(f) for f in futures if f.done()]
             assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (STALLED - slots)
             assert sum(not f.done() for f in futures) == slots  # these hold every push slot, stalled
             for _ in range(5):  # members are served while the stalled streams are open
@@ -75,9 +60,9 @@ def test_a_stalled_stream_is_ended_by_the_servers_idle_deadline() -> None:
         member_header = header(envelope(first.worker_id, run_id=first.run_id), good_entries())
         try:
             for first_message in (None, member_header):  # nothing at all; a member's header, then nothing
-                future = stub.PushUpdate.future(_stalled(release, first_message), timeout=300)
+                future = stub.PushUpdate.future(stalled(release, first_message), timeout=300)
                 wait_for(future.done, 120, "the server to end the stalled stream")
-                assert _code(future) == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert code_of(future) == grpc.StatusCode.DEADLINE_EXCEEDED
                 assert "sent nothing for 1 s" in (future.exception().details() or "")
         finally:
             release.set()
@@ -147,7 +132,7 @@ def test_a_member_refused_for_want_of_a_push_slot_retries_and_gets_through(
             grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
         stub = lowband_pb2_grpc.CoordinatorStub(channel)
         slots = CallLimits.of(server.state.cfg).pushes
-        stalled = [stub.PushUpdate.future(_stalled(release), timeout=300) for _ in range(slots)]
+        held = [stub.PushUpdate.future(stalled(release), timeout=300) for _ in range(slots)]
         result: list[Any] = []
         try:
             wait_for(lambda: server.servicer.push_slots.in_use == slots and server.state.aggregator is not None, 60,
@@ -160,7 +145,7 @@ def test_a_member_refused_for_want_of_a_push_slot_retries_and_gets_through(
             assert server.state.aggregator is not None and server.state.aggregator.senders == []
         finally:
             release.set()
-            for future in stalled:
+            for future in held:
                 future.cancel()
         pusher.join(timeout=120)
         assert result and result[0].accepted
@@ -179,10 +164,10 @@ def test_unary_calls_that_never_send_their_request_hold_only_the_reader_slots(
         readers = CallLimits.of(server.state.cfg).readers
         before = fingerprint(server)
         raw = channel.stream_unary("/lowband.v1.Coordinator/Heartbeat", lambda b: b, lambda b: b)
-        futures = [raw.future(_stalled(release), timeout=300) for _ in range(STALLED)]
+        futures = [raw.future(stalled(release), timeout=300) for _ in range(STALLED)]
         try:
             wait_for(lambda: sum(f.done() for f in futures) >= STALLED - readers, 60, "the refused calls")
-            assert [_code(f) for f in futures if f.done()] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
+            assert [code_of(f) for f in futures if f.done()] == [grpc.StatusCode.RESOURCE_EXHAUSTED] * (
                 STALLED - readers)
             wait_for(lambda: server.request_guard.slots.in_use == readers, 60, "the held calls")
         finally:
@@ -200,12 +185,12 @@ def test_a_unary_call_that_never_sends_its_request_is_ended_by_the_idle_deadline
             grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
         before = fingerprint(server)
         future = channel.stream_unary("/lowband.v1.Coordinator/Join", lambda b: b, lambda b: b).future(
-            _stalled(release), timeout=300)
+            stalled(release), timeout=300)
         try:
             wait_for(future.done, 120, "the coordinator to end the stalled call")
         finally:
             release.set()
-        assert _code(future) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert code_of(future) == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "sent nothing for 1 s" in (future.exception().details() or "")
         assert server.request_guard.slots.in_use == 0 and fingerprint(server) == before
         assert first.heartbeat(1, 2.5, None).round == 0
