@@ -23,6 +23,8 @@ Columns:
   timing of what it does under its state lock, and of taking that lock (bench/scale_procs.py `Sections`).
 - `finished`: False when the contender was still running after `--timeout` seconds; it is then measured as
   far as it got (rounds closed, peak RSS so far, heartbeats over the whole run) and stopped.
+- `bytes_sent_per_worker`, `bytes_received_per_worker`, `bytes_total_per_worker`: every byte a client moved
+  (protocol, control and state traffic), per worker over the whole run, as the clients counted them.
 - `update_bytes`, `protocol_sent_per_worker`, `protocol_received_per_worker`, `control_*_per_worker`: bytes per
   worker as the clients counted them (per worker over the whole run).
 
@@ -52,8 +54,9 @@ from bench.scale_procs import initial_params, proc_status
 from protocols.config import parse_config
 
 COLUMNS = ["contender", "seconds_per_round", "seconds_per_round_per_worker", "peak_rss_bytes", "rss_over_model",
-           "rss_growth_over_model", "max_heartbeat_delay_s", "p99_heartbeat_s", "update_bytes",
-           "protocol_sent_per_worker", "protocol_received_per_worker", "wall_s"]
+           "rss_growth_over_model", "max_heartbeat_delay_s", "p99_heartbeat_s", "bytes_sent_per_worker",
+           "bytes_received_per_worker", "bytes_total_per_worker", "update_bytes", "protocol_sent_per_worker",
+           "protocol_received_per_worker", "wall_s"]
 FULL_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}  # 10.7M parameters
 QUICK_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}  # 0.1M parameters
 HEARTBEAT_INTERVAL_S = 2.0
@@ -157,7 +160,11 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
         row["seconds_per_round_per_worker"] = row["seconds_per_round"] / workers
     if clients:
         traffic = {k: sum(c["traffic"][k] for c in clients) / workers for k in clients[0]["traffic"]}
-        row |= {"update_bytes": clients[0]["update_bytes"], "protocol_sent_per_worker": traffic["protocol_sent"],
+        sent = sum(v for k, v in traffic.items() if k.endswith("_sent"))
+        received = sum(v for k, v in traffic.items() if k.endswith("_received"))
+        row |= {"bytes_sent_per_worker": sent, "bytes_received_per_worker": received,
+                "bytes_total_per_worker": sent + received,
+                "update_bytes": clients[0]["update_bytes"], "protocol_sent_per_worker": traffic["protocol_sent"],
                 "protocol_received_per_worker": traffic["protocol_received"],
                 "control_sent_per_worker": traffic["control_sent"],
                 "control_received_per_worker": traffic["control_received"],

@@ -61,6 +61,9 @@ def test_quick_run_writes_a_row_per_contender(tmp_path: Path, monkeypatch: pytes
         assert r["protocol_sent_per_worker"] >= 2 * r["update_bytes"] > 0
         assert r["protocol_received_per_worker"] > 0
         assert r["control_sent_per_worker"] > 0
+        assert r["bytes_sent_per_worker"] >= r["protocol_sent_per_worker"] + r["control_sent_per_worker"]
+        assert r["bytes_received_per_worker"] >= r["protocol_received_per_worker"] + r["control_received_per_worker"]
+        assert r["bytes_total_per_worker"] == r["bytes_sent_per_worker"] + r["bytes_received_per_worker"]
     assert set(doc["targets"]) == {"round_time_at_most_linear", "memory_at_most_3x_model",
                                    "heartbeat_within_interval"}
     assert isinstance(doc["targets"]["heartbeat_within_interval"]["met"], bool)
