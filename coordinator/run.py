@@ -108,7 +108,8 @@ class CoordinatorRun:
             time.sleep(0.05)
 
     def progress(self) -> dict[str, Any]:
-        members = {m.worker_id: asdict(m) for m in self.state.members_copy()}
+        members = {m.worker_id: {k: v for k, v in asdict(m).items() if k != "session_digest"}
+                   for m in self.state.members_copy()}
         history = list(self.state.history)
         return {
             "round": self.state.round,

@@ -85,8 +85,8 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         req = serde.from_pb(request, m.JoinRequest)
         env = req.envelope
         self._check_run(env)
-        member = self.state.join(req.hostname, env.token, env.protocol_version, env.worker_id,
-                                 req.software_version, req.config_hash)
+        member, session = self.state.join_session(req.hostname, env.token, env.protocol_version, env.worker_id,
+                                                  req.software_version, req.config_hash)
         reply = m.JoinReply(
             worker_id=member.worker_id,
             worker_index=member.index,
@@ -96,6 +96,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             has_global_state=not self.state.must_offer_state(member.worker_id),
             heartbeat_interval_s=self.state.cfg.cluster.heartbeat_interval_s,
             config_hash=self.state.config_hash,
+            session_token=session,
         )
         return serde.to_pb(reply)
 

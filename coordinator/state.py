@@ -20,7 +20,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -31,6 +31,7 @@ from coordinator.checkpoint import redacted
 from coordinator.deadline import DeadlinePolicy
 from coordinator.errors import Code, Rejected
 from coordinator.membership import TRANSIENT_MEMBER_FIELDS, refuse_past_limit
+from coordinator.sessions import Gate, new_session
 from coordinator.validate import check_initial_state
 from protocols.base import Aggregate, Protocol, Update
 from protocols.config import PROTOCOL_VERSION, RunConfig, to_yaml
@@ -87,6 +88,7 @@ class Member:
     left: bool = False  # said Leave: departed until it joins again (no other call brings it back)
     pulls: int = 0  # whole replicas pulled in all (joins and rejoins included)
     joins: int = 0  # joins under this id: the first, then one per rejoin (a restarted process, a NOT_FOUND)
+    session_digest: str = ""  # SHA-256 of its session credential (coordinator/sessions.py), never the credential
 
 
 @dataclass
@@ -160,8 +162,12 @@ class CoordinatorState:
         clock: Callable[[], float] = time.monotonic,
         on_round: Callable[[RoundRecord, RoundAggregator], None] | None = None,
         on_join: Callable[[Member], None] | None = None,
+        worker_tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
+        # Who may join and call (coordinator/sessions.py): the run's token, or each worker's own (`worker_tokens`:
+        # name -> token, kept only as digests), then per-member sessions.
+        self.gate = Gate(cfg.cluster.token, worker_tokens)
         self.protocol = protocol
         self.downlink = Downlink.of(cfg.protocol, protocol)
         self.run_id = run_id or uuid.uuid4().hex[:12]
@@ -205,9 +211,17 @@ class CoordinatorState:
     # ---- membership ----------------------------------------------------------------------------
     def join(self, hostname: str, token: str, protocol_version: int, requested_id: str = "",
              software_version: str = "", worker_config_hash: str = "") -> Member:
-        """A worker joins, or re-joins under its id; the handshake (protocols/handshake.py) is judged first."""
+        """`join_session` without the session: for runs that authenticate nothing (no token)."""
+        return self.join_session(hostname, token, protocol_version, requested_id, software_version,
+                                 worker_config_hash)[0]
+
+    def join_session(self, hostname: str, token: str, protocol_version: int, requested_id: str = "",
+                     software_version: str = "", worker_config_hash: str = "") -> tuple[Member, str]:
+        """A worker joins, or re-joins under its id, presenting the run's token or its own (`self.gate`); the
+        handshake (protocols/handshake.py) is judged next. Returns the member and its new session credential,
+        which every later call must carry (the previous one, if any, stops working)."""
         with self._cond:
-            self._check_token(token)
+            requested_id = self.gate.admit(token, requested_id)
             if protocol_version != PROTOCOL_VERSION:
                 raise Rejected(
                     Code.FAILED_PRECONDITION,
@@ -229,13 +243,14 @@ class CoordinatorState:
                 member = Member(worker_id=worker_id, index=index, hostname=hostname, last_seen=self.clock())
                 self.members[worker_id] = member
             member.joins += 1
+            session, member.session_digest = new_session()
             if self.on_join is not None:
                 self.on_join(dataclasses.replace(member))
             if self.aggregator is None and not self._initializer_alive():
                 self.initializer = member.worker_id
             self._maybe_start()
             self._cond.notify_all()
-            return member
+            return member, session
 
     def must_offer_state(self, worker_id: str) -> bool:
         """Whether this worker is the one asked to offer the initial parameters."""
@@ -295,9 +310,10 @@ class CoordinatorState:
     def restore(self, replica: Replica, aggregator_state: Any, downlink_state: Any, base_digest: str = "",
                 run_id: str | None = None, members: dict[str, dict[str, Any]] | None = None) -> None:
         """Resume from a checkpoint (replica, aggregator and downlink state, the run's base digest, its run id
-        and membership), before any worker joins. Restored members keep their index and counters and count as
-        not alive until they call again (any authenticated call is proof of life); training restarts once a
-        quorum (`cluster.min_workers`) of them is back."""
+        and membership), before any worker joins. Restored members keep their index, counters and session digest
+        (their sessions go on working, no re-join needed) and count as not alive until they call again (any
+        authenticated call is proof of life); training restarts once a quorum (`cluster.min_workers`) of them
+        is back."""
         with self._cond:
             self.base_digest = base_digest
             self._install(RoundAggregator(self.protocol, self.downlink, replica, aggregator_state, downlink_state,
@@ -510,14 +526,11 @@ class CoordinatorState:
             return [m for m in self.members.values() if m.alive]
 
     # ---- internals ---------------------------------------------------------------------------
-    def _check_token(self, token: str) -> None:
-        if self.cfg.cluster.token and token != self.cfg.cluster.token:
-            raise Rejected(Code.UNAUTHENTICATED, "bad token: the coordinator's token differs from the one sent")
-
     def _member(self, worker_id: str, token: str) -> Member:
-        """The calling worker; any authenticated call is proof of life."""
-        self._check_token(token)
+        """The calling worker, `token` its session (a run that authenticates refuses an unknown id as
+        UNAUTHENTICATED, telling a stranger nothing); any authenticated call is proof of life."""
         member = self.members.get(worker_id)
+        self.gate.check_session(token, member.session_digest if member is not None else "", worker_id)
         if member is None:
             raise Rejected(Code.NOT_FOUND, f"unknown worker id {worker_id[:64]!r}: join first")
         if member.left:  # NOT_FOUND: the client re-joins under its id if it still means to take part

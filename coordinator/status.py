@@ -25,11 +25,10 @@ LINK_LATENCY_METRIC = "link_latency_ms"
 
 
 def status_reply(state: CoordinatorState, request: m.StatusRequest) -> m.StatusReply:
-    """Where the run stands. Refused (UNAUTHENTICATED) without the run's token, when it has one."""
+    """Where the run stands. Refused (UNAUTHENTICATED) without the run's token, when it has one (with worker
+    tokens only: without one of them; coordinator/sessions.py)."""
     env = request.envelope
-    token = state.cfg.cluster.token
-    if token and env.token != token:
-        raise Rejected(Code.UNAUTHENTICATED, "bad token: the coordinator's token differs from the one sent")
+    state.gate.check_operator(env.token)
     if env.protocol_version != PROTOCOL_VERSION:
         raise Rejected(Code.FAILED_PRECONDITION, f"protocol version {env.protocol_version} is not supported "
                                                  f"(coordinator speaks {PROTOCOL_VERSION})")

@@ -2,8 +2,12 @@
 
 Transient failures (coordinator restarting, network blips: UNAVAILABLE, DEADLINE_EXCEEDED; a busy
 coordinator: RESOURCE_EXHAUSTED saying so) are retried
-with exponential backoff up to `retry_for_s`; a coordinator that forgot us (NOT_FOUND after it restarted)
-gets a re-join under the same id. Refusals (bad shape, stale round, bad token) are never retried.
+with exponential backoff up to `retry_for_s`; a coordinator that forgot us (NOT_FOUND after it restarted;
+UNAUTHENTICATED for the session: it was resumed from a checkpoint older than our join) gets one re-join under
+the same id. Other refusals (bad shape, stale round, a bad run token) are never retried.
+
+The run's token (`token`: the run's secret or this worker's own) goes on the wire only in Join; every later
+call carries the session credential that join returned (`session`; coordinator/sessions.py).
 Bytes are counted as serialized messages, i.e. what really crossed the wire, split by kind (`Traffic`):
 updates and aggregates are protocol bytes, the initial state and whole-replica pulls state bytes, every other
 call (and the small requests and replies around the streams) control bytes.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -69,6 +74,8 @@ class CoordinatorClient:
         # tls_client: (certificate chain, private key) this worker shows a coordinator that requires client
         # certificates (mutual TLS); only with tls_ca.
         self.address, self.token, self.tls_ca, self.tls_client = address, token, tls_ca, tls_client
+        self.session = ""  # the credential of this member's latest join: every call after Join carries it
+        self._joining = threading.Lock()  # the heartbeat thread and the round loop may both find a re-join due
         self.chunk_bytes, self.retry_for_s = chunk_bytes, retry_for_s
         self.run_id, self.worker_id, self.round = "", "", 0
         self.hostname = ""
@@ -101,19 +108,24 @@ class CoordinatorClient:
         return self.traffic.received
 
     def _envelope(self, round_: int | None = None) -> m.Envelope:
+        """A call's envelope, with this member's session (build it inside the call: a re-join changes it)."""
         r = self.round if round_ is None else round_
-        return m.Envelope(self.run_id, self.worker_id, r, PROTOCOL_VERSION, self.token)
+        return m.Envelope(self.run_id, self.worker_id, r, PROTOCOL_VERSION, self.session)
 
     def _call(self, fn: Callable[[], T], rejoin: bool = True) -> T:
         delay, deadline = 0.1, time.monotonic() + self.retry_for_s
         while True:
+            session = self.session
             try:
                 return fn()
             except grpc.RpcError as err:
                 code = err.code()
-                if code is grpc.StatusCode.NOT_FOUND and rejoin and self.worker_id:
-                    log.warning("coordinator does not know %s any more; re-joining", self.worker_id)
-                    self._join_once()
+                forgot = code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED)
+                if forgot and rejoin and self.worker_id and self.session:
+                    with self._joining:
+                        if self.session == session:  # else another call re-joined meanwhile: use its session
+                            log.warning("coordinator does not know %s (%s); re-joining", self.worker_id, code.name)
+                            self._join_once()
                     rejoin = False
                     continue
                 if not _transient(err) or time.monotonic() > deadline:
@@ -134,11 +146,13 @@ class CoordinatorClient:
     def _join_once(self) -> m.JoinReply:
         # A re-join sends the hash of the config this worker took at its first join: a coordinator resumed with
         # another config refuses it instead of letting it train the old one.
-        req = m.JoinRequest(envelope=self._envelope(0), hostname=self.hostname, software_version=LOWBAND_VERSION,
+        env = m.Envelope(self.run_id, self.worker_id, 0, PROTOCOL_VERSION, self.token)  # the handshake: the secret
+        req = m.JoinRequest(envelope=env, hostname=self.hostname, software_version=LOWBAND_VERSION,
                             config_hash=self.config_hash)
         reply = self._unary(self.stub.Join, req)
         assert isinstance(reply, m.JoinReply)
         self.run_id, self.worker_id, self.round = reply.run_id, reply.worker_id, reply.round
+        self.session = reply.session_token
         self.config_hash = reply.config_hash
         return reply
 
@@ -150,21 +164,18 @@ class CoordinatorClient:
         def known(value: float | None) -> float:  # NaN = no loss: a diverged (inf) loss is not a reading
             return value if value is not None and math.isfinite(value) else float("nan")
 
-        req = m.HeartbeatRequest(
-            envelope=self._envelope(),
-            inner_step=step,
-            last_loss=known(loss),
-            bytes_sent=self.bytes_sent,
-            eval_loss=known(eval_loss),
-        )
-        reply = self._call(lambda: self._unary(self.stub.Heartbeat, req, timeout=10.0))
+        def req() -> m.HeartbeatRequest:
+            return m.HeartbeatRequest(envelope=self._envelope(), inner_step=step, last_loss=known(loss),
+                                      bytes_sent=self.bytes_sent, eval_loss=known(eval_loss))
+
+        reply = self._call(lambda: self._unary(self.stub.Heartbeat, req(), timeout=10.0))
         assert isinstance(reply, m.HeartbeatReply)
         return reply
 
     def attest_base(self, digest: str) -> str:
         """State the digest of this worker's frozen base weights; the run's digest (a mismatch is refused)."""
-        req = m.AttestRequest(envelope=self._envelope(), base_digest=digest)
-        reply = self._call(lambda: self._unary(self.stub.AttestBase, req, timeout=30.0))
+        reply = self._call(lambda: self._unary(
+            self.stub.AttestBase, m.AttestRequest(envelope=self._envelope(), base_digest=digest), timeout=30.0))
         assert isinstance(reply, m.AttestReply)
         return reply.run_base_digest
 
@@ -256,22 +267,16 @@ class CoordinatorClient:
 
     def _push(self, kind: m.PushKind, round_: int, entries: dict[str, Any], weight: float,
               metrics: dict[str, float], base: str = "") -> m.PushReply:
-        header = m.PushHeader(
-            envelope=self._envelope(round_),
-            kind=kind,
-            weight=weight,
-            num_entries=len(entries),
-            total_bytes=sum(p.nbytes() for p in entries.values()),
-            train_loss=metrics.get("train_loss", float("nan")),
-            tokens=int(metrics.get("tokens", 0)),
-            metrics=dict(metrics),
-            base_state_hash=base,
-        )
+        def header() -> m.PushHeader:  # built per attempt: a re-join in between changes the session
+            return m.PushHeader(envelope=self._envelope(round_), kind=kind, weight=weight, num_entries=len(entries),
+                                total_bytes=sum(p.nbytes() for p in entries.values()),
+                                train_loss=metrics.get("train_loss", float("nan")),
+                                tokens=int(metrics.get("tokens", 0)), metrics=dict(metrics), base_state_hash=base)
 
         counted_as = "state" if kind is m.PushKind.INITIAL_STATE else "protocol"
 
         def once() -> m.PushReply:
-            stream = self._count_out(serde.push_stream(header, entries, self.chunk_bytes), counted_as)
+            stream = self._count_out(serde.push_stream(header(), entries, self.chunk_bytes), counted_as)
             pb_reply = self.stub.PushUpdate(stream, timeout=600.0)
             self.traffic.add("control", received=pb_reply.ByteSize())
             reply = serde.from_pb(pb_reply)

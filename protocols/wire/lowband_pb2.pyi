@@ -168,7 +168,10 @@ class Envelope(_message.Message):
     protocol_version: _builtins.int
     """Version of this wire protocol the sender speaks; must equal the coordinator's."""
     token: _builtins.str
-    """Shared secret of the run; a message with the wrong token is refused."""
+    """In Join (and Enroll, and an operator's Status): the run's shared secret, or this worker's own token when the
+    coordinator was given per-worker tokens. In every later call: the session credential its Join issued
+    (JoinReply.session_token), so the run's secret crosses the wire only in the handshake. Wrong: UNAUTHENTICATED.
+    """
     def __init__(
         self,
         *,
@@ -236,6 +239,7 @@ class JoinReply(_message.Message):
     HAS_GLOBAL_STATE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
     CONFIG_HASH_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The id the coordinator assigned; every later Envelope carries it."""
     worker_index: _builtins.int
@@ -252,6 +256,8 @@ class JoinReply(_message.Message):
     """How often the worker must call Heartbeat, in seconds."""
     config_hash: _builtins.str
     """Hash of the run's config (operational fields left out): sent back on every re-join."""
+    session_token: _builtins.str
+    """This member's session credential: every later Envelope.token carries it (a re-join"""
     def __init__(
         self,
         *,
@@ -263,10 +269,11 @@ class JoinReply(_message.Message):
         has_global_state: _builtins.bool = ...,
         heartbeat_interval_s: _builtins.float = ...,
         config_hash: _builtins.str = ...,
+        session_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_hash", b"config_hash", "config_yaml", b"config_yaml", "has_global_state", b"has_global_state", "heartbeat_interval_s", b"heartbeat_interval_s", "round", b"round", "run_id", b"run_id", "worker_id", b"worker_id", "worker_index", b"worker_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_hash", b"config_hash", "config_yaml", b"config_yaml", "has_global_state", b"has_global_state", "heartbeat_interval_s", b"heartbeat_interval_s", "round", b"round", "run_id", b"run_id", "session_token", b"session_token", "worker_id", b"worker_id", "worker_index", b"worker_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -101,6 +101,7 @@ class JoinReply:
     has_global_state: bool
     heartbeat_interval_s: float
     config_hash: str = ""
+    session_token: str = ""  # the credential every later call of this member carries (Envelope.token)
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,11 @@ def envelope(worker_id: str, round_: int = 0, token: str = TOKEN, run_id: str = 
     return m.Envelope(run_id, worker_id, round_, PROTOCOL_VERSION, token)
 
 
+def member_envelope(client: CoordinatorClient, round_: int = 0) -> m.Envelope:
+    """The envelope of a joined member's call: its run id, id and session (the run's token is for Join only)."""
+    return envelope(client.worker_id, round_, client.session, client.run_id)
+
+
 def header(env: m.Envelope, entries: dict[str, Payload], **fields: Any) -> pb.PushMessage:
     """The first message of a push, as protobuf (fields set on it after encoding: hostile values the
     dataclass would refuse to encode)."""

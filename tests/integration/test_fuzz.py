@@ -31,12 +31,11 @@ from protocols.wire import messages as m
 from protocols.wire import serde
 from tests.integration.fuzzing import mutated, random_message
 from tests.integration.hostile import (
-    TOKEN,
     UPDATE,
     chunks,
-    envelope,
     fingerprint,
     header,
+    member_envelope,
     running,
 )
 from worker.client import CoordinatorClient
@@ -178,7 +177,7 @@ HEADERS: dict[str, Callable[[int, float], dict[str, Any]]] = {
 def _hostile_push(server: CoordinatorServer, member: CoordinatorClient, kind: str, head: str, k: int,
                   x: float, lie: int) -> list[pb.PushMessage]:
     entries = HOSTILE[kind](_good(), k, x)
-    messages = [header(envelope(member.worker_id, server.state.round, TOKEN, member.run_id), entries,
+    messages = [header(member_envelope(member, server.state.round), entries,
                        **HEADERS[head](k, x))]
     with contextlib.suppress(m.WireError):  # the sender's own encoder may refuse it: then the header alone
         messages += chunks(entries)

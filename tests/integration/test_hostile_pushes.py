@@ -21,10 +21,10 @@ from tests.integration.hostile import (
     TOKEN,
     UPDATE,
     chunks,
-    envelope,
     fingerprint,
     good_entries,
     header,
+    member_envelope,
     push,
     running,
 )
@@ -81,12 +81,12 @@ def test_a_hostile_push_from_a_member_is_refused_by_name_and_changes_nothing(
     with running() as (server, (first, second)):
         before = fingerprint(server)
         with pytest.raises(grpc.RpcError) as info:
-            push(server.address, build(envelope(first.worker_id, run_id=first.run_id)))
+            push(server.address, build(member_envelope(first)))
         assert info.value.code() == code, info.value.details()
         assert text in (info.value.details() or ""), info.value.details()
         assert fingerprint(server) == before
         for member in (first, second):  # the coordinator keeps running: honest updates fold, the round closes
-            push(server.address, _with(good_entries())(envelope(member.worker_id, run_id=member.run_id)))
+            push(server.address, _with(good_entries())(member_envelope(member)))
         assert first.wait_round(0).round == 1
 
 
@@ -99,7 +99,7 @@ def test_a_codec_header_with_a_huge_chunk_is_refused_before_allocation(chunk: in
                                {**entries["w"].meta, "chunk": chunk})
         before = fingerprint(server)
         with pytest.raises(grpc.RpcError) as info:
-            push(server.address, _with(entries)(envelope(a.worker_id, run_id=a.run_id)))
+            push(server.address, _with(entries)(member_envelope(a)))
         assert info.value.code() == INVALID
         assert f"meta 'chunk'={chunk} is over the limit of 16777216" in (info.value.details() or "")
         assert fingerprint(server) == before
@@ -112,7 +112,7 @@ def test_an_initial_state_with_a_hostile_shape_is_refused_and_an_honest_one_then
     try:
         assert not member.join("test").has_global_state  # this worker is asked for the initial state
         entries = {name: dense(t) for name, t in STATE.items()}
-        messages = _zero_byte_giant(envelope(member.worker_id, run_id=member.run_id))
+        messages = _zero_byte_giant(member_envelope(member))
         messages[0].header.kind = pb.PUSH_KIND_INITIAL_STATE
         messages[0].header.weight = 1.0
         with pytest.raises(grpc.RpcError) as info:
@@ -135,7 +135,7 @@ def test_an_oversized_message_is_resource_exhausted(megabytes: int, text: str) -
     with running() as (server, (first, _)):
         before = fingerprint(server)
         entries = good_entries()
-        messages = [header(envelope(first.worker_id, run_id=first.run_id), entries), *chunks(entries)]
+        messages = [header(member_envelope(first), entries), *chunks(entries)]
         messages[1].chunk.data = bytes(megabytes << 20)
         with pytest.raises(grpc.RpcError) as info:
             push(server.address, messages, max_send=64 << 20)
@@ -147,5 +147,5 @@ def test_an_oversized_message_is_resource_exhausted(megabytes: int, text: str) -
 def test_the_magnitude_bound_follows_cluster_max_update_ratio() -> None:
     with running(max_update_ratio=1e5) as (server, (first, second)):
         for member in (first, second):  # -1e4 is refused at the default ratio (above), folded at 1e5
-            push(server.address, _with(_huge(-1e4))(envelope(member.worker_id, run_id=member.run_id)))
+            push(server.address, _with(_huge(-1e4))(member_envelope(member)))
         assert first.wait_round(0).round == 1

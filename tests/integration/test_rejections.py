@@ -80,7 +80,7 @@ def _header(worker_id: str, round_: int, entries: dict[str, Payload], token: str
                         total_bytes=sum(p.nbytes() for p in entries.values()))
 
 
-def _push(address: str, worker_id: str, round_: int, entries: dict[str, Payload], token: str = TOKEN,
+def _push(address: str, worker_id: str, round_: int, entries: dict[str, Payload], token: str,
           run_id: str = "", weight: float = 1.0) -> None:
     messages: Any = serde.push_stream(_header(worker_id, round_, entries, token, run_id), entries, 64)
     if weight != 1.0:  # the dataclass would refuse to encode it: patch the protobuf header itself
@@ -124,7 +124,9 @@ CASES: list[tuple[str, Callable[[dict[str, Payload]], dict[str, Payload]], dict[
     ("zero weight", lambda e: e, {"weight": 0.0}, INVALID, "PushHeader.weight must be finite and positive"),
     ("early round", lambda e: e, {"round_": 7}, PRECONDITION,
      "early round: update is for round 7, the coordinator is still at round 0"),
-    ("unknown worker", lambda e: e, {"worker_id": "ghost"}, grpc.StatusCode.NOT_FOUND, "unknown worker id 'ghost'"),
+    # A stranger learns nothing: an unknown id has no session, so it is refused as the bad token it is.
+    ("unknown worker", lambda e: e, {"worker_id": "ghost"}, grpc.StatusCode.UNAUTHENTICATED,
+     "bad token: not the session of worker 'ghost'"),
     ("bad token", lambda e: e, {"token": "guess"}, grpc.StatusCode.UNAUTHENTICATED, "bad token"),
     ("wrong run id", lambda e: e, {"run_id": "other-run"}, PRECONDITION, "wrong run id 'other-run'"),
 ]
@@ -136,7 +138,8 @@ def test_bad_push_is_refused_by_name_and_nothing_of_it_is_folded(coordinator, ca
     server, (first, second) = coordinator
     before, sent = _open_round(server), server.state.members[first.worker_id].bytes_sent
     with pytest.raises(grpc.RpcError) as info:
-        _push(server.address, entries=mutate(_good()), **{"worker_id": first.worker_id, "round_": 0, **fields})
+        _push(server.address, entries=mutate(_good()),
+              **{"worker_id": first.worker_id, "round_": 0, "token": first.session, **fields})
     assert info.value.code() == code, info.value.details()
     assert message in info.value.details(), info.value.details()
     after = _open_round(server)
@@ -145,10 +148,10 @@ def test_bad_push_is_refused_by_name_and_nothing_of_it_is_folded(coordinator, ca
     assert server.state.members[first.worker_id].bytes_sent == sent  # a refused push is not counted as sent
 
     # The coordinator kept running: a valid push still folds, and with the second worker's the round closes.
-    _push(server.address, first.worker_id, 0, _good())
+    _push(server.address, first.worker_id, 0, _good(), first.session)
     agg = server.state.aggregator
     assert agg is not None and agg.acc.count == 1 and agg.senders == [first.worker_id]
-    _push(server.address, second.worker_id, 0, _good())
+    _push(server.address, second.worker_id, 0, _good(), second.session)
     assert first.wait_round(0).round == 1
     replica = first.pull()
     # Outer Nesterov SGD from a zero buffer: lr * (1 + momentum) * the mean of the two (equal) updates.
@@ -158,10 +161,10 @@ def test_bad_push_is_refused_by_name_and_nothing_of_it_is_folded(coordinator, ca
 
 def test_a_second_push_for_a_round_is_acknowledged_and_not_folded_again(coordinator) -> None:  # type: ignore[no-untyped-def]
     server, (first, _) = coordinator
-    _push(server.address, first.worker_id, 0, _good())
+    _push(server.address, first.worker_id, 0, _good(), first.session)
     before = _open_round(server)
     assert before[1] == 1 and before[5] == [first.worker_id]
-    _push(server.address, first.worker_id, 0, _good())  # a retry after a lost reply: push is idempotent
+    _push(server.address, first.worker_id, 0, _good(), first.session)  # a retry after a lost reply: push is idempotent
     after = _open_round(server)
     assert after[:4] == before[:4] and after[5:] == before[5:]
     assert all(torch.equal(after[4][n], before[4][n]) for n in before[4])
@@ -177,7 +180,7 @@ def test_a_refusable_header_is_refused_before_the_payload_arrives(coordinator, f
     payload sees the stream end short after 20 s and answers with that instead."""
     server, (first, _) = coordinator
     entries = _good()
-    header = _header(**{"worker_id": first.worker_id, "round_": 0, "token": TOKEN, "run_id": "", **fields},
+    header = _header(**{"worker_id": first.worker_id, "round_": 0, "token": first.session, "run_id": "", **fields},
                      entries=entries)
     answered = threading.Event()
 
@@ -200,7 +203,7 @@ def test_a_wait_of_nan_or_negative_seconds_is_refused(coordinator) -> None:  # t
     with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
         stub = lowband_pb2_grpc.CoordinatorStub(channel)
         for wait in (float("nan"), -1.0, float("inf")):
-            env = m.Envelope(first.run_id, first.worker_id, 0, PROTOCOL_VERSION, TOKEN)
+            env = m.Envelope(first.run_id, first.worker_id, 0, PROTOCOL_VERSION, first.session)
             with pytest.raises(grpc.RpcError) as info:
                 stub.WaitRound(serde.to_pb(m.WaitRequest(envelope=env, after_round=0, max_wait_s=wait)), timeout=10)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -24,6 +24,7 @@ from tests.integration.hostile import (
     fingerprint,
     good_entries,
     header,
+    member_envelope,
     running,
 )
 from worker.client import CoordinatorClient
@@ -114,7 +115,7 @@ def test_mutual_tls_admits_the_runs_client_certificate_and_refuses_the_rest(pki:
             members[0].offer_state(STATE)
             assert members[0].wait_round(-1).round == 0  # the run's own certificates work end to end
             before = fingerprint(server)
-            env = envelope(members[0].worker_id, run_id=members[0].run_id)
+            env = member_envelope(members[0])
             strangers = {
                 "plain text": grpc.insecure_channel(server.address),
                 "TLS without a client certificate": grpc.secure_channel(
@@ -144,7 +145,7 @@ def test_a_plain_text_client_against_a_tls_coordinator_is_refused(pki: dict[str,
             before = fingerprint(server)
             with grpc.insecure_channel(server.address) as channel:
                 stub = lowband_pb2_grpc.CoordinatorStub(channel)
-                for name, call in _calls(stub, envelope(member.worker_id, run_id=member.run_id)):
+                for name, call in _calls(stub, member_envelope(member)):
                     with pytest.raises(grpc.RpcError) as info:
                         call()  # type: ignore[operator]
                     assert info.value.code() == grpc.StatusCode.UNAVAILABLE, (name, info.value.details())

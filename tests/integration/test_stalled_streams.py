@@ -21,7 +21,7 @@ from protocols.wire import lowband_pb2 as pb
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
 from tests.conftest import tiny_config
-from tests.integration.hostile import TOKEN, envelope, fingerprint, good_entries, header, running
+from tests.integration.hostile import TOKEN, fingerprint, good_entries, header, member_envelope, running
 from tests.integration.procs import wait_for
 from tests.integration.stalling import STALLED, code_of, stalled
 from worker.client import CoordinatorClient
@@ -57,7 +57,7 @@ def test_a_stalled_stream_is_ended_by_the_servers_idle_deadline() -> None:
             grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
         stub = lowband_pb2_grpc.CoordinatorStub(channel)
         before = fingerprint(server)
-        member_header = header(envelope(first.worker_id, run_id=first.run_id), good_entries())
+        member_header = header(member_envelope(first), good_entries())
         try:
             for first_message in (None, member_header):  # nothing at all; a member's header, then nothing
                 future = stub.PushUpdate.future(stalled(release, first_message), timeout=300)
@@ -81,7 +81,7 @@ def test_a_member_that_stops_reading_its_pull_is_ended_by_the_idle_deadline(capl
         member.join("test")
         member.offer_state({"w": torch.zeros(4 << 20)})  # 16 MiB: far more than the flow-control windows hold
         with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
-            env = envelope(member.worker_id, run_id=member.run_id)
+            env = member_envelope(member)
             call = lowband_pb2_grpc.CoordinatorStub(channel).PullState(
                 serde.to_pb(m.PullRequest(envelope=env)), timeout=300)
             assert next(call).WhichOneof("body") == "header"
@@ -107,7 +107,7 @@ def test_a_member_dripping_its_push_is_ended_by_the_push_deadline(monkeypatch: p
         entries = good_entries()
 
         def drip() -> Iterator[pb.PushMessage]:
-            yield header(envelope(first.worker_id, run_id=first.run_id), entries)
+            yield header(member_envelope(first), entries)
             for chunk in serde.encode_entries(entries, 1):  # 60 one-byte chunks, one every 0.2 s
                 if stop.wait(0.2):
                     return

@@ -34,19 +34,25 @@ def config(tmp: Path, **overrides: Any) -> RunConfig:
     return tiny_config(**{"run_dir": str(tmp / "runs"), "protocol": protocol, "train__steps": 15, **overrides})
 
 
-def run_rounds(run: CoordinatorRun, ids: list[str], rounds: int, token: str = "") -> None:
+def run_rounds(run: CoordinatorRun, ids: list[str], rounds: int, sessions: dict[str, str] | None = None) -> None:
     for _ in range(rounds):
         r = run.state.round
         for k, w in enumerate(ids):
             update = Update({"w": dense(torch.full((3, 2), 0.1 * (k + 1) + 0.01 * r))})
-            run.state.submit(w, token, r, update, {"tokens": 40.0, "train_loss": 2.0}, 100)
+            run.state.submit(w, (sessions or {}).get(w, ""), r, update, {"tokens": 40.0, "train_loss": 2.0}, 100)
     run.recorder.flush()  # closed rounds are written off the state lock: wait until they are on disk
 
 
-def started_run(tmp: Path, cfg: RunConfig, token: str = "") -> tuple[CoordinatorRun, list[str]]:
+def started_run(tmp: Path, cfg: RunConfig, token: str = "",
+                sessions: dict[str, str] | None = None) -> tuple[CoordinatorRun, list[str]]:
+    """A run with every worker joined (presenting `token`; their sessions go into `sessions`) and its state."""
     run = CoordinatorRun(cfg, run_dir=tmp / "runs" / cfg.name)
-    ids = [run.state.join("host", token, PROTOCOL_VERSION).worker_id for _ in range(cfg.cluster.workers)]
-    run.state.offer_initial_state(ids[0], token, {"w": dense(torch.ones(3, 2))})
+    sessions = {} if sessions is None else sessions
+    for _ in range(cfg.cluster.workers):
+        member, session = run.state.join_session("host", token, PROTOCOL_VERSION)
+        sessions[member.worker_id] = session
+    ids = list(sessions)
+    run.state.offer_initial_state(ids[0], sessions[ids[0]], {"w": dense(torch.ones(3, 2))})
     return run, ids
 
 
@@ -196,20 +202,28 @@ def test_resuming_a_finished_run_says_so_and_leaves_its_summary_intact(
 
 def test_the_token_never_reaches_the_run_directory_or_the_config_sent_to_workers(tmp_path: Path) -> None:
     cfg = config(tmp_path, cluster={"workers": 2, "token": TOKEN})
-    run, ids = started_run(tmp_path, cfg, token=TOKEN)
-    run_rounds(run, ids, 1, token=TOKEN)
+    sessions: dict[str, str] = {}
+    run, ids = started_run(tmp_path, cfg, token=TOKEN, sessions=sessions)
+    run_rounds(run, ids, 1, sessions)
     run_dir = tmp_path / "runs" / "tiny"
+    secrets = [TOKEN, *sessions.values()]  # neither the run's secret nor a member's session credential
     for path in run_dir.iterdir():
-        assert TOKEN.encode() not in path.read_bytes(), path.name
+        for secret in secrets:
+            assert secret.encode() not in path.read_bytes(), path.name
+    members = load_checkpoint(run_dir / "checkpoint.pt")["members"]
+    assert {w: len(fields["session_digest"]) for w, fields in members.items()} == {w: 64 for w in ids}  # SHA-256
     assert TOKEN not in run.state.config_yaml  # what Join replies carry to every worker
     assert cfg.cluster.token == TOKEN  # the coordinator itself still checks it
     # Resuming asks for the token again: the run directory cannot supply it.
     with pytest.raises(ConfigError, match="was started with a token; give it again with --token"):
         CoordinatorRun(config(tmp_path), resume=run_dir)
     resumed = CoordinatorRun(cfg, resume=run_dir)
-    with pytest.raises(Rejected) as err:
-        resumed.state.heartbeat(ids[0], "wrong", 1, None, None)
-    assert err.value.code is Code.UNAUTHENTICATED
+    for wrong in ("wrong", TOKEN, sessions[ids[1]]):  # after the handshake, not even the run's secret
+        with pytest.raises(Rejected) as err:
+            resumed.state.heartbeat(ids[0], wrong, 1, None, None)
+        assert err.value.code is Code.UNAUTHENTICATED
+    resumed.state.heartbeat(ids[0], sessions[ids[0]], 1, None, None)  # its session outlived the restart
+    assert resumed.state.members[ids[0]].alive and not resumed.state.members[ids[1]].alive
 
 
 def test_join_is_refused_past_cluster_workers_but_a_known_id_rejoins(tmp_path: Path) -> None:

@@ -36,8 +36,9 @@ def _request(token: str = "") -> m.StatusRequest:
 def _state(token: str = "") -> tuple[CoordinatorState, list[str]]:
     cfg = tiny_config(cluster={"workers": 2, "heartbeat_timeout_s": 1000.0, "token": token})
     state = CoordinatorState(cfg, build_protocol(cfg), clock=lambda: 5.0)
-    ids = [state.join(f"host{i}", token, PROTOCOL_VERSION).worker_id for i in range(2)]
-    state.offer_initial_state(ids[0], token, {"w": dense(torch.ones(4))}, wire_bytes=100)
+    joined = [state.join_session(f"host{i}", token, PROTOCOL_VERSION) for i in range(2)]
+    ids = [member.worker_id for member, _ in joined]
+    state.offer_initial_state(ids[0], joined[0][1], {"w": dense(torch.ones(4))}, wire_bytes=100)
     return state, ids
 
 

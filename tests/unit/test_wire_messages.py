@@ -41,6 +41,7 @@ EXAMPLES: list[m.Message] = [
         has_global_state=True,
         heartbeat_interval_s=2.5,
         config_hash="0123456789abcdef",
+        session_token="Zm9vYmFyLXNlc3Npb24",
     ),
     m.HeartbeatRequest(ENV, inner_step=31, last_loss=1.875, bytes_sent=2**40, eval_loss=2.0625),
     m.HeartbeatReply(round=12, phase=m.Phase.TRAINING),

@@ -29,7 +29,8 @@ class RoundService(Protocol):
 
     @property
     def round(self) -> int: ...
-    def join(self, hostname: str, token: str, protocol_version: int, requested_id: str = "") -> Any: ...
+    def join_session(self, hostname: str, token: str, protocol_version: int,
+                     requested_id: str = "") -> tuple[Any, str]: ...  # fmt: skip
     def must_offer_state(self, worker_id: str) -> bool: ...
     def offer_initial_state(self, worker_id: str, token: str, payloads: dict[str, Payload],
                             wire_bytes: int = 0) -> None: ...  # fmt: skip
@@ -47,8 +48,9 @@ class RoundService(Protocol):
 
 class InprocTransport(StarTransport):
     def __init__(self, service: RoundService, token: str = "", name: str = "") -> None:
-        self.state, self.token = service, token
-        member = self.state.join("inproc", self.token, PROTOCOL_VERSION, name)
+        self.state = service
+        # The run's token joins; every later call carries the session the join issued (coordinator/sessions.py).
+        member, self.token = self.state.join_session("inproc", token, PROTOCOL_VERSION, name)
         self.worker_id, self.index = member.worker_id, member.index
         self._traffic = Traffic()
         super().__init__(f"lowband-inproc-{self.worker_id}")
