@@ -5,7 +5,8 @@ fsync of the directory): the replica (global parameters, outer momentum, downlin
 aggregator's own state (per-worker shifts), the downlink's error-feedback state, the round, the run id,
 the membership (worker id -> shard index and counters), the record of the round just closed, the wall
 time so far, and the run's config with its token removed (`redacted`). The token never reaches the run
-directory; `token_required` only says that one must be given again.
+directory; `token_required` only says that one must be given again (`worker_tokens_required` the same of the
+per-worker tokens, coordinator/sessions.py).
 
 `load_resume_point` reads it for `lowband coordinator --resume` and refuses, with one line and before
 anything is written, a path that does not exist, a file that is not a coordinator checkpoint, a
@@ -171,6 +172,14 @@ def check_resume_point(point: ResumePoint, cfg: RunConfig) -> None:
     if point.checkpoint.get("token_required") and not cfg.cluster.token:
         raise ConfigError(f"{where}: run {point.run_id} was started with a token; give it again with --token "
                           f"(run directories never store it)")
+
+
+def check_worker_tokens(point: ResumePoint, given: bool) -> None:
+    """ConfigError (one line) when the run admitted workers by their own tokens and none are given now: the
+    resumed coordinator would let anyone with the run's token join as any of them."""
+    if point.checkpoint.get("worker_tokens_required") and not given:
+        raise ConfigError(f"--resume {str(point.path)!r}: run {point.run_id} admitted workers by their own tokens; "
+                          f"give the file again with --worker-tokens (run directories never store them)")
 
 
 def load_resume_point(resume: str | Path, cfg: RunConfig) -> ResumePoint:

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from coordinator.checkpoint import ResumePoint, load_resume_point, state_digest
+from coordinator.checkpoint import ResumePoint, check_worker_tokens, load_resume_point, state_digest
 from coordinator.recorder import ClosedRound, RoundRecorder
 from coordinator.rundir import RunDir
 from coordinator.state import CoordinatorState, Member, Phase, RoundRecord
@@ -36,17 +36,25 @@ log = logging.getLogger(__name__)
 
 class CoordinatorRun:
     def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None,
-                 resume: str | Path | ResumePoint | None = None) -> None:
+                 resume: str | Path | ResumePoint | None = None, worker_tokens: dict[str, str] | None = None) -> None:
         """`run_dir`: where a fresh run writes; a resumed run writes where its checkpoint is, and refuses
-        (ConfigError, nothing written) a checkpoint that is missing, foreign, finished or of another config."""
+        (ConfigError, nothing written) a checkpoint that is missing, foreign, finished or of another config, or
+        one of a run that had worker tokens when none are given. `worker_tokens`: name -> that worker's own
+        token (coordinator/sessions.py); only their digests are kept, and the run directory records only that
+        the run had some."""
         self.cfg = cfg
         point = resume if isinstance(resume, ResumePoint) or resume is None else load_resume_point(resume, cfg)
+        if point is not None:
+            check_worker_tokens(point, bool(worker_tokens))
         if point is not None and run_dir is not None:
             run_dir = point.run_dir
         self.run_dir = RunDir(run_dir, cfg, resume=point) if run_dir is not None else None
+        if self.run_dir is not None:
+            self.run_dir.worker_tokens = bool(worker_tokens)
         # Called with every closed round's record (e.g. `lowband coordinator`'s plain line per round).
         self.round_listeners: list[Callable[[RoundRecord], None]] = []
-        self.state = CoordinatorState(cfg, build_protocol(cfg), on_round=self._on_round, on_join=self._on_join)
+        self.state = CoordinatorState(cfg, build_protocol(cfg), on_round=self._on_round, on_join=self._on_join,
+                                      worker_tokens=worker_tokens)
         scalars = tensorboard_listener(self.run_dir.path, self.state) if self.run_dir is not None else None
         if scalars is not None:
             self.round_listeners.append(scalars)

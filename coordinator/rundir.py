@@ -34,6 +34,7 @@ class RunDir:
         self.path = Path(root)
         self.path.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
+        self.worker_tokens = False  # whether the coordinator admits workers by their own tokens (recorded as such)
         _atomic_write_bytes(self.path / "config.yaml", to_yaml(redacted(cfg)).encode())
         self.metrics = self.path / "metrics.jsonl"
         if resume is None:
@@ -88,6 +89,7 @@ class RunDir:
             "members": members or {}, "record": asdict(record) if record is not None else None,
             "elapsed_s": elapsed_s, "config": redacted(self.cfg).model_dump(mode="json"),
             "token_required": bool(self.cfg.cluster.token),
+            "worker_tokens_required": self.worker_tokens,  # whether it had any, never one of them
         }
         atomic_write(path, lambda f: torch.save(contents, f))
         return path

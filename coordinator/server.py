@@ -33,8 +33,9 @@ class CoordinatorServer(CoordinatorRun):
         run_dir: str | Path | None = None,
         resume: str | Path | None = None,
         tls: tuple[bytes, bytes] | tuple[bytes, bytes, bytes] | None = None,
+        worker_tokens: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(cfg, run_dir, resume)
+        super().__init__(cfg, run_dir, resume, worker_tokens)
         limits = CallLimits.of(cfg)  # room for every bounded long call plus the quick ones (coordinator/servicer.py)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=SERVER_OPTIONS,
                                   maximum_concurrent_rpcs=limits.max_concurrent_rpcs,

@@ -1,4 +1,4 @@
-"""The `lowband` command line: run, coordinator, worker, status, simulate, sample, export, certs.
+"""The `lowband` command line: run, coordinator, worker, status, simulate, sample, export, certs, tokens.
 
 Every error is one line on stderr (never a traceback; `-v` adds it to the log): exit status 2 for a usage or
 configuration error (bad argument, bad recipe, missing TLS file), 1 for a failure at run time (a port in use,
@@ -168,13 +168,16 @@ def _coordinator_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
 def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
     from coordinator.server import CoordinatorServer
     from deploy.report import plot_utilization, round_line
+    from deploy.tokens import read_worker_tokens
 
     cfg, point = _coordinator_config(args)
     run_dir = point.run_dir if point is not None else Path(cfg.run_dir) / cfg.name
     if cfg.protocol.kind == GOSSIP:
         return _serve_rendezvous(cfg, args, run_dir, console)
+    worker_tokens = read_worker_tokens(Path(args.worker_tokens)) if args.worker_tokens else None
     server = CoordinatorServer(cfg, bind=args.bind, run_dir=run_dir, resume=point,
-                               tls=_read_tls(args.tls_cert, args.tls_key, args.tls_client_ca)).start()
+                               tls=_read_tls(args.tls_cert, args.tls_key, args.tls_client_ca),
+                               worker_tokens=worker_tokens).start()
     rounds = server.state.total_rounds
     server.round_listeners.append(
         lambda record: console.print(round_line(asdict(record), rounds), highlight=False, soft_wrap=True))
@@ -255,9 +258,9 @@ def _serve_rendezvous(cfg: RunConfig, args: argparse.Namespace, run_dir: Path, c
     if cfg.cluster.transport != "p2p":
         raise ConfigError(f"a gossip run over cluster.transport {cfg.cluster.transport!r} runs in one process "
                           f"(`lowband run`); `lowband coordinator` serves the rendezvous of transport 'p2p'")
-    if args.resume or args.tls_cert or args.tls_key or args.tls_client_ca:
-        raise ConfigError("a gossip run's rendezvous holds no state to resume and serves no TLS: drop --resume, "
-                          "--tls-cert, --tls-key and --tls-client-ca")
+    if args.resume or args.tls_cert or args.tls_key or args.tls_client_ca or args.worker_tokens:
+        raise ConfigError("a gossip run's rendezvous holds no state to resume, serves no TLS and takes the run's "
+                          "token only: drop --resume, --tls-cert, --tls-key, --tls-client-ca and --worker-tokens")
     server = RendezvousServer(cfg, bind=args.bind, run_dir=run_dir).start()
     what = f"rendezvous for gossip run [bold]{server.rendezvous.run_id}[/bold]"
     return _serve_until_finished(server, what, cfg, args, console, plot_consensus)
@@ -268,6 +271,7 @@ def cmd_worker(args: argparse.Namespace, console: Console) -> int:
     from worker.faults import Faults
     from worker.runners import run_grpc_worker
 
+    args.token = _worker_token(args)
     client = CoordinatorClient(args.join, token=args.token, retry_for_s=args.retry_for, **_client_tls(args))
 
     def show(event: dict[str, Any]) -> None:
@@ -293,6 +297,17 @@ def cmd_worker(args: argparse.Namespace, console: Console) -> int:
                   f"{result.final_eval_loss}, sent {result.bytes_sent} B, received {result.bytes_received} B, "
                   f"{result.resyncs} resyncs")
     return 0
+
+
+def _worker_token(args: argparse.Namespace) -> str:
+    """The token a worker joins with: --token, or its line of --token-file (deploy/tokens.py)."""
+    from deploy.tokens import token_from_file
+
+    if args.token_file is None:
+        return str(args.token)
+    if args.token:
+        raise ConfigError("--token and --token-file both give the worker's token: drop one of them")
+    return token_from_file(Path(args.token_file), args.name)
 
 
 def _gossip_worker(args: argparse.Namespace, console: Console) -> int:
@@ -350,6 +365,17 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_tokens(args: argparse.Namespace, console: Console) -> int:
+    from deploy.tokens import make_worker_tokens, write_worker_tokens
+
+    tokens = make_worker_tokens(args.workers, args.prefix)
+    write_worker_tokens(Path(args.out), tokens)
+    console.print(f"wrote {len(tokens)} worker tokens ({', '.join(tokens)}) to {args.out} (mode 0600): start the "
+                  f"coordinator with --worker-tokens {args.out}; give each worker its own line and "
+                  f"`lowband worker --name NAME --token-file FILE`", highlight=False)
+    return 0
+
+
 def cmd_certs(args: argparse.Namespace, console: Console) -> int:
     from deploy.certs import make_certs
 
@@ -381,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a run from its run directory (or its checkpoint.pt): same run id, workers "
                         "rejoin; without RECIPE the checkpoint's own config is used (give --token again)")
+    p.add_argument("--worker-tokens", default=None, type=readable_file, metavar="FILE",
+                   help="admit each worker only with its own token, under its own name (lines `NAME TOKEN`, "
+                        "mode 0600; `lowband tokens` writes one); --token then admits no worker, only status")
     p.add_argument("--tls-cert", default=None, type=readable_file,
                    help="PEM certificate chain (enables TLS with --tls-key; `lowband certs` makes one)")
     p.add_argument("--tls-key", default=None, type=readable_file, help="PEM private key")
@@ -392,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="join a coordinator as a worker (no Ray)")
     p.add_argument("--join", required=True, metavar="HOST:PORT", type=join_address,
                    help="the coordinator's address (port 1..65535)")
-    p.add_argument("--token", default="", help="the coordinator's shared secret")
+    p.add_argument("--token", default="", help="the coordinator's shared secret (or this worker's own token)")
+    p.add_argument("--token-file", default=None, type=readable_file, metavar="FILE",
+                   help="read the token from FILE: its single token, or the line of --name in a worker-token file")
     p.add_argument("--name", default="", help="worker id to ask for (default: the coordinator assigns one)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads for this worker")
     p.add_argument("--tls-ca", default=None, type=readable_file,
@@ -442,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also make a client certificate NAME.pem/.key for a worker (mutual TLS)")
     p.add_argument("--days", type=positive_int, default=365, help="validity in days")
     p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("tokens", help="make per-worker tokens for `lowband coordinator --worker-tokens`")
+    p.add_argument("--workers", type=positive_int, required=True, help="how many workers (names PREFIX0..)")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to create (mode 0600; never overwritten)")
+    p.add_argument("--prefix", default="w", help="worker names are PREFIX0, PREFIX1, ... (default w: the ids the "
+                                                   "coordinator gives)")
+    p.set_defaults(func=cmd_tokens)
     return parser
 
 
