@@ -5,6 +5,7 @@ nothing. The tokens never reach the run directory nor the config sent to workers
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -14,12 +15,14 @@ import torch
 from compression.payload import dense
 from coordinator.run import CoordinatorRun
 from coordinator.server import CoordinatorServer
+from deploy.tokens import read_worker_tokens
 from protocols.base import Update
 from protocols.config import PROTOCOL_VERSION, ConfigError
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
 from tests.conftest import tiny_config
 from tests.integration.hostile import fingerprint
+from tests.integration.procs import LOWBAND, finish, start_coordinator, start_worker, write_recipe
 from worker.client import CoordinatorClient
 
 RUN_TOKEN = "the-runs-own-secret"
@@ -78,3 +81,24 @@ def test_each_worker_joins_only_with_its_own_token_under_its_own_name(tmp_path: 
         CoordinatorRun(cfg, run_dir=run_dir, resume=run_dir)
     resumed = CoordinatorRun(cfg, run_dir=run_dir, resume=run_dir, worker_tokens=WORKER_TOKENS)
     assert resumed.state.round == 1
+
+
+def test_lowband_processes_run_with_worker_tokens_from_a_file(tmp_path: Path) -> None:
+    """`lowband tokens` writes the file; the coordinator takes it with --worker-tokens and each worker its line
+    with --name and --token-file; the run completes, and no token is in the run directory."""
+    tokens_file = tmp_path / "workers.tokens"
+    subprocess.run([*LOWBAND, "tokens", "--workers", "2", "--out", str(tokens_file)], check=True, timeout=120)
+    tokens = read_worker_tokens(tokens_file)
+    cfg = tiny_config(run_dir=str(tmp_path / "runs"))
+    coord, address = start_coordinator(write_recipe(cfg, tmp_path / "tiny.yaml"), tmp_path,
+                                       "--worker-tokens", str(tokens_file))
+    workers = [start_worker(address, tmp_path, i, "--name", f"w{i}", "--token-file", str(tokens_file))
+               for i in range(2)]
+    for i, w in enumerate(workers):
+        assert finish(w, 180, tmp_path / f"worker{i}.log") == 0, (tmp_path / f"worker{i}.log").read_text()
+    assert finish(coord, 180, tmp_path / "coordinator.log") == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    assert (run_dir / "summary.json").exists()
+    for path in run_dir.iterdir():
+        if path.is_file():
+            assert not any(t.encode() in path.read_bytes() for t in tokens.values()), path.name
