@@ -149,7 +149,8 @@ class CoordinatorServicer:
 
     def Status(self, request, context):
         """Where the run stands, for an operator (`lowband status HOST:PORT`): the phase, the round and every worker's
-        progress and traffic. The caller is no worker (envelope.worker_id is empty); it presents the run's token.
+        progress and traffic. The caller is no worker (envelope.worker_id is empty); it presents the run's token (a
+        coordinator given per-worker tokens and no run token: any worker's own).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -75,7 +75,8 @@ class CoordinatorStub:
     """
     Status: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.StatusRequest, _lowband_pb2.StatusReply]
     """Where the run stands, for an operator (`lowband status HOST:PORT`): the phase, the round and every worker's
-    progress and traffic. The caller is no worker (envelope.worker_id is empty); it presents the run's token.
+    progress and traffic. The caller is no worker (envelope.worker_id is empty); it presents the run's token (a
+    coordinator given per-worker tokens and no run token: any worker's own).
     """
 
 @_typing.type_check_only
@@ -110,7 +111,8 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """
     Status: _aio.UnaryUnaryMultiCallable[_lowband_pb2.StatusRequest, _lowband_pb2.StatusReply]  # type: ignore[assignment]
     """Where the run stands, for an operator (`lowband status HOST:PORT`): the phase, the round and every worker's
-    progress and traffic. The caller is no worker (envelope.worker_id is empty); it presents the run's token.
+    progress and traffic. The caller is no worker (envelope.worker_id is empty); it presents the run's token (a
+    coordinator given per-worker tokens and no run token: any worker's own).
     """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
@@ -196,7 +198,8 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lowband_pb2.StatusReply, _abc.Awaitable[_lowband_pb2.StatusReply]]:
         """Where the run stands, for an operator (`lowband status HOST:PORT`): the phase, the round and every worker's
-        progress and traffic. The caller is no worker (envelope.worker_id is empty); it presents the run's token.
+        progress and traffic. The caller is no worker (envelope.worker_id is empty); it presents the run's token (a
+        coordinator given per-worker tokens and no run token: any worker's own).
         """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
