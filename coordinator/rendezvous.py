@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from coordinator.checkpoint import redacted
 from coordinator.errors import Code, Rejected
 from coordinator.rendezvous_rows import COUNTERS, Peer, check_metrics, round_row
 from coordinator.rundir import RunDir
+from coordinator.sessions import SESSION_BYTES, Gate, new_session
 from protocols.config import PROTOCOL_VERSION, RunConfig, to_yaml
 from protocols.gossip.roster import Roster
 
@@ -42,12 +44,15 @@ from protocols.gossip.roster import Roster
 @dataclasses.dataclass(frozen=True)
 class Joined:
     """What a worker learns by joining: its id, its index (join order: its shard, its place in the graph),
-    the run's id and the resolved config."""
+    the run's id and the resolved config; its session (every later call to the rendezvous carries it) and
+    the run's peer token (every Gossip message carries it: the run's own token never goes to a peer)."""
 
     worker_id: str
     index: int
     run_id: str
     config_yaml: str
+    session: str = ""
+    peer_token: str = ""
 
 
 class Rendezvous:
@@ -56,6 +61,12 @@ class Rendezvous:
         self.cfg, self.clock = cfg, clock
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.config_yaml = to_yaml(redacted(cfg))  # workers have their token: never send it
+        # The run's token joins (Enroll), a per-member session authenticates every later call
+        # (coordinator/sessions.py), and peers authenticate each other's messages by `peer_token`, a random
+        # secret of this rendezvous' own, handed to members only: the peer links carry no TLS, so the run's
+        # token must not travel on them. A run without a token authenticates nothing, peers included.
+        self.gate = Gate(cfg.cluster.token, who="rendezvous")
+        self.peer_token = secrets.token_urlsafe(SESSION_BYTES) if cfg.cluster.token else ""
         self.total_rounds = cfg.rounds
         self.run_dir = RunDir(run_dir, cfg) if run_dir is not None else None
         self.members: dict[str, Peer] = {}
@@ -68,9 +79,10 @@ class Rendezvous:
 
     # ---- membership ----------------------------------------------------------------------------
     def join(self, hostname: str, token: str, protocol_version: int, address: str, worker_name: str = "") -> Joined:
-        """A worker's index (join order) and the run; a known `worker_name` rejoins under its old index."""
+        """A worker's index (join order) and the run; a known `worker_name` rejoins under its old index (with a
+        new session: the old one stops working)."""
         with self._cond:
-            self._check_token(token)
+            worker_name = self.gate.admit(token, worker_name)
             if protocol_version != PROTOCOL_VERSION:
                 raise Rejected(Code.FAILED_PRECONDITION, f"protocol version {protocol_version} is not supported "
                                                          f"(the rendezvous speaks {PROTOCOL_VERSION})")
@@ -86,8 +98,9 @@ class Rendezvous:
                 index = len(self.members)
                 peer = Peer(worker_name or f"w{index}", index, hostname, address, self.clock())
                 self.members[peer.worker_id] = peer
+            session, peer.session_digest = new_session()
             self._cond.notify_all()
-            return Joined(peer.worker_id, peer.index, self.run_id, self.config_yaml)
+            return Joined(peer.worker_id, peer.index, self.run_id, self.config_yaml, session, self.peer_token)
 
     def attest_base(self, worker_id: str, token: str, digest: str) -> str:
         """A node's digest of its frozen base weights; the run's (the first stated), or Rejected if it differs."""
@@ -218,14 +231,11 @@ class Rendezvous:
         gone = bool(self.members) and not any(p.alive for p in self.members.values())
         return self.next_row > self.total_rounds or gone
 
-    def _check_token(self, token: str) -> None:
-        if self.cfg.cluster.token and token != self.cfg.cluster.token:
-            raise Rejected(Code.UNAUTHENTICATED, "bad token: the rendezvous' token differs from the one sent")
-
     def _member(self, worker_id: str, token: str) -> Peer:
-        """The calling worker (token checked first); changes nothing."""
-        self._check_token(token)
+        """The calling worker, `token` its session (an unknown id is refused as UNAUTHENTICATED when the run
+        has a token); changes nothing."""
         peer = self.members.get(worker_id)
+        self.gate.check_session(token, peer.session_digest if peer is not None else "", worker_id)
         if peer is None:
             raise Rejected(Code.NOT_FOUND, f"unknown worker id {worker_id!r}: join first")
         return peer

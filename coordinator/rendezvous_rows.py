@@ -33,6 +33,7 @@ class Peer:
     bytes_received: int = 0
     tokens: int = 0
     steps: int = 0
+    session_digest: str = ""  # SHA-256 of its session credential (coordinator/sessions.py), never the credential
 
 
 def sketch_of(metrics: dict[str, float]) -> list[float]:

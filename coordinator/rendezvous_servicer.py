@@ -116,7 +116,8 @@ class RendezvousServicer(lowband_pb2_grpc.RendezvousServicer):
             joined = self.rendezvous.join(req.hostname, env.token, env.protocol_version, req.address, env.worker_id)
             return m.EnrollReply(worker_id=joined.worker_id, worker_index=joined.index, run_id=joined.run_id,
                                  config_yaml=joined.config_yaml,
-                                 heartbeat_interval_s=self.rendezvous.cfg.cluster.heartbeat_interval_s)
+                                 heartbeat_interval_s=self.rendezvous.cfg.cluster.heartbeat_interval_s,
+                                 session_token=joined.session, peer_token=joined.peer_token)
 
         reply = self._serve(request, m.EnrollRequest, answer, run_checked=False)
         if reply.worker_id != request.envelope.worker_id:  # a new member: counted under the id it was given

@@ -315,7 +315,7 @@ def _gossip_worker(args: argparse.Namespace, console: Console) -> int:
     from worker.runners import run_p2p_worker
 
     if args.tls_ca or args.tls_cert:
-        raise ConfigError("a gossip run's rendezvous and peer links carry no TLS (peers authenticate by the run's "
+        raise ConfigError("a gossip run's rendezvous and peer links carry no TLS (peers authenticate by the run's peer "
                           "token): drop --tls-ca, --tls-cert and --tls-key")
     if args.step_delay or args.crash_at_step >= 0 or args.corrupt_replica_at_round >= 0:
         raise ConfigError("--step-delay, --crash-at-step and --corrupt-replica-at-round apply to coordinated runs; "

@@ -4,6 +4,7 @@ The rendezvous only says who is in the run, where each peer listens and which ro
 worker to worker (worker/transports/p2p.py). Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED: the
 coordinator restarting, a network blip; RESOURCE_EXHAUSTED "server busy": its guards are full) are retried
 with exponential backoff for up to `retry_for_s`; refusals (bad token, unknown worker, finished run) are not.
+The run's token goes on the wire only in Enroll; every later call carries the session Enroll returned.
 Bytes are counted as serialized messages, both ways, as `worker/client.py` counts them: what really crossed
 the wire.
 """
@@ -33,6 +34,7 @@ ROSTER_TIMEOUT_S = 600.0
 class RendezvousClient:
     def __init__(self, address: str, token: str = "", retry_for_s: float = 60.0) -> None:
         self.address, self.token, self.retry_for_s = address, token, retry_for_s
+        self.session = ""  # from Enroll: every later call carries it instead of the run's token
         self.run_id, self.worker_id = "", ""
         self.bytes_sent = self.bytes_received = 0
         self._count = threading.Lock()  # the heartbeat thread and the round loop call concurrently
@@ -43,7 +45,7 @@ class RendezvousClient:
         self.channel.close()
 
     def _envelope(self, round_: int = 0) -> m.Envelope:
-        return m.Envelope(self.run_id, self.worker_id, round_, PROTOCOL_VERSION, self.token)
+        return m.Envelope(self.run_id, self.worker_id, round_, PROTOCOL_VERSION, self.session)
 
     def _call(self, fn: Callable[[], T]) -> T:
         delay, deadline = 0.1, time.monotonic() + self.retry_for_s
@@ -71,10 +73,11 @@ class RendezvousClient:
     def enroll(self, hostname: str, address: str, requested_id: str = "") -> m.EnrollReply:
         """Join the run with the address this worker's Peer service listens on."""
         self.worker_id = requested_id
-        request = m.EnrollRequest(envelope=self._envelope(), hostname=hostname, address=address)
+        env = m.Envelope(self.run_id, self.worker_id, 0, PROTOCOL_VERSION, self.token)  # the handshake: the secret
+        request = m.EnrollRequest(envelope=env, hostname=hostname, address=address)
         reply = self._call(lambda: self._unary(self.stub.Enroll, request))
         assert isinstance(reply, m.EnrollReply)
-        self.run_id, self.worker_id = reply.run_id, reply.worker_id
+        self.run_id, self.worker_id, self.session = reply.run_id, reply.worker_id, reply.session_token
         return reply
 
     def roster(self, round_: int) -> m.RosterReply:

@@ -169,8 +169,9 @@ class Envelope(_message.Message):
     """Version of this wire protocol the sender speaks; must equal the coordinator's."""
     token: _builtins.str
     """In Join (and Enroll, and an operator's Status): the run's shared secret, or this worker's own token when the
-    coordinator was given per-worker tokens. In every later call: the session credential its Join issued
-    (JoinReply.session_token), so the run's secret crosses the wire only in the handshake. Wrong: UNAUTHENTICATED.
+    coordinator was given per-worker tokens. In every later call: the session credential its Join (Enroll) issued
+    (JoinReply / EnrollReply.session_token); in a Gossip message, the run's peer token (EnrollReply.peer_token). So
+    the run's secret crosses the wire only in the handshake. Wrong: UNAUTHENTICATED.
     """
     def __init__(
         self,
@@ -1239,6 +1240,8 @@ class EnrollReply(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     CONFIG_YAML_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    PEER_TOKEN_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """The id the rendezvous assigned; every later Envelope carries it."""
     worker_index: _builtins.int
@@ -1249,6 +1252,12 @@ class EnrollReply(_message.Message):
     """The whole run configuration as YAML, so all workers train and gossip alike."""
     heartbeat_interval_s: _builtins.float
     """How often the worker must call Heartbeat, in seconds."""
+    session_token: _builtins.str
+    """This worker's session: every later rendezvous call's Envelope.token carries it."""
+    peer_token: _builtins.str
+    """The run's peer secret, made by the rendezvous: every Gossip message's Envelope.token carries it (the run's own
+    token never travels on the peer links, which have no TLS); empty when the run has no token.
+    """
     def __init__(
         self,
         *,
@@ -1257,10 +1266,12 @@ class EnrollReply(_message.Message):
         run_id: _builtins.str = ...,
         config_yaml: _builtins.str = ...,
         heartbeat_interval_s: _builtins.float = ...,
+        session_token: _builtins.str = ...,
+        peer_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_yaml", b"config_yaml", "heartbeat_interval_s", b"heartbeat_interval_s", "run_id", b"run_id", "worker_id", b"worker_id", "worker_index", b"worker_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_yaml", b"config_yaml", "heartbeat_interval_s", b"heartbeat_interval_s", "peer_token", b"peer_token", "run_id", b"run_id", "session_token", b"session_token", "worker_id", b"worker_id", "worker_index", b"worker_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

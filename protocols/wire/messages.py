@@ -284,6 +284,8 @@ class EnrollReply:
     run_id: str
     config_yaml: str
     heartbeat_interval_s: float
+    session_token: str = ""  # the credential every later rendezvous call of this worker carries (Envelope.token)
+    peer_token: str = ""  # the run's peer secret: every Gossip message's Envelope.token ("" when the run has no token)
 
 
 @dataclass(frozen=True)

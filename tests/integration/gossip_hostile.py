@@ -71,12 +71,13 @@ def peer_fingerprint(node: P2PTransport, model: Params) -> tuple[Any, ...]:
     return digest.hexdigest(), node.inbox.floor, node.inbox.pending()
 
 
-def gossip_messages(sender: P2PTransport, step: int = 0, token: str = TOKEN, run_id: str | None = None,
+def gossip_messages(sender: P2PTransport, step: int = 0, token: str | None = None, run_id: str | None = None,
                     model: Params | None = None) -> list[pb.PeerChunk]:
-    """A Gossip stream from `sender` (header and chunks), as protobuf, with the envelope fields given."""
+    """A Gossip stream from `sender` (header and chunks), as protobuf, with the envelope fields given (the
+    token: by default the run's peer token, as the sender's own messages carry)."""
     payloads = {n: dense(t) for n, t in (model or params(sender.index)).items()}
     env = m.Envelope(sender.run_id if run_id is None else run_id, sender.worker_id, step // GOSSIP_STEPS,
-                     PROTOCOL_VERSION, token)
+                     PROTOCOL_VERSION, sender.peer_token if token is None else token)
     header = m.PeerHeader(envelope=env, step=step, sender=sender.index, weight=1.0, num_entries=len(payloads),
                           total_bytes=sum(p.nbytes() for p in payloads.values()))
     return list(serde.peer_stream(header, payloads))

@@ -15,15 +15,22 @@ from protocols.config import PROTOCOL_VERSION
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
 from tests.conftest import tiny_config
-from tests.integration.gossip_hostile import gossip_messages, gossip_run, peer_fingerprint, rendezvous_fingerprint
+from tests.integration.gossip_hostile import (
+    TOKEN,
+    gossip_messages,
+    gossip_run,
+    peer_fingerprint,
+    rendezvous_fingerprint,
+)
 from worker.transports.p2p import P2PTransport
 
 OTHER_TOKEN = "the-other-runs-token"
 
 
 def _calls(stub: lowband_pb2_grpc.RendezvousStub, peer: lowband_pb2_grpc.PeerStub, sender: P2PTransport,
-           env: m.Envelope) -> Iterator[tuple[str, Callable[[], object]]]:
-    """Every RPC a stranger could try with `env` (the Gossip stream as if from `sender`), as (name, thunk)."""
+           env: m.Envelope, peer_token: str | None = None) -> Iterator[tuple[str, Callable[[], object]]]:
+    """Every RPC a stranger could try with `env` (the Gossip stream as if from `sender`, with `peer_token` if
+    given), as (name, thunk)."""
     yield "Enroll", lambda: stub.Enroll(serde.to_pb(m.EnrollRequest(envelope=env, hostname="x", address="h:1")),
                                         timeout=10)
     yield "Roster", lambda: stub.Roster(serde.to_pb(m.RosterRequest(envelope=env)), timeout=10)
@@ -34,7 +41,8 @@ def _calls(stub: lowband_pb2_grpc.RendezvousStub, peer: lowband_pb2_grpc.PeerStu
     yield "AttestBase", lambda: stub.AttestBase(serde.to_pb(m.AttestRequest(envelope=env, base_digest="ab")),
                                                 timeout=10)
     yield "Leave", lambda: stub.Leave(serde.to_pb(m.LeaveRequest(envelope=env)), timeout=10)
-    yield "Gossip", lambda: peer.Gossip(iter(gossip_messages(sender, token=env.token, run_id=env.run_id)),
+    token = env.token if peer_token is None else peer_token
+    yield "Gossip", lambda: peer.Gossip(iter(gossip_messages(sender, token=token, run_id=env.run_id)),
                                         timeout=10)
 
 
@@ -71,11 +79,33 @@ def test_another_runs_id_is_refused_on_every_gossip_rpc_and_changes_nothing(othe
             grpc.insecure_channel(first.address, options=m.GRPC_OPTIONS) as to_peer:
         before = rendezvous_fingerprint(server), peer_fingerprint(first, models[0])
         other_id = other_run.rendezvous.run_id
-        env = m.Envelope(other_id, second.worker_id, 0, PROTOCOL_VERSION, second.token)
+        env = m.Envelope(other_id, second.worker_id, 0, PROTOCOL_VERSION, second.client.session)
         for name, call in _calls(lowband_pb2_grpc.RendezvousStub(to_rendezvous), lowband_pb2_grpc.PeerStub(to_peer),
-                                 second, env):
+                                 second, env, second.peer_token):
             with pytest.raises(grpc.RpcError) as info:
                 call()
             assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, (name, info.value.details())
             assert f"wrong run id {other_id!r}" in (info.value.details() or ""), (name, info.value.details())
+        assert (rendezvous_fingerprint(server), peer_fingerprint(first, models[0])) == before
+
+
+def test_after_enroll_the_runs_token_opens_nothing_and_peers_never_see_it() -> None:
+    """The run's token goes only into Enroll: a later rendezvous call carrying it is refused, and so is a Gossip
+    message carrying it (peers check the run's peer token, a secret of the rendezvous' own, not the run's)."""
+    with gossip_run() as (server, (first, second), models), \
+            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as to_rendezvous, \
+            grpc.insecure_channel(first.address, options=m.GRPC_OPTIONS) as to_peer:
+        assert second.peer_token not in ("", TOKEN) and second.client.session not in ("", TOKEN)
+        assert first.peer_token == second.peer_token != second.client.session
+        before = rendezvous_fingerprint(server), peer_fingerprint(first, models[0])
+        env = m.Envelope(second.run_id, second.worker_id, 0, PROTOCOL_VERSION, TOKEN)
+        calls = _calls(lowband_pb2_grpc.RendezvousStub(to_rendezvous), lowband_pb2_grpc.PeerStub(to_peer), second,
+                       env)
+        for name, call in calls:
+            if name == "Enroll":  # the handshake, where the run's token belongs
+                continue
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, info.value.details())
+            assert TOKEN not in (info.value.details() or "")
         assert (rendezvous_fingerprint(server), peer_fingerprint(first, models[0])) == before

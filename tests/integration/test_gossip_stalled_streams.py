@@ -194,7 +194,7 @@ def test_a_strangers_roster_is_refused_before_it_waits_and_members_waits_are_bou
                 stub.Roster(serde.to_pb(m.RosterRequest(envelope=stranger)), timeout=60)
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert rendezvous_fingerprint(server) == before
-            own = m.Envelope(server.rendezvous.run_id, member.worker_id, 0, PROTOCOL_VERSION, TOKEN)
+            own = m.Envelope(server.rendezvous.run_id, member.worker_id, 0, PROTOCOL_VERSION, member.session)
             futures = [stub.Roster.future(serde.to_pb(m.RosterRequest(envelope=own)), timeout=300)
                        for _ in range(STALLED)]
             wait_for(lambda: sum(f.done() for f in futures) >= STALLED - rosters, 60, "the refused rosters")

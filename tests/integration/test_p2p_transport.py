@@ -122,7 +122,7 @@ def test_bad_messages_are_refused_with_a_status_that_says_why_and_never_delivere
     receiver, run_id = nodes[1], nodes[0].run_id
     nodes[1].receive(0, {0}, timeout_s=0.0)  # step 0 is closed on node 1 from now on
 
-    def header(step: int = 2, sender: int = 0, run: str = run_id, token: str = TOKEN) -> m.PeerHeader:
+    def header(step: int = 2, sender: int = 0, run: str = run_id, token: str = nodes[0].peer_token) -> m.PeerHeader:
         env = m.Envelope(run, "w0", step // GOSSIP_STEPS, PROTOCOL_VERSION, token)
         entries = model(0)
         return m.PeerHeader(env, step, sender, 1.0, len(entries), sum(t.nbytes for t in entries.values()))

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from coordinator.errors import Code, Rejected
-from coordinator.rendezvous import Rendezvous
+from coordinator.rendezvous import Joined, Rendezvous
 from protocols.config import PROTOCOL_VERSION, RunConfig
 from tests.conftest import tiny_config
 
@@ -24,8 +25,23 @@ def _cfg(workers: int = 3) -> RunConfig:
                        cluster={"workers": workers, "token": TOKEN})
 
 
+# Each rendezvous' members' sessions, by worker id: every call after the join carries its member's.
+SESSIONS: weakref.WeakKeyDictionary[Rendezvous, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def _join(rv: Rendezvous, hostname: str, address: str, name: str = "") -> Joined:
+    joined = rv.join(hostname, TOKEN, PROTOCOL_VERSION, address, worker_name=name)
+    SESSIONS.setdefault(rv, {})[joined.worker_id] = joined.session
+    return joined
+
+
+def s(rv: Rendezvous, worker_id: str) -> str:
+    """The session of member `worker_id`."""
+    return SESSIONS[rv][worker_id]
+
+
 def _joined(rv: Rendezvous, n: int) -> list[str]:
-    return [rv.join(f"host{i}", TOKEN, PROTOCOL_VERSION, f"127.0.0.1:{7000 + i}").worker_id for i in range(n)]
+    return [_join(rv, f"host{i}", f"127.0.0.1:{7000 + i}").worker_id for i in range(n)]
 
 
 def _metrics(loss: float, sent: int, sketch: list[float]) -> dict[str, float]:
@@ -35,25 +51,25 @@ def _metrics(loss: float, sent: int, sketch: list[float]) -> dict[str, float]:
 
 def test_joins_get_indices_in_order_and_the_roster_lists_every_address() -> None:
     rv = Rendezvous(_cfg())
-    joined = [rv.join(f"h{i}", TOKEN, PROTOCOL_VERSION, f"10.0.0.{i}:1") for i in range(3)]
+    joined = [_join(rv, f"h{i}", f"10.0.0.{i}:1") for i in range(3)]
     assert [(j.worker_id, j.index) for j in joined] == [("w0", 0), ("w1", 1), ("w2", 2)]
     assert {j.run_id for j in joined} == {rv.run_id} and "gossip" in joined[0].config_yaml
-    roster = rv.roster("w1", TOKEN, 0)
+    roster = rv.roster("w1", s(rv, "w1"), 0)
     assert (roster.round, roster.workers, roster.finished) == (0, 3, False)
     assert roster.addresses == {0: "10.0.0.0:1", 1: "10.0.0.1:1", 2: "10.0.0.2:1"}
     assert rv.members["w1"].round == 0
     # A known name rejoins under its old index, with its new address.
-    again = rv.join("h9", TOKEN, PROTOCOL_VERSION, "10.0.0.9:1", worker_name="w1")
-    assert again.index == 1 and rv.roster("w0", TOKEN, 0).addresses[1] == "10.0.0.9:1"
+    again = _join(rv, "h9", "10.0.0.9:1", "w1")
+    assert again.index == 1 and rv.roster("w0", s(rv, "w0"), 0).addresses[1] == "10.0.0.9:1"
 
 
 def test_a_row_is_written_once_every_live_worker_reported_its_round(tmp_path: Path) -> None:
     rv = Rendezvous(_cfg(), run_dir=tmp_path)
     ids = _joined(rv, 3)
-    rv.report(ids[0], TOKEN, 0, _metrics(3.0, 10, [0.0, 0.0]))
-    rv.report(ids[1], TOKEN, 0, {**_metrics(4.0, 20, [3.0, 0.0]), "eval_loss": 4.5})
+    rv.report(ids[0], s(rv, ids[0]), 0, _metrics(3.0, 10, [0.0, 0.0]))
+    rv.report(ids[1], s(rv, ids[1]), 0, {**_metrics(4.0, 20, [3.0, 0.0]), "eval_loss": 4.5})
     assert rv.rows == []  # w2 has not reported
-    rv.report(ids[2], TOKEN, 0, _metrics(5.0, 30, [0.0, 3.0]))
+    rv.report(ids[2], s(rv, ids[2]), 0, _metrics(5.0, 30, [0.0, 3.0]))
     [row] = rv.rows
     assert row["event"] == "round" and row["round"] == 0 and row["workers"] == ids
     assert row["train_loss"] == pytest.approx(4.0) and row["eval_loss"] == 4.5
@@ -70,14 +86,14 @@ def test_a_worker_that_left_is_not_waited_for_and_the_final_reports_finish_the_r
     rv = Rendezvous(_cfg())
     ids = _joined(rv, 3)
     for w in ids[:2]:
-        rv.report(w, TOKEN, 0, _metrics(1.0, 5, [1.0]))
-    rv.leave(ids[2], TOKEN)
+        rv.report(w, s(rv, w), 0, _metrics(1.0, 5, [1.0]))
+    rv.leave(ids[2], s(rv, ids[2]))
     assert [r["round"] for r in rv.rows] == [0] and rv.rows[0]["workers"] == ids[:2]
     for w in ids[:2]:
-        rv.report(w, TOKEN, 1, _metrics(0.5, 9, [1.0]))
-    assert not rv.finished() and not rv.roster(ids[0], TOKEN, 1).finished
-    rv.report(ids[0], TOKEN, 2, {"eval_loss": 2.0, "bytes_sent": 12})
-    rv.report(ids[1], TOKEN, 2, {"eval_loss": 3.0, "bytes_sent": 12})
+        rv.report(w, s(rv, w), 1, _metrics(0.5, 9, [1.0]))
+    assert not rv.finished() and not rv.roster(ids[0], s(rv, ids[0]), 1).finished
+    rv.report(ids[0], s(rv, ids[0]), 2, {"eval_loss": 2.0, "bytes_sent": 12})
+    rv.report(ids[1], s(rv, ids[1]), 2, {"eval_loss": 3.0, "bytes_sent": 12})
     assert rv.finished() and rv.wait_finished(0.0)
     assert [r["event"] for r in rv.rows] == ["round", "round", "final"]
     assert rv.rows[1]["consensus_distance"] == 0.0  # identical sketches
@@ -92,9 +108,9 @@ def test_silent_workers_are_dropped_by_the_ticker() -> None:
     now = [0.0]
     rv = Rendezvous(_cfg(2), clock=lambda: now[0])
     ids = _joined(rv, 2)
-    rv.report(ids[0], TOKEN, 0, _metrics(1.0, 1, [0.0]))
+    rv.report(ids[0], s(rv, ids[0]), 0, _metrics(1.0, 1, [0.0]))
     now[0] = 31.0  # cluster.heartbeat_timeout_s is 30
-    rv.heartbeat(ids[0], TOKEN, step=5, loss=1.0)
+    rv.heartbeat(ids[0], s(rv, ids[0]), step=5, loss=1.0)
     rv.tick()
     assert not rv.members["w1"].alive and rv.members["w0"].alive and [r["round"] for r in rv.rows] == [0]
 
@@ -106,26 +122,28 @@ def test_silent_workers_are_dropped_by_the_ticker() -> None:
         (lambda rv: rv.join("h", TOKEN, PROTOCOL_VERSION + 1, ""), Code.FAILED_PRECONDITION, "protocol version"),
         (lambda rv: rv.join("h", TOKEN, PROTOCOL_VERSION, ""), Code.FAILED_PRECONDITION,
          r"already has its 3 workers \(cluster.workers\)"),
-        (lambda rv: rv.roster("w7", TOKEN, 0), Code.NOT_FOUND, "unknown worker id 'w7'"),
+        (lambda rv: rv.roster("w7", s(rv, "w0"), 0), Code.UNAUTHENTICATED, "not the session of worker 'w7'"),
+        (lambda rv: rv.roster("w0", TOKEN, 0), Code.UNAUTHENTICATED, "bad token"),  # the run's: for joins only
+        (lambda rv: rv.roster("w0", s(rv, "w1"), 0), Code.UNAUTHENTICATED, "bad token"),
         (lambda rv: rv.roster("w0", "wrong", 0), Code.UNAUTHENTICATED, "bad token"),
-        (lambda rv: rv.roster("w0", TOKEN, 3), Code.INVALID_ARGUMENT, r"named round 3; this run has rounds 0..1"),
-        (lambda rv: rv.report("w0", TOKEN, -1, {}), Code.INVALID_ARGUMENT, "named round -1"),
-        (lambda rv: rv.report("w0", TOKEN, 0, {"train_loss": math.nan}), Code.INVALID_ARGUMENT,
+        (lambda rv: rv.roster("w0", s(rv, "w0"), 3), Code.INVALID_ARGUMENT, r"named round 3; this run has rounds 0..1"),
+        (lambda rv: rv.report("w0", s(rv, "w0"), -1, {}), Code.INVALID_ARGUMENT, "named round -1"),
+        (lambda rv: rv.report("w0", s(rv, "w0"), 0, {"train_loss": math.nan}), Code.INVALID_ARGUMENT,
          r"'train_loss' = nan: metrics must be finite"),
-        (lambda rv: rv.report("w0", TOKEN, 0, {"eval_loss": math.inf}), Code.INVALID_ARGUMENT, "must be finite"),
-        (lambda rv: rv.report("w0", TOKEN, 0, {"bytes_sent": -1}), Code.INVALID_ARGUMENT, "counter 'bytes_sent'"),
-        (lambda rv: rv.report("w0", TOKEN, 0, {"sketch.0": 1.0, "sketch.2": 1.0}), Code.INVALID_ARGUMENT,
+        (lambda rv: rv.report("w0", s(rv, "w0"), 0, {"eval_loss": math.inf}), Code.INVALID_ARGUMENT, "must be finite"),
+        (lambda rv: rv.report("w0", s(rv, "w0"), 0, {"bytes_sent": -1}), Code.INVALID_ARGUMENT, "counter 'bytes_sent'"),
+        (lambda rv: rv.report("w0", s(rv, "w0"), 0, {"sketch.0": 1.0, "sketch.2": 1.0}), Code.INVALID_ARGUMENT,
          "sketch keys must be"),
-        (lambda rv: rv.report("w1", TOKEN, 0, {"sketch.0": 1.0, "sketch.1": 1.0}), Code.INVALID_ARGUMENT,
+        (lambda rv: rv.report("w1", s(rv, "w1"), 0, {"sketch.0": 1.0, "sketch.1": 1.0}), Code.INVALID_ARGUMENT,
          "the others of this round have"),
-        (lambda rv: rv.report("w2", TOKEN, 0, {}), Code.ALREADY_EXISTS, "already reported round 0"),
+        (lambda rv: rv.report("w2", s(rv, "w2"), 0, {}), Code.ALREADY_EXISTS, "already reported round 0"),
     ],
 )
 def test_refusals_say_what_was_wrong_and_change_nothing(call: Callable[[Rendezvous], object], code: Code,
                                                         match: str) -> None:
     rv = Rendezvous(_cfg())
     _joined(rv, 3)
-    rv.report("w2", TOKEN, 0, {"sketch.0": 1.0})
+    rv.report("w2", s(rv, "w2"), 0, {"sketch.0": 1.0})
     before = ([dataclass_state(p) for p in rv.members_copy()], list(rv.rows))
     with pytest.raises(Rejected, match=match) as err:
         call(rv)
@@ -142,28 +160,28 @@ def dataclass_state(peer: object) -> dict[str, object]:
 def test_a_stale_round_is_refused_once_its_row_was_written() -> None:
     rv = Rendezvous(_cfg(2))
     ids = _joined(rv, 2)
-    rv.report(ids[0], TOKEN, 0, {})
-    rv.leave(ids[1], TOKEN)  # round 0 closes without w1
-    rv.join("h", TOKEN, PROTOCOL_VERSION, "", worker_name=ids[1])
+    rv.report(ids[0], s(rv, ids[0]), 0, {})
+    rv.leave(ids[1], s(rv, ids[1]))  # round 0 closes without w1
+    _join(rv, "h", "", ids[1])
     with pytest.raises(Rejected, match="stale round: worker w1 reported round 0"):
-        rv.report(ids[1], TOKEN, 0, {})
+        rv.report(ids[1], s(rv, ids[1]), 0, {})
 
 
 def test_a_lost_report_does_not_hold_its_rounds_row_up_once_the_worker_reported_a_later_round() -> None:
     rv = Rendezvous(_cfg(2))
     ids = _joined(rv, 2)
-    rv.report(ids[0], TOKEN, 0, _metrics(1.0, 1, [0.0]))
+    rv.report(ids[0], s(rv, ids[0]), 0, _metrics(1.0, 1, [0.0]))
     assert rv.rows == []
-    rv.report(ids[1], TOKEN, 1, _metrics(2.0, 2, [1.0]))  # w1's report of round 0 never came
+    rv.report(ids[1], s(rv, ids[1]), 1, _metrics(2.0, 2, [1.0]))  # w1's report of round 0 never came
     assert [(r["round"], r["workers"]) for r in rv.rows] == [(0, ["w0"])]
-    rv.report(ids[0], TOKEN, 1, _metrics(1.5, 2, [0.0]))
+    rv.report(ids[0], s(rv, ids[0]), 1, _metrics(1.5, 2, [0.0]))
     assert [(r["round"], r["workers"]) for r in rv.rows] == [(0, ["w0"]), (1, ["w0", "w1"])]
 
 
 def test_a_node_whose_frozen_base_differs_is_refused() -> None:
     rv = Rendezvous(_cfg())
     a, b, c = _joined(rv, 3)
-    assert rv.attest_base(a, TOKEN, "1" * 64) == rv.attest_base(b, TOKEN, "1" * 64) == "1" * 64
+    assert rv.attest_base(a, s(rv, a), "1" * 64) == rv.attest_base(b, s(rv, b), "1" * 64) == "1" * 64
     with pytest.raises(Rejected) as err:
-        rv.attest_base(c, TOKEN, "2" * 64)
+        rv.attest_base(c, s(rv, c), "2" * 64)
     assert err.value.code is Code.FAILED_PRECONDITION and rv.base_digest == "1" * 64

@@ -83,7 +83,7 @@ EXAMPLES: list[m.Message] = [
     # gossip: the Rendezvous and Peer services
     m.EnrollRequest(ENV, hostname="gpu-box", address="10.1.2.3:50051"),
     m.EnrollReply(worker_id="w3", worker_index=3, run_id="run-7", config_yaml="protocol:\n  kind: gossip\n",
-                  heartbeat_interval_s=2.5),
+                  heartbeat_interval_s=2.5, session_token="c2Vzc2lvbg", peer_token="cGVlcg"),
     m.RosterRequest(ENV),
     m.RosterReply(round=12, workers=4, finished=False, addresses={0: "a:1", 1: "b:2", 3: "[::1]:3"}),
     m.ReportRequest(ENV, metrics={"train_loss": 2.25, "sketch.0": -1e-3}),

@@ -18,7 +18,9 @@ its payloads in 1-4 MiB `TensorChunk`s (the same chunk encoding as every other s
 - Bytes: every message both ways, as serialized on the wire: streams and acks with neighbours, and the
   (small) rendezvous calls.
 
-The peer links carry no TLS: peers authenticate each other by the run's token, in every message's header.
+The peer links carry no TLS: peers authenticate each other by the run's peer token (EnrollReply.peer_token, a
+secret the rendezvous makes), in every message's header; the run's own token goes only to the rendezvous, in
+Enroll, and every later rendezvous call carries this worker's session (worker/rendezvous_client.py).
 """
 
 from __future__ import annotations
@@ -108,6 +110,7 @@ class P2PTransport(PeerTransport):
         self.codecs, self.max_steps_ahead = codecs, max_steps_ahead
         self.index, self.workers = -1, 0
         self.worker_id = self.run_id = ""
+        self.peer_token = ""  # the run's peer secret from Enroll: what Gossip messages carry, never `token`
         self.cfg: RunConfig | None = None
         self.client = RendezvousClient(rendezvous, token, retry_for_s)
         self.addresses: dict[int, str] = {}
@@ -155,7 +158,7 @@ class P2PTransport(PeerTransport):
         reply = self.client.enroll(socket.gethostname(), self.address, self.worker_name)
         cfg = parse_config(yaml.safe_load(reply.config_yaml))
         self.index, self.workers = reply.worker_index, cfg.cluster.workers
-        self.worker_id, self.run_id = reply.worker_id, reply.run_id
+        self.worker_id, self.run_id, self.peer_token = reply.worker_id, reply.run_id, reply.peer_token
         if self.max_steps_ahead is None:
             self.inbox.max_ahead = 4 * int(getattr(cfg.protocol, "gossip_steps", 1))
         # Beat from now on: building the corpus and model can take longer than the heartbeat timeout.
@@ -171,7 +174,7 @@ class P2PTransport(PeerTransport):
         expect = PeerExpectation.of(params, self.codecs if self.codecs is not None else gossip_codecs(cfg),
                                     cfg.cluster.max_update_ratio)
         q = int(getattr(cfg.protocol, "gossip_steps", 1))
-        self.servicer.open(PeerGate(self.run_id, self.token, self.index, self.workers, q, cfg.rounds * q, expect,
+        self.servicer.open(PeerGate(self.run_id, self.peer_token, self.index, self.workers, q, cfg.rounds * q, expect,
                                     cfg.cluster.stream_idle_s))
         return self.roster(0)
 
@@ -221,7 +224,7 @@ class P2PTransport(PeerTransport):
         if address is None:
             log.warning("node %d is not in the roster: gossip step %d not sent to it", to, message.step)
             return False
-        envelope = m.Envelope(self.run_id, self.worker_id, message.round, PROTOCOL_VERSION, self.token)
+        envelope = m.Envelope(self.run_id, self.worker_id, message.round, PROTOCOL_VERSION, self.peer_token)
         header = m.PeerHeader(envelope=envelope, step=message.step, sender=self.index, weight=message.weight,
                               num_entries=len(message.payloads), total_bytes=message.nbytes())
         stub = self._stub(address)

@@ -2,7 +2,7 @@
 
 A Gossip stream is judged in two stages, so that nothing of a bad message is buffered or mixed:
 
-1. from its header, before any chunk is read: protocol version, the run's token and id, a sender index of
+1. from its header, before any chunk is read: protocol version, the run's peer token and id, a sender index of
    the run that is not this node, a round that matches the step, a step of the run, and the inbox's step
    window (not older than the step this node is at, not absurdly ahead, not a second message for a step);
 2. once assembled: the whole message against this node's model (`peer_check.check_message`, the check the
@@ -25,6 +25,7 @@ Bytes are counted as serialized messages both ways (the request stream in, the a
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -90,8 +91,8 @@ class PeerServicer(lowband_pb2_grpc.PeerServicer):
         if env.protocol_version != PROTOCOL_VERSION:
             raise Rejected(Code.FAILED_PRECONDITION, f"protocol version {env.protocol_version} is not supported "
                                                      f"(this peer speaks {PROTOCOL_VERSION})")  # fmt: skip
-        if gate.token and env.token != gate.token:
-            raise Rejected(Code.UNAUTHENTICATED, "bad token: this peer's run token differs from the one sent")
+        if gate.token and not hmac.compare_digest(env.token.encode(), gate.token.encode()):
+            raise Rejected(Code.UNAUTHENTICATED, "bad token: this peer's run peer token differs from the one sent")
         if env.run_id != gate.run_id:
             raise Rejected(Code.FAILED_PRECONDITION,
                            f"wrong run id {env.run_id!r} (this peer is in run {gate.run_id!r})")

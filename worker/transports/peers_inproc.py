@@ -53,7 +53,7 @@ class InprocPeers:
     def transport(self, name: str = "") -> InprocPeerTransport:
         """Join the rendezvous now (join order is the node index: its shard and its place in the graph)."""
         joined = self.rendezvous.join("inproc", self.token, PROTOCOL_VERSION, "", name)
-        node = InprocPeerTransport(self, joined.worker_id, joined.index, self.cfg.cluster.workers)
+        node = InprocPeerTransport(self, joined.worker_id, joined.index, self.cfg.cluster.workers, joined.session)
         with self._cond:
             self.nodes[node.index] = node
         return node
@@ -77,8 +77,9 @@ class InprocPeers:
 
 
 class InprocPeerTransport(PeerTransport):
-    def __init__(self, hub: InprocPeers, worker_id: str, index: int, workers: int) -> None:
+    def __init__(self, hub: InprocPeers, worker_id: str, index: int, workers: int, session: str = "") -> None:
         self.hub, self.worker_id, self.index, self.workers = hub, worker_id, index, workers
+        self.session = session  # what its calls to the rendezvous carry after the join
         self.expect: PeerExpectation | None = None
         self.closed = False
         # Four rounds' worth of steps ahead, as the p2p inbox allows: neighbours are never further apart.
@@ -88,13 +89,13 @@ class InprocPeerTransport(PeerTransport):
 
     def start(self, params: Params, base_digest: str = "") -> Roster:
         if base_digest:
-            self.hub.rendezvous.attest_base(self.worker_id, self.hub.token, base_digest)
+            self.hub.rendezvous.attest_base(self.worker_id, self.session, base_digest)
         self.expect = PeerExpectation.of(params, self.hub.codecs)
         self.hub.started()
         return self.roster(0)
 
     def roster(self, round_: int) -> Roster:
-        roster: Roster = self.hub.rendezvous.roster(self.worker_id, self.hub.token, round_)
+        roster: Roster = self.hub.rendezvous.roster(self.worker_id, self.session, round_)
         return roster
 
     def accept(self, message: PeerMessage) -> None:
@@ -132,7 +133,7 @@ class InprocPeerTransport(PeerTransport):
         return self.inbox.take(step, senders, timeout_s)
 
     def report(self, round_: int, metrics: dict[str, float]) -> None:
-        self.hub.rendezvous.report(self.worker_id, self.hub.token, round_, metrics)
+        self.hub.rendezvous.report(self.worker_id, self.session, round_, metrics)
 
     @property
     def bytes_sent(self) -> int:
@@ -147,4 +148,4 @@ class InprocPeerTransport(PeerTransport):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.hub.rendezvous.leave(self.worker_id, self.hub.token)
+            self.hub.rendezvous.leave(self.worker_id, self.session)
