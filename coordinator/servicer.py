@@ -7,14 +7,22 @@ slots (`CallLimits`; one more is refused at once with RESOURCE_EXHAUSTED), the s
 room for all of them plus the quick calls (heartbeats, joins), and a stream that waits longer than
 `cluster.stream_idle_s` for its client (a push's next message, its header: at most HEADER_WAIT_S; a pull's
 client taking the next one) is ended with DEADLINE_EXCEEDED. The token and round of a push are checked from
-its header, before any payload is buffered; a push must then finish within PUSH_BASE_S plus its declared
-bytes at MIN_PUSH_RATE, however it paces its messages."""
+its header, before any payload is buffered.
+
+Admission: a push whose header passed then needs one of a few admission slots (DECODES_PER_CORE per core)
+to have its payload read, decoded, checked and folded; without one it is refused at once with the same busy
+RESOURCE_EXHAUSTED, which the worker's client retries with backoff. So however many workers push at once,
+the coordinator buffers and decodes only as many updates as its cores can work on, and the others wait on
+their side instead of all crawling at once. A push's deadline, PUSH_BASE_S plus its declared bytes at
+MIN_PUSH_RATE, starts once it is admitted; it must finish by then however it paces its messages."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Generator, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import grpc
@@ -44,6 +52,17 @@ HEADER_WAIT_S = 10.0
 # An authenticated push must finish within PUSH_BASE_S + its declared bytes / MIN_PUSH_RATE seconds.
 PUSH_BASE_S = 120.0
 MIN_PUSH_RATE = 32 << 10  # bytes per second: 1 GiB within 9 hours
+# Pushes admitted at once per core (payload read, decoded, checked, folded): reading and decoding are CPU
+# work, so more at once only slows each one down (a 1,000-worker bench with 2,004 at once on 2 cores ran
+# hundreds of them past their deadline together, BENCHMARKS.md "Coordinator scale").
+DECODES_PER_CORE = 2
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class CallLimits:
@@ -52,6 +71,8 @@ class CallLimits:
 
     def __init__(self, workers: int) -> None:
         self.pushes = 2 * workers + 4  # each worker pushes one at a time; the rest is for retries and strangers
+        # Of those, how many may be past their header (admitted: payload buffered and decoded) at once.
+        self.admitted = min(self.pushes, max(1, DECODES_PER_CORE * _cores()))
         self.waits = 2 * workers + 2
         self.pulls = 2 * workers + 2
         quick = 8  # joins, heartbeats, leaves, attests: they never block, so a few threads serve them all
@@ -71,6 +92,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         self.chunk_bytes = chunk_bytes
         limits = CallLimits.of(state.cfg)
         self.push_slots = Slots("push streams", limits.pushes)
+        self.admitted = Slots("pushes being received and decoded", limits.admitted)
         self.wait_slots = Slots("WaitRound calls", limits.waits)
         self.pull_slots = Slots("state or aggregate pulls", limits.pulls)
         self.watchdog = StreamWatchdog()
@@ -184,7 +206,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
 
     @answered
     def PushUpdate(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        with self.push_slots.hold(), \
+        with self.push_slots.hold(), ExitStack() as admission, \
                 self.watchdog.guard(request_iterator, context, min(self.idle_s, HEADER_WAIT_S)) as stream:
             counted = CountingIterator(stream)
 
@@ -193,7 +215,9 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
                 self._check_run(env)
                 initial = header.kind is m.PushKind.INITIAL_STATE
                 self.state.check_push(env.worker_id, env.token, env.round, initial, header.base_state_hash)
-                # Authenticated: from now on the stream may pause up to the idle limit, and must end in time.
+                admission.enter_context(self.admitted.hold())  # busy (retried by the client) if none is free
+                # Authenticated and admitted: from now on the stream may pause up to the idle limit, and must
+                # end in time.
                 stream.idle_s = self.idle_s
                 stream.set_deadline(PUSH_BASE_S + header.total_bytes / MIN_PUSH_RATE)
 
