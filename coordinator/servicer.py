@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from collections.abc import Generator, Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -31,7 +32,7 @@ from compression.payload import dense
 from coordinator.errors import Code, Rejected
 from coordinator.state import AlreadyFolded, CoordinatorState, Phase
 from coordinator.status import status_reply
-from protocols.base import Update
+from protocols.base import Aggregate, Update
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
@@ -86,6 +87,30 @@ class CallLimits:
         return cls(cfg.cluster.workers)
 
 
+class EncodedAggregates:
+    """The aggregates workers pull, each encoded once (`serde.EncodedAggregate`) and shared by all its pulls,
+    instead of once per pull: a round's pulls come all at once, one per worker. Keeps the last `keep` rounds'
+    (pulls of older ones encode again)."""
+
+    def __init__(self, chunk_bytes: int, keep: int = 2) -> None:
+        self.chunk_bytes, self.keep = chunk_bytes, keep
+        self._lock = threading.Lock()
+        self._by_round: dict[int, tuple[Aggregate, serde.EncodedAggregate]] = {}
+        self.encoded = 0  # aggregates encoded so far (tests)
+
+    def of(self, aggregate: Aggregate) -> serde.EncodedAggregate:
+        with self._lock:  # a round's first pull encodes; the ones arriving meanwhile wait for it, then share it
+            kept = self._by_round.get(aggregate.round)
+            if kept is not None and kept[0] is aggregate:
+                return kept[1]
+            encoded = serde.EncodedAggregate.of(aggregate, self.chunk_bytes)
+            self.encoded += 1
+            self._by_round[aggregate.round] = (aggregate, encoded)
+            for old in sorted(self._by_round)[:-self.keep]:
+                del self._by_round[old]
+            return encoded
+
+
 class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
     def __init__(self, state: CoordinatorState, chunk_bytes: int = m.DEFAULT_CHUNK_BYTES) -> None:
         self.state = state
@@ -96,6 +121,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         self.wait_slots = Slots("WaitRound calls", limits.waits)
         self.pull_slots = Slots("state or aggregate pulls", limits.pulls)
         self.watchdog = StreamWatchdog()
+        self.aggregates = EncodedAggregates(chunk_bytes)
         self.idle_s = state.cfg.cluster.stream_idle_s
 
     def _check_run(self, env: m.Envelope) -> None:
@@ -167,16 +193,8 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         with self.pull_slots.hold():
             aggregate, state_hash, own = self.state.aggregate_for(req.envelope.worker_id, req.envelope.token,
                                                                   req.round)
-            entries, weights = serde.aggregate_entries(aggregate, omit=own)
-            header = m.AggregateHeader(
-                round=aggregate.round,
-                num_entries=len(entries),
-                total_bytes=sum(p.nbytes() for p in entries.values()),
-                state_hash=state_hash,
-                relayed_weights=weights,
-                own_slot=0 if own is None else own + 1,
-            )
-            sent = yield from self._send(serde.aggregate_stream(header, entries, self.chunk_bytes), context)
+            encoded = self.aggregates.of(aggregate)
+            sent = yield from self._send(encoded.stream(state_hash, omit=own), context)
         self.state.count_download(req.envelope.worker_id, sent)
 
     def _send(self, messages: Iterator[Any], context: grpc.ServicerContext) -> Generator[Any, None, int]:
