@@ -9,11 +9,13 @@ room for all of them plus the quick calls (heartbeats, joins), and a stream that
 client taking the next one) is ended with DEADLINE_EXCEEDED. The token and round of a push are checked from
 its header, before any payload is buffered.
 
-Admission: a push whose header passed then needs one of a few admission slots (DECODES_PER_CORE per core)
-to have its payload read, decoded, checked and folded; without one it is refused at once with the same busy
-RESOURCE_EXHAUSTED, which the worker's client retries with backoff. So however many workers push at once,
-the coordinator buffers and decodes only as many updates as its cores can work on, and the others wait on
-their side instead of all crawling at once. A push's deadline, PUSH_BASE_S plus its declared bytes at
+Admission: a push whose header passed then needs one of READS_PER_CORE admission slots per core to have its
+payload read. It waits for one in turn, up to ADMISSION_WAIT_S, reading nothing meanwhile (what the client
+sent waits in gRPC's flow-control window), and is then refused with the busy RESOURCE_EXHAUSTED, which the
+worker's client retries with backoff. Once read, decoding, checking and folding it waits for one of
+DECODES_PER_CORE slots per core (a decoded update is several times its wire size). So however many workers
+push at once, the coordinator buffers and decodes only as many updates as its cores can work on, and the
+others queue instead of all crawling at once. A push's deadline, PUSH_BASE_S plus its declared bytes at
 MIN_PUSH_RATE, starts once it is admitted; it must finish by then however it paces its messages."""
 
 from __future__ import annotations
@@ -53,10 +55,17 @@ HEADER_WAIT_S = 10.0
 # An authenticated push must finish within PUSH_BASE_S + its declared bytes / MIN_PUSH_RATE seconds.
 PUSH_BASE_S = 120.0
 MIN_PUSH_RATE = 32 << 10  # bytes per second: 1 GiB within 9 hours
-# Pushes admitted at once per core (payload read, decoded, checked, folded): reading and decoding are CPU
-# work, so more at once only slows each one down (a 1,000-worker bench with 2,004 at once on 2 cores ran
+# Pushes admitted at once per core (payload read and buffered): a push's reading goes at its client's pace,
+# so enough of them to keep the cores busy, not all (a 1,000-worker bench with 2,004 at once on 2 cores ran
 # hundreds of them past their deadline together, BENCHMARKS.md "Coordinator scale").
+READS_PER_CORE = 32
+# Of those, decoded, checked and folded at once per core: CPU work, and a decoded update holds several times
+# its wire bytes, so more at once only costs memory.
 DECODES_PER_CORE = 2
+# How long an authenticated push waits for admission before it is refused as busy (and retried by its client).
+# Refusing at once instead made 1,000 clients retry about 200 times a second, all their CPU and the
+# coordinator's going into refused streams.
+ADMISSION_WAIT_S = 60.0
 
 
 def _cores() -> int:
@@ -72,8 +81,10 @@ class CallLimits:
 
     def __init__(self, workers: int) -> None:
         self.pushes = 2 * workers + 4  # each worker pushes one at a time; the rest is for retries and strangers
-        # Of those, how many may be past their header (admitted: payload buffered and decoded) at once.
-        self.admitted = min(self.pushes, max(1, DECODES_PER_CORE * _cores()))
+        # Of those, how many may be past their header (admitted: payload read) at once, and of those how many
+        # may be decoded at once.
+        self.admitted = min(self.pushes, max(1, READS_PER_CORE * _cores()))
+        self.decodes = min(self.admitted, max(1, DECODES_PER_CORE * _cores()))
         self.waits = 2 * workers + 2
         self.pulls = 2 * workers + 2
         quick = 8  # joins, heartbeats, leaves, attests: they never block, so a few threads serve them all
@@ -118,6 +129,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         limits = CallLimits.of(state.cfg)
         self.push_slots = Slots("push streams", limits.pushes)
         self.admitted = Slots("pushes being received and decoded", limits.admitted)
+        self.decoding = Slots("pushes being decoded", limits.decodes)
         self.wait_slots = Slots("WaitRound calls", limits.waits)
         self.pull_slots = Slots("state or aggregate pulls", limits.pulls)
         self.watchdog = StreamWatchdog()
@@ -233,7 +245,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
                 self._check_run(env)
                 initial = header.kind is m.PushKind.INITIAL_STATE
                 self.state.check_push(env.worker_id, env.token, env.round, initial, header.base_state_hash)
-                admission.enter_context(self.admitted.hold())  # busy (retried by the client) if none is free
+                admission.enter_context(self.admitted.hold(ADMISSION_WAIT_S))  # busy (retried) past the wait
                 # Authenticated and admitted: from now on the stream may pause up to the idle limit, and must
                 # end in time.
                 stream.idle_s = self.idle_s
@@ -241,7 +253,8 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
 
             try:
                 header, entries = serde.read_push(counted, self.state.max_push_bytes, refuse_early)
-                return self._apply_push(header, entries, counted.nbytes)
+                with self.decoding.hold(None):  # it waits its turn, however long: its payload is here
+                    return self._apply_push(header, entries, counted.nbytes)
             except AlreadyFolded as done:  # a retry after a lost reply: the same answer, nothing folded twice
                 return serde.to_pb(m.PushReply(accepted=True, round=done.round, bytes_received=counted.nbytes))
 

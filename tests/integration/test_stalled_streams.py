@@ -196,34 +196,42 @@ def test_a_unary_call_that_never_sends_its_request_is_ended_by_the_idle_deadline
         assert first.heartbeat(1, 2.5, None).round == 0
 
 
-def test_pushes_past_the_admitted_ones_are_refused_busy_and_get_through_once_one_is_done(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("wait_s", [600.0, 0.2])
+def test_pushes_past_the_admitted_ones_queue_and_get_through_once_one_is_done(
+        wait_s: float, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Only a few pushes per core are read and decoded at once (coordinator/servicer.py admission): with one
-    admitted, a member whose header stalled holds it, and the other member's push is refused as busy (not
-    wrong) though stream slots are free; its client retries with backoff, and the push folds once the slot is
-    free again."""
-    monkeypatch.setattr("coordinator.servicer.DECODES_PER_CORE", 0)  # one admitted push, whatever the cores
+    admitted, held by a member whose header came and then its stream stalled, the other member's push waits
+    for admission, though stream slots are free; past ADMISSION_WAIT_S it is refused as busy (not wrong) and
+    its client retries with backoff. Either way it folds once the slot is free again."""
+    monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted push, whatever the cores
+    monkeypatch.setattr("coordinator.servicer.ADMISSION_WAIT_S", wait_s)
     release = threading.Event()
     with running(stream_idle_s=600.0) as (server, (first, second)), \
             grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
-        assert server.servicer.admitted.limit == 1 < server.servicer.push_slots.limit
+        admitted = server.servicer.admitted
+        assert admitted.limit == 1 < server.servicer.push_slots.limit
         member_header = header(envelope(first.worker_id, run_id=first.run_id), good_entries())
         held = lowband_pb2_grpc.CoordinatorStub(channel).PushUpdate.future(stalled(release, member_header),
                                                                           timeout=300)
         result: list[Any] = []
         try:
-            wait_for(lambda: server.servicer.admitted.in_use == 1, 60, "the stalled member push to be admitted")
+            wait_for(lambda: admitted.in_use == 1, 60, "the stalled member push to be admitted")
             pusher = threading.Thread(target=lambda: result.append(
                 second.push(0, Update(good_entries()), {"tokens": 10.0})))
             pusher.start()
-            wait_for(lambda: any("pushes being received and decoded" in r.getMessage() for r in caplog.records), 120,
-                     "the member's push to be refused as busy")
+            if wait_s > 1:
+                wait_for(lambda: admitted.waiting == 1, 60, "the member's push to wait for admission")
+            else:
+                wait_for(lambda: any("pushes being received and decoded" in r.getMessage() for r in caplog.records),
+                         120, "the member's push to be refused as busy")
             assert server.state.aggregator is not None and server.state.aggregator.senders == []
-            assert server.servicer.push_slots.in_use <= 2  # stream slots were free: admission refused it
+            assert server.servicer.push_slots.in_use <= 2  # stream slots were free: admission held it back
         finally:
             release.set()  # the stalled stream ends without its payload: refused, and its slot is free
         pusher.join(timeout=120)
         assert code_of(held) == grpc.StatusCode.INVALID_ARGUMENT
         assert result and result[0].accepted
         assert server.state.aggregator.senders == [second.worker_id]
-        assert server.servicer.admitted.in_use == 0
+        assert admitted.in_use == 0 and admitted.waiting == 0
+        busy = any("pushes being received and decoded" in r.getMessage() for r in caplog.records)
+        assert busy == (wait_s < 1)  # a push that queued in time was never refused
