@@ -214,16 +214,25 @@ class CoordinatorState:
     def offer_initial_state(
         self, worker_id: str, token: str, payloads: dict[str, Payload], wire_bytes: int = 0
     ) -> None:
+        """Install the initial state. It is decoded, checked and digested off the lock (a whole model: seconds
+        on a busy machine, which heartbeats would otherwise wait for), between two holds that judge the
+        offer; a second offer that lost the race meanwhile is refused as one arriving later would be."""
+        with self._cond:
+            self._member(worker_id, token)
+            if self.aggregator is not None:
+                raise Rejected(Code.ALREADY_EXISTS, "the coordinator already holds the global state")
+            round_ = self.round
+        params = check_initial_state(worker_id, payloads)
+        aggregator, digest = self._prepared(RoundAggregator(self.protocol, self.downlink, Replica(round_, params),
+                                                            fold_in_order=self.cfg.cluster.fold_order == "worker"))
         with self._cond:
             member = self._member(worker_id, token)
             if self.aggregator is not None:
                 raise Rejected(Code.ALREADY_EXISTS, "the coordinator already holds the global state")
-            params = check_initial_state(worker_id, payloads)
             with self._tally:
                 member.bytes_sent += wire_bytes
                 member.state_sent += wire_bytes
-            self._install(RoundAggregator(self.protocol, self.downlink, Replica(self.round, params),
-                                          fold_in_order=self.cfg.cluster.fold_order == "worker"))
+            self._install(aggregator, digest)
             self._maybe_start()
             self._cond.notify_all()
 
@@ -235,8 +244,9 @@ class CoordinatorState:
         quorum (`cluster.min_workers`) of them is back."""
         with self._cond:
             self.base_digest = base_digest
-            self._install(RoundAggregator(self.protocol, self.downlink, replica, aggregator_state, downlink_state,
-                                          fresh=False, fold_in_order=self.cfg.cluster.fold_order == "worker"))
+            self._install(*self._prepared(RoundAggregator(
+                self.protocol, self.downlink, replica, aggregator_state, downlink_state, fresh=False,
+                fold_in_order=self.cfg.cluster.fold_order == "worker")))
             self.round = replica.round
             self.resumed = True
             if run_id:
@@ -505,10 +515,15 @@ class CoordinatorState:
         member.last_seen, member.alive = self.clock(), True
         return member
 
-    def _install(self, aggregator: RoundAggregator) -> None:
+    def _prepared(self, aggregator: RoundAggregator) -> tuple[RoundAggregator, str]:
+        """`aggregator` with the run's bound on updates, and its replica's digest: ready for `_install`. Touches
+        nothing of the state, so it may run off the lock."""
         aggregator.bound_updates(self.cfg.cluster.max_update_ratio)
+        return aggregator, aggregator.replica.digest()
+
+    def _install(self, aggregator: RoundAggregator, digest: str) -> None:
         self.aggregator = aggregator
-        self.state_hash = aggregator.replica.digest()
+        self.state_hash = digest
         params = aggregator.replica.params
         self.max_push_bytes = 2 * sum(t.numel() * t.element_size() for t in params.values()) + (16 << 20)
 

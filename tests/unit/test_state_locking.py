@@ -162,3 +162,41 @@ def test_heartbeats_and_byte_counts_are_served_while_a_round_close_holds_the_loc
     release.set()
     last.join(60)
     assert state.round == 1
+
+
+def test_a_heartbeat_is_served_while_the_initial_state_is_being_checked_and_a_losing_offer_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(cluster={"workers": 2, "heartbeat_timeout_s": 1000.0})
+    state = CoordinatorState(cfg, build_protocol(cfg), clock=Clock())
+    ids = [state.join("host", "", PROTOCOL_VERSION).worker_id for _ in range(2)]
+    checking, release = threading.Event(), threading.Event()
+    check = state_module.check_initial_state
+
+    def slow_check(worker_id: str, payloads: Any) -> Any:
+        if worker_id == ids[0]:
+            checking.set()
+            assert release.wait(60)  # hang guard: the test releases it
+        return check(worker_id, payloads)
+
+    monkeypatch.setattr(state_module, "check_initial_state", slow_check)
+    outcome: list[Any] = []
+
+    def offer() -> None:
+        try:
+            outcome.append(state.offer_initial_state(ids[0], "", {"w": dense(torch.ones(3, 2))}, 100))
+        except Rejected as err:
+            outcome.append(err)
+
+    slow = threading.Thread(target=offer)
+    slow.start()
+    assert checking.wait(60)
+    beat = threading.Thread(target=state.heartbeat, args=(ids[1], "", 3, None, None))
+    beat.start()
+    beat.join(60)
+    assert not beat.is_alive() and state.members[ids[1]].step == 3  # served while the state is checked
+    state.offer_initial_state(ids[1], "", {"w": dense(torch.full((3, 2), 2.0))}, 100)  # wins the race
+    release.set()
+    slow.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], Rejected) and outcome[0].code is Code.ALREADY_EXISTS
+    assert state.aggregator is not None and float(state.aggregator.replica.params["w"][0, 0]) == 2.0
+    assert state.members[ids[0]].state_sent == 0 and state.members[ids[1]].state_sent == 100
