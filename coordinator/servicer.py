@@ -16,7 +16,9 @@ worker's client retries with backoff. Once read, decoding, checking and folding 
 DECODES_PER_CORE slots per core (a decoded update is several times its wire size). So however many workers
 push at once, the coordinator buffers and decodes only as many updates as its cores can work on, and the
 others queue instead of all crawling at once. A push's deadline, PUSH_BASE_S plus its declared bytes at
-MIN_PUSH_RATE, starts once it is admitted; it must finish by then however it paces its messages."""
+MIN_PUSH_RATE, starts once it is admitted; it must finish by then however it paces its messages. Pulls (an
+aggregate, a whole replica) are admitted alike, READS_PER_CORE per core at once, before their stream starts:
+a round's pulls all come at once, and each pull in flight holds a serialized chunk (1 MiB) in gRPC's buffers."""
 
 from __future__ import annotations
 
@@ -131,6 +133,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         self.push_slots = Slots("push streams", limits.pushes)
         self.admitted = Slots("pushes being received and decoded", limits.admitted)
         self.decoding = Slots("pushes being decoded", limits.decodes)
+        self.sending = Slots("pulls being sent", limits.admitted)
         self.wait_slots = Slots("WaitRound calls", limits.waits)
         self.pull_slots = Slots("state or aggregate pulls", limits.pulls)
         self.watchdog = StreamWatchdog()
@@ -188,15 +191,17 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         req = serde.from_pb(request, m.PullRequest)
         self._check_run(req.envelope)
         with self.pull_slots.hold():
-            snap = self.state.snapshot(req.envelope.worker_id, req.envelope.token, req.resync)
-            entries = {name: dense(t) for name, t in snap.replica.to_tensors().items()}
-            header = m.StateHeader(
-                round=snap.round,
-                num_entries=len(entries),
-                total_bytes=sum(p.nbytes() for p in entries.values()),
-                state_hash=snap.state_hash,
-            )
-            sent = yield from self._send(serde.pull_stream(header, entries, self.chunk_bytes), context)
+            self.state.check_member(req.envelope.worker_id, req.envelope.token)
+            with self.sending.hold(ADMISSION_WAIT_S):  # in turn; busy (retried) past the wait
+                snap = self.state.snapshot(req.envelope.worker_id, req.envelope.token, req.resync)
+                entries = {name: dense(t) for name, t in snap.replica.to_tensors().items()}
+                header = m.StateHeader(
+                    round=snap.round,
+                    num_entries=len(entries),
+                    total_bytes=sum(p.nbytes() for p in entries.values()),
+                    state_hash=snap.state_hash,
+                )
+                sent = yield from self._send(serde.pull_stream(header, entries, self.chunk_bytes), context)
         self.state.count_download(req.envelope.worker_id, sent, "state")
 
     @answered_stream
@@ -207,7 +212,8 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             aggregate, state_hash, own = self.state.aggregate_for(req.envelope.worker_id, req.envelope.token,
                                                                   req.round)
             encoded = self.aggregates.of(aggregate)
-            sent = yield from self._send(encoded.stream(state_hash, omit=own), context)
+            with self.sending.hold(ADMISSION_WAIT_S):  # in turn; busy (retried) past the wait
+                sent = yield from self._send(encoded.stream(state_hash, omit=own), context)
         self.state.count_download(req.envelope.worker_id, sent)
 
     def _send(self, messages: Iterator[Any], context: grpc.ServicerContext) -> Generator[Any, None, int]:

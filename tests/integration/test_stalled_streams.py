@@ -235,3 +235,36 @@ def test_pushes_past_the_admitted_ones_queue_and_get_through_once_one_is_done(
         assert admitted.in_use == 0 and admitted.waiting == 0
         busy = any("pushes being received and decoded" in r.getMessage() for r in caplog.records)
         assert busy == (wait_s < 1)  # a push that queued in time was never refused
+
+
+def test_pulls_past_the_admitted_ones_wait_their_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pulls are admitted like pushes (coordinator/servicer.py `sending`): with one admitted, held by a pull
+    whose client stopped reading, a member's next pull waits for it instead of streaming alongside, and gets
+    the whole state once the held one is gone."""
+    monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted pull, whatever the cores
+    cfg = tiny_config(protocol={"kind": "diloco", "inner_steps": 5},
+                      cluster={"workers": 1, "token": TOKEN, "stream_idle_s": 600.0})
+    server = CoordinatorServer(cfg).start()
+    member = CoordinatorClient(server.address, token=TOKEN)
+    try:
+        member.join("test")
+        member.offer_state({"w": torch.zeros(4 << 20)})  # 16 MiB: far more than the flow-control windows hold
+        sending = server.servicer.sending
+        assert sending.limit == 1
+        with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+            env = envelope(member.worker_id, run_id=member.run_id)
+            held = lowband_pb2_grpc.CoordinatorStub(channel).PullState(
+                serde.to_pb(m.PullRequest(envelope=env)), timeout=300)
+            assert next(held).WhichOneof("body") == "header"  # then it stops reading, holding the slot
+            result: list[Any] = []
+            puller = threading.Thread(target=lambda: result.append(member.pull()))
+            puller.start()
+            wait_for(lambda: sending.waiting == 1, 60, "the member's pull to wait for admission")
+            assert not result
+            held.cancel()
+        puller.join(timeout=120)
+        assert result and result[0].params["w"].numel() == 4 << 20
+        assert sending.in_use == 0 and sending.waiting == 0
+    finally:
+        member.close()
+        server.stop(0)
