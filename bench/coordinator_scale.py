@@ -19,8 +19,10 @@ Columns:
   `baseline_rss_bytes`), i.e. what the run itself costs.
 - `max_heartbeat_delay_s`: the slowest heartbeat call of the probe (every 0.1 s, its own process) while
   rounds ran; `p99_heartbeat_s` the 99th percentile.
-- `max_fold_s`, `max_close_s`, `max_checkpoint_s`, `max_lock_wait_s` (and `mean_*`): the coordinator's own
-  timing of what it does under its state lock, and of taking that lock (bench/scale_procs.py `Sections`).
+- `max_check_s`, `max_fold_s`, `max_close_s`, `max_checkpoint_s`, `max_lock_wait_s` (and `mean_*`): the
+  coordinator's own timing of decoding and checking an update (off its state lock), of what it does under that
+  lock (fold, close), of the checkpoint (recording thread) and of taking the lock (bench/scale_procs.py
+  `Sections`).
 - `finished`: False when the contender was still running after `--timeout` seconds; it is then measured as
   far as it got (rounds closed, peak RSS so far, heartbeats over the whole run) and stopped.
 - `bytes_sent_per_worker`, `bytes_received_per_worker`, `bytes_total_per_worker`: every byte a client moved
@@ -153,7 +155,7 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
         "max_heartbeat_delay_s": max(beats) if beats else None,
         "p99_heartbeat_s": statistics.quantiles(beats, n=100)[98] if len(beats) >= 2 else None,
         "heartbeat_samples": len(beats), "client_procs": len(spec["clients"]), "wall_s": wall,
-        **done["sections"],  # max/mean seconds of fold, close, checkpoint and waiting for the state lock
+        **done["sections"],  # max/mean seconds of check, fold, close, checkpoint, waiting for the state lock
     }
     if seconds:
         row["seconds_per_round"] = statistics.median(seconds)

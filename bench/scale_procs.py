@@ -70,14 +70,16 @@ def _write(path: Path, doc: dict[str, Any]) -> None:
 
 class Sections:
     """Where a round close spends its time, measured from outside the coordinator's code: the wall time of
-    each `RoundAggregator.submit` (check and fold one update), `RoundAggregator.close` (aggregate, outer step,
-    downlink) and `RunDir.save_checkpoint`, all run
-    under the state lock, and how long a thread here waits to take that lock, tried every 0.1 s."""
+    each `check_update` (decode and check one update, off the state lock), `RoundAggregator.fold` (fold it,
+    under the lock), `RoundAggregator.close` (aggregate, outer step, downlink; under the lock) and
+    `RunDir.save_checkpoint` (the recording thread), and how long a thread here waits to take the state lock,
+    tried every 0.1 s."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, list[float]] = {"fold": [], "close": [], "checkpoint": [], "lock_wait": []}
+        self.seconds: dict[str, list[float]] = {"check": [], "fold": [], "close": [], "checkpoint": [],
+                                                "lock_wait": []}
 
-    def wrap(self, owner: type, method: str, key: str) -> None:
+    def wrap(self, owner: Any, method: str, key: str) -> None:  # a class or a module
         original = getattr(owner, method)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -101,12 +103,14 @@ class Sections:
 
 
 def run_coordinator(spec: dict[str, Any], work: Path) -> None:
+    import coordinator.state
     from coordinator.rundir import RunDir
     from protocols.round import RoundAggregator
 
     cfg = parse_config(spec["config"])
     sections = Sections()
-    sections.wrap(RoundAggregator, "submit", "fold")
+    sections.wrap(coordinator.state, "check_update", "check")
+    sections.wrap(RoundAggregator, "fold", "fold")
     sections.wrap(RoundAggregator, "close", "close")
     sections.wrap(RunDir, "save_checkpoint", "checkpoint")
     server = CoordinatorServer(cfg, run_dir=work / "run").start()

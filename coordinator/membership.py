@@ -1,9 +1,10 @@
-"""Membership rules the state machine applies, kept apart from its rounds: the limit on members and what
-a checkpoint keeps of each member."""
+"""Membership rules the state machine applies, kept apart from its rounds: a member's record, the limit on
+members and what a checkpoint keeps of each member."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from coordinator.errors import Code, Rejected
 
@@ -25,3 +26,35 @@ def refuse_past_limit(alive: Mapping[str, bool], limit: int, requested_id: str) 
                    f"the run has all its cluster.workers = {limit} workers ({', '.join(sorted(alive))}{hint}); a "
                    f"new worker cannot join{asked}. A restarted worker rejoins under its id: "
                    f"`lowband worker --name ID`")
+
+
+@dataclass
+class Member:
+    worker_id: str
+    index: int
+    hostname: str
+    last_seen: float
+    alive: bool = True
+    step: int = 0
+    loss: float | None = None
+    eval_loss: float | None = None
+    # Bytes this worker sent to / received from the coordinator, as the coordinator counted them: the totals,
+    # and their split into protocol (updates up, aggregates down), control (joins, heartbeats, waits, leaves,
+    # pull requests, push replies: counted by coordinator/traffic.py) and state (the initial-state upload,
+    # whole-replica pulls). Every count adds to its kind and to the total, so the three always sum to it.
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    protocol_sent: int = 0
+    protocol_received: int = 0
+    control_sent: int = 0
+    control_received: int = 0
+    state_sent: int = 0
+    state_received: int = 0
+    round: int = 0  # the round it trains for: one past the last round its update was folded in
+    last_metrics: dict[str, float] = field(default_factory=dict)  # what its latest folded update reported
+    tokens: int = 0
+    resyncs: int = 0  # whole replicas pulled because the worker's fell behind or differed
+    left: bool = False  # said Leave: departed until it joins again (no other call brings it back)
+    pulls: int = 0  # whole replicas pulled in all (joins and rejoins included)
+    joins: int = 0  # joins under this id: the first, then one per rejoin (a restarted process, a NOT_FOUND)
+    session_digest: str = ""  # SHA-256 of its session credential (coordinator/sessions.py), never the credential

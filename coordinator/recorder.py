@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.state import RoundRecord
+from coordinator.round_record import RoundRecord
 
 log = logging.getLogger(__name__)
 

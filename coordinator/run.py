@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.checkpoint import ResumePoint, check_worker_tokens, load_resume_point, state_digest
+from coordinator.membership import Member
 from coordinator.recorder import ClosedRound, RoundRecorder
+from coordinator.round_record import RoundRecord
 from coordinator.rundir import RunDir
-from coordinator.state import CoordinatorState, Member, Phase, RoundRecord
+from coordinator.state import CoordinatorState, Phase
 from coordinator.tensorboard import tensorboard_listener
 from coordinator.traffic import traffic_of, traffic_per_worker
 from protocols.config import RunConfig

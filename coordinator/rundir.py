@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from coordinator.checkpoint import ResumePoint, atomic_write, load_checkpoint, redacted
-from coordinator.state import RoundRecord
+from coordinator.round_record import RoundRecord
 from protocols.config import RunConfig, to_yaml
 from protocols.replica import Replica
 

@@ -7,14 +7,27 @@ slots (`CallLimits`; one more is refused at once with RESOURCE_EXHAUSTED), the s
 room for all of them plus the quick calls (heartbeats, joins), and a stream that waits longer than
 `cluster.stream_idle_s` for its client (a push's next message, its header: at most HEADER_WAIT_S; a pull's
 client taking the next one) is ended with DEADLINE_EXCEEDED. The token and round of a push are checked from
-its header, before any payload is buffered; a push must then finish within PUSH_BASE_S plus its declared
-bytes at MIN_PUSH_RATE, however it paces its messages."""
+its header, before any payload is buffered.
+
+Admission: a push whose header passed then needs one of READS_PER_CORE admission slots per core to have its
+payload read. It waits for one in turn, up to ADMISSION_WAIT_S, reading nothing meanwhile (what the client
+sent waits in gRPC's flow-control window), and is then refused with the busy RESOURCE_EXHAUSTED, which the
+worker's client retries with backoff. Once read, decoding, checking and folding it waits for one of
+DECODES_PER_CORE slots per core (a decoded update is several times its wire size). So however many workers
+push at once, the coordinator buffers and decodes only as many updates as its cores can work on, and the
+others queue instead of all crawling at once. A push's deadline, PUSH_BASE_S plus its declared bytes at
+MIN_PUSH_RATE, starts once it is admitted; it must finish by then however it paces its messages. Pulls (an
+aggregate, a whole replica) are admitted alike, READS_PER_CORE per core at once, before their stream starts:
+a round's pulls all come at once, and each pull in flight holds a serialized chunk (1 MiB) in gRPC's buffers."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 from collections.abc import Generator, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import grpc
@@ -23,7 +36,7 @@ from compression.payload import dense
 from coordinator.errors import Code, Rejected
 from coordinator.state import AlreadyFolded, CoordinatorState, Phase
 from coordinator.status import status_reply
-from protocols.base import Update
+from protocols.base import Aggregate, Update
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
@@ -44,6 +57,25 @@ HEADER_WAIT_S = 10.0
 # An authenticated push must finish within PUSH_BASE_S + its declared bytes / MIN_PUSH_RATE seconds.
 PUSH_BASE_S = 120.0
 MIN_PUSH_RATE = 32 << 10  # bytes per second: 1 GiB within 9 hours
+# Pushes admitted at once per core (payload read and buffered): a push's reading goes at its client's pace,
+# so enough of them to keep the cores busy, not all (a 1,000-worker bench with 2,004 at once on 2 cores ran
+# hundreds of them past their deadline together, BENCHMARKS.md "Coordinator scale").
+READS_PER_CORE = 32
+# Of those, decoded, checked and folded at once per core: CPU work, and a decoded update holds several times
+# its wire bytes, so more at once only costs memory.
+DECODES_PER_CORE = 2
+# How long an authenticated push waits for admission before it is refused as busy (and retried by its client),
+# well within the client's own 600 s limit on a push. Refusing at once instead made 1,000 bench clients retry
+# about 200 times a second, their CPU and the coordinator's going into refused streams; with 60 s, a 1,000-push
+# queue draining at ~2.4 pushes/s on the loaded 2-core bench machine still refused ~1,900 as busy.
+ADMISSION_WAIT_S = 300.0
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class CallLimits:
@@ -52,6 +84,10 @@ class CallLimits:
 
     def __init__(self, workers: int) -> None:
         self.pushes = 2 * workers + 4  # each worker pushes one at a time; the rest is for retries and strangers
+        # Of those, how many may be past their header (admitted: payload read) at once, and of those how many
+        # may be decoded at once.
+        self.admitted = min(self.pushes, max(1, READS_PER_CORE * _cores()))
+        self.decodes = min(self.admitted, max(1, DECODES_PER_CORE * _cores()))
         self.waits = 2 * workers + 2
         self.pulls = 2 * workers + 2
         quick = 8  # joins, heartbeats, leaves, attests: they never block, so a few threads serve them all
@@ -65,15 +101,43 @@ class CallLimits:
         return cls(cfg.cluster.workers)
 
 
+class EncodedAggregates:
+    """The aggregates workers pull, each encoded once (`serde.EncodedAggregate`) and shared by all its pulls,
+    instead of once per pull: a round's pulls come all at once, one per worker. Keeps the last `keep` rounds'
+    (pulls of older ones encode again)."""
+
+    def __init__(self, chunk_bytes: int, keep: int = 2) -> None:
+        self.chunk_bytes, self.keep = chunk_bytes, keep
+        self._lock = threading.Lock()
+        self._by_round: dict[int, tuple[Aggregate, serde.EncodedAggregate]] = {}
+        self.encoded = 0  # aggregates encoded so far (tests)
+
+    def of(self, aggregate: Aggregate) -> serde.EncodedAggregate:
+        with self._lock:  # a round's first pull encodes; the ones arriving meanwhile wait for it, then share it
+            kept = self._by_round.get(aggregate.round)
+            if kept is not None and kept[0] is aggregate:
+                return kept[1]
+            encoded = serde.EncodedAggregate.of(aggregate, self.chunk_bytes)
+            self.encoded += 1
+            self._by_round[aggregate.round] = (aggregate, encoded)
+            for old in sorted(self._by_round)[:-self.keep]:
+                del self._by_round[old]
+            return encoded
+
+
 class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
     def __init__(self, state: CoordinatorState, chunk_bytes: int = m.DEFAULT_CHUNK_BYTES) -> None:
         self.state = state
         self.chunk_bytes = chunk_bytes
         limits = CallLimits.of(state.cfg)
         self.push_slots = Slots("push streams", limits.pushes)
+        self.admitted = Slots("pushes being received and decoded", limits.admitted)
+        self.decoding = Slots("pushes being decoded", limits.decodes)
+        self.sending = Slots("pulls being sent", limits.admitted)
         self.wait_slots = Slots("WaitRound calls", limits.waits)
         self.pull_slots = Slots("state or aggregate pulls", limits.pulls)
         self.watchdog = StreamWatchdog()
+        self.aggregates = EncodedAggregates(chunk_bytes)
         self.idle_s = state.cfg.cluster.stream_idle_s
 
     def _check_run(self, env: m.Envelope) -> None:
@@ -128,15 +192,17 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         req = serde.from_pb(request, m.PullRequest)
         self._check_run(req.envelope)
         with self.pull_slots.hold():
-            snap = self.state.snapshot(req.envelope.worker_id, req.envelope.token, req.resync)
-            entries = {name: dense(t) for name, t in snap.replica.to_tensors().items()}
-            header = m.StateHeader(
-                round=snap.round,
-                num_entries=len(entries),
-                total_bytes=sum(p.nbytes() for p in entries.values()),
-                state_hash=snap.state_hash,
-            )
-            sent = yield from self._send(serde.pull_stream(header, entries, self.chunk_bytes), context)
+            self.state.check_member(req.envelope.worker_id, req.envelope.token)
+            with self.sending.hold(ADMISSION_WAIT_S):  # in turn; busy (retried) past the wait
+                snap = self.state.snapshot(req.envelope.worker_id, req.envelope.token, req.resync)
+                entries = {name: dense(t) for name, t in snap.replica.to_tensors().items()}
+                header = m.StateHeader(
+                    round=snap.round,
+                    num_entries=len(entries),
+                    total_bytes=sum(p.nbytes() for p in entries.values()),
+                    state_hash=snap.state_hash,
+                )
+                sent = yield from self._send(serde.pull_stream(header, entries, self.chunk_bytes), context)
         self.state.count_download(req.envelope.worker_id, sent, "state")
 
     @answered_stream
@@ -146,16 +212,9 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         with self.pull_slots.hold():
             aggregate, state_hash, own = self.state.aggregate_for(req.envelope.worker_id, req.envelope.token,
                                                                   req.round)
-            entries, weights = serde.aggregate_entries(aggregate, omit=own)
-            header = m.AggregateHeader(
-                round=aggregate.round,
-                num_entries=len(entries),
-                total_bytes=sum(p.nbytes() for p in entries.values()),
-                state_hash=state_hash,
-                relayed_weights=weights,
-                own_slot=0 if own is None else own + 1,
-            )
-            sent = yield from self._send(serde.aggregate_stream(header, entries, self.chunk_bytes), context)
+            encoded = self.aggregates.of(aggregate)
+            with self.sending.hold(ADMISSION_WAIT_S):  # in turn; busy (retried) past the wait
+                sent = yield from self._send(encoded.stream(state_hash, omit=own), context)
         self.state.count_download(req.envelope.worker_id, sent)
 
     def _send(self, messages: Iterator[Any], context: grpc.ServicerContext) -> Generator[Any, None, int]:
@@ -185,7 +244,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
 
     @answered
     def PushUpdate(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        with self.push_slots.hold(), \
+        with self.push_slots.hold(), ExitStack() as admission, \
                 self.watchdog.guard(request_iterator, context, min(self.idle_s, HEADER_WAIT_S)) as stream:
             counted = CountingIterator(stream)
 
@@ -194,13 +253,16 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
                 self._check_run(env)
                 initial = header.kind is m.PushKind.INITIAL_STATE
                 self.state.check_push(env.worker_id, env.token, env.round, initial, header.base_state_hash)
-                # Authenticated: from now on the stream may pause up to the idle limit, and must end in time.
+                admission.enter_context(self.admitted.hold(ADMISSION_WAIT_S))  # busy (retried) past the wait
+                # Authenticated and admitted: from now on the stream may pause up to the idle limit, and must
+                # end in time.
                 stream.idle_s = self.idle_s
                 stream.set_deadline(PUSH_BASE_S + header.total_bytes / MIN_PUSH_RATE)
 
             try:
                 header, entries = serde.read_push(counted, self.state.max_push_bytes, refuse_early)
-                return self._apply_push(header, entries, counted.nbytes)
+                with self.decoding.hold(None):  # it waits its turn, however long: its payload is here
+                    return self._apply_push(header, entries, counted.nbytes)
             except AlreadyFolded as done:  # a retry after a lost reply: the same answer, nothing folded twice
                 return serde.to_pb(m.PushReply(accepted=True, round=done.round, bytes_received=counted.nbytes))
 

@@ -8,7 +8,8 @@ The aggregation itself is `protocols.round.RoundAggregator`, the same pure code 
 When a round closes, its `Aggregate` is kept (the last `KEPT_AGGREGATES`) for workers to pull, with the
 digest of the replica after it, which every worker compares with its own.
 
-Every public method takes the lock; `wait_for_round` blocks on a condition so workers can long-poll.
+Every public method takes the lock; `wait_for_round` blocks on a condition so workers can long-poll. `submit`
+decodes and checks an update between two short holds of it, so a costly check holds up no other call.
 Anything refused raises `Rejected` and leaves the state exactly as it was.
 """
 
@@ -21,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
@@ -30,16 +31,18 @@ from coordinator.base_attest import attested_base
 from coordinator.checkpoint import redacted
 from coordinator.deadline import DeadlinePolicy
 from coordinator.errors import Code, Rejected
-from coordinator.membership import TRANSIENT_MEMBER_FIELDS, refuse_past_limit
+from coordinator.membership import TRANSIENT_MEMBER_FIELDS, Member, refuse_past_limit
+from coordinator.round_record import OpenRound, RoundRecord, check_metrics, closed_record
 from coordinator.sessions import Gate, new_session
 from coordinator.validate import check_initial_state
-from protocols.base import Aggregate, Protocol, Update
+from protocols.base import Aggregate, CheckedUpdate, Protocol, Update
+from protocols.check import Expectation
 from protocols.config import PROTOCOL_VERSION, RunConfig, to_yaml
 from protocols.downlink import Downlink
 from protocols.handshake import config_hash, handshake_problem
 from protocols.local_updates import round_target_s
 from protocols.replica import Replica
-from protocols.round import RoundAggregator, UpdateRejected
+from protocols.round import RoundAggregator, UpdateRejected, check_update
 
 # Closed rounds whose aggregate stays available; a worker further behind resyncs its whole replica.
 KEPT_AGGREGATES = 4
@@ -60,97 +63,11 @@ class Phase(Enum):
 
 
 @dataclass
-class Member:
-    worker_id: str
-    index: int
-    hostname: str
-    last_seen: float
-    alive: bool = True
-    step: int = 0
-    loss: float | None = None
-    eval_loss: float | None = None
-    # Bytes this worker sent to / received from the coordinator, as the coordinator counted them: the totals,
-    # and their split into protocol (updates up, aggregates down), control (joins, heartbeats, waits, leaves,
-    # pull requests, push replies: counted by coordinator/traffic.py) and state (the initial-state upload,
-    # whole-replica pulls). Every count adds to its kind and to the total, so the three always sum to it.
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    protocol_sent: int = 0
-    protocol_received: int = 0
-    control_sent: int = 0
-    control_received: int = 0
-    state_sent: int = 0
-    state_received: int = 0
-    round: int = 0  # the round it trains for: one past the last round its update was folded in
-    last_metrics: dict[str, float] = field(default_factory=dict)  # what its latest folded update reported
-    tokens: int = 0
-    resyncs: int = 0  # whole replicas pulled because the worker's fell behind or differed
-    left: bool = False  # said Leave: departed until it joins again (no other call brings it back)
-    pulls: int = 0  # whole replicas pulled in all (joins and rejoins included)
-    joins: int = 0  # joins under this id: the first, then one per rejoin (a restarted process, a NOT_FOUND)
-    session_digest: str = ""  # SHA-256 of its session credential (coordinator/sessions.py), never the credential
-
-
-@dataclass
-class RoundRecord:
-    """What the coordinator writes to metrics.jsonl when a round closes."""
-
-    round: int
-    workers: list[str]
-    train_loss: float | None
-    eval_loss: float | None
-    tokens: int
-    # Per worker, averaged over every worker that joined: bytes it sent, received, and both.
-    bytes_sent_per_worker: float
-    bytes_received_per_worker: float
-    bytes_total_per_worker: float
-    downlink_bytes: int  # this round's aggregate (component bytes)
-    resyncs: int  # whole-replica pulls after the first, all workers, so far
-    seconds: float
-    closed_by: str  # "all" | "deadline"
-    # The round's span on the workers that reported it (SPAN_METRICS), means over them; None if none did.
-    wall_s: float | None = None
-    compute_s: float | None = None
-    blocked_s: float | None = None
-    comm_s: float | None = None
-    compute_utilization: float | None = None
-    utilization_per_worker: dict[str, float] = field(default_factory=dict)
-    tokens_per_worker: dict[str, int] = field(default_factory=dict)  # this round's reports
-    deadline_s: float | None = None  # the deadline the round had (coordinator/deadline.py)
-    # Late updates (pushed for a round that had closed): folded into this round, sender "worker@round" ->
-    # the weight applied (`cluster.late: stale`), and the workers whose late update was dropped.
-    late_folded: dict[str, float] = field(default_factory=dict)
-    late_dropped: list[str] = field(default_factory=list)
-
-
-# A worker's span of the round (worker/loop.py `RoundLoop._span`), in seconds, and compute / wall.
-SPAN_METRICS = ("wall_s", "compute_s", "blocked_s", "comm_s", "utilization")
-
-
-def _check_metrics(worker_id: str, metrics: dict[str, float]) -> None:
-    """Refuse the whole update when a reported metric is not a finite number (times: not negative)."""
-    for key, value in metrics.items():
-        if not math.isfinite(value) or (key in SPAN_METRICS and value < 0):
-            raise Rejected(Code.INVALID_ARGUMENT, f"worker {worker_id} reported metric {key!r} = {value}: "
-                                                  f"metrics must be finite{' and >= 0' if key in SPAN_METRICS else ''}")
-
-
-@dataclass
 class Snapshot:
     round: int
     phase: Phase
     replica: Replica
     state_hash: str
-
-
-@dataclass
-class _Round:
-    number: int
-    started: float
-    reported: dict[str, dict[str, float]] = field(default_factory=dict)
-    quorum_s: float | None = None  # seconds from opening to the quorum-th report
-    late_folded: dict[str, float] = field(default_factory=dict)  # see RoundRecord
-    late_dropped: list[str] = field(default_factory=list)
 
 
 class CoordinatorState:
@@ -197,11 +114,15 @@ class CoordinatorState:
         self.initializer: str | None = None
         # Digest of the frozen base weights under adapters: the first one attested (or the checkpoint's).
         self.base_digest = ""
-        self._current: _Round | None = None
+        self._current: OpenRound | None = None
         self.deadline = DeadlinePolicy(cfg.cluster)
         # The round's target compute time for adaptive inner steps (protocols/local_updates.py); 0 = none yet.
         self.target_round_s = 0.0
         self._cond = threading.Condition()
+        # Guards each member's liveness (alive, left, last_seen), its heartbeat fields and its byte counters,
+        # alone: heartbeats and byte counts take only this, so a fold or a round close holding `_cond` never
+        # delays them. Taken after `_cond` where both are needed, never the other way round, never held long.
+        self._tally = threading.Lock()
         self.config_yaml = to_yaml(redacted(cfg))  # workers have their token: never send it
         self.config_hash = config_hash(cfg)
         # Largest push accepted: before the state exists, an initial state of up to 8 GiB; after, twice
@@ -234,7 +155,8 @@ class CoordinatorState:
                 raise Rejected(Code.FAILED_PRECONDITION, "the run has finished; no new workers are accepted")
             if requested_id and requested_id in self.members:
                 member = self.members[requested_id]  # a reconnect keeps its index and counters
-                member.alive, member.last_seen, member.hostname, member.left = True, self.clock(), hostname, False
+                with self._tally:
+                    member.alive, member.last_seen, member.hostname, member.left = True, self.clock(), hostname, False
             else:
                 refuse_past_limit({w: m.alive for w, m in self.members.items()}, self.cfg.cluster.workers,
                                   requested_id)
@@ -269,25 +191,36 @@ class CoordinatorState:
             return self.base_digest
 
     def heartbeat(self, worker_id: str, token: str, step: int, loss: float | None, eval_loss: float | None) -> None:
+        """Once training started (a phase never left), a heartbeat changes only its member's fields: it takes
+        `_tally` alone, so no fold or round close delays it. Before, it may start the run, under the lock."""
+        if self.phase is not Phase.WAITING:
+            with self._tally:
+                self._beat(self._member_tallied(worker_id, token), step, loss, eval_loss)
+            return
         with self._cond:
             member = self._member(worker_id, token)
-            for name, value in (("loss", loss), ("eval_loss", eval_loss)):
-                if value is not None and not (math.isfinite(value) and value >= 0):
-                    raise Rejected(Code.INVALID_ARGUMENT, f"worker {worker_id} reported {name} {value}: a loss is a "
-                                                          "finite number >= 0")
-            member.last_seen, member.alive = self.clock(), True
-            member.step = step
-            if loss is not None:
-                member.loss = loss
-            if eval_loss is not None:
-                member.eval_loss = eval_loss
+            with self._tally:
+                self._beat(member, step, loss, eval_loss)
             self._maybe_start()  # a worker dropped while it was still loading may be back
             self._cond.notify_all()
+
+    def _beat(self, member: Member, step: int, loss: float | None, eval_loss: float | None) -> None:
+        for name, value in (("loss", loss), ("eval_loss", eval_loss)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise Rejected(Code.INVALID_ARGUMENT, f"worker {member.worker_id} reported {name} {value}: a loss is "
+                                                      "a finite number >= 0")
+        member.last_seen, member.alive = self.clock(), True
+        member.step = step
+        if loss is not None:
+            member.loss = loss
+        if eval_loss is not None:
+            member.eval_loss = eval_loss
 
     def leave(self, worker_id: str, token: str) -> None:
         with self._cond:
             member = self._member(worker_id, token)
-            member.alive, member.left = False, True
+            with self._tally:
+                member.alive, member.left = False, True
             self._maybe_close()
             self._cond.notify_all()
 
@@ -295,15 +228,25 @@ class CoordinatorState:
     def offer_initial_state(
         self, worker_id: str, token: str, payloads: dict[str, Payload], wire_bytes: int = 0
     ) -> None:
+        """Install the initial state. It is decoded, checked and digested off the lock (a whole model: seconds
+        on a busy machine, which heartbeats would otherwise wait for), between two holds that judge the
+        offer; a second offer that lost the race meanwhile is refused as one arriving later would be."""
+        with self._cond:
+            self._member(worker_id, token)
+            if self.aggregator is not None:
+                raise Rejected(Code.ALREADY_EXISTS, "the coordinator already holds the global state")
+            round_ = self.round
+        params = check_initial_state(worker_id, payloads)
+        aggregator, digest = self._prepared(RoundAggregator(self.protocol, self.downlink, Replica(round_, params),
+                                                            fold_in_order=self.cfg.cluster.fold_order == "worker"))
         with self._cond:
             member = self._member(worker_id, token)
             if self.aggregator is not None:
                 raise Rejected(Code.ALREADY_EXISTS, "the coordinator already holds the global state")
-            params = check_initial_state(worker_id, payloads)
-            member.bytes_sent += wire_bytes
-            member.state_sent += wire_bytes
-            self._install(RoundAggregator(self.protocol, self.downlink, Replica(self.round, params),
-                                          fold_in_order=self.cfg.cluster.fold_order == "worker"))
+            with self._tally:
+                member.bytes_sent += wire_bytes
+                member.state_sent += wire_bytes
+            self._install(aggregator, digest)
             self._maybe_start()
             self._cond.notify_all()
 
@@ -316,8 +259,9 @@ class CoordinatorState:
         is back."""
         with self._cond:
             self.base_digest = base_digest
-            self._install(RoundAggregator(self.protocol, self.downlink, replica, aggregator_state, downlink_state,
-                                          fresh=False, fold_in_order=self.cfg.cluster.fold_order == "worker"))
+            self._install(*self._prepared(RoundAggregator(
+                self.protocol, self.downlink, replica, aggregator_state, downlink_state, fresh=False,
+                fold_in_order=self.cfg.cluster.fold_order == "worker")))
             self.round = replica.round
             self.resumed = True
             if run_id:
@@ -330,7 +274,7 @@ class CoordinatorState:
 
     def membership(self) -> dict[str, dict[str, Any]]:
         """worker id -> its index and counters: what a checkpoint keeps of the member table."""
-        with self._cond:
+        with self._cond, self._tally:
             return {w: {k: v for k, v in dataclasses.asdict(m).items() if k not in TRANSIENT_MEMBER_FIELDS}
                     for w, m in self.members.items()}
 
@@ -397,7 +341,7 @@ class CoordinatorState:
         """Whether this worker's update for `round_` was folded (a retry after a lost reply)."""
         return worker_id in self.folded.get(round_, ())
 
-    def _open_round_for(self, worker_id: str, token: str, round_: int) -> tuple[Member, _Round]:
+    def _open_round_for(self, worker_id: str, token: str, round_: int) -> tuple[Member, OpenRound]:
         member = self._member(worker_id, token)
         if self.already_folded(worker_id, round_):
             raise AlreadyFolded(worker_id, round_)
@@ -433,57 +377,92 @@ class CoordinatorState:
     ) -> int:
         """Validate and fold one worker's update into the open round. Returns the round it counted for: a late
         update under `cluster.late: stale` counts for the open round, its weight times `stale_weight` per
-        round of lateness, under the sender name "worker@round" (the worker still owes its own update)."""
-        with self._cond:
+        round of lateness, under the sender name "worker@round" (the worker still owes its own update).
+
+        The update is decoded and checked (`check_update`, the costly part) without the lock, against the
+        open round's expectation taken under it; under the lock again it is folded only if that round is
+        still open with the same expectation. If the round closed meanwhile, the push is judged again from
+        the start, as one arriving now would be (stale, or folded late); nothing is ever partly applied."""
+        while True:
+            with self._cond:
+                try:
+                    sender, late_update, expect = self._admit(worker_id, token, round_, update, metrics)
+                except AlreadyFolded:
+                    return round_  # acknowledged again, folded once
             try:
-                member, current = self._open_round_for(worker_id, token, round_)
-            except AlreadyFolded:
-                return round_  # acknowledged again, folded once
-            assert self.aggregator is not None  # _open_round_for checked it
-            self._check_base(round_, update.base)
-            _check_metrics(worker_id, metrics)
-            late = round_ < current.number
-            sender = f"{worker_id}@{round_}" if late else worker_id
-            if late:
-                update = dataclasses.replace(
-                    update, weight=update.weight * self.cfg.cluster.stale_weight ** (current.number - round_))
-            try:
-                self.aggregator.submit(sender, update, member.index)
+                checked = check_update(sender, late_update, expect)
             except UpdateRejected as err:
-                raise Rejected(Code.ALREADY_EXISTS if err.duplicate else Code.INVALID_ARGUMENT, str(err)) from None
-            if late:
-                current.late_folded[sender] = update.weight
-            else:
-                current.reported[worker_id] = dict(metrics)
-                if current.quorum_s is None and len(current.reported) >= self.cfg.cluster.quorum:
-                    current.quorum_s = self.clock() - current.started
-            self.folded.setdefault(round_, set()).add(worker_id)
+                raise Rejected(Code.INVALID_ARGUMENT, str(err)) from None
+            with self._cond:
+                try:
+                    again = self._admit(worker_id, token, round_, update, metrics)
+                except AlreadyFolded:  # a retry of this push folded while this one was being checked
+                    return round_
+                if again[0] != sender or again[2] is not expect:
+                    continue  # the round closed meanwhile: judge the push again against the open one
+                return self._fold(worker_id, round_, sender, checked, metrics, wire_bytes)
+
+    def _admit(self, worker_id: str, token: str, round_: int, update: Update, metrics: dict[str, float]
+               ) -> tuple[str, Update, Expectation]:
+        """Under the lock: everything judged before the payload is decoded (token, round, base, metrics, a
+        second update). The sender name the update folds under, the update (weighted down if late) and the
+        open round's expectation to check it against."""
+        _, current = self._open_round_for(worker_id, token, round_)
+        assert self.aggregator is not None  # _open_round_for checked it
+        self._check_base(round_, update.base)
+        check_metrics(worker_id, metrics)
+        late = round_ < current.number
+        sender = f"{worker_id}@{round_}" if late else worker_id
+        if sender in self.aggregator.senders:
+            raise Rejected(Code.ALREADY_EXISTS, f"worker {sender} already sent its update for round {current.number}")
+        if late:
+            update = dataclasses.replace(
+                update, weight=update.weight * self.cfg.cluster.stale_weight ** (current.number - round_))
+        return sender, update, self.aggregator.expect
+
+    def _fold(self, worker_id: str, round_: int, sender: str, checked: CheckedUpdate, metrics: dict[str, float],
+              wire_bytes: int) -> int:
+        """Under the lock, after `_admit` passed again for the same round: fold and count."""
+        assert self.aggregator is not None and self._current is not None
+        current, member = self._current, self.members[worker_id]
+        try:
+            self.aggregator.fold(sender, checked, member.index)
+        except UpdateRejected as err:
+            raise Rejected(Code.ALREADY_EXISTS if err.duplicate else Code.INVALID_ARGUMENT, str(err)) from None
+        if sender != worker_id:
+            current.late_folded[sender] = checked.weight
+        else:
+            current.reported[worker_id] = dict(metrics)
+            if current.quorum_s is None and len(current.reported) >= self.cfg.cluster.quorum:
+                current.quorum_s = self.clock() - current.started
+        self.folded.setdefault(round_, set()).add(worker_id)
+        member.tokens += int(metrics.get("tokens", 0))
+        member.round, member.last_metrics = round_ + 1, dict(metrics)
+        with self._tally:
             member.bytes_sent += wire_bytes
             member.protocol_sent += wire_bytes
-            member.tokens += int(metrics.get("tokens", 0))
-            member.round, member.last_metrics = round_ + 1, dict(metrics)
             if "eval_loss" in metrics:  # the live view shows it as it comes, not only at the end
                 member.eval_loss = metrics["eval_loss"]
             member.last_seen, member.alive = self.clock(), True
-            self._maybe_close()
-            self._cond.notify_all()
-            return current.number
+        self._maybe_close()
+        self._cond.notify_all()
+        return current.number
 
     def count_download(self, worker_id: str, nbytes: int, kind: str = "protocol") -> None:
         """`nbytes` streamed to a worker: an aggregate ("protocol") or a whole replica ("state")."""
         if kind not in ("protocol", "state"):
             raise ValueError(f"a download is 'protocol' or 'state' traffic, not {kind!r}")
-        with self._cond:
-            if worker_id in self.members:
-                member = self.members[worker_id]
+        member = self.members.get(worker_id)
+        if member is not None:
+            with self._tally:
                 member.bytes_received += nbytes
                 setattr(member, f"{kind}_received", getattr(member, f"{kind}_received") + nbytes)
 
     def count_control(self, worker_id: str, sent: int, received: int) -> None:
         """A control call's bytes: `sent` by the worker (its request), `received` by it (the reply)."""
-        with self._cond:
-            if worker_id in self.members:
-                member = self.members[worker_id]
+        member = self.members.get(worker_id)
+        if member is not None:
+            with self._tally:
                 member.bytes_sent += sent
                 member.bytes_received += received
                 member.control_sent += sent
@@ -493,10 +472,11 @@ class CoordinatorState:
     def tick(self) -> None:
         """Drop workers whose heartbeats stopped; close a round whose deadline passed with a quorum."""
         with self._cond:
-            now = self.clock()
-            for member in self.members.values():
-                if member.alive and now - member.last_seen > self.cfg.cluster.heartbeat_timeout_s:
-                    member.alive = False
+            with self._tally:
+                now = self.clock()
+                for member in self.members.values():
+                    if member.alive and now - member.last_seen > self.cfg.cluster.heartbeat_timeout_s:
+                        member.alive = False
             self._maybe_close()
             self._cond.notify_all()
 
@@ -518,7 +498,7 @@ class CoordinatorState:
 
     def members_copy(self) -> list[Member]:
         """A consistent copy of the member table, for progress displays and summaries."""
-        with self._cond:
+        with self._cond, self._tally:
             return [dataclasses.replace(m) for m in self.members.values()]
 
     def live_members(self) -> list[Member]:
@@ -529,6 +509,15 @@ class CoordinatorState:
     def _member(self, worker_id: str, token: str) -> Member:
         """The calling worker, `token` its session (a run that authenticates refuses an unknown id as
         UNAUTHENTICATED, telling a stranger nothing); any authenticated call is proof of life."""
+        with self._tally:
+            member = self._member_tallied(worker_id, token)
+        if self.phase is Phase.WAITING and self.resumed:  # a restored member is back: maybe the quorum too
+            self._maybe_start()
+            self._cond.notify_all()
+        return member
+
+    def _member_tallied(self, worker_id: str, token: str) -> Member:
+        """`_member`'s checks and proof of life, under `_tally` (a member only ever leaves under it)."""
         member = self.members.get(worker_id)
         self.gate.check_session(token, member.session_digest if member is not None else "", worker_id)
         if member is None:
@@ -536,20 +525,22 @@ class CoordinatorState:
         if member.left:  # NOT_FOUND: the client re-joins under its id if it still means to take part
             raise Rejected(Code.NOT_FOUND, f"worker {worker_id} left the run: join again to take part")
         member.last_seen, member.alive = self.clock(), True
-        if self.phase is Phase.WAITING and self.resumed:  # a restored member is back: maybe the quorum too
-            self._maybe_start()
-            self._cond.notify_all()
         return member
 
-    def _install(self, aggregator: RoundAggregator) -> None:
+    def _prepared(self, aggregator: RoundAggregator) -> tuple[RoundAggregator, str]:
+        """`aggregator` with the run's bound on updates, and its replica's digest: ready for `_install`. Touches
+        nothing of the state, so it may run off the lock."""
         aggregator.bound_updates(self.cfg.cluster.max_update_ratio)
+        return aggregator, aggregator.replica.digest()
+
+    def _install(self, aggregator: RoundAggregator, digest: str) -> None:
         self.aggregator = aggregator
-        self.state_hash = aggregator.replica.digest()
+        self.state_hash = digest
         params = aggregator.replica.params
         self.max_push_bytes = 2 * sum(t.numel() * t.element_size() for t in params.values()) + (16 << 20)
 
     def _open_round(self) -> None:
-        self._current = _Round(self.round, self.clock())
+        self._current = OpenRound(self.round, self.clock())
         self.start_hashes[self.round] = self.state_hash
 
     def _maybe_start(self) -> None:
@@ -588,7 +579,9 @@ class CoordinatorState:
             self.senders.pop(old, None)
             self.folded.pop(old, None)
             self.start_hashes.pop(old, None)
-        record = self._record(current, closed_by, aggregate.nbytes())
+        with self._tally:  # the byte counters, consistent across members
+            record = closed_record(current, list(self.members.values()), closed_by, aggregate.nbytes(),
+                                   self.clock() - current.started, self.deadline.deadline_s())
         self.history.append(record)
         self.deadline.observe(current.quorum_s)
         self.target_round_s = round_target_s(self.cfg.inner_steps,
@@ -600,37 +593,3 @@ class CoordinatorState:
             self.phase, self._current = Phase.FINISHED, None
         else:
             self._open_round()
-
-    def _record(self, current: _Round, closed_by: str, downlink_bytes: int) -> RoundRecord:
-        def mean(key: str) -> float | None:
-            vals = [m[key] for m in current.reported.values() if key in m]
-            return sum(vals) / len(vals) if vals else None
-
-        n = max(len(self.members), 1)
-        sent = sum(m.bytes_sent for m in self.members.values())
-        received = sum(m.bytes_received for m in self.members.values())
-        return RoundRecord(
-            round=current.number,
-            workers=sorted(current.reported),
-            train_loss=mean("train_loss"),
-            eval_loss=mean("eval_loss"),
-            tokens=sum(m.tokens for m in self.members.values()),
-            bytes_sent_per_worker=sent / n,
-            bytes_received_per_worker=received / n,
-            bytes_total_per_worker=(sent + received) / n,
-            downlink_bytes=downlink_bytes,
-            resyncs=sum(m.resyncs for m in self.members.values()),
-            seconds=self.clock() - current.started,
-            closed_by=closed_by,
-            wall_s=mean("wall_s"),
-            compute_s=mean("compute_s"),
-            blocked_s=mean("blocked_s"),
-            comm_s=mean("comm_s"),
-            compute_utilization=mean("utilization"),
-            utilization_per_worker={w: m["utilization"] for w, m in sorted(current.reported.items())
-                                    if "utilization" in m},
-            tokens_per_worker={w: int(m.get("tokens", 0)) for w, m in sorted(current.reported.items())},
-            deadline_s=self.deadline.deadline_s(),
-            late_folded=dict(current.late_folded),
-            late_dropped=list(current.late_dropped),
-        )

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 from coordinator.errors import Code, Rejected
-from coordinator.state import CoordinatorState, Member, Phase
+from coordinator.membership import Member
+from coordinator.state import CoordinatorState, Phase
 from protocols.config import PROTOCOL_VERSION
 from protocols.wire import messages as m
 

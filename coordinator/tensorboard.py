@@ -18,7 +18,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from coordinator.state import CoordinatorState, RoundRecord
+from coordinator.round_record import RoundRecord
+from coordinator.state import CoordinatorState
 from coordinator.traffic import traffic_of, traffic_per_worker
 
 log = logging.getLogger(__name__)

@@ -86,13 +86,17 @@ class Downlink:
         return self.compression.new_feedback() if self.mode == "codec" else None
 
     def encode(
-        self, round_: int, update: Params, relayed: tuple[Update, ...], state: ErrorFeedback | None
+        self, round_: int, update: Params, relayed: tuple[Update, ...] | None, state: ErrorFeedback | None
     ) -> tuple[Aggregate, ErrorFeedback | None]:
-        """The round's aggregate message and the next encoder state (`state` is not modified)."""
+        """The round's aggregate message and the next encoder state (`state` is not modified). `relayed`: the
+        senders' updates a sparse downlink may relay instead of the union, or None when relaying them could
+        not be smaller (`protocols.round.union_bound`)."""
         if self.mode == "dense":
             return Aggregate(round_, {n: dense(t) for n, t in update.items()}), state
         if self.mode == "sparse":
             union = Aggregate(round_, {n: union_payload(t) for n, t in update.items()})
+            if relayed is None:
+                return union, state
             relay = Aggregate(round_, relayed=relayed)
             return (relay if relay.nbytes() < union.nbytes() else union), state
         if not isinstance(state, ErrorFeedback):

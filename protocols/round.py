@@ -7,14 +7,17 @@ folded by the same code whatever carried it, and the aggregate goes back through
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
+
 from protocols.base import Accumulator, Aggregate, CheckedUpdate, Protocol, Update
-from protocols.check import DEFAULT_MAX_UPDATE_RATIO, UpdateRejected, check_update, expectation
+from protocols.check import DEFAULT_MAX_UPDATE_RATIO, Expectation, UpdateRejected, check_update, expectation
 from protocols.downlink import Downlink, apply_aggregate
 from protocols.replica import Replica
 
-__all__ = ["RoundAggregator", "UpdateRejected", "check_update"]
+__all__ = ["RoundAggregator", "UpdateRejected", "check_update", "union_bound"]
 
 
 class RoundAggregator:
@@ -22,7 +25,14 @@ class RoundAggregator:
     downlink's encoder state, plus the open round's accumulator. Pure: no threads, clocks or I/O.
 
     `submit` checks and folds one update; `close` turns the round into the `Aggregate` every replica
-    applies, and applies it to the aggregator's own replica with the same code the workers use.
+    applies, and applies it to the aggregator's own replica with the same code the workers use. A caller that
+    serves many senders at once (the coordinator) runs the two halves apart: `check_update` against a
+    snapshot of `expect` (pure, no shared state: any thread, no lock), then `fold` under its lock.
+
+    For a downlink that may relay, the round keeps the senders' encoded updates (`CheckedUpdate.raw`), never
+    the decoded ones, and only while relaying them could still be smaller than the union of their coordinates
+    (`relay_bound`): past that it drops them and the round closes union-only, which is the form the downlink
+    would have chosen anyway, so its memory stays bounded whatever the number of senders.
     """
 
     def __init__(
@@ -49,10 +59,14 @@ class RoundAggregator:
     def _open(self) -> None:
         self.acc: Accumulator = self.protocol.new_round()
         self.expect = expectation(self.protocol, self.replica, type(self.acc).view, self.max_update_ratio)
-        self.folded: list[CheckedUpdate] = []
         self.fold_order: list[str] = []
         self.senders: list[str] = []
         self.pending: list[tuple[int, str, CheckedUpdate]] = []
+        # The encoded updates a relayed downlink would send, in fold order (with `fold_in_order`, `pending`
+        # holds them instead); None once relaying cannot win (or never could): the round closes union-only.
+        self.relayed: list[Update] | None = [] if self.downlink.may_relay else None
+        self.relay_bytes = 0  # their bytes, as `Aggregate.nbytes` counts them; always below `relay_bound`
+        self.relay_bound = union_bound(self.expect)
 
     def bound_updates(self, max_update_ratio: float) -> None:
         """Refuse, from now on, updates holding a value above `max_update_ratio` times the largest parameter."""
@@ -66,44 +80,70 @@ class RoundAggregator:
     def submit(self, worker_id: str, update: Update, order: int = 0) -> None:
         """Check and fold one update into the open round (UpdateRejected: nothing was folded). `order`
         places the sender when folding in order (e.g. its join index)."""
+        self._refuse_duplicate(worker_id)
+        self.fold(worker_id, check_update(worker_id, update, self.expect), order)
+
+    def _refuse_duplicate(self, worker_id: str) -> None:
         if worker_id in self.senders:
             raise UpdateRejected(f"worker {worker_id} already sent its update for round {self.round}", duplicate=True)
-        checked = check_update(worker_id, update, self.expect)
+
+    def fold(self, worker_id: str, checked: CheckedUpdate, order: int = 0) -> None:
+        """Fold an update `check_update` passed against this round's `expect` (the caller makes sure it is
+        still this round's); UpdateRejected (duplicate) for a second one from `worker_id`, nothing folded."""
+        self._refuse_duplicate(worker_id)
         self.senders.append(worker_id)
+        self._keep_for_relay(checked.raw)
         if self.fold_in_order:
             self.pending.append((order, worker_id, checked))
         else:
-            self._fold(worker_id, checked)
+            self.acc.fold(worker_id, checked)
+            self.fold_order.append(worker_id)
 
-    def _fold(self, worker_id: str, checked: CheckedUpdate) -> None:
-        self.acc.fold(worker_id, checked)
-        self.fold_order.append(worker_id)
-        if self.downlink.may_relay:
-            self.folded.append(checked)
-
-    def _folded_in_order(self) -> tuple[Accumulator, list[str], list[CheckedUpdate]]:
-        """With `fold_in_order`, a fresh accumulator with the pending updates folded by order (the open round
-        keeps them pending, so a close that fails can be tried again); else the round's own."""
+    def _keep_for_relay(self, raw: Update) -> None:
+        """Keep `raw` for a relayed downlink while relaying the round can still be smaller than its union;
+        drop every kept one as soon as it cannot (the relay would then have `relay_bound` bytes or more, and
+        the union never has more: `union_bound`)."""
+        if self.relayed is None:
+            return
+        nbytes = raw.nbytes()
+        if self.relay_bytes + nbytes >= self.relay_bound:
+            self.relayed, self.relay_bytes = None, 0
+            return
+        self.relay_bytes += nbytes
         if not self.fold_in_order:
-            return self.acc, self.fold_order, self.folded
-        acc, order, folded = self.protocol.new_round(), [], []
+            self.relayed.append(raw)
+
+    def _folded_in_order(self) -> tuple[Accumulator, list[str], tuple[Update, ...] | None]:
+        """With `fold_in_order`, a fresh accumulator with the pending updates folded by order (the open round
+        keeps them pending, so a close that fails can be tried again); else the round's own. Last, the
+        updates to relay in fold order, or None when the round is union-only."""
+        if not self.fold_in_order:
+            return self.acc, self.fold_order, None if self.relayed is None else tuple(self.relayed)
+        acc, order, relayed = self.protocol.new_round(), [], []
         for _, worker_id, checked in sorted(self.pending, key=lambda p: (p[0], p[1])):
             acc.fold(worker_id, checked)
             order.append(worker_id)
-            folded.append(checked)
-        return acc, order, folded
+            relayed.append(checked.raw)
+        return acc, order, None if self.relayed is None else tuple(relayed)
 
     def close(self) -> Aggregate:
         """Close the round: its aggregate (to broadcast); the aggregator's replica moves one round on.
         Atomic: if anything raises (an aggregate that overflowed to Inf, ...) nothing has changed."""
         if not self.senders:
             raise ValueError(f"round {self.round} has no updates to close")
-        acc, order, folded = self._folded_in_order()
+        acc, order, relayed = self._folded_in_order()
         update, state = self.protocol.close(acc, self.state)
-        relayed = tuple(c.raw for c in folded) if self.downlink.may_relay else ()
         aggregate, downlink_state = self.downlink.encode(self.round, update, relayed, self.downlink_state)
         replica = apply_aggregate(self.protocol, self.downlink, aggregate, self.replica)
         self.state, self.downlink_state, self.replica = state, downlink_state, replica
         self.last_fold_order = order  # who sent the relayed updates, in order
         self._open()
         return aggregate
+
+
+def union_bound(expect: Expectation) -> int:
+    """The most bytes a union aggregate (`protocols.downlink.union_payload`) of a round can have: every
+    coordinate of every tensor an update carries, as an int32 index plus its value (the update's float dtype,
+    at least float32)."""
+    return sum(math.prod(shape) * (4 + torch.promote_types(expect.dtypes[name], torch.float32).itemsize)
+               for name, shape in expect.shapes.items())

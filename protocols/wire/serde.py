@@ -4,7 +4,8 @@
   (a missing envelope, an unset or unknown enum value, a non-finite weight -> `WireError` naming the field).
 - `push_stream` / `read_push`, `pull_stream` / `read_pull`: a header plus payloads <-> the message streams
   of the PushUpdate and PullState RPCs (tensor chunking lives in `tensor_chunks.py`).
-- `aggregate_stream` / `read_aggregate`: one round's `Aggregate` <-> the PullAggregate stream.
+- `aggregate_stream` / `read_aggregate`: one round's `Aggregate` <-> the PullAggregate stream;
+  `EncodedAggregate`: that stream encoded once, shared by every pull of the round.
 - `peer_stream` / `read_peer`: one gossip message (a `PeerHeader` plus payloads) <-> the Gossip stream of
   the Peer service, which workers of a gossip run serve to each other.
 - `state_hash`: the replica digest, so every worker can check it holds the same replica.
@@ -51,6 +52,7 @@ from protocols.wire.tensor_chunks import EntryAssembler, encode_entries
 __all__ = [
     "GRPC_OPTIONS",
     "MAX_MESSAGE_BYTES",
+    "EncodedAggregate",
     "EntryAssembler",
     "WireError",
     "WireTooLarge",
@@ -224,6 +226,44 @@ def aggregate_entries(aggregate: Aggregate, omit: int | None = None) -> tuple[di
     entries = {f"{k}/{name}": p for k, update in enumerate(aggregate.relayed) if k != omit
                for name, p in update.payloads.items()}
     return entries, tuple(update.weight for update in aggregate.relayed)
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedAggregate:
+    """An aggregate's PullAggregate stream encoded once (`of`), for every pull of it to share: per entry (as
+    `aggregate_entries` names them) its bytes and its chunk messages. `stream` gives exactly the messages
+    `aggregate_stream` would for the same header, without encoding anything again. The messages are only read
+    (serialized) by the pulls, never changed, so any number of pulls may send them at once."""
+
+    round: int
+    weights: tuple[float, ...]
+    entries: dict[str, tuple[int, tuple[pb.AggregateChunk, ...]]]
+
+    @classmethod
+    def of(cls, aggregate: Aggregate, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> EncodedAggregate:
+        entries, weights = aggregate_entries(aggregate)
+        return cls(aggregate.round, weights, {
+            name: (payload.nbytes(), tuple(pb.AggregateChunk(chunk=c) for c in encode_entries({name: payload},
+                                                                                           chunk_bytes)))
+            for name, payload in entries.items()})
+
+    def header(self, state_hash: str, omit: int | None = None) -> m.AggregateHeader:
+        """The stream's header for a requester whose own relayed update (slot `omit`) is left out."""
+        kept = self._kept(omit)
+        return m.AggregateHeader(round=self.round, num_entries=len(kept), total_bytes=sum(n for n, _ in kept),
+                                 state_hash=state_hash, relayed_weights=self.weights,
+                                 own_slot=0 if omit is None or not self.weights else omit + 1)
+
+    def stream(self, state_hash: str, omit: int | None = None) -> Iterator[pb.AggregateChunk]:
+        yield pb.AggregateChunk(header=to_pb(self.header(state_hash, omit)))
+        for _, chunks in self._kept(omit):
+            yield from chunks
+
+    def _kept(self, omit: int | None) -> list[tuple[int, tuple[pb.AggregateChunk, ...]]]:
+        if omit is None or not self.weights:
+            return list(self.entries.values())
+        prefix = f"{omit}/"
+        return [entry for name, entry in self.entries.items() if not name.startswith(prefix)]
 
 
 def aggregate_from_entries(

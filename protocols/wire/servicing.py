@@ -8,8 +8,9 @@ anything else a malformed message sent them with INVALID_ARGUMENT, and an unexpe
 
 Guards (`Slots`, `StreamWatchdog`): a sync gRPC server runs each call on a pool thread, so a client that
 opens a stream and stalls holds that thread. `Slots` bounds how many calls of one kind run at once (past it:
-RESOURCE_EXHAUSTED at once, no thread kept), and `StreamWatchdog` ends, with DEADLINE_EXCEEDED, a client
-stream that waited longer than its idle limit for the next message, or ran past its overall deadline.
+RESOURCE_EXHAUSTED at once, no thread kept; or after a bounded wait, in turn, where the caller allows one),
+and `StreamWatchdog` ends, with DEADLINE_EXCEEDED, a client stream that waited longer than its idle limit for
+the next message, or ran past its overall deadline.
 """
 
 from __future__ import annotations
@@ -147,18 +148,28 @@ class CountingIterator:
 
 
 class Slots:
-    """At most `limit` calls of one kind at a time; one more is refused at once with RESOURCE_EXHAUSTED."""
+    """At most `limit` calls of one kind at a time. One more waits up to `wait_s` (`hold`) for a slot, in turn
+    behind those already waiting, and is then refused with RESOURCE_EXHAUSTED "server busy"; with no wait,
+    at once."""
 
     def __init__(self, what: str, limit: int) -> None:
         if limit < 1:
             raise ValueError(f"{what}: the limit must be >= 1, got {limit}")
         self.what, self.limit = what, limit
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self.in_use = 0
+        self.waiting = 0  # calls waiting for a slot now
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
-        with self._lock:
+    def hold(self, wait_s: float | None = 0.0) -> Iterator[None]:
+        """Hold a slot while inside; `wait_s` None: wait for one however long it takes."""
+        with self._cond:
+            if (wait_s is None or wait_s > 0) and (self.in_use >= self.limit or self.waiting):
+                self.waiting += 1
+                try:  # Condition.notify wakes the longest waiting first
+                    self._cond.wait_for(lambda: self.in_use < self.limit, wait_s)
+                finally:
+                    self.waiting -= 1
             if self.in_use >= self.limit:
                 raise Rejected(Code.RESOURCE_EXHAUSTED, f"{BUSY_PREFIXES[0]} too many {self.what} in flight (at "
                                                         f"most {self.limit}); retry later")
@@ -166,8 +177,9 @@ class Slots:
         try:
             yield
         finally:
-            with self._lock:
+            with self._cond:
                 self.in_use -= 1
+                self._cond.notify()
 
 
 class GuardedStream:

@@ -194,3 +194,77 @@ def test_a_unary_call_that_never_sends_its_request_is_ended_by_the_idle_deadline
         assert "sent nothing for 1 s" in (future.exception().details() or "")
         assert server.request_guard.slots.in_use == 0 and fingerprint(server) == before
         assert first.heartbeat(1, 2.5, None).round == 0
+
+
+@pytest.mark.parametrize("wait_s", [600.0, 0.2])
+def test_pushes_past_the_admitted_ones_queue_and_get_through_once_one_is_done(
+        wait_s: float, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Only a few pushes per core are read and decoded at once (coordinator/servicer.py admission): with one
+    admitted, held by a member whose header came and then its stream stalled, the other member's push waits
+    for admission, though stream slots are free; past ADMISSION_WAIT_S it is refused as busy (not wrong) and
+    its client retries with backoff. Either way it folds once the slot is free again."""
+    monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted push, whatever the cores
+    monkeypatch.setattr("coordinator.servicer.ADMISSION_WAIT_S", wait_s)
+    release = threading.Event()
+    with running(stream_idle_s=600.0) as (server, (first, second)), \
+            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        admitted = server.servicer.admitted
+        assert admitted.limit == 1 < server.servicer.push_slots.limit
+        member_header = header(member_envelope(first), good_entries())
+        held = lowband_pb2_grpc.CoordinatorStub(channel).PushUpdate.future(stalled(release, member_header),
+                                                                          timeout=300)
+        result: list[Any] = []
+        try:
+            wait_for(lambda: admitted.in_use == 1, 60, "the stalled member push to be admitted")
+            pusher = threading.Thread(target=lambda: result.append(
+                second.push(0, Update(good_entries()), {"tokens": 10.0})))
+            pusher.start()
+            if wait_s > 1:
+                wait_for(lambda: admitted.waiting == 1, 60, "the member's push to wait for admission")
+            else:
+                wait_for(lambda: any("pushes being received and decoded" in r.getMessage() for r in caplog.records),
+                         120, "the member's push to be refused as busy")
+            assert server.state.aggregator is not None and server.state.aggregator.senders == []
+            assert server.servicer.push_slots.in_use <= 2  # stream slots were free: admission held it back
+        finally:
+            release.set()  # the stalled stream ends without its payload: refused, and its slot is free
+        pusher.join(timeout=120)
+        assert code_of(held) == grpc.StatusCode.INVALID_ARGUMENT
+        assert result and result[0].accepted
+        assert server.state.aggregator.senders == [second.worker_id]
+        assert admitted.in_use == 0 and admitted.waiting == 0
+        busy = any("pushes being received and decoded" in r.getMessage() for r in caplog.records)
+        assert busy == (wait_s < 1)  # a push that queued in time was never refused
+
+
+def test_pulls_past_the_admitted_ones_wait_their_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pulls are admitted like pushes (coordinator/servicer.py `sending`): with one admitted, held by a pull
+    whose client stopped reading, a member's next pull waits for it instead of streaming alongside, and gets
+    the whole state once the held one is gone."""
+    monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted pull, whatever the cores
+    cfg = tiny_config(protocol={"kind": "diloco", "inner_steps": 5},
+                      cluster={"workers": 1, "token": TOKEN, "stream_idle_s": 600.0})
+    server = CoordinatorServer(cfg).start()
+    member = CoordinatorClient(server.address, token=TOKEN)
+    try:
+        member.join("test")
+        member.offer_state({"w": torch.zeros(4 << 20)})  # 16 MiB: far more than the flow-control windows hold
+        sending = server.servicer.sending
+        assert sending.limit == 1
+        with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+            env = member_envelope(member)
+            held = lowband_pb2_grpc.CoordinatorStub(channel).PullState(
+                serde.to_pb(m.PullRequest(envelope=env)), timeout=300)
+            assert next(held).WhichOneof("body") == "header"  # then it stops reading, holding the slot
+            result: list[Any] = []
+            puller = threading.Thread(target=lambda: result.append(member.pull()))
+            puller.start()
+            wait_for(lambda: sending.waiting == 1, 60, "the member's pull to wait for admission")
+            assert not result
+            held.cancel()
+        puller.join(timeout=120)
+        assert result and result[0].params["w"].numel() == 4 << 20
+        assert sending.in_use == 0 and sending.waiting == 0
+    finally:
+        member.close()
+        server.stop(0)

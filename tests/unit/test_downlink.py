@@ -17,7 +17,7 @@ from protocols.compressed import Compression
 from protocols.diloco import DiLoCo
 from protocols.downlink import Downlink, apply_aggregate, union_payload
 from protocols.replica import Params, Replica
-from protocols.round import RoundAggregator, UpdateRejected
+from protocols.round import RoundAggregator, UpdateRejected, union_bound
 from protocols.settings import DownlinkConfig
 from protocols.sparseloco import SparseLoCo
 from tests.unit.protocol_helpers import assert_replicas_equal, checked, locals_from, rand
@@ -153,6 +153,42 @@ def test_sparse_downlink_sends_the_smaller_form_and_replicas_apply_the_exact_upd
     applied_exactly = SparseLoCo().apply(exact, before)
     assert_replicas_equal(worker, applied_exactly)
     assert_replicas_equal(aggregator.replica, applied_exactly)
+
+
+@pytest.mark.parametrize("in_order", [False, True])
+def test_a_round_keeps_encoded_updates_only_while_relaying_can_win_and_then_closes_on_the_union(
+    in_order: bool,
+) -> None:
+    """Relay candidates are kept encoded and below the union's largest size; once they pass it they are
+    dropped, and the aggregate is exactly what keeping them all would have given (the union)."""
+    protocol = SparseLoCo()
+    params = {"w": rand(0, (1, 4096))}
+    aggregator = RoundAggregator(protocol, Downlink.from_config(DownlinkConfig(), protocol), Replica(0, params),
+                                 fold_in_order=in_order)
+    distinct = [protocol.make_update(locals_from(params, _deltas(k + 1, params)), params,
+                                     protocol.init_worker_state(params))[0] for k in range(3)]
+    bound = union_bound(aggregator.expect)
+    assert aggregator.relay_bound == bound == 4096 * 8  # int32 index + float32 value per coordinate
+    senders = bound // distinct[0].nbytes() + 2  # enough that relaying them all cannot beat the union
+    updates = {f"w{k:03d}": distinct[k % 3] for k in range(senders)}
+    exact = _exact_close(aggregator, updates)
+    kept = []
+    for w, update in updates.items():
+        aggregator.submit(w, update)
+        kept.append(aggregator.relay_bytes)
+        assert aggregator.relay_bytes < bound  # never more than the bound
+    assert kept[0] == distinct[0].nbytes() and kept[-1] == 0 and aggregator.relayed is None  # dropped
+    everything = tuple(updates.values())  # what the round would relay had it kept them all
+    unbounded, _ = aggregator.downlink.encode(0, exact, everything, None)
+    assert not unbounded.relayed  # the union was the smaller form: nothing was lost by dropping the relay
+    before = aggregator.replica
+    aggregate = aggregator.close()
+    assert not aggregate.relayed and aggregate.payloads.keys() == unbounded.payloads.keys()
+    for name, payload in aggregate.payloads.items():
+        for component, tensor in payload.tensors.items():
+            assert torch.equal(tensor, unbounded.payloads[name].tensors[component])
+    assert_replicas_equal(aggregator.replica, apply_aggregate(protocol, Downlink("sparse"), unbounded, before))
+    assert aggregator.relayed == [] and aggregator.relay_bytes == 0  # the next round may relay again
 
 
 def _corrupt_packed_indices(update: Update) -> Update:

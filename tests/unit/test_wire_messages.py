@@ -17,6 +17,7 @@ from protocols.wire import lowband_pb2 as pb
 from protocols.wire import messages as m
 from protocols.wire.messages import GRPC_OPTIONS, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, WireError
 from protocols.wire.serde import (
+    EncodedAggregate,
     aggregate_entries,
     aggregate_from_entries,
     aggregate_stream,
@@ -271,3 +272,20 @@ def test_a_relayed_sender_without_tensors_is_a_wire_error() -> None:
     """The docstring of `aggregate_from_entries` promises it: an empty relayed update is no update."""
     with pytest.raises(WireError):
         aggregate_from_entries(3, {"0/w": dense(torch.ones(2))}, (1.0, 1.0))
+
+
+# Only a relayed aggregate leaves out the requester's own update.
+@pytest.mark.parametrize(("relayed", "omit"), [(False, None), (True, None), (True, 0), (True, 1), (True, 2)])
+def test_an_aggregate_encoded_once_streams_exactly_what_encoding_it_per_pull_did(relayed: bool, omit: int | None
+                                                                                ) -> None:
+    aggregate = (Aggregate(3, relayed=(_update(1, 2.0), _update(2, 0.5), _update(3, 1.0))) if relayed
+                 else Aggregate(7, payloads=_update(0, 1.0).payloads))
+    entries, weights = aggregate_entries(aggregate, omit)
+    header = m.AggregateHeader(round=aggregate.round, num_entries=len(entries), state_hash="ab" * 32,
+                               total_bytes=sum(p.nbytes() for p in entries.values()), relayed_weights=weights,
+                               own_slot=0 if omit is None else omit + 1)
+    per_pull = [msg.SerializeToString() for msg in aggregate_stream(header, entries, chunk_bytes=16)]
+    encoded = EncodedAggregate.of(aggregate, chunk_bytes=16)
+    assert encoded.header("ab" * 32, omit) == header
+    for _ in range(2):  # shared: every pull streams the same messages
+        assert [msg.SerializeToString() for msg in encoded.stream("ab" * 32, omit)] == per_pull
