@@ -214,7 +214,7 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
                 f"{type(self).__name__} worker state must be the ErrorFeedback from init_worker_state, "
                 f"got {type(state).__name__}"
             )
-        return Update(payloads={n: state.step(n, d) for n, d in deltas.items()}), state
+        return Update(payloads=state.step_all(deltas)), state
 
     def withdraw(self, update: Update, state: ErrorFeedback | None) -> ErrorFeedback | None:
         """A refused update's messages go back into the error feedback (`ErrorFeedback.unsend`), in place."""

@@ -1,0 +1,84 @@
+"""The batched SparseLoCo encoder (compression/sparseloco_batch.py) and error feedback's `step_all` give
+exactly what the per-tensor codec and `step` give: the same payload bytes, the same decoded values, the
+same error buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compression.error_feedback import ErrorFeedback
+from compression.payload import Payload
+from compression.sparseloco import SparseLoCo
+from compression.sparseloco_batch import encode_flat, row_safe
+
+# The bench model's shapes (bench/overlap_runs.py MODEL), ragged ones, chunk multiples, and one-element tensors.
+MODEL_SHAPES = [(80, 64), (64, 64), (64,), (64,), (192, 64), (64, 64), (64,), (64,), (256, 64), (64, 256), (64,), (64,)]
+ODD_SHAPES = [(1,), (5,), (4096,), (4097,), (3, 4095), (8191,), (12288,), (2, 3, 700), (0,), (130,), (20000,)]
+
+
+def same_payload(a: Payload, b: Payload) -> bool:
+    return (
+        (a.codec, a.shape, a.dtype, a.meta) == (b.codec, b.shape, b.dtype, b.meta)
+        and a.tensors.keys() == b.tensors.keys()
+        and all(a.tensors[k].dtype == b.tensors[k].dtype and torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    )
+
+
+def tensors(shapes: list[tuple[int, ...]], seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g) * (0.1 + i) for i, s in enumerate(shapes)]
+
+
+@pytest.mark.parametrize("density", [64 / 4096, 0.015, 0.001, 0.05, 0.5, 1.0])
+@pytest.mark.parametrize("shapes", [MODEL_SHAPES, ODD_SHAPES], ids=["model", "odd"])
+def test_encode_flat_makes_the_per_tensor_payloads(shapes: list[tuple[int, ...]], density: float) -> None:
+    for seed in range(3):
+        codec = SparseLoCo(density=density)
+        xs = tensors(shapes, seed)
+        flat = torch.cat([x.reshape(-1) for x in xs])
+        payloads, decoded = encode_flat(codec, flat, shapes)
+        want = [codec.compress(x) for x in xs]
+        assert len(payloads) == len(want)
+        for got, expected in zip(payloads, want, strict=True):
+            assert same_payload(got, expected)
+        assert torch.equal(decoded, torch.cat([codec.decompress(p).reshape(-1) for p in want]))
+
+
+@pytest.mark.parametrize("chunk", [16, 100, 1024])
+def test_encode_flat_other_chunks_including_row_unsafe_counts(chunk: int) -> None:
+    shapes = [(7,), (chunk,), (chunk * 3 + 5,), (2 * chunk - 1,), (33,), (chunk * 2,)]
+    for density in (0.13, 0.2, 0.3, 0.5):  # keeps 2..7 per chunk for some: the per-tensor fallback
+        codec = SparseLoCo(density=density, chunk=chunk)
+        xs = tensors(shapes, 7)
+        payloads, decoded = encode_flat(codec, torch.cat([x.reshape(-1) for x in xs]), shapes)
+        want = [codec.compress(x) for x in xs]
+        assert all(same_payload(a, b) for a, b in zip(payloads, want, strict=True))
+        assert torch.equal(decoded, torch.cat([codec.decompress(p).reshape(-1) for p in want]))
+
+
+def test_row_safe_counts() -> None:
+    assert row_safe(1) and row_safe(8) and row_safe(64)
+    assert not any(row_safe(k) for k in range(2, 8))
+
+
+def test_encode_flat_refuses_non_finite_values_as_compress_does() -> None:
+    x = torch.randn(5000)
+    x[17] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        encode_flat(SparseLoCo(), x, [(5000,)])
+
+
+def test_step_all_is_step_name_by_name_over_rounds() -> None:
+    names = [f"t{i}" for i in range(len(MODEL_SHAPES))]
+    batched = ErrorFeedback(SparseLoCo(density=64 / 4096), "ef14", decay=0.95)
+    single = ErrorFeedback(SparseLoCo(density=64 / 4096), "ef14", decay=0.95)
+    for round_ in range(4):
+        grads = dict(zip(names, tensors(MODEL_SHAPES, 100 + round_), strict=True))
+        got = batched.step_all(grads)
+        want = {n: single.step(n, g) for n, g in grads.items()}
+        assert list(got) == names
+        assert all(same_payload(got[n], want[n]) for n in names)
+        for n in names:
+            residual, expected = batched.residual(n), single.residual(n)
+            assert residual is not None and expected is not None and torch.equal(residual, expected)
