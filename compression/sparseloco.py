@@ -17,7 +17,7 @@ from compression.base import SparseCompressor
 from compression.chunks import entry_offsets
 from compression.packing import pack_bits, unpack_bits
 from compression.payload import Payload, PayloadError
-from compression.sparseloco_batch import encode_flat
+from compression.sparseloco_batch import encode_flat, read_many
 from compression.topk import chunked_meta, keep_count, read_chunked_local, select_chunked
 from compression.twobit import check_codes, dequantize_2bit_chunked, quantize_2bit_chunked
 
@@ -59,6 +59,16 @@ class SparseLoCo(SparseCompressor):
         if flat.dtype != torch.float32:
             return super().compress_flat(flat, shapes)
         return encode_flat(self, flat.detach(), shapes)
+
+    def sparse_many(self, payloads: list[Payload]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """`sparse` of every payload, read together (compression/sparseloco_batch.py `read_many`); None when
+        some payload must be read on its own (`sparse` then raises what is wrong with it)."""
+        try:
+            for p in payloads:
+                self._check_common(p)
+            return read_many(payloads)
+        except PayloadError:
+            return None
 
     def _read(self, p: Payload) -> tuple[torch.Tensor, torch.Tensor]:
         h, local = read_chunked_local(p)

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compression.packing import index_bits, pack_bits, packed_nbytes
+from compression.packing import index_bits, pack_bits, packed_nbytes, unpack_bits
 from compression.payload import Payload
-from compression.topk import chunked_meta, topk_indices
-from compression.twobit import LEVELS, quantize_2bit
+from compression.topk import chunked_header, chunked_meta, topk_indices
+from compression.twobit import LEVELS, check_codes, quantize_2bit
 
 if TYPE_CHECKING:  # sparseloco.py imports this module
     from compression.sparseloco import SparseLoCo
@@ -125,3 +125,58 @@ def encode_flat(
             meta={**m},
         )
     return [p for p in payloads if p is not None], decoded
+
+
+def read_many(payloads: list[Payload]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The (flat indices, values) `SparseLoCo.sparse` reads from each payload, read together; None when they
+    cannot be (a header or an index the per-payload reader refuses, another index width or dtype, tensors
+    on different devices): the caller then reads them one by one, which names the error.
+
+    Every payload's packed indices, codes and means are concatenated (indices padded to whole 3-byte
+    words), unpacked by one call each, and each value finds its stream position, chunk and bin mean
+    from its payload's row of a small per-payload table (so the calls do not grow with the tensors).
+    """
+    if not payloads:
+        return []
+    device = payloads[0].tensors["means"].device
+    table, index_bytes, code_bytes, means = [], [], [], []
+    at_index = at_code = at_value = at_mean = 0
+    for p in payloads:
+        h = chunked_header(p)
+        kept = h.kept(p.numel)
+        if h.k_last > h.k or h.bits != 12 or p.dtype != torch.float32:
+            return None
+        check_codes(p, kept, h.chunks)
+        parts = (p.tensors["indices"], p.tensors["codes"], p.tensors["means"])
+        if any(t.device != device for t in parts):
+            return None
+        full, rem = divmod(p.numel, h.chunk)
+        # Per payload: where its values, index words, codes and means start; k; chunk; full chunks; last chunk.
+        table.append((at_value, at_index // 3 * 2, at_code * 4, at_mean, h.k, h.chunk, full, rem))
+        pad = -parts[0].numel() % 3
+        index_bytes += [parts[0], _zeros(pad, device)] if pad else [parts[0]]
+        code_bytes.append(parts[1])
+        means.append(parts[2])
+        at_index += parts[0].numel() + pad
+        at_code += parts[1].numel()
+        at_mean += parts[2].numel()
+        at_value += kept
+    counts = [t[0] for t in table[1:]] + [at_value]
+    kept_each = [b - a for a, b in zip([0, *counts[:-1]], counts, strict=True)]
+    rows = torch.tensor(table, dtype=torch.int64, device=device).repeat_interleave(
+        torch.tensor(kept_each, dtype=torch.int64, device=device), dim=0)
+    first, index_at, code_at, mean_at, k_of, chunk_len, full_of, rem_of = rows.unbind(1)
+    within = torch.arange(at_value, dtype=torch.int64, device=device) - first
+    local = unpack_bits(torch.cat(index_bytes), 12, at_index // 3 * 2)[index_at + within]
+    codes = unpack_bits(torch.cat(code_bytes), 2, at_code * 4)[code_at + within]
+    chunk_of = within.div_(k_of, rounding_mode="floor")
+    # Within its chunk: below chunk, or below the last chunk's length for the tail (as read_chunked_local checks).
+    if bool((local >= torch.where(chunk_of < full_of, chunk_len, rem_of)).any()):
+        return None
+    indices = local + chunk_of * chunk_len
+    values = torch.cat(means).float()[mean_at + chunk_of * LEVELS + codes]
+    return list(zip(indices.split(kept_each), values.split(kept_each), strict=True))
+
+
+def _zeros(count: int, device: torch.device) -> torch.Tensor:
+    return torch.zeros(count, dtype=torch.uint8, device=device)

@@ -104,9 +104,8 @@ def chunked_meta(numel: int, chunk: int, density: float) -> dict[str, int]:
     }
 
 
-def read_chunked_local(p: Payload) -> tuple[ChunkedHeader, torch.Tensor]:
-    """Check a chunked sparse header and its packed 'indices'; return it and the int64 indices within
-    their chunks (entry i belongs to chunk i // k), each checked to lie inside its chunk."""
+def chunked_header(p: Payload) -> ChunkedHeader:
+    """Check a chunked sparse header and the length of its packed 'indices' (no tensor is read)."""
     chunk = meta_chunk(p)
     h = ChunkedHeader(chunk, check_chunks(p, chunk), meta_int(p, "k", 1), meta_int(p, "k_last"), meta_int(p, "bits", 1))
     full, rem = divmod(p.numel, chunk)
@@ -123,6 +122,16 @@ def read_chunked_local(p: Payload) -> tuple[ChunkedHeader, torch.Tensor]:
             f"{p.codec} payload packed length mismatch: 'indices' has {packed.numel()} bytes, but k={h.k} "
             f"in {full} full chunks + k_last={h.k_last} at {h.bits} bits needs {packed_nbytes(kept, h.bits)}"
         )
+    return h
+
+
+def read_chunked_local(p: Payload) -> tuple[ChunkedHeader, torch.Tensor]:
+    """Check a chunked sparse header and its packed 'indices'; return it and the int64 indices within
+    their chunks (entry i belongs to chunk i // k), each checked to lie inside its chunk."""
+    h = chunked_header(p)
+    chunk, kept = h.chunk, h.kept(p.numel)
+    full, rem = divmod(p.numel, chunk)
+    packed = p.tensors["indices"]
     local = unpack_bits(packed, h.bits, kept)
     body, tail = local[: full * h.k], local[full * h.k :]
     # Indices are unsigned, so only the upper bound needs checking; 2**bits <= chunk needs no check at all.

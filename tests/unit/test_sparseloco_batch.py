@@ -4,11 +4,14 @@ same error buffers."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
+from compression import registry
 from compression.error_feedback import ErrorFeedback
-from compression.payload import Payload
+from compression.payload import Payload, PayloadError
 from compression.sparseloco import SparseLoCo
 from compression.sparseloco_batch import encode_flat, row_safe
 
@@ -82,3 +85,39 @@ def test_step_all_is_step_name_by_name_over_rounds() -> None:
         for n in names:
             residual, expected = batched.residual(n), single.residual(n)
             assert residual is not None and expected is not None and torch.equal(residual, expected)
+
+
+@pytest.mark.parametrize("shapes", [MODEL_SHAPES, ODD_SHAPES], ids=["model", "odd"])
+def test_sparse_views_read_what_sparse_view_reads(shapes: list[tuple[int, ...]]) -> None:
+    codec = SparseLoCo()
+    payloads = [codec.compress(x) for x in tensors(shapes, 11)]
+    got = registry.sparse_views(payloads)
+    assert got is not None and len(got) == len(payloads)
+    for (indices, values), p in zip(got, payloads, strict=True):
+        want_indices, want_values = registry.sparse_view(p)
+        assert indices.dtype == want_indices.dtype and torch.equal(indices, want_indices)
+        assert values.dtype == want_values.dtype and torch.equal(values, want_values)
+
+
+def corrupt(p: Payload, **changes: object) -> Payload:
+    return replace(p, **changes)  # type: ignore[arg-type]
+
+
+def test_sparse_views_leave_bad_payloads_to_the_single_reader() -> None:
+    codec = SparseLoCo()
+    good = [codec.compress(x) for x in tensors([(64,), (5000,)], 12)]
+    out_of_range = good[0].tensors["indices"].clone()
+    out_of_range[0] = 0xFF  # index 255 + high nibble >= the 64-entry last chunk
+    out_of_range[1] |= 0x0F
+    bad = [
+        corrupt(good[1], tensors={**good[1].tensors, "indices": out_of_range[:1].clone()}),  # short
+        corrupt(good[0], tensors={**good[0].tensors, "indices": out_of_range}),
+        corrupt(good[1], meta={**good[1].meta, "k_last": 999}),
+        corrupt(good[1], tensors={**good[1].tensors, "means": good[1].tensors["means"].float()}),
+        corrupt(good[1], dtype=torch.int32),
+    ]
+    for b in bad:
+        with pytest.raises(PayloadError):
+            registry.sparse_view(b)
+        assert registry.sparse_views([good[0], b]) is None
+    assert registry.sparse_views([good[0], registry.build("topk").compress(torch.randn(10))]) is None
