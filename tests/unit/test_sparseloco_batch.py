@@ -1,6 +1,6 @@
-"""The batched SparseLoCo encoder (compression/sparseloco_batch.py) and error feedback's `step_all` give
-exactly what the per-tensor codec and `step` give: the same payload bytes, the same decoded values, the
-same error buffers."""
+"""The batched SparseLoCo encoder and reader (compression/sparseloco_batch.py), error feedback's `step_all` and
+the flat fold of SparseMeanAccumulator give exactly what the per-tensor code gives: the same payload bytes,
+decoded values, error buffers and means."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from compression.error_feedback import ErrorFeedback
 from compression.payload import Payload, PayloadError
 from compression.sparseloco import SparseLoCo
 from compression.sparseloco_batch import encode_flat, row_safe
+from protocols.base import CheckedUpdate, Decoded, Update
+from protocols.sparseloco import SparseMeanAccumulator
 
 # The bench model's shapes (bench/overlap_runs.py MODEL), ragged ones, chunk multiples, and one-element tensors.
 MODEL_SHAPES = [(80, 64), (64, 64), (64,), (64,), (192, 64), (64, 64), (64,), (64,), (256, 64), (64, 256), (64,), (64,)]
@@ -121,3 +123,31 @@ def test_sparse_views_leave_bad_payloads_to_the_single_reader() -> None:
             registry.sparse_view(b)
         assert registry.sparse_views([good[0], b]) is None
     assert registry.sparse_views([good[0], registry.build("topk").compress(torch.randn(10))]) is None
+
+
+@pytest.mark.parametrize("over_all_workers", [False, True])
+def test_flat_fold_sums_as_the_per_tensor_adds(over_all_workers: bool) -> None:
+    """SparseMeanAccumulator folds a whole update into one flat buffer; the means are bit for bit those of
+    adding tensor by tensor (`add`, as MedianClipAccumulator still does)."""
+    shapes = {"a": (80, 64), "b": (64,), "c": (3, 5000)}
+    flat, per_tensor = SparseMeanAccumulator(over_all_workers=over_all_workers), SparseMeanAccumulator(
+        over_all_workers=over_all_workers)
+    g = torch.Generator().manual_seed(5)
+    for worker in range(4):
+        tensors_ = {}
+        for name, shape in shapes.items():
+            numel = int(torch.Size(shape).numel())
+            indices = torch.randperm(numel, generator=g)[: max(1, numel // 50)]
+            tensors_[name] = Decoded(shape, torch.randn(indices.numel(), generator=g), indices)
+        update = CheckedUpdate(tensors=tensors_, weight=1.0 + worker, raw=Update(payloads={}))
+        flat.fold(f"w{worker}", update)
+        for name, d in tensors_.items():
+            assert d.indices is not None
+            per_tensor.add(name, d.shape, d.indices, d.values, update.weight)
+        per_tensor.workers.append(f"w{worker}")
+        per_tensor.total_weight += update.weight
+    got, want = flat.mean(), per_tensor.mean()
+    assert list(got) == list(shapes)
+    for name in shapes:
+        assert got[name].shape == want[name].shape and torch.equal(got[name], want[name])
+        assert torch.equal(flat.weights[name], per_tensor.weights[name])
