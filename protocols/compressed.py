@@ -237,7 +237,7 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
         def decoded(update: Update | None) -> Params:
             return {} if update is None else {n: registry.decode(p) for n, p in update.payloads.items()}
 
-        return eager_start(params, decoded(fresh), decoded(stale), workers, self.outer_lr)
+        return eager_start(params, decoded(fresh), decoded(stale), workers, self.outer_lr, self.overlap.eager_proxy)
 
     def apply(self, update: Params, replica: Replica) -> Replica:
         """One outer (Nesterov) SGD step; tensors without an update keep their value and momentum.
