@@ -15,6 +15,7 @@ from compression.payload import Payload, PayloadError
 from compression.sparseloco import SparseLoCo
 from compression.sparseloco_batch import encode_flat, row_safe
 from protocols.base import CheckedUpdate, Decoded, Update
+from protocols.compressed import decoded_update
 from protocols.sparseloco import SparseMeanAccumulator
 
 # The bench model's shapes (bench/overlap_runs.py MODEL), ragged ones, chunk multiples, and one-element tensors.
@@ -151,3 +152,15 @@ def test_flat_fold_sums_as_the_per_tensor_adds(over_all_workers: bool) -> None:
     for name in shapes:
         assert got[name].shape == want[name].shape and torch.equal(got[name], want[name])
         assert torch.equal(flat.weights[name], per_tensor.weights[name])
+
+
+def test_decoded_update_is_registry_decode_of_each_payload() -> None:
+    codec = SparseLoCo()
+    xs = tensors(MODEL_SHAPES + ODD_SHAPES, 21)
+    update = Update(payloads={f"t{i}": codec.compress(x) for i, x in enumerate(xs)})
+    got = decoded_update(update)
+    assert list(got) == list(update.payloads)
+    for name, payload in update.payloads.items():
+        want = registry.decode(payload)
+        assert got[name].shape == want.shape and got[name].dtype == want.dtype and torch.equal(got[name], want)
+    assert decoded_update(None) == {}
