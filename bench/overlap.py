@@ -22,7 +22,9 @@ transport really moved; `link.bandwidth_mbps`). Contenders:
   (CO2: round t's exchange runs while round t+1 trains, `protocol.overlap.enabled`; outer lr 1.0 and no
   momentum, since a one-round-stale heavy-ball step oscillates: the "momentum" ablation shows it).
 - sparseloco-sync / sparseloco-co2 / sparseloco-eager: SparseLoCo (top-64 of 4096, 2 bits, sparse
-  downlink), synchronous, CO2, and CO2 with the eager mix (`protocol.overlap.eager`).
+  downlink, error feedback decay 0.8: `bench.overlap_runs.SPARSELOCO_COMPRESSION` says why), synchronous,
+  CO2, and CO2 with eager starts (`protocol.overlap.eager`, each worker from the replica moved by its own
+  fresh update: `eager_proxy: update`).
 
 Columns: `compute_utilization` is the contender's tokens/s (all workers' tokens over the slowest worker's
 training seconds, evaluation excluded) over compute-only's; `eval_loss_vs_diloco_sync` its eval loss over

@@ -49,6 +49,18 @@ class Compressor(ABC):
         self.validate(p)
         return self._decode(p)
 
+    def compress_flat(self, flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> tuple[list[Payload], torch.Tensor]:
+        """Tensors of `shapes` laid end to end in the 1-D `flat`: (each one's payload, the decoded payloads laid
+        out as `flat`). This default compresses and decodes them one by one; a codec that can encode many tensors
+        in fewer calls overrides it with the same results."""
+        payloads, decoded, offset = [], [], 0
+        for shape in shapes:
+            n = int(torch.Size(shape).numel())
+            payloads.append(self.compress(flat[offset : offset + n].view(shape)))
+            decoded.append(self.decompress(payloads[-1]).reshape(-1))
+            offset += n
+        return payloads, torch.cat(decoded) if decoded else flat.new_empty(0)
+
     def nbytes(self, p: Payload) -> int:
         """Bytes on the wire (component tensors; headers excluded)."""
         return p.nbytes()

@@ -95,6 +95,27 @@ class ErrorFeedback:
             self._shift[name] = h + sent
         return d
 
+    def step_all(self, named: dict[str, torch.Tensor]) -> dict[str, Payload]:
+        """`step` for every (name, tensor), in order. For "none" and "ef14" on float32 tensors the
+        compressor encodes them all at once (`Compressor.compress_flat`) and the buffers are updated with
+        one vector operation each; the payloads and buffers are exactly those of `step` name by name
+        (every operation is element-wise, and `compress_flat` returns what `compress` would)."""
+        if self.kind not in ("none", "ef14") or not named or any(g.dtype != torch.float32 for g in named.values()):
+            return {name: self.step(name, g) for name, g in named.items()}
+        names = list(named)
+        gs = [named[n].detach() for n in names]
+        p = torch.cat([g.reshape(-1) for g in gs])
+        if self.kind == "ef14":
+            errors = [self._buffer(self._error, n, g).reshape(-1) for n, g in zip(names, gs, strict=True)]
+            p = self.decay * torch.cat(errors) + p
+        payloads, decoded = self.compressor.compress_flat(p, [tuple(g.shape) for g in gs])
+        if self.kind == "ef14":
+            error, offset = p - decoded, 0
+            for name, g in zip(names, gs, strict=True):
+                self._error[name] = error[offset : offset + g.numel()].view(g.shape)
+                offset += g.numel()
+        return dict(zip(names, payloads, strict=True))
+
     def unsend(self, name: str, d: Payload) -> None:
         """Take back message `d` (from `step`) that the receiver never folded (its round closed without
         it): the state becomes what it would be had nothing of it been delivered, so nothing is lost, only

@@ -11,6 +11,8 @@ torch on the input's device.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from compression.payload import PayloadError
@@ -65,20 +67,27 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise PayloadError(
             f"packed length mismatch: {packed.numel()} bytes, but {count} values of {bits} bits need {expected}"
         )
+    if bits == 12:
+        return _unpack_12(packed)[:count]
+    if 8 % bits == 0:  # 1, 2, 4, 8: every byte holds 8 // bits whole values, least significant first
+        if bits == 8:
+            return packed.to(torch.int64)
+        shifts = _constant(tuple(range(0, 8, bits)), packed.device)
+        return ((packed.to(torch.int64).unsqueeze(1) >> shifts) & ((1 << bits) - 1)).view(-1)[:count]
     p = packed.to(torch.int32)
-    if bits == 8:
-        out = p
-    elif 8 % bits == 0:
-        shifts = torch.arange(0, 8, bits, device=p.device, dtype=torch.int32)
-        out = ((p.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1)
-    elif bits == 12:
-        out = _unpack_12(p)
-    elif bits == 16:
+    if bits == 16:
         out = _pad(p, 2).view(-1, 2)
         out = out[:, 0] | (out[:, 1] << 8)
     else:
         out = _unpack_generic(p, bits, count)
     return out[:count].to(torch.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A small int64 constant, built once per device (decoding runs for every payload of every round: a
+    fresh `torch.tensor` each time is a measurable share of decoding a small tensor). Never written to."""
+    return torch.tensor(values, dtype=torch.int64, device=device)
 
 
 def _pad(v: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -100,10 +109,10 @@ def _pack_12(v: torch.Tensor) -> torch.Tensor:
     return torch.stack((a & 0xFF, (a >> 8) | ((b & 0xF) << 4), b >> 4), dim=1).reshape(-1).to(torch.uint8)
 
 
-def _unpack_12(p: torch.Tensor) -> torch.Tensor:
-    triples = _pad(p, 3).view(-1, 3)
-    b0, b1, b2 = triples[:, 0], triples[:, 1], triples[:, 2]
-    return torch.stack((b0 | ((b1 & 0xF) << 8), (b1 >> 4) | (b2 << 4)), dim=1).reshape(-1)
+def _unpack_12(packed: torch.Tensor) -> torch.Tensor:
+    # Three bytes make one 24-bit little-endian word w holding two values: w & 0xFFF and w >> 12.
+    word = (_pad(packed.to(torch.int64), 3).view(-1, 3) * _constant((1, 1 << 8, 1 << 16), packed.device)).sum(dim=1)
+    return ((word.unsqueeze(1) >> _constant((0, 12), packed.device)) & 0xFFF).view(-1)
 
 
 def _pack_generic(v: torch.Tensor, bits: int) -> torch.Tensor:

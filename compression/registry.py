@@ -95,6 +95,17 @@ def sparse_view(p: Payload) -> tuple[torch.Tensor, torch.Tensor]:
     return decoder.sparse(p)
 
 
+def sparse_views(payloads: list[Payload]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """`sparse_view` of every payload, read together where their codec can (SparseLoCo: a few calls for all
+    of them instead of a few per payload; the same tensors); None otherwise, or when any payload must be read
+    on its own: `sparse_view` of each then gives the values or names the error."""
+    codecs = {p.codec for p in payloads}
+    if len(codecs) != 1:
+        return None
+    many = getattr(_DECODERS.get(codecs.pop()), "sparse_many", None)
+    return many(payloads) if many is not None else None
+
+
 def is_sparse(codec: str) -> bool:
     return isinstance(_DECODERS.get(ALIASES.get(codec, codec)), SparseCompressor)
 

@@ -14,9 +14,11 @@ from typing import ClassVar
 import torch
 
 from compression.base import SparseCompressor
+from compression.chunks import entry_offsets
 from compression.packing import pack_bits, unpack_bits
 from compression.payload import Payload, PayloadError
-from compression.topk import chunked_meta, keep_count, read_chunked, select_chunked
+from compression.sparseloco_batch import encode_flat, read_many
+from compression.topk import chunked_meta, keep_count, read_chunked_local, select_chunked
 from compression.twobit import check_codes, dequantize_2bit_chunked, quantize_2bit_chunked
 
 
@@ -51,12 +53,31 @@ class SparseLoCo(SparseCompressor):
             meta={**meta},
         )
 
+    def compress_flat(self, flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> tuple[list[Payload], torch.Tensor]:
+        """Every tensor's payload and the decoded payloads laid out as `flat`, at once (see
+        compression/sparseloco_batch.py; the same payloads as `compress` tensor by tensor)."""
+        if flat.dtype != torch.float32:
+            return super().compress_flat(flat, shapes)
+        return encode_flat(self, flat.detach(), shapes)
+
+    def sparse_many(self, payloads: list[Payload]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """`sparse` of every payload, read together (compression/sparseloco_batch.py `read_many`); None when
+        some payload must be read on its own (`sparse` then raises what is wrong with it)."""
+        try:
+            for p in payloads:
+                self._check_common(p)
+            return read_many(payloads)
+        except PayloadError:
+            return None
+
     def _read(self, p: Payload) -> tuple[torch.Tensor, torch.Tensor]:
-        h, indices = read_chunked(p)
+        h, local = read_chunked_local(p)
         if h.k_last > h.k:
             raise PayloadError(f"{p.codec} payload k_last={h.k_last} exceeds k={h.k}")
         kept = h.kept(p.numel)
         check_codes(p, kept, h.chunks)
         means = p.tensors["means"]
         codes = unpack_bits(p.tensors["codes"], 2, kept).to(means.device)
-        return indices.to(means.device), dequantize_2bit_chunked(codes, means, h.k).to(p.dtype)
+        # Entry i is in chunk i // k: at i // k * chunk in the tensor, its 4 means at i // k * 4.
+        indices = local.to(means.device) + entry_offsets(kept, h.k, h.chunk, means.device)
+        return indices, dequantize_2bit_chunked(codes, means, h.k).to(p.dtype)

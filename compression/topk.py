@@ -25,6 +25,7 @@ from compression.base import (
     meta_dtype,
     meta_int,
 )
+from compression.chunks import entry_offsets
 from compression.packing import index_bits, pack_bits, packed_nbytes, unpack_bits
 from compression.payload import Payload, PayloadError
 
@@ -42,7 +43,7 @@ def keep_count(density: float, extent: int) -> int:
     return min(extent, max(1, round(density * extent)))
 
 
-def _topk_indices(rows: torch.Tensor, k: int) -> torch.Tensor:
+def topk_indices(rows: torch.Tensor, k: int) -> torch.Tensor:
     """(rows, k) column indices of the k largest |values| of each row (in no particular order)."""
     n_rows, width = rows.shape
     block = max(1, CPU_BLOCK_ELEMENTS // width)
@@ -65,12 +66,12 @@ def select_chunked(flat: torch.Tensor, chunk: int, k: int, k_last: int) -> tuple
     local, values = [], []
     if full:
         body = flat[: full * chunk].view(full, chunk)
-        idx = _topk_indices(body, k)
+        idx = topk_indices(body, k)
         local.append(idx.reshape(-1))
         values.append(body.gather(1, idx).reshape(-1))
     if k_last:
         tail = flat[full * chunk :].view(1, -1)
-        idx = _topk_indices(tail, k_last)
+        idx = topk_indices(tail, k_last)
         local.append(idx.reshape(-1))
         values.append(tail.gather(1, idx).reshape(-1))
     if not local:
@@ -103,8 +104,8 @@ def chunked_meta(numel: int, chunk: int, density: float) -> dict[str, int]:
     }
 
 
-def read_chunked(p: Payload) -> tuple[ChunkedHeader, torch.Tensor]:
-    """Check a chunked sparse header and its packed 'indices'; return it and the flat int64 indices."""
+def chunked_header(p: Payload) -> ChunkedHeader:
+    """Check a chunked sparse header and the length of its packed 'indices' (no tensor is read)."""
     chunk = meta_chunk(p)
     h = ChunkedHeader(chunk, check_chunks(p, chunk), meta_int(p, "k", 1), meta_int(p, "k_last"), meta_int(p, "bits", 1))
     full, rem = divmod(p.numel, chunk)
@@ -121,14 +122,31 @@ def read_chunked(p: Payload) -> tuple[ChunkedHeader, torch.Tensor]:
             f"{p.codec} payload packed length mismatch: 'indices' has {packed.numel()} bytes, but k={h.k} "
             f"in {full} full chunks + k_last={h.k_last} at {h.bits} bits needs {packed_nbytes(kept, h.bits)}"
         )
+    return h
+
+
+def read_chunked_local(p: Payload) -> tuple[ChunkedHeader, torch.Tensor]:
+    """Check a chunked sparse header and its packed 'indices'; return it and the int64 indices within
+    their chunks (entry i belongs to chunk i // k), each checked to lie inside its chunk."""
+    h = chunked_header(p)
+    chunk, kept = h.chunk, h.kept(p.numel)
+    full, rem = divmod(p.numel, chunk)
+    packed = p.tensors["indices"]
     local = unpack_bits(packed, h.bits, kept)
     body, tail = local[: full * h.k], local[full * h.k :]
-    if body.numel() and int(body.max()) >= chunk:
+    # Indices are unsigned, so only the upper bound needs checking; 2**bits <= chunk needs no check at all.
+    if body.numel() and chunk < 1 << h.bits and int(body.max()) >= chunk:
         raise PayloadError(f"{p.codec} payload index out of range: {int(body.max())} >= chunk {chunk}")
     if tail.numel() and int(tail.max()) >= rem:
         raise PayloadError(f"{p.codec} payload index out of range: {int(tail.max())} >= last chunk's {rem}")
-    starts = torch.arange(full, device=local.device, dtype=torch.int64).mul_(chunk).repeat_interleave(h.k)
-    return h, torch.cat((body + starts, tail + full * chunk))
+    return h, local
+
+
+def read_chunked(p: Payload) -> tuple[ChunkedHeader, torch.Tensor]:
+    """Check a chunked sparse header and its packed 'indices'; return it and the flat int64 indices."""
+    h, local = read_chunked_local(p)
+    # Entry i is in chunk i // k (the tail's k_last <= k entries come after the full chunks' k each).
+    return h, local + entry_offsets(local.numel(), h.k, h.chunk, local.device)
 
 
 class ChunkedTopK(SparseCompressor):

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from compression.base import MAX_CHUNK, Compressor, check_chunks, component, meta_chunk
-from compression.chunks import chunk_rows
+from compression.chunks import chunk_rows, entry_offsets
 from compression.packing import pack_bits, packed_nbytes, unpack_bits
 from compression.payload import Payload, PayloadError
 
@@ -55,8 +55,7 @@ def quantize_2bit_chunked(flat: torch.Tensor, chunk: int, range_sigmas: float) -
 
 def dequantize_2bit_chunked(codes: torch.Tensor, means: torch.Tensor, chunk: int) -> torch.Tensor:
     """Inverse of `quantize_2bit_chunked` (float32 values; entry i belongs to chunk i // chunk)."""
-    unit = torch.arange(codes.numel(), device=codes.device) // chunk
-    return means.float()[unit * LEVELS + codes]
+    return means.float()[entry_offsets(codes.numel(), chunk, LEVELS, codes.device) + codes]
 
 
 def check_codes(p: Payload, count: int, chunks: int) -> None:

@@ -84,11 +84,12 @@ def _abs_max(t: torch.Tensor) -> float:
     return float(t.detach().abs().max())
 
 
-def _decode(who: str, name: str, payload: Any, view: View) -> Decoded:
+def _decode(who: str, name: str, payload: Any, view: View, read: tuple[torch.Tensor, torch.Tensor] | None = None
+            ) -> Decoded:
     shape = tuple(payload.shape)
     numel = math.prod(shape)
     if registry.is_sparse(payload.codec):
-        indices, values = registry.sparse_view(payload)
+        indices, values = read if read is not None else registry.sparse_view(payload)
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
             raise UpdateRejected(f"{who}: tensor {name!r} has indices out of range [0, {numel})")
         if torch.unique(indices).numel() != indices.numel():
@@ -124,7 +125,10 @@ def check_update(worker_id: str, update: Update, expect: Expectation) -> Checked
     if update.nbytes() > expect.max_bytes:
         raise UpdateRejected(f"{who}: update of {update.nbytes()} bytes exceeds the limit of {expect.max_bytes}")
     tensors: dict[str, Decoded] = {}
-    for name, payload in update.payloads.items():
+    # Sparse payloads read together where the codec can (registry.sparse_views: the same tensors in a few torch
+    # calls instead of a few per tensor); None reads each below, which names any error.
+    reads = registry.sparse_views(list(update.payloads.values())) if expect.view == "coordinates" else None
+    for i, (name, payload) in enumerate(update.payloads.items()):
         if tuple(payload.shape) != expect.shapes[name]:
             raise UpdateRejected(
                 f"{who}: tensor {name!r} has shape {list(payload.shape)}, expected {list(expect.shapes[name])}"
@@ -141,7 +145,7 @@ def check_update(worker_id: str, update: Update, expect: Expectation) -> Checked
                 f"{expect.codec!r}"
             )
         try:
-            decoded = _decode(who, name, payload, expect.view)
+            decoded = _decode(who, name, payload, expect.view, reads[i] if reads is not None else None)
         except (PayloadError, ValueError) as err:
             if isinstance(err, UpdateRejected):
                 raise

@@ -100,8 +100,21 @@ def eager_average(stale_avg: Params, own_stale: Params, own_fresh: Params, worke
     return {n: stale_avg[n] + (own_fresh[n] - own_stale[n]) / workers for n in stale_avg}
 
 
-def eager_start(params: Params, own_fresh: Params, own_stale: Params, workers: int, lr: float) -> Params:
-    """Where worker i starts its next inner steps under eager: params - lr * (fresh_i - stale_i) / n.
+def eager_start(
+    params: Params, own_fresh: Params, own_stale: Params, workers: int, lr: float, proxy: str = "share"
+) -> Params:
+    """Where worker i starts its next inner steps under eager.
+
+    proxy "share" (Kale et al.): params - lr * (fresh_i - stale_i) / n, the replica as if its last step had
+    averaged worker i's fresh pseudo-gradient in place of its stale one.
+    proxy "update": params - lr * fresh_i, the replica moved by the outer step of worker i's own fresh update,
+    its estimate of the average still in flight. Our choice, beside the paper's: without it, round t+1 trains
+    from a replica that lacks round t's average, so its pseudo-gradient measures again the progress that
+    average is about to apply, and the two land one after the other (for pseudo-gradients c * (theta - theta*),
+    theta' = theta - c * (theta_prev - theta*), which rings with |root| = sqrt(c) instead of converging at
+    1 - c). Starting from the worker's own estimate of the in-flight step removes that double count as far
+    as the workers agree; under SparseLoCo's per-coordinate averaging over senders a coordinate only worker i
+    sent gets exactly its value. Measured in BENCHMARKS.md (CO2 section, Part B table).
 
     params:    name -> theta [shape], the shared replica (the stale average applied).
     own_fresh: name -> worker i's newest pseudo-gradient [shape]; own_stale: the one the replica's last
@@ -109,10 +122,15 @@ def eager_start(params: Params, own_fresh: Params, own_stale: Params, workers: i
     """
     if workers < 1 or lr <= 0:
         raise ValueError(f"eager_start needs workers >= 1 and lr > 0, got workers={workers}, lr={lr}")
+    if proxy not in ("share", "update"):
+        raise ValueError(f"eager proxy must be 'share' or 'update', got {proxy!r}")
     out = dict(params)
     for name, fresh in own_fresh.items():
         stale = own_stale.get(name)
-        shift = fresh if stale is None else fresh - stale
         work = torch.promote_types(params[name].dtype, torch.float32)
+        if proxy == "update":
+            out[name] = torch.add(params[name].to(work), fresh.to(work), alpha=-lr).to(params[name].dtype)
+            continue
+        shift = fresh if stale is None else fresh - stale
         out[name] = torch.add(params[name].to(work), shift.to(work), alpha=-lr / workers).to(params[name].dtype)
     return out

@@ -115,6 +115,22 @@ def pseudo_gradient(local: Params, global_: Params) -> Params:
     return out
 
 
+def decoded_update(update: Update | None) -> Params:
+    """Every tensor of `update` decoded; sparse payloads read together where their codec can
+    (`registry.sparse_views`), each then scattered as `SparseCompressor.decompress` does."""
+    if update is None:
+        return {}
+    views = registry.sparse_views(list(update.payloads.values()))
+    if views is None:
+        return {n: registry.decode(p) for n, p in update.payloads.items()}
+    out: Params = {}
+    for (name, payload), (indices, values) in zip(update.payloads.items(), views, strict=True):
+        dense = torch.zeros(payload.numel, dtype=payload.dtype, device=values.device)
+        dense[indices] = values
+        out[name] = dense.view(payload.shape)
+    return out
+
+
 @dataclass
 class ShiftAccumulator(Accumulator):
     """Keeps every sender's decoded message until the round closes (ef21 / econtrol need each worker's
@@ -214,7 +230,7 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
                 f"{type(self).__name__} worker state must be the ErrorFeedback from init_worker_state, "
                 f"got {type(state).__name__}"
             )
-        return Update(payloads={n: state.step(n, d) for n, d in deltas.items()}), state
+        return Update(payloads=state.step_all(deltas)), state
 
     def withdraw(self, update: Update, state: ErrorFeedback | None) -> ErrorFeedback | None:
         """A refused update's messages go back into the error feedback (`ErrorFeedback.unsend`), in place."""
@@ -234,10 +250,9 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
     def eager_start(self, params: Params, fresh: Update, stale: Update | None, workers: int) -> Params:
         """Eager's starting point for a worker's next inner steps (protocols/co2_kernels.py `eager_start`),
         from the updates it sent: what the aggregate averaged of it, decoded."""
-        def decoded(update: Update | None) -> Params:
-            return {} if update is None else {n: registry.decode(p) for n, p in update.payloads.items()}
-
-        return eager_start(params, decoded(fresh), decoded(stale), workers, self.outer_lr)
+        proxy = self.overlap.eager_proxy
+        own_stale = {} if proxy == "update" else decoded_update(stale)  # "update" does not use the stale one
+        return eager_start(params, decoded_update(fresh), own_stale, workers, self.outer_lr, proxy)
 
     def apply(self, update: Params, replica: Replica) -> Replica:
         """One outer (Nesterov) SGD step; tensors without an update keep their value and momentum.

@@ -217,6 +217,10 @@ class OverlapConfig(_Strict):
     # Eager (Kale et al., arXiv:2502.12996): each worker starts its next inner steps from the replica nudged
     # by its own fresh pseudo-gradient in place of its stale share (protocols/co2_kernels.py says how and why).
     eager: bool = False
+    # What stands in for the average still in flight when an eager worker starts its next inner steps: "share",
+    # Kale et al.'s own fresh share in place of its stale one; "update", its whole fresh update (our choice,
+    # measured better with SparseLoCo: protocols/co2_kernels.py `eager_start` says why).
+    eager_proxy: Literal["share", "update"] = "share"
 
 
 class RobustConfig(_Strict):

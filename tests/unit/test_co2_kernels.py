@@ -108,3 +108,17 @@ def test_eager_start_moves_the_replica_by_the_fresh_minus_stale_share() -> None:
     assert torch.allclose(eager_start(params, fresh, {}, workers=2, lr=1.0)["w"], params["w"] - fresh["w"] / 2)
     with pytest.raises(ValueError, match="workers >= 1"):
         eager_start(params, fresh, stale, workers=0, lr=0.5)
+
+
+def test_eager_start_with_the_update_proxy_takes_the_whole_fresh_outer_step() -> None:
+    params = {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.5])}
+    fresh = {"w": torch.tensor([0.4, 0.0, -0.4])}
+    stale = {"w": torch.tensor([0.2, 0.0, 0.4])}
+    for own_stale in (stale, {}):  # the stale update plays no part: its average is already in the replica
+        start = eager_start(params, fresh, own_stale, workers=4, lr=0.5, proxy="update")
+        assert torch.equal(start["w"], torch.add(params["w"], fresh["w"], alpha=-0.5))
+        assert start["b"] is params["b"]
+    # Every worker sent the same update: its start is where the in-flight average will take the replica.
+    assert torch.equal(eager_start(params, fresh, stale, 4, 1.0, proxy="update")["w"], params["w"] - fresh["w"])
+    with pytest.raises(ValueError, match="eager proxy"):
+        eager_start(params, fresh, stale, workers=4, lr=0.5, proxy="all")
