@@ -18,7 +18,7 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-T = TypeVar("T", int, float)
+T = TypeVar("T", int, float, str)
 
 
 def comma_list(text: str, kind: Callable[[str], T], valid: Callable[[list[T]], bool], example: str) -> list[T]:

@@ -1,8 +1,9 @@
 """FedSVD vs FFA-LoRA vs FedAvg-LoRA under DP-SGD: private federated LoRA fine-tuning of a pretrained GPT on the
 romances, every speaking role a client, the three protocols on the same seeds, in one invocation.
 
-    python -m bench.fedsvd [--quick] [--seeds 0,1,2] [--reference] [--lr 1.0] [--out fedsvd]
-    python -m bench.fedsvd --sweep 0.3,1,3 [--base CHECKPOINT] [--sweep-out FILE]   # the lr sweep behind HP
+    python -m bench.fedsvd [--quick] [--seeds 0,1,2] [--reference] [--jobs 3] [--lr 1.0] [--rounds 30]
+                           [--fraction 0.25] [--out fedsvd]
+    python -m bench.fedsvd --sweep 0.1,0.2 --methods fedsvd [--base CHECKPOINT] [--sweep-out FILE]   # HP_SWEEP
 
 Run it inside a loopback-only namespace: `deploy/loopback.sh .venv/bin/python -m bench.fedsvd`.
 
@@ -29,20 +30,22 @@ Run it inside a loopback-only namespace: `deploy/loopback.sh .venv/bin/python -m
    central, with or without DP) lowers `eval_loss` and raises `script_eval_loss` (e.g. central SGD on all the
    clients' text, 200 steps: 2.180 -> 2.140 on the lines, 2.190 -> 2.216 on the script). The claim is judged on
    `eval_loss`, the fine-tuning task's own held-out text; `claim_script_eval` judges it on the simulator's.
-4. One set of hyperparameters for all three protocols (`HP`; the paper uses one set too): 10 rounds, 62 of the 125
-   clients per round (fraction 0.5), one local step of up to 64 windows (batch 64; `local_epochs` 1,
-   `max_local_steps` 1), client SGD lr 1.0. Why: the noise multiplier is planned for the worst-placed client
-   (sampling rate 1: dozens of roles hold fewer windows than a batch) in every round, so sigma grows like
-   sqrt(rounds x local steps) whatever the batch; the noise that reaches the aggregate then shrinks with the
-   batch (it is divided by the batch size) and with the clients per round, not with more rounds or local
-   steps (the recipe's batch 16 with 4 local steps over 20 rounds needs sigma 7.3: noise of 7.3 / 16 = 0.46 C
-   per coordinate in a client's mean gradient, against 2.6 / 64 = 0.04 C here). The batch and the clients per
-   round are as large, and the rounds as few, as the 15-minute budget allows. The lr: a sweep (`--sweep`,
-   recorded in `HP_SWEEP`) at seed 100, which is not a reported seed, every protocol at every lr of
-   {0.3, 1, 3}, scored by the mean over the three protocols of the final `eval_loss`: 1.0 won (interior;
-   at 3 FedSVD and FedAvg-LoRA diverge). No per-protocol tuning.
+4. Hyperparameters (`HP`): 30 rounds, 31 of the 125 clients per round (fraction 0.25), one local step of up to 64
+   windows (batch 64; `local_epochs` 1, `max_local_steps` 1), and each protocol's own client SGD lr, the best of
+   a sweep at seed 100, which is not a reported seed (`--sweep`, recorded in `HP_SWEEP`). Why one lr per
+   protocol: one lr is not one step size across these protocols. FedSVD's A has orthonormal rows (norm 1);
+   peft's Kaiming-uniform A has rows of norm about 0.58 (variance 1 / (3 fan_in)). B's gradient G A^T and the
+   change B A both scale with A, so at one lr FedSVD moves the model about 3x further per step than FFA-LoRA,
+   and a shared lr compares step sizes, not protocols (the first version of this bench shared lr 1.0, the best
+   mean over the three protocols: FedSVD was then best on one seed of three). Why one local step of a large
+   batch: the noise multiplier is planned for the worst-placed client (sampling rate 1: dozens of roles hold
+   fewer windows than a batch) in every round, so sigma grows like sqrt(rounds x local steps) whatever the
+   batch; the noise that reaches the aggregate then shrinks with the batch (it is divided by the batch size)
+   and with the clients per round (the recipe's batch 16 with 4 local steps over 20 rounds needs sigma 7.3:
+   noise of 7.3 / 16 = 0.46 C per coordinate in a client's mean gradient, against 4.5 / 64 = 0.07 C here; with
+   it every protocol ends above the base's loss).
 5. No-DP reference (`--reference`, not the claim): the three protocols at the first seed with `dp.enabled: false`,
-   same HP. Off by default: the 9 DP runs take about 12 minutes on an idle 2-core machine, the reference about 4
+   same HP. Off by default: the 9 DP runs take about 25 minutes on an idle 2-core machine, the reference about 8
    more.
 
 Rows: one per (method, seed) and per reference run, plus one aggregate row per method (mean and sample std of
@@ -59,7 +62,7 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,28 +88,36 @@ PRETRAIN_LR = 3e-3
 
 @dataclass(frozen=True)
 class Hyper:
-    """The one set of fine-tuning hyperparameters every protocol shares."""
+    """The fine-tuning hyperparameters: all shared by the three protocols but the client lr (`lr_for`)."""
 
     rounds: int = 10
     fraction: float = 0.5  # of CLIENTS sampled per round
     local_epochs: int = 1
     max_local_steps: int = 1
     batch_size: int = 64
-    lr: float = 1.0  # client SGD
+    lr: float = 1.0  # client SGD, for every protocol `lrs` does not name
+    lrs: dict[str, float] = field(default_factory=dict)  # client SGD lr per protocol (METHODS)
+
+    def lr_for(self, kind: str) -> float:
+        return self.lrs.get(kind, self.lr)
 
 
-HP = Hyper()
-# The lr sweep behind HP.lr (module docstring, item 4): `--sweep 0.3,1,3` from a base pretrained as here (400
-# steps), the other hyperparameters HP's; final eval loss (held-out lines, base 2.1805) per lr and protocol.
+# The lr sweep behind HP.lrs (module docstring, item 4): the runs `--sweep` makes, from a base pretrained as here
+# (400 steps), the other hyperparameters HP's, seed 100 (bench/results/fedsvd_sweep.json, curves included); final
+# eval loss (held-out lines, base 2.1805) per protocol and lr. Two or
+# three lrs a protocol, around its scale (FedSVD's lower: its steps are about 3x longer at one lr); FedSVD's best
+# and FedAvg-LoRA's are at an end of their grids, where the neighbour differs by 0.0012 and 0.0002.
 HP_SWEEP: dict[str, Any] = {
-    "seed": 100, "scored_by": "mean over the three protocols of the final eval_loss (DP)",
+    "seed": 100, "scored_by": "per protocol, the lowest final eval_loss (DP)",
     "final_eval_loss": {
-        "0.3": {"fedsvd": 2.1625, "ffa-lora": 2.1702, "fedavg-lora": 2.1690, "mean": 2.1672},
-        "1.0": {"fedsvd": 2.1584, "ffa-lora": 2.1628, "fedavg-lora": 2.1608, "mean": 2.1607},
-        "3.0": {"fedsvd": 2.8157, "ffa-lora": 2.1741, "fedavg-lora": 4.1872, "mean": 3.0590},
+        "fedsvd": {"0.1": 2.1638, "0.2": 2.1626},
+        "ffa-lora": {"0.3": 2.1672, "0.6": 2.1738},
+        "fedavg-lora": {"0.15": 2.1630, "0.3": 2.1632, "0.6": 2.1849},
     },
-    "chosen": 1.0,
 }
+HP = Hyper(rounds=30, fraction=0.25, lrs={"fedsvd": 0.2, "ffa-lora": 0.3, "fedavg-lora": 0.15})
+# The first version of this bench shared one lr (the best mean over the three of {0.3, 1, 3}) over 10 rounds at
+# fraction 0.5: `--lr 1 --rounds 10 --fraction 0.5` (BENCHMARKS.md keeps its table).
 
 
 @dataclass
@@ -159,7 +170,7 @@ def finetune_config(kind: str, seed: int, hp: Hyper, init_from: str, dp: bool, m
         "simulation": {
             "task": "shakespeare", "partition": "by_role", "clients": clients, "fraction": hp.fraction,
             "rounds": hp.rounds, "local_epochs": hp.local_epochs, "batch_size": hp.batch_size,
-            "max_local_steps": hp.max_local_steps, "lr": hp.lr, "workers": 2, "eval_every": eval_every,
+            "max_local_steps": hp.max_local_steps, "lr": hp.lr_for(kind), "workers": 2, "eval_every": eval_every,
             "dp": {"enabled": dp, **DP},
         },
     })
@@ -334,8 +345,23 @@ def claim(rows: list[dict[str, Any]], seeds: list[int], key: str = "final_eval_l
     }
 
 
-def collect(plan: Plan, log: Callable[[str], None] = print, work_dir: Path | None = None) -> dict[str, Any]:
-    """Pretrain the base, then every (method, seed) under DP and the no-DP reference; the JSON's parts."""
+def _rows(runs: list[tuple[str, int, bool]], plan: Plan, init_from: str, jobs: int) -> Iterator[dict[str, Any]]:
+    """`run_row` of every (method, seed, dp) of `runs`, in that order; with `jobs` > 1 in that many processes
+    at once (a run seeds everything from its arguments, whichever process runs it)."""
+    if jobs <= 1:
+        yield from (run_row(kind, seed, dp, plan, init_from) for kind, seed, dp in runs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(run_row, *zip(*runs, strict=True), [plan] * len(runs), [init_from] * len(runs))
+
+
+def collect(plan: Plan, log: Callable[[str], None] = print, work_dir: Path | None = None,
+            jobs: int = 1) -> dict[str, Any]:
+    """Pretrain the base, then every (method, seed) under DP and the no-DP reference (`jobs` runs at a time);
+    the JSON's parts."""
     rows: list[dict[str, Any]] = []
     torch.set_num_threads(1)  # the pretraining's workers and the simulator's pool are threads
     with tempfile.TemporaryDirectory(prefix="fedsvd-", dir=work_dir) as tmp:
@@ -345,9 +371,9 @@ def collect(plan: Plan, log: Callable[[str], None] = print, work_dir: Path | Non
         runs = [(k, s, True) for s in plan.seeds for k in METHODS]
         if plan.reference:
             runs += [(k, plan.seeds[0], False) for k in METHODS]
-        for kind, seed, dp in runs:
-            row = run_row(kind, seed, dp, plan, base["checkpoint"])
+        for row in _rows(runs, plan, base["checkpoint"], jobs):
             rows.append(row)
+            kind, seed, dp = row["method"], row["seed"], row["dp"]
             eps = "" if row["dp_epsilon_max"] is None else (f", sigma {row['noise_multiplier']:.3f}, "
                                                             f"epsilon spent {row['dp_epsilon_max']:.3f}")
             log(f"{kind} seed {seed}{'' if dp else ' no DP'}: eval {row['base_eval_loss']:.4f} -> "
@@ -407,34 +433,47 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
 SWEEP_SEED = 100  # the lr sweep's seed: none of the reported ones
 
 
-def sweep(plan: Plan, lrs: list[float], out: Path, base: Path | None, log: Callable[[str], None] = print) -> None:
-    """The lr sweep behind HP.lr: every protocol at every lr of `lrs`, under DP, seed SWEEP_SEED, the other
-    hyperparameters `plan.hp`; scored by the mean over the protocols of the final eval loss. Fine-tunes from
-    `base` (a checkpoint or run directory) or from a base pretrained here into <out stem>-base/. Writes `out`
-    (JSON) after every run."""
+def sweep(plan: Plan, lrs: list[float], out: Path, base: Path | None, methods: tuple[str, ...] = METHODS,
+          log: Callable[[str], None] = print) -> None:
+    """The lr sweep behind HP's lrs: each of `methods` at every lr of `lrs`, under DP, seed SWEEP_SEED, the other
+    hyperparameters `plan.hp`; each protocol's lr is the one with its lowest final eval loss (`best_lr`).
+    Fine-tunes from `base` (a checkpoint or run directory) or from a base pretrained here into <out stem>-base/.
+    Writes `out` (JSON) after every run; an existing `out` of the same seed and hp is extended, so a sweep can
+    be run one protocol at a time."""
     import json
 
     torch.set_num_threads(1)
     if base is None:
         made = pretrain(plan.pretrain_steps, plan.max_chars, out.with_name(out.stem + "-base"))
         base = Path(made["checkpoint"])
-    doc: dict[str, Any] = {"seed": SWEEP_SEED, "hp": asdict(plan.hp), "base": str(base), "runs": [],
-                           "scored_by": "mean over fedsvd, ffa-lora, fedavg-lora of the final eval loss (DP)"}
-    for lr in lrs:
-        hp = Hyper(**{**asdict(plan.hp), "lr": lr})
-        for kind in METHODS:
-            cfg = finetune_config(kind, SWEEP_SEED, hp, str(base), True, plan.max_chars, plan.clients,
-                                  plan.script_eval_every)
+    shared = {**asdict(plan.hp), "lrs": {}}
+    doc: dict[str, Any] = {"seed": SWEEP_SEED, "hp": {k: v for k, v in shared.items() if k not in ("lr", "lrs")},
+                           "base": str(base), "runs": [], "scored_by": "per protocol, the lowest final eval loss (DP)"}
+    if out.exists():
+        old = json.loads(out.read_text())
+        if old.get("seed") == doc["seed"] and old.get("hp") == doc["hp"]:
+            doc["runs"] = old["runs"]
+    for kind in methods:
+        for lr in lrs:
+            cfg = finetune_config(kind, SWEEP_SEED, Hyper(**{**shared, "lr": lr}), str(base), True, plan.max_chars,
+                                  plan.clients, plan.script_eval_every)
             run = simulate(cfg)
             run["curve"] = [round(p["eval_loss"], 4) for p in run["curve"]]
+            doc["runs"] = [r for r in doc["runs"] if (r["method"], r["lr"]) != (kind, lr)]
             doc["runs"].append({"method": kind, "lr": lr, **run})
             log(f"sweep {kind} lr {lr:g}: eval {run['base_eval_loss']:.4f} -> {run['final_eval_loss']:.4f}, "
                 f"{run['wall_s']:.1f} s")
+            doc["best_lr"] = best_lrs(doc["runs"])
             out.write_text(json.dumps(doc, indent=2) + "\n")
-        mean = statistics.fmean(r["final_eval_loss"] for r in doc["runs"] if r["lr"] == lr)
-        doc.setdefault("mean_by_lr", {})[str(lr)] = mean
-        log(f"sweep lr {lr:g}: mean final eval loss {mean:.4f}")
-        out.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def best_lrs(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Per protocol among `runs` (method, lr, final_eval_loss): the lr of its lowest final eval loss."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        if r["method"] not in best or r["final_eval_loss"] < best[r["method"]]["final_eval_loss"]:
+            best[r["method"]] = r
+    return {kind: float(r["lr"]) for kind, r in sorted(best.items())}
 
 
 COLUMNS = ["method", "seed", "dp", "final_eval_loss", "final_eval_loss_std", "eval_loss_gain", "final_script_eval_loss",
@@ -471,6 +510,10 @@ def _floats(text: str) -> list[float]:
     return sorted(comma_list(text, float, lambda v: min(v) > 0, "positive numbers like 1,3,10"))
 
 
+def _methods(text: str) -> tuple[str, ...]:
+    return tuple(comma_list(text, str.strip, lambda v: set(v) <= set(METHODS) and len(set(v)) == len(v),
+                            f"distinct protocols among {','.join(METHODS)}"))
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -478,28 +521,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=_ints, help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--pretrain-steps", type=int, help=f"pretraining steps per worker (default "
                                                            f"{Plan.pretrain_steps})")
-    parser.add_argument("--lr", type=float, help=f"the shared client lr (default {HP.lr})")
+    parser.add_argument("--lr", type=float, help="one client lr for every protocol (default: each protocol's own, "
+                                                 "HP.lrs)")
     parser.add_argument("--rounds", type=int, help=f"rounds (default {HP.rounds})")
+    parser.add_argument("--fraction", type=float, help=f"clients sampled per round, a fraction (default {HP.fraction})")
     parser.add_argument("--reference", action="store_true",
                         help="also the no-DP reference: the three protocols at the first seed without DP (+3 runs)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="fine-tuning runs at a time, each in its own process (default 1; the rows are the same)")
     parser.add_argument("--out", help="result name in bench/results (default fedsvd; fedsvd_quick with --quick)")
-    parser.add_argument("--sweep", type=_floats, help="run the lr sweep instead (every protocol at these lrs, DP, "
+    parser.add_argument("--sweep", type=_floats, help="run the lr sweep instead (the --methods at these lrs, DP, "
                                                       f"seed {SWEEP_SEED})")
+    parser.add_argument("--methods", type=_methods, default=METHODS,
+                        help=f"sweep only: the protocols to sweep (default {','.join(METHODS)})")
     parser.add_argument("--sweep-out", type=Path, default=Path("fedsvd_sweep.json"), help="the sweep's JSON file")
     parser.add_argument("--base", type=Path, help="sweep only: fine-tune from this checkpoint instead of pretraining")
     args = parser.parse_args(argv)
+    if args.fraction is not None and not 0 < args.fraction <= 1:
+        parser.error(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     base = QUICK if args.quick else Plan()
-    hp = Hyper(**{**asdict(base.hp), **({"lr": args.lr} if args.lr else {}),
-                  **({"rounds": args.rounds} if args.rounds else {})})
+    hp = Hyper(**{**asdict(base.hp), **({"lr": args.lr, "lrs": {}} if args.lr else {}),
+                  **({"rounds": args.rounds} if args.rounds else {}),
+                  **({"fraction": args.fraction} if args.fraction else {})})
     plan = Plan(pretrain_steps=args.pretrain_steps or base.pretrain_steps, seeds=args.seeds or base.seeds, hp=hp,
                 reference=base.reference or args.reference, max_chars=base.max_chars, clients=base.clients,
                 script_eval_every=base.script_eval_every)
     if args.sweep:
-        sweep(plan, args.sweep, args.sweep_out, args.base)
+        sweep(plan, args.sweep, args.sweep_out, args.base, args.methods)
         return
     out = args.out or ("fedsvd_quick" if args.quick else "fedsvd")
     began = time.perf_counter()
-    doc = collect(plan)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    doc = collect(plan, jobs=args.jobs)
     doc["wall_s"] = time.perf_counter() - began
     rows = doc.pop("rows")
     write_result(out, command_line("bench.fedsvd"), rows, COLUMNS, **doc)

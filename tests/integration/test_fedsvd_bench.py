@@ -20,7 +20,7 @@ from bench.fedsvd import DP, METHODS, QUICK, collect, finetune_config, heldout_l
 
 
 def test_quick_plan(tmp_path: Path) -> None:
-    doc = collect(QUICK, log=lambda _: None, work_dir=tmp_path)
+    doc = collect(QUICK, log=lambda _: None, work_dir=tmp_path, jobs=2)  # the runs in 2 processes
     rows = doc["rows"]
     runs = [r for r in rows if r["seed"] != "mean"]
     dp = [r for r in runs if r["dp"]]
