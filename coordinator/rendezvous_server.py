@@ -22,6 +22,7 @@ import grpc
 
 from coordinator.rendezvous import Rendezvous
 from coordinator.rendezvous_servicer import RendezvousLimits, RendezvousServicer
+from coordinator.sessions import check_open_bind
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc
 from protocols.wire.servicing import SERVER_OPTIONS, UnaryRequestGuard, listen
@@ -34,6 +35,7 @@ REQUEST_WAIT_S = 10.0
 
 class RendezvousServer:
     def __init__(self, cfg: RunConfig, bind: str = "127.0.0.1:0", run_dir: str | Path | None = None) -> None:
+        check_open_bind(bind, bool(cfg.cluster.token), "gossip rendezvous")
         self.cfg = cfg
         self.rendezvous = Rendezvous(cfg, run_dir=run_dir)
         self.servicer = RendezvousServicer(self.rendezvous)

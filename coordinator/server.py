@@ -15,6 +15,7 @@ import grpc
 
 from coordinator.run import CoordinatorRun
 from coordinator.servicer import CallLimits, CoordinatorServicer
+from coordinator.sessions import check_open_bind
 from coordinator.traffic import ControlTraffic
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc
@@ -35,6 +36,7 @@ class CoordinatorServer(CoordinatorRun):
         tls: tuple[bytes, bytes] | tuple[bytes, bytes, bytes] | None = None,
         worker_tokens: dict[str, str] | None = None,
     ) -> None:
+        check_open_bind(bind, bool(cfg.cluster.token or worker_tokens), "coordinator")
         super().__init__(cfg, run_dir, resume, worker_tokens)
         limits = CallLimits.of(cfg)  # room for every bounded long call plus the quick ones (coordinator/servicer.py)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=SERVER_OPTIONS,

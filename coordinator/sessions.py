@@ -10,9 +10,14 @@ The coordinator holds only SHA-256 digests: of each member's session (in the mem
 checkpoint, which lets a coordinator resumed with `--resume` accept its workers' sessions without a re-join)
 and of the worker tokens. Every comparison is constant-time (`hmac.compare_digest`).
 
+A token is required wherever a coordinator can be reached from another machine: `lowband coordinator` and
+`lowband run` make one when none is given (`new_run_token`; the first prints it once, the second hands it to
+its own workers), and a server given none refuses to listen on anything but loopback (`check_open_bind`).
+Only an in-process server on loopback (tests, benches) may run unauthenticated.
+
 The join rule (`Gate.admit`):
-- no run token and no worker tokens: nothing is authenticated; anyone joins under any free or known id, and
-  sessions are issued but not checked;
+- no run token and no worker tokens (loopback only, above): nothing is authenticated; anyone joins under any
+  free or known id, and sessions are issued but not checked;
 - a run token only: a join presenting it takes any id;
 - worker tokens: a worker joins only with its own token and only under its own name (a join that asks for no
   name gets its token's); the run token, if the run has one, admits no join then: it only opens
@@ -23,13 +28,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from collections.abc import Mapping
 
 from coordinator.errors import Code, Rejected
+from protocols.config import ConfigError
 
-# Bytes of randomness in a session credential (token_urlsafe: 43 characters).
+# Bytes of randomness in a session credential (token_urlsafe: 43 characters), and in a generated run token.
 SESSION_BYTES = 32
+RUN_TOKEN_BYTES = 32
 
 
 def digest(secret: str) -> str:
@@ -40,6 +48,29 @@ def digest(secret: str) -> str:
 def matches(secret: str, expected: str) -> bool:
     """Whether `secret` hashes to the digest `expected` (constant-time; an empty digest matches nothing)."""
     return bool(expected) and hmac.compare_digest(digest(secret), expected)
+
+
+def new_run_token() -> str:
+    """A fresh random run secret, for a run started without one."""
+    return secrets.token_urlsafe(RUN_TOKEN_BYTES)
+
+
+def is_loopback(bind: str) -> bool:
+    """Whether the HOST of `bind` (HOST:PORT, `[v6]:PORT`, or a name) is only this machine's loopback."""
+    host = bind.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve to anything
+        return False
+
+
+def check_open_bind(bind: str, authenticated: bool, who: str) -> None:
+    """ConfigError (one line) for a server without any token asked to listen where other machines reach it."""
+    if not authenticated and not is_loopback(bind):
+        raise ConfigError(f"the {who} has no token and {bind!r} is not loopback: a token is required wherever "
+                          f"other machines can connect (cluster.token, or --token / --worker-tokens)")
 
 
 def new_session() -> tuple[str, str]:
@@ -65,6 +96,9 @@ class Gate:
     def admit(self, token: str, requested_id: str) -> str:
         """The id a join presenting `token` takes (`requested_id`, or for a worker token with no id asked, its
         name); Rejected UNAUTHENTICATED otherwise. The refusal names no token and no other worker."""
+        if self.required and not token:
+            raise Rejected(Code.UNAUTHENTICATED, f"no token sent: the {self.who} requires one (a worker gives it "
+                                                 f"with --token or --token-file)")
         if not self.worker_digests:
             if self.run_digest and not matches(token, self.run_digest):
                 raise Rejected(Code.UNAUTHENTICATED, f"bad token: the {self.who}'s token differs from the one sent")

@@ -158,11 +158,34 @@ def _coordinator_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
         cfg = parse_config(apply_overrides(point.checkpoint["config"], list(args.set)))
     else:
         cfg = _load(args)
-    if args.token:
-        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": args.token})})
+    token = _coordinator_token(args)
+    if token:
+        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": token})})
     if point is not None:
         check_resume_point(point, cfg)
     return cfg, point
+
+
+def _coordinator_token(args: argparse.Namespace) -> str:
+    """The run token given to `lowband coordinator`: --token, or the single token of --token-file."""
+    from deploy.tokens import token_from_file
+
+    if args.token_file is None:
+        return str(args.token)
+    if args.token:
+        raise ConfigError("--token and --token-file both give the run's token: drop one of them")
+    return token_from_file(Path(args.token_file), "")
+
+
+def _required_token(cfg: RunConfig, worker_tokens: object) -> tuple[RunConfig, str]:
+    """A token is required (issue 12): a run started with neither a token nor worker tokens gets a fresh random
+    one. Returns the config that holds it and the generated token ("" when one was given), to be shown once."""
+    from coordinator.sessions import new_run_token
+
+    if cfg.cluster.token or worker_tokens:
+        return cfg, ""
+    token = new_run_token()
+    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": token})}), token
 
 
 def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
@@ -175,6 +198,7 @@ def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
     if cfg.protocol.kind == GOSSIP:
         return _serve_rendezvous(cfg, args, run_dir, console)
     worker_tokens = read_worker_tokens(Path(args.worker_tokens)) if args.worker_tokens else None
+    cfg, generated = _required_token(cfg, worker_tokens)
     server = CoordinatorServer(cfg, bind=args.bind, run_dir=run_dir, resume=point,
                                tls=_read_tls(args.tls_cert, args.tls_key, args.tls_client_ca),
                                worker_tokens=worker_tokens).start()
@@ -184,7 +208,7 @@ def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:
     what = f"coordinator for run [bold]{server.state.run_id}[/bold]"
     if point is not None:
         what += f" (resumed at round {point.round} of {rounds} from {point.path})"
-    return _serve_until_finished(server, what, cfg, args, console, plot_utilization)
+    return _serve_until_finished(server, what, cfg, args, console, plot_utilization, generated)
 
 
 class _Terminated(Exception):
@@ -196,14 +220,19 @@ def _raise_terminated(*_: object) -> None:
 
 
 def _serve_until_finished(server: Any, what: str, cfg: RunConfig, args: argparse.Namespace, console: Console,
-                          plot: Callable[[Path], object]) -> int:
+                          plot: Callable[[Path], object], generated_token: str = "") -> int:
     """Announce `server`, wait until its run finished and its workers left, then write the summary and plots
-    (`plot`: the run kind's own, beside loss.png) and print the final table."""
+    (`plot`: the run kind's own, beside loss.png) and print the final table. A `generated_token` is shown
+    here, once: it is nowhere else (never in the run directory)."""
     from deploy.report import plot_loss, print_final
 
     if args.address_file:
         Path(args.address_file).write_text(server.address + "\n")
     console.print(f"{what} listening on {server.address}; waiting for {cfg.cluster.workers} workers")
+    if generated_token:
+        console.print(f"no --token given, so this run's token is {generated_token} (shown only here): start each "
+                      f"worker with `lowband worker --join {server.address} --token {generated_token}`",
+                      highlight=False, soft_wrap=True)
     signal.signal(signal.SIGTERM, _raise_terminated)
     stopped_by = None
     try:
@@ -261,9 +290,10 @@ def _serve_rendezvous(cfg: RunConfig, args: argparse.Namespace, run_dir: Path, c
     if args.resume or args.tls_cert or args.tls_key or args.tls_client_ca or args.worker_tokens:
         raise ConfigError("a gossip run's rendezvous holds no state to resume, serves no TLS and takes the run's "
                           "token only: drop --resume, --tls-cert, --tls-key, --tls-client-ca and --worker-tokens")
+    cfg, generated = _required_token(cfg, None)
     server = RendezvousServer(cfg, bind=args.bind, run_dir=run_dir).start()
     what = f"rendezvous for gossip run [bold]{server.rendezvous.run_id}[/bold]"
-    return _serve_until_finished(server, what, cfg, args, console, plot_consensus)
+    return _serve_until_finished(server, what, cfg, args, console, plot_consensus, generated)
 
 
 def cmd_worker(args: argparse.Namespace, console: Console) -> int:
@@ -403,7 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--bind", default="127.0.0.1:7070", type=bind_address,
                    help="HOST:PORT to listen on (port 0 picks a free one)")
-    p.add_argument("--token", default="", help="shared secret workers must present")
+    p.add_argument("--token", default="", help="shared secret workers must present (without it, nor --token-file "
+                                                "nor --worker-tokens, a random one is made and printed once)")
+    p.add_argument("--token-file", default=None, type=readable_file, metavar="FILE",
+                   help="read the run's token from FILE (its single token; mode 0600), keeping it out of `ps`")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a run from its run directory (or its checkpoint.pt): same run id, workers "
                         "rejoin; without RECIPE the checkpoint's own config is used (give --token again)")

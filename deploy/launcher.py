@@ -28,6 +28,7 @@ from rich.live import Live
 from rich.table import Table
 
 from coordinator.rundir import RunDir
+from coordinator.sessions import new_run_token
 from coordinator.status import tokens_per_s
 from coordinator.tensorboard import write_eval_scalars
 from coordinator.traffic import traffic_of, traffic_per_worker
@@ -153,11 +154,17 @@ def merge_worker_results(summary: dict[str, Any], results: list[dict[str, Any]],
 
 def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: list[dict[str, Any]] | None = None
                     ) -> dict[str, Any]:
-    """A coordinator-driven protocol (diloco, ...). Returns the run summary."""
+    """A coordinator-driven protocol (diloco, ...). Returns the run summary. A run without a token gets a fresh
+    one (a token is required, coordinator/sessions.py), handed to its own coordinator and workers as actor
+    arguments and shown once on the console (for `lowband status`), never written to the run directory."""
+    generated = ""
+    if not cfg.cluster.token:
+        generated = new_run_token()
+        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": generated})})
     cfg_json = cfg.model_dump(mode="json")
     coord = CoordinatorActor.options(num_cpus=0, max_concurrency=8).remote(cfg_json, str(run_dir))  # type: ignore[attr-defined]
     [address] = _await_started([coord.start.remote()], [coord], cfg, "coordinator actor")
-    token = " --token TOKEN" if cfg.cluster.token else ""  # the secret itself stays out of logs
+    token = f" --token {generated or 'TOKEN'}"  # a token given in the recipe stays out of logs
     console.print(f"coordinator listening on {address} (see it with `lowband status {address}{token}`)",
                   highlight=False, soft_wrap=True)
     workers = [WorkerActor.options(**_training_options(cfg, cfg.cluster.cpus_per_worker)).remote()  # type: ignore[attr-defined]
