@@ -12,18 +12,23 @@ from coordinator.errors import Code, Rejected
 TRANSIENT_MEMBER_FIELDS = ("alive", "last_seen")
 
 
-def refuse_past_limit(alive: Mapping[str, bool], limit: int, requested_id: str) -> None:
-    """Refuse a new member past `cluster.workers` (`alive`: every member id -> whether it is alive): shards
-    are dealt by index, so an extra worker would silently train on another one's data. A known id rejoins
-    instead (the caller never asks then); the refusal names the ids not heard from, which a restarted
-    worker would rejoin as."""
-    if len(alive) < limit:
+def refuse_past_limit(alive: Mapping[str, bool], limit: int, requested_id: str, elastic: bool = False) -> None:
+    """Refuse a new member past the limit (`alive`: every member id -> whether it is alive and not departed).
+    With a fixed membership the limit is `cluster.workers` counting every member that ever joined: shards are
+    dealt by join index, so an extra worker would silently train on another one's data. Under elastic
+    membership (coordinator/deal.py) it is `cluster.max_workers` members alive at once, since shards are
+    dealt again over whoever is there. A known id rejoins instead (the caller never asks then); the refusal
+    names the ids not heard from, which a restarted worker would rejoin as."""
+    present = sum(alive.values()) if elastic else len(alive)
+    if present < limit:
         return
     asked = f" as {requested_id[:64]!r}" if requested_id else ""
     absent = sorted(w for w, up in alive.items() if not up)
     hint = f"; not alive: {', '.join(absent)}" if absent else ""
+    field = "max_workers" if elastic else "workers"
     raise Rejected(Code.RESOURCE_EXHAUSTED,
-                   f"the run has all its cluster.workers = {limit} workers ({', '.join(sorted(alive))}{hint}); a "
+                   f"the run has all its cluster.{field} = {limit} workers "
+                   f"({', '.join(sorted(w for w, up in alive.items() if up or not elastic))}{hint}); a "
                    f"new worker cannot join{asked}. A restarted worker rejoins under its id: "
                    f"`lowband worker --name ID`")
 

@@ -238,8 +238,10 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
                                                   f"{req.max_wait_s}")
         wait = min(req.max_wait_s or MAX_WAIT_S, MAX_WAIT_S)
         with self.wait_slots.hold():
-            round_, phase, state_hash = self.state.wait_for_round(req.after_round, wait)
-        info = m.RoundInfo(round_, _PHASE[phase], state_hash, self.state.total_rounds, self.state.target_round_s)
+            round_, phase, state_hash, (epoch, shard, shards) = self.state.wait_for_round_dealt(
+                req.envelope.worker_id, req.after_round, wait)
+        info = m.RoundInfo(round_, _PHASE[phase], state_hash, self.state.total_rounds, self.state.target_round_s,
+                           membership_epoch=epoch, shard_index=shard, shard_count=shards)
         return serde.to_pb(info)
 
     @answered

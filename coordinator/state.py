@@ -30,6 +30,7 @@ from compression.payload import Payload
 from coordinator.base_attest import attested_base
 from coordinator.checkpoint import redacted
 from coordinator.deadline import DeadlinePolicy
+from coordinator.deal import Deal, next_deal
 from coordinator.errors import Code, Rejected
 from coordinator.membership import TRANSIENT_MEMBER_FIELDS, Member, refuse_past_limit
 from coordinator.round_record import OpenRound, RoundRecord, check_metrics, closed_record
@@ -115,6 +116,9 @@ class CoordinatorState:
         # Digest of the frozen base weights under adapters: the first one attested (or the checkpoint's).
         self.base_digest = ""
         self._current: OpenRound | None = None
+        # Elastic membership's shard deal (coordinator/deal.py), dealt anew as each round opens; None when the
+        # membership is fixed (every member keeps the shard of its join index).
+        self.deal: Deal | None = None
         self.deadline = DeadlinePolicy(cfg.cluster)
         # The round's target compute time for adaptive inner steps (protocols/local_updates.py); 0 = none yet.
         self.target_round_s = 0.0
@@ -155,11 +159,14 @@ class CoordinatorState:
                 raise Rejected(Code.FAILED_PRECONDITION, "the run has finished; no new workers are accepted")
             if requested_id and requested_id in self.members:
                 member = self.members[requested_id]  # a reconnect keeps its index and counters
+                if self.cfg.cluster.elastic and (member.left or not member.alive):
+                    # Its place may have been taken meanwhile: only max_workers members are ever here at once.
+                    refuse_past_limit(self._present(), self.cfg.cluster.member_limit, requested_id, elastic=True)
                 with self._tally:
                     member.alive, member.last_seen, member.hostname, member.left = True, self.clock(), hostname, False
             else:
-                refuse_past_limit({w: m.alive for w, m in self.members.items()}, self.cfg.cluster.workers,
-                                  requested_id)
+                refuse_past_limit(self._present(), self.cfg.cluster.member_limit, requested_id,
+                                  self.cfg.cluster.elastic)
                 index = len(self.members)
                 worker_id = requested_id or next(f"w{k}" for k in itertools.count(index) if f"w{k}" not in self.members)
                 member = Member(worker_id=worker_id, index=index, hostname=hostname, last_seen=self.clock())
@@ -173,6 +180,11 @@ class CoordinatorState:
             self._maybe_start()
             self._cond.notify_all()
             return member, session
+
+    def _present(self) -> dict[str, bool]:
+        """Every member id -> whether it is here (alive and not departed)."""
+        with self._tally:
+            return {w: m.alive and not m.left for w, m in self.members.items()}
 
     def must_offer_state(self, worker_id: str) -> bool:
         """Whether this worker is the one asked to offer the initial parameters."""
@@ -370,6 +382,10 @@ class CoordinatorState:
             )
         if round_ == current.number and worker_id in current.reported:
             raise Rejected(Code.ALREADY_EXISTS, f"worker {worker_id} already sent its update for round {round_}")
+        if self.deal is not None and worker_id not in self.deal:
+            raise Rejected(Code.FAILED_PRECONDITION,
+                           f"worker {worker_id} joined while round {round_} was open and is dealt no shard in it "
+                           f"(elastic membership): it trains from the next round")
         return member, current
 
     def submit(
@@ -496,6 +512,12 @@ class CoordinatorState:
                 self._cond.wait(min(left, 1.0))
             return self.round, self.phase, self.state_hash
 
+    def wait_for_round_dealt(self, worker_id: str, after_round: int, timeout: float
+                             ) -> tuple[int, Phase, str, tuple[int, int, int]]:
+        """`wait_for_round`, and this worker's `shard_for` in the round it returns (read under the same lock)."""
+        with self._cond:
+            return (*self.wait_for_round(after_round, timeout), self.shard_for(worker_id))
+
     def members_copy(self) -> list[Member]:
         """A consistent copy of the member table, for progress displays and summaries."""
         with self._cond, self._tally:
@@ -542,6 +564,24 @@ class CoordinatorState:
     def _open_round(self) -> None:
         self._current = OpenRound(self.round, self.clock())
         self.start_hashes[self.round] = self.state_hash
+        if self.cfg.cluster.elastic:
+            with self._tally:
+                here = [(m.index, m.worker_id) for m in self.members.values() if m.alive and not m.left]
+            self.deal = next_deal(self.deal, self.round, here)
+
+    def shard_for(self, worker_id: str) -> tuple[int, int, int]:
+        """(membership epoch, shard index, shard count) of this worker in the open round under elastic
+        membership (index NOT_DEALT: it joined while the round was open and sits it out); (0, 0, 0) with a
+        fixed membership, where a worker keeps its join index's shard."""
+        with self._cond:
+            deal = self.deal
+            if deal is None:
+                return 0, 0, 0
+            return deal.since, deal.shard_of(worker_id), len(deal.members)
+
+    def _dealt(self, worker_ids: set[str]) -> set[str]:
+        """Those of `worker_ids` the open round was dealt to (all of them with a fixed membership)."""
+        return worker_ids if self.deal is None else {w for w in worker_ids if w in self.deal}
 
     def _maybe_start(self) -> None:
         if self.phase is not Phase.WAITING or self.aggregator is None:
@@ -559,10 +599,11 @@ class CoordinatorState:
         current = self._current
         if self.phase is not Phase.TRAINING or current is None or self.aggregator is None:
             return
-        live = {m.worker_id for m in self.members.values() if m.alive}
+        live = self._dealt({m.worker_id for m in self.members.values() if m.alive})
         reported = set(current.reported)
         if reported and live <= reported and len(reported) >= self.cfg.cluster.quorum:
-            closed_by = "all"  # every live worker, and at least the quorum: lapsed heartbeats cannot bypass it
+            # Every live worker dealt into the round, and at least the quorum: lapsed heartbeats cannot bypass it.
+            closed_by = "all"
         elif (
             self.clock() - current.started >= self.deadline.deadline_s()
             and len(reported) >= self.cfg.cluster.quorum

@@ -173,6 +173,24 @@ class RunConfig(_Strict):
                                  f"{self.cluster.transport!r}")
         return self
 
+    @model_validator(mode="after")
+    def _elastic_fits(self) -> RunConfig:
+        """Elastic membership re-deals shards at round boundaries of a coordinator's synchronous rounds, for the
+        averaging protocols (others key state by sender, and CO2's overlapped rounds have no boundary at
+        which every worker stands)."""
+        if not self.cluster.elastic:
+            return self
+        if self.protocol.kind not in STRAGGLER_KINDS:
+            raise ValueError(f"cluster.elastic is for protocol.kind {' or '.join(STRAGGLER_KINDS)}, not "
+                             f"{self.protocol.kind!r}")
+        if self.cluster.transport not in ("grpc", "inproc"):
+            raise ValueError(f"cluster.elastic needs a coordinator (cluster.transport 'grpc' or 'inproc'), not "
+                             f"{self.cluster.transport!r}")
+        overlap = getattr(self.protocol, "overlap", None)
+        if overlap is not None and overlap.enabled:
+            raise ValueError("cluster.elastic needs synchronous rounds: set protocol.overlap.enabled false")
+        return self
+
     @property
     def rounds(self) -> int:
         """Outer rounds needed to spend `train.steps` inner steps (the last round may be short)."""

@@ -317,6 +317,11 @@ class ClusterConfig(_Strict):
     fold_order: Literal["arrival", "worker"] = "arrival"
     workers: PositiveInt = 4
     min_workers: PositiveInt | None = None  # quorum at the deadline; None = all workers
+    # Elastic membership (coordinator/deal.py): workers may join past `workers`, up to `max_workers`, and
+    # leave; at every round boundary the data shards are dealt again over the members then alive, so that no
+    # two workers ever train on one shard. `workers` is still how many start the run.
+    elastic: bool = False
+    max_workers: PositiveInt | None = None  # elastic only: most members at once; None = `workers`
     round_deadline_s: PositiveFloat = 300.0
     # When a round that has its quorum but not every live worker closes (coordinator/deadline.py): `fixed`
     # = `round_deadline_s` after it opened; `adaptive` = `deadline_factor` times the `deadline_quantile` of
@@ -352,7 +357,18 @@ class ClusterConfig(_Strict):
     def _quorum_fits(self) -> ClusterConfig:
         if self.min_workers is not None and self.min_workers > self.workers:
             raise ValueError(f"min_workers ({self.min_workers}) cannot exceed workers ({self.workers})")
+        if self.max_workers is not None and not self.elastic:
+            raise ValueError("max_workers is for elastic membership: set elastic: true, or drop max_workers "
+                             "(a fixed membership has exactly `workers`)")
+        if self.max_workers is not None and self.max_workers < self.workers:
+            raise ValueError(f"max_workers ({self.max_workers}) cannot be below workers ({self.workers}), the "
+                             f"members a run starts with")
         return self
+
+    @property
+    def member_limit(self) -> int:
+        """Most members a run admits: `workers`, or under elastic membership `max_workers`."""
+        return (self.max_workers or self.workers) if self.elastic else self.workers
 
     @property
     def quorum(self) -> int:

@@ -154,9 +154,9 @@ class Shard:
         return BatchSampler(self.tokens, batch_size, block_size, torch.Generator().manual_seed(self.seed))
 
 
-def _stream_seed(seed: int, worker_index: int) -> int:
-    # SeedSequence mixes (seed, worker) so no two (run, worker) pairs share a stream, unlike seed + index.
-    return int(np.random.SeedSequence([seed, worker_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def _stream_seed(seed: int, *keys: int) -> int:
+    # SeedSequence mixes (seed, worker[, epoch]) so no two such tuples share a stream, unlike seed + index.
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def deal_plays(sizes: Sequence[int], num_workers: int) -> list[list[int]]:
@@ -197,11 +197,14 @@ class Corpus:
         return torch.cat(self.eval)
 
     def shard(
-        self, worker_index: int, num_workers: int, split: Literal["iid", "by_play"] = "iid", seed: int = 0
+        self, worker_index: int, num_workers: int, split: Literal["iid", "by_play"] = "iid", seed: int = 0,
+        stream_keys: tuple[int, ...] = (),
     ) -> Shard:
+        """Shard `worker_index` of `num_workers`; its sampling stream is keyed by `stream_keys` (default: the
+        shard index; elastic membership keys it by the worker's join index and the deal's epoch)."""
         if not 0 <= worker_index < num_workers:
             raise ValueError(f"worker_index {worker_index} is outside [0, {num_workers})")
-        stream = _stream_seed(seed, worker_index)
+        stream = _stream_seed(seed, *(stream_keys or (worker_index,)))
         if split == "iid":
             return Shard(self.train_tokens, self.plays, stream)
         if split != "by_play":

@@ -47,6 +47,10 @@ class WorkerResult:
     dropped_tokens: int = 0  # tokens trained for updates that were dropped (in no aggregate)
     slowdown: float = 1.0  # the straggler factor this worker ran under (faults.stragglers)
     steps_per_round: list[int] = field(default_factory=list)  # inner steps run each round (adaptive: fewer)
+    # Elastic membership: {round, epoch, shard, shards, plays} each time this worker was dealt a new shard, and
+    # the rounds it sat out (it joined while they were open).
+    deals: list[dict[str, Any]] = field(default_factory=list)
+    sat_out: list[int] = field(default_factory=list)
     resyncs: int = 0  # whole replicas pulled after the start
     state_hashes: list[str] = field(default_factory=list)  # the replica's digest after every round
     param_hash: str = ""  # params_digest of the final replica's parameters
@@ -174,6 +178,10 @@ class RoundLoop:
             if status.state_hash and status.state_hash != self._digest(replica):
                 replica = self._resync(f"the replica at round {replica.round} differs from the aggregator's")
                 continue
+            if not self._take_deal(replica.round):  # joined mid-round (elastic): dealt into the next one
+                self.result.sat_out.append(replica.round)
+                self.session.continue_from(self.transport.status(replica.round).round)
+                continue
             began = time.perf_counter()
             before = copy.deepcopy(state)  # a refused update leaves the error feedback as if it was never made
             handle, state, compute_s, _ = self._train(replica.round, replica, replica.params, state)
@@ -183,6 +191,20 @@ class RoundLoop:
                 state = before
             replica = self._absorb(replica.round, outcome, replica)
             self._account(began, compute_s, time.perf_counter() - waited)
+
+    def _take_deal(self, round_: int) -> bool:
+        """Train round `round_` on the shard the aggregator dealt this worker (elastic membership: re-shard when
+        the deal moved); False when it dealt none (the worker joined while the round was open)."""
+        epoch, shard, shards = self.transport.deal
+        if shards == 0:  # a fixed membership: the join index's shard, for the whole run
+            return True
+        if shard < 0:
+            return False
+        if self.session.deal != (epoch, shard, shards):
+            plays = self.session.reshard(epoch, shard, shards)
+            self.result.deals.append({"round": round_, "epoch": epoch, "shard": shard, "shards": shards,
+                                      "plays": list(plays)})
+        return True
 
     def _run_overlapped(self, replica: Replica, state: Any) -> tuple[Replica, RoundStatus]:
         """CO2: round t's exchange runs while round t+1 trains. Round t trains from the replica that has every

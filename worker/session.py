@@ -37,6 +37,8 @@ class Session:
     eval_batches: list[Batch]
     device: torch.device
     started: float = field(default_factory=time.monotonic)
+    # Elastic membership's deal this session trains on (see `reshard`); (0, 0, 0): the join index's shard.
+    deal: tuple[int, int, int] = (0, 0, 0)
 
     @classmethod
     def build(
@@ -107,6 +109,16 @@ class Session:
             next(self.trainer.sampler)
         self.trainer.step_count += skipped
         return skipped
+
+    def reshard(self, epoch: int, shard: int, shards: int) -> tuple[str, ...]:
+        """Elastic membership (coordinator/deal.py): train on shard `shard` of `shards` from the next step on.
+        The batch stream is keyed by this worker's join index and the deal's epoch, so no two workers, and no
+        two deals of one worker, draw the same stream. Returns the plays of the new shard."""
+        cfg = self.cfg
+        part = self.corpus.shard(shard, shards, cfg.data.split, cfg.seed, stream_keys=(self.index, epoch))
+        self.trainer.sampler = part.sampler(cfg.data.batch_size, cfg.model.block_size)
+        self.deal = (epoch, shard, shards)
+        return part.plays
 
     def save_checkpoint(self, path: str | Path, params: Params, round_: int, run_id: str) -> None:
         """A plain checkpoint (`lowband sample` reads it as it reads the coordinator's)."""

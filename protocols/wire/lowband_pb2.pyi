@@ -824,6 +824,9 @@ class RoundInfo(_message.Message):
     STATE_HASH_FIELD_NUMBER: _builtins.int
     ROUNDS_TOTAL_FIELD_NUMBER: _builtins.int
     TARGET_ROUND_S_FIELD_NUMBER: _builtins.int
+    MEMBERSHIP_EPOCH_FIELD_NUMBER: _builtins.int
+    SHARD_INDEX_FIELD_NUMBER: _builtins.int
+    SHARD_COUNT_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     """The coordinator's current round."""
     phase: Global___Phase.ValueType
@@ -836,6 +839,15 @@ class RoundInfo(_message.Message):
     """Target compute seconds of the open round for adaptive inner steps (protocols/local_updates.py): H times
     the fastest step time measured in the round before. 0 = no target yet (run every inner step).
     """
+    membership_epoch: _builtins.int
+    """Elastic membership (cluster.elastic; coordinator/deal.py): the shards are dealt again at round boundaries
+    over the members then alive. All three are 0 with a fixed membership: a worker keeps its join index's shard.
+    The round the current deal took effect: a new value means shards moved.
+    """
+    shard_index: _builtins.int
+    """The requester's shard in the open round; -1: it joined mid-round, sits it out."""
+    shard_count: _builtins.int
+    """Members the open round's shards are dealt over."""
     def __init__(
         self,
         *,
@@ -844,10 +856,13 @@ class RoundInfo(_message.Message):
         state_hash: _builtins.str = ...,
         rounds_total: _builtins.int = ...,
         target_round_s: _builtins.float = ...,
+        membership_epoch: _builtins.int = ...,
+        shard_index: _builtins.int = ...,
+        shard_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["phase", b"phase", "round", b"round", "rounds_total", b"rounds_total", "state_hash", b"state_hash", "target_round_s", b"target_round_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["membership_epoch", b"membership_epoch", "phase", b"phase", "round", b"round", "rounds_total", b"rounds_total", "shard_count", b"shard_count", "shard_index", b"shard_index", "state_hash", b"state_hash", "target_round_s", b"target_round_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -220,6 +220,12 @@ class RoundInfo:
     state_hash: str
     rounds_total: int
     target_round_s: float = 0.0
+    # Elastic membership (coordinator/deal.py): the round the current shard deal took effect, and the
+    # requester's shard in it (NOT_DEALT = -1: it joined mid-round and sits the round out) of `shard_count`.
+    # All 0 with a fixed membership: a worker keeps the shard of its join index.
+    membership_epoch: int = 0
+    shard_index: int = 0
+    shard_count: int = 0
 
 
 @dataclass(frozen=True)

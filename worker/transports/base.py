@@ -81,6 +81,9 @@ class Transport(ABC):
     # The round's target compute time the aggregator last named, for adaptive inner steps
     # (protocols/local_updates.py); 0.0 = none (run every inner step).
     target_round_s: float = 0.0
+    # Elastic membership's deal the aggregator last named for this worker (coordinator/deal.py): (membership
+    # epoch, shard index, shard count); shard index -1 = sit the open round out; (0, 0, 0) = fixed membership.
+    deal: tuple[int, int, int] = (0, 0, 0)
     _sent: int = 0
     _received: int = 0
 

@@ -66,6 +66,7 @@ class GrpcTransport(StarTransport):
     def _wait(self, after_round: int) -> tuple[int, str, str]:
         info = self.client.wait_round(after_round)
         self.target_round_s = info.target_round_s
+        self.deal = (info.membership_epoch, info.shard_index, info.shard_count)
         return info.round, info.phase.value, info.state_hash
 
     def _push(self, round_: int, update: Update, metrics: dict[str, float]) -> PushOutcome:

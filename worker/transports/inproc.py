@@ -34,7 +34,8 @@ class RoundService(Protocol):
     def must_offer_state(self, worker_id: str) -> bool: ...
     def offer_initial_state(self, worker_id: str, token: str, payloads: dict[str, Payload],
                             wire_bytes: int = 0) -> None: ...  # fmt: skip
-    def wait_for_round(self, after_round: int, timeout: float) -> tuple[int, Any, str]: ...
+    def wait_for_round_dealt(self, worker_id: str, after_round: int, timeout: float
+                             ) -> tuple[int, Any, str, tuple[int, int, int]]: ...  # fmt: skip
     def submit(self, worker_id: str, token: str, round_: int, update: Update, metrics: dict[str, float],
                wire_bytes: int) -> int: ...  # fmt: skip
     def aggregate_for(self, worker_id: str, token: str, round_: int) -> tuple[Aggregate, str, int | None]: ...
@@ -65,7 +66,7 @@ class InprocTransport(StarTransport):
         return Replica(self.state.round, {n: t.clone() for n, t in params.items()})
 
     def _wait(self, after_round: int) -> tuple[int, str, str]:
-        round_, phase, state_hash = self.state.wait_for_round(after_round, WAIT_S)
+        round_, phase, state_hash, self.deal = self.state.wait_for_round_dealt(self.worker_id, after_round, WAIT_S)
         self.target_round_s = self.state.target_round_s
         return round_, phase.value, state_hash
 
