@@ -5,6 +5,10 @@ the next round, and no shard trained by two workers in one round. The state mach
 from __future__ import annotations
 
 import re
+import threading
+import time
+from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +22,9 @@ from protocols.config import PROTOCOL_VERSION, ConfigError, parse_config
 from protocols.registry import build_protocol
 from tests.conftest import tiny_config
 from worker.data import load_corpus
+from worker.loop import RoundLoop
+from worker.session import Session
+from worker.transports.inproc import InprocTransport
 
 
 def _state(elastic: bool, workers: int = 2, max_workers: int | None = 3, min_workers: int | None = None
@@ -120,3 +127,38 @@ def test_elastic_config_errors_name_what_is_wrong() -> None:
         parse_config({**base, "protocol": {"kind": "econtrol"}, "cluster": {**base["cluster"], "elastic": True}})
     with pytest.raises(ConfigError, match=r"cluster\.elastic needs a coordinator"):
         parse_config({**base, "cluster": {**base["cluster"], "elastic": True, "transport": "allgather"}})
+
+
+def test_a_worker_loop_that_joins_mid_round_sits_it_out_then_trains_on_its_deal() -> None:
+    """A real RoundLoop over the in-process transport joins a two-worker elastic run while round 0 is open:
+    it sits round 0 out (pushing nothing), resyncs, and trains rounds 1 and 2 on shard 2 of 3, while the test
+    stands in for the other two workers' pushes to the same state machine."""
+    cfg = tiny_config(data={"batch_size": 8, "max_chars": 60_000, "split": "by_play"}, train={"steps": 15},
+                      cluster={"workers": 2, "elastic": True, "max_workers": 3, "heartbeat_timeout_s": 1000.0,
+                               "round_deadline_s": 1000.0})
+    protocol = build_protocol(cfg)
+    state = CoordinatorState(cfg, protocol)
+    params = Session.build(cfg, 0, 2, evaluates=False).params()
+    w0, w1 = _join(state), _join(state)
+    state.offer_initial_state(w0, "", {n: dense(t) for n, t in params.items()})
+    transport = InprocTransport(state)  # joins as w2 while round 0 is open
+    loop = RoundLoop(Session.build(cfg, transport.index, 2, evaluates=False), transport, protocol)
+    done: list[Any] = []
+    thread = threading.Thread(target=lambda: done.append(loop.run()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while loop.result.sat_out != [0]:
+        assert time.monotonic() < deadline and thread.is_alive(), "the joiner never sat round 0 out"
+        time.sleep(0.01)
+    zero = Update({n: dense(torch.zeros_like(t)) for n, t in params.items()})
+    for round_ in range(3):
+        while state.round < round_:
+            time.sleep(0.01)
+        for worker in (w0, w1):
+            state.submit(worker, "", round_, replace(zero, base=state.start_hashes[round_]), {"tokens": 1.0}, 10)
+    thread.join(60)
+    assert done, "the joiner's loop did not finish"
+    result = done[0]
+    assert result.sat_out == [0] and result.rounds == 2 and result.resyncs == 1
+    assert [(d["round"], d["shard"], d["shards"]) for d in result.deals] == [(1, 2, 3)]
+    assert [len(r.workers) for r in state.history] == [2, 3, 3]
