@@ -26,7 +26,9 @@ HEARTBEATS_PER_ROUND = 7
 
 @pytest.fixture
 def server() -> Iterator[CoordinatorServer]:
-    cfg = tiny_config(train={"steps": 5 * ROUNDS, "lr": 1e-2}, cluster={"workers": 1, "heartbeat_interval_s": 60})
+    cfg = tiny_config(train={"steps": 5 * ROUNDS, "lr": 1e-2}, cluster={"workers": 1,
+                                                                                "heartbeat_interval_s": 60,
+                                                                                "heartbeat_timeout_s": 600})
     running = CoordinatorServer(cfg, bind="127.0.0.1:0").start()
     yield running
     running.stop(0)

@@ -109,7 +109,7 @@ def test_silent_workers_are_dropped_by_the_ticker() -> None:
     rv = Rendezvous(_cfg(2), clock=lambda: now[0])
     ids = _joined(rv, 2)
     rv.report(ids[0], s(rv, ids[0]), 0, _metrics(1.0, 1, [0.0]))
-    now[0] = 31.0  # cluster.heartbeat_timeout_s is 30
+    now[0] = 31.0  # past cluster.heartbeat_timeout_s (4 by default)
     rv.heartbeat(ids[0], s(rv, ids[0]), step=5, loss=1.0)
     rv.tick()
     assert not rv.members["w1"].alive and rv.members["w0"].alive and [r["round"] for r in rv.rows] == [0]
