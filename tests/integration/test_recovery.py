@@ -21,7 +21,7 @@ from coordinator.checkpoint import load_checkpoint, state_digest
 from coordinator.server import CoordinatorServer
 from protocols.base import Update
 from tests.conftest import tiny_config
-from tests.integration.procs import finish, start_coordinator, start_worker, wait_for, write_recipe
+from tests.integration.procs import PROC_TOKEN, finish, start_coordinator, start_worker, wait_for, write_recipe
 from worker.client import CoordinatorClient
 
 # DiLoCo with an int8 downlink under EF14: outer momentum in the replica and a residual on the coordinator,
@@ -155,7 +155,7 @@ def test_an_update_acknowledged_after_the_last_checkpoint_is_pushed_again_to_the
     cfg = tiny_config(run_dir=str(tmp_path / "runs"), protocol=PROTOCOL, cluster=CLUSTER, train__steps=12)
     run_dir = tmp_path / "runs" / "tiny"
     first, address = start_coordinator(write_recipe(cfg, tmp_path / "tiny.yaml"), tmp_path)
-    clients = [CoordinatorClient(address, retry_for_s=120) for _ in range(2)]
+    clients = [CoordinatorClient(address, token=PROC_TOKEN, retry_for_s=120) for _ in range(2)]
 
     def push(c: CoordinatorClient, r: int, value: float) -> None:
         c.push(r, Update({"w": dense(torch.full((3, 2), value))}), {"tokens": 10.0})
@@ -184,7 +184,8 @@ def test_an_update_acknowledged_after_the_last_checkpoint_is_pushed_again_to_the
         waiting.start()  # w0 waits for round 1 to close, as a worker does after its push
         first.send_signal(signal.SIGKILL)
         assert first.wait(timeout=30) == -signal.SIGKILL
-        second = CoordinatorServer(cfg, bind=address, run_dir=run_dir, resume=run_dir).start()
+        tokened = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": PROC_TOKEN})})
+        second = CoordinatorServer(tokened, bind=address, run_dir=run_dir, resume=run_dir).start()
         try:
             assert second.state.round == 1 and not second.state.folded
             wait_for(lambda: clients[0].reconnects > 0, 60, "w0's client to see the connection fail")
