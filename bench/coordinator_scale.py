@@ -79,6 +79,13 @@ def bench_config(workers: int, rounds: int, model: dict[str, int]) -> dict[str, 
 
 
 def _wait_file(path: Path, procs: list[subprocess.Popen[bytes]], timeout: float) -> dict[str, Any]:
+    _wait_path(path, procs, timeout)
+    doc: dict[str, Any] = json.loads(path.read_text())
+    return doc
+
+
+def _wait_path(path: Path, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Until `path` exists; RuntimeError with its log's tail if one of `procs` failed meanwhile."""
     deadline = time.monotonic() + timeout
     while not path.exists():
         for p in procs:
@@ -88,8 +95,6 @@ def _wait_file(path: Path, procs: list[subprocess.Popen[bytes]], timeout: float)
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {path}")
         time.sleep(0.05)
-    doc: dict[str, Any] = json.loads(path.read_text())
-    return doc
 
 
 def _spawn(work: Path, *args: str) -> subprocess.Popen[bytes]:
@@ -121,6 +126,7 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
         spec["address"] = ready["address"]
         (work / "spec.json").write_text(json.dumps(spec))
         procs.append(_spawn(work, "probe"))
+        _wait_path(work / "probe_ready", procs, 300)
         started = time.monotonic()
         procs += [_spawn(work, "clients", str(i)) for i in range(len(spec["clients"]))]
         try:

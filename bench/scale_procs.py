@@ -203,6 +203,8 @@ def run_probe(spec: dict[str, Any], work: Path) -> None:
         except grpc.RpcError:
             ok = False
         samples.append((wall, time.monotonic() - t0, ok))
+        if len(samples) == 1:  # the clients start only now, so even a short run is probed (bench.coordinator_scale)
+            (work / "probe_ready").touch()
         time.sleep(max(0.0, PROBE_PERIOD_S - (time.monotonic() - t0)))
     channel.close()
     _write(work / "probe.json", {"samples": samples})
