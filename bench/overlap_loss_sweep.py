@@ -1,6 +1,6 @@
 """Eval loss of overlapped (CO2) SparseLoCo and DiLoCo variants at bench.overlap's budget, in process.
 
-    python -m bench.overlap_loss_sweep [--only LABEL,...] [--out overlap_loss_sweep]
+    python -m bench.overlap_loss_sweep [--only LABEL,...] [--steps 384] [--out overlap_loss_sweep]
 
 A run's eval loss does not depend on the link (BENCHMARKS.md, CO2 section), so the loss side of
 bench.overlap's targets can be explored without links or processes: every variant here is
@@ -21,9 +21,11 @@ import torch
 
 from bench.common import command_line, write_result
 from bench.overlap_runs import run_config
+from deploy.cli_args import positive_int
 from protocols.config import parse_config
 
-COLUMNS = ["label", "contender", "changes", "eval_loss", "vs_diloco_sync", "seconds"]
+COLUMNS = ["label", "contender", "changes", "steps", "eval_loss", "vs_diloco_sync", "seconds"]
+STEPS = 384
 PAPER, SHORT = {"compression": {"decay": 0.95}}, {"compression": {"decay": 0.8}}
 NO_PENALTY = {"overlap": {"penalty": False}}
 UPDATE_PROXY = {"overlap": {"eager_proxy": "update"}}
@@ -49,11 +51,20 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("sparseloco-eager update decay 0.8 no penalty", "sparseloco-eager",
      {**SHORT, "overlap": {"eager_proxy": "update", "penalty": False}}),
     ("sparseloco-eager update decay 0.65", "sparseloco-eager", {"compression": {"decay": 0.65}, **UPDATE_PROXY}),
+    # Denser top-k (the default keeps 1.5% of every chunk): more of the pseudo-gradient goes out each round.
+    *[(f"sparseloco-sync decay 0.8 density {d}", "sparseloco-sync", {"compression": {"decay": 0.8, "density": d}})
+      for d in (0.03, 0.06)],
+    *[(f"sparseloco-co2 decay 0.8 density {d}", "sparseloco-co2", {"compression": {"decay": 0.8, "density": d}})
+      for d in (0.03, 0.06, 0.12)],
+    *[(f"sparseloco-eager update decay 0.8 density {d}", "sparseloco-eager",
+       {"compression": {"decay": 0.8, "density": d}, **UPDATE_PROXY}) for d in (0.03, 0.06, 0.12)],
+    ("sparseloco-eager update decay 0.65 density 0.06", "sparseloco-eager",
+     {"compression": {"decay": 0.65, "density": 0.06}, **UPDATE_PROXY}),
 ]
 
 
-def config(contender: str, changes: dict[str, Any]) -> Any:
-    data = run_config(contender, 384, inner_steps=32).model_dump()
+def config(contender: str, changes: dict[str, Any], steps: int = STEPS) -> Any:
+    data = run_config(contender, steps, inner_steps=32).model_dump()
     data["cluster"].update({"transport": "inproc", "fold_order": "worker"})
     data["link"] = None
     for key, value in changes.items():
@@ -62,13 +73,13 @@ def config(contender: str, changes: dict[str, Any]) -> Any:
     return parse_config(data)
 
 
-def run(label: str, contender: str, changes: dict[str, Any]) -> dict[str, Any]:
+def run(label: str, contender: str, changes: dict[str, Any], steps: int = STEPS) -> dict[str, Any]:
     from deploy.inproc import run_inproc  # deploy imports the whole stack: only when a run is due
 
     began = time.perf_counter()
-    _, results = run_inproc(config(contender, changes))
+    _, results = run_inproc(config(contender, changes, steps))
     losses = [r.final_eval_loss for r in results if r.final_eval_loss is not None]
-    return {"label": label, "contender": contender, "changes": changes, "eval_loss": losses[0],
+    return {"label": label, "contender": contender, "changes": changes, "steps": steps, "eval_loss": losses[0],
             "seconds": time.perf_counter() - began}
 
 
@@ -76,10 +87,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="comma-separated labels (default: every variant)")
     parser.add_argument("--out", default="overlap_loss_sweep", help="bench/results/<out>.json")
+    parser.add_argument("--steps", type=positive_int, default=STEPS,
+                        help=f"inner steps per worker (default {STEPS}: bench.overlap's budget, 12 rounds of H=32)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     only = {s.strip() for s in args.only.split(",") if s.strip()}
-    rows = [run(*v) for v in VARIANTS if not only or v[0] in only]
+    unknown = only - {v[0] for v in VARIANTS}
+    if unknown:
+        parser.error(f"--only: no variant {', '.join(sorted(unknown))}")
+    rows = [run(*v, steps=args.steps) for v in VARIANTS if not only or v[0] in only]
     base = next((r["eval_loss"] for r in rows if r["label"] == "diloco-sync"), None)
     for row in rows:
         row["vs_diloco_sync"] = row["eval_loss"] / base if base else None
