@@ -23,6 +23,9 @@ Columns:
   coordinator's own timing of decoding and checking an update (off its state lock), of what it does under that
   lock (fold, close), of the checkpoint (recording thread) and of taking the lock (bench/scale_procs.py
   `Sections`).
+- `running_at_peak`, `max_rise_over_model`: the coordinator's resident set sampled every 10 ms: the calls
+  running at the sampled peak, and per kind of call (the ones above, plus `read_push`, `initial_state`, `apply`,
+  `encode_pull`) the most it rose during one call, in model sizes (bench/scale_procs.py `Sections`).
 - `finished`: False when the contender was still running after `--timeout` seconds; it is then measured as
   far as it got (rounds closed, peak RSS so far, heartbeats over the whole run) and stopped.
 - `bytes_sent_per_worker`, `bytes_received_per_worker`, `bytes_total_per_worker`: every byte a client moved
@@ -156,6 +159,7 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
         "p99_heartbeat_s": statistics.quantiles(beats, n=100)[98] if len(beats) >= 2 else None,
         "heartbeat_samples": len(beats), "client_procs": len(spec["clients"]), "wall_s": wall,
         **done["sections"],  # max/mean seconds of check, fold, close, checkpoint, waiting for the state lock
+        **done.get("memory", {}),  # the sampled peak, what ran at it, each call kind's largest rise
     }
     if seconds:
         row["seconds_per_round"] = statistics.median(seconds)
