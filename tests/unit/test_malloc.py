@@ -1,4 +1,4 @@
-"""coordinator/malloc.py: the arena cap is set on glibc, and an operator's MALLOC_ARENA_MAX is left to stand."""
+"""coordinator/malloc.py: both settings are made on glibc, and an operator's environment variable stands."""
 
 from __future__ import annotations
 
@@ -7,17 +7,19 @@ import platform
 
 import pytest
 
-from coordinator.malloc import limit_arenas
+from coordinator.malloc import tune_malloc
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and bool(ctypes.util.find_library("c"))
 
 
-@pytest.mark.skipif(not GLIBC, reason="mallopt's M_ARENA_MAX is glibc's")
-def test_the_arena_cap_is_set_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.skipif(not GLIBC, reason="mallopt's M_ARENA_MAX and M_MMAP_THRESHOLD are glibc's")
+def test_both_settings_are_made_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    assert limit_arenas() is True
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert tune_malloc() == {"MALLOC_ARENA_MAX": True, "MALLOC_MMAP_THRESHOLD_": True}
 
 
 def test_an_operators_setting_stands(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert limit_arenas() is False
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert tune_malloc() == {"MALLOC_ARENA_MAX": False, "MALLOC_MMAP_THRESHOLD_": False}
