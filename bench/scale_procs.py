@@ -138,6 +138,7 @@ class Sections:
 
 
 def run_coordinator(spec: dict[str, Any], work: Path) -> None:
+    import coordinator.server
     import coordinator.state
     import protocols.round
     from coordinator.rundir import RunDir
@@ -155,6 +156,11 @@ def run_coordinator(spec: dict[str, Any], work: Path) -> None:
     sections.wrap(CoordinatorState, "offer_initial_state", "initial_state")
     sections.wrap(protocols.round, "apply_aggregate", "apply")
     sections.wrap(EncodedAggregates, "of", "encode_pull")
+    if not spec.get("malloc_tuning", True):  # the comparison row: glibc's malloc as it comes
+        def untuned() -> dict[str, bool]:
+            return {}
+
+        coordinator.server.tune_malloc = untuned  # type: ignore[assignment]
     server = CoordinatorServer(cfg, run_dir=work / "run").start()
     stop = threading.Event()
     threading.Thread(target=sections.watch_lock, args=(server.state._cond, stop), daemon=True).start()
