@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from protocols.base import Accumulator, CheckedUpdate, Decoded, View
@@ -124,10 +125,17 @@ class SparseMeanAccumulator(Accumulator):
         kept sums move over as 0.0 + themselves (the same value: a sum of adds from 0.0 is never -0.0)."""
         assert self._sparse is not None
         kept, kept_sums, kept_weights = self._sparse
-        indices = indices.to(torch.int64)
+        # Sorted first: searching sorted keys in the sorted kept indices is several times faster than searching
+        # them in arrival order (measured: the fold runs under the coordinator's state lock).
+        indices, order = torch.sort(indices.to(torch.int64))
+        sums, weights = sums[order], weights[order]
         if kept.numel():
-            at = torch.searchsorted(kept, indices).clamp_(max=kept.numel() - 1)
+            at = _search(kept, indices).clamp_(max=kept.numel() - 1)
             present = kept[at] == indices
+            if bool(present.all()):  # every coordinate kept already: the common case once a round has started
+                kept_sums.index_add_(0, at, sums)
+                kept_weights.index_add_(0, at, weights)
+                return
             kept_sums.index_add_(0, at[present], sums[present])
             kept_weights.index_add_(0, at[present], weights[present])
             fresh = ~present
@@ -187,6 +195,14 @@ class SparseMeanAccumulator(Accumulator):
     def _split(self, flat: torch.Tensor) -> Params:
         return {name: flat[at : at + int(torch.Size(self.shapes[name]).numel())].view(self.shapes[name])
                 for name, at in self._offsets.items()}
+
+
+def _search(sorted_: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """torch.searchsorted of sorted keys; on the CPU numpy's, which walks sorted keys along the array instead of
+    searching each from scratch (measured 2x faster at this bench's sizes)."""
+    if sorted_.device.type != "cpu":
+        return torch.searchsorted(sorted_, keys)
+    return torch.from_numpy(np.searchsorted(sorted_.numpy(), keys.numpy()))
 
 
 def _indices(decoded: Decoded) -> torch.Tensor:

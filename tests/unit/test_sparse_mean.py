@@ -118,3 +118,14 @@ def test_the_division_goes_slice_by_slice_with_the_same_bits() -> None:
 def test_an_empty_round_has_no_mean() -> None:
     with pytest.raises(ValueError, match="no updates"):
         SparseMeanAccumulator().mean()
+
+
+def test_updates_whose_coordinates_are_all_kept_already_add_in_place_with_the_same_bits() -> None:
+    gen = torch.Generator().manual_seed(6)
+    first, second = _update(gen, 0.01, 1.0), _update(gen, 0.01, 0.5)
+    updates = [first, second, first, second, first]  # from the third on, every coordinate is kept already
+    acc = SparseMeanAccumulator()
+    for k, update in enumerate(updates):
+        acc.fold(f"w{k}", update)
+    assert acc.sparse
+    assert _same_bits(acc.mean(), _reference(updates, False)[2])
