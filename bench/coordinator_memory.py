@@ -13,8 +13,10 @@ so every row's `peak_over_entry` is the most that call added on top of what was 
 Rows also give the live bytes of torch tensors and numpy arrays after the call (a gc walk, each storage
 counted once): what RSS holds beyond them is the allocator's (freed, not returned to the system).
 
-The client side (the initial parameters, the two updates, the encoded streams) is built before the baseline
-and kept small: the initial state's messages are serialized to a temp file and read back lazily.
+The client side (the initial parameters, the two updates of bench/coordinator_scale.py's two client processes)
+is built by a separate process, which serializes their streams to files read back here message by message, so
+none of its memory is counted. `--no-malloc-tuning` leaves glibc's malloc as it comes (CoordinatorServer tunes
+it, and so does this by default: coordinator/malloc.py); `--trim` calls malloc_trim after every round.
 
     python -m bench.coordinator_memory --workers 10 --rounds 3
 """
@@ -184,13 +186,18 @@ def prepare(workers: int, rounds: int, work: Path) -> None:
 
 
 def run(workers: int, rounds: int, account: bool, trim: bool, malloc: bool) -> dict[str, Any]:
+    cfg = parse_config(bench_config(workers, rounds, FULL_MODEL))
+    with tempfile.TemporaryDirectory(prefix="lowband-memory-") as work:
+        return _measure(Path(work), cfg, workers, rounds, account, trim, malloc)
+
+
+def _measure(tmp: Path, cfg: Any, workers: int, rounds: int, account: bool, trim: bool, malloc: bool
+             ) -> dict[str, Any]:
     from coordinator.malloc import tune_malloc
     from coordinator.run import CoordinatorRun
     from coordinator.servicer import EncodedAggregates
     from protocols.base import Update
 
-    cfg = parse_config(bench_config(workers, rounds, FULL_MODEL))
-    tmp = Path(tempfile.mkdtemp(prefix="lowband-memory-"))
     subprocess.run([sys.executable, "-m", "bench.coordinator_memory", "--prepare", str(tmp), "--workers",
                     str(workers), "--rounds", str(rounds)], check=True)
     model_bytes = int((tmp / "model_bytes").read_text())
