@@ -23,6 +23,9 @@ Columns:
   coordinator's own timing of decoding and checking an update (off its state lock), of what it does under that
   lock (fold, close), of the checkpoint (recording thread) and of taking the lock (bench/scale_procs.py
   `Sections`).
+- `running_at_peak`, `max_rise_over_model`: the coordinator's resident set sampled every 10 ms: the calls
+  running at the sampled peak, and per kind of call (the ones above, plus `read_push`, `initial_state`, `apply`,
+  `encode_pull`) the most it rose during one call, in model sizes (bench/scale_procs.py `Sections`).
 - `finished`: False when the contender was still running after `--timeout` seconds; it is then measured as
   far as it got (rounds closed, peak RSS so far, heartbeats over the whole run) and stopped.
 - `bytes_sent_per_worker`, `bytes_received_per_worker`, `bytes_total_per_worker`: every byte a client moved
@@ -111,12 +114,13 @@ def _split(workers: int, procs: int) -> list[int]:
 
 
 def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs: int, work: Path,
-                  timeout: float) -> dict[str, Any]:
+                  timeout: float, malloc_tuning: bool = True) -> dict[str, Any]:
     """One contender's row. A run still going after `timeout` seconds is measured as far as it got (rounds
     closed, the coordinator's peak RSS so far, the probe's heartbeats) and stopped: `finished` False."""
     work.mkdir(parents=True)
     config = bench_config(workers, rounds, model)
-    spec: dict[str, Any] = {"config": config, "timeout_s": timeout, "clients": _split(workers, client_procs)}
+    spec: dict[str, Any] = {"config": config, "timeout_s": timeout, "clients": _split(workers, client_procs),
+                            "malloc_tuning": malloc_tuning}
     (work / "spec.json").write_text(json.dumps(spec))
     coordinator = _spawn(work, "coordinator")
     procs = [coordinator]
@@ -162,6 +166,7 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
         "p99_heartbeat_s": statistics.quantiles(beats, n=100)[98] if len(beats) >= 2 else None,
         "heartbeat_samples": len(beats), "client_procs": len(spec["clients"]), "wall_s": wall,
         **done["sections"],  # max/mean seconds of check, fold, close, checkpoint, waiting for the state lock
+        **done.get("memory", {}),  # the sampled peak, what ran at it, each call kind's largest rise
     }
     if seconds:
         row["seconds_per_round"] = statistics.median(seconds)
@@ -212,17 +217,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="per contender, seconds: a run still going is measured as far as it got, then stopped")
     parser.add_argument("--quick", action="store_true", help="4 and 8 workers, a 0.1M-parameter model, 2 rounds")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="the coordinator leaves glibc's malloc as it comes (it tunes it: coordinator/malloc.py)")
     parser.add_argument("--out", default="coordinator_scale", help="result name in bench/results")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.client_procs < 1:
         parser.error("need --rounds >= 1 and --client-procs >= 1")
     workers, rounds, model = (([4, 8], 2, QUICK_MODEL) if args.quick else (args.workers, args.rounds, FULL_MODEL))
     with tempfile.TemporaryDirectory(prefix="lowband-scale-") as tmp:
-        rows = [run_contender(n, rounds, model, args.client_procs, Path(tmp) / f"workers-{n}", args.timeout)
-                for n in workers]
+        rows = [run_contender(n, rounds, model, args.client_procs, Path(tmp) / f"workers-{n}", args.timeout,
+                              not args.no_malloc_tuning) for n in workers]
     write_result(args.out, command_line("bench.coordinator_scale"), rows, COLUMNS,
                  config={"rounds": rounds, "model": model, "client_procs": args.client_procs,
-                         "heartbeat_interval_s": HEARTBEAT_INTERVAL_S}, targets=verdicts(rows))
+                         "heartbeat_interval_s": HEARTBEAT_INTERVAL_S, "malloc_tuning": not args.no_malloc_tuning},
+                 targets=verdicts(rows))
 
 
 if __name__ == "__main__":

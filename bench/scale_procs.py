@@ -14,6 +14,7 @@ SPEC is a JSON file written by bench/coordinator_scale.py; results are JSON file
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import sys
@@ -36,6 +37,7 @@ from worker.model import GPT
 
 VOCAB = 65  # the Shakespeare character vocabulary: the model is the default GPT at that size
 PROBE_PERIOD_S = 0.1
+MEMORY_PERIOD_S = 0.01
 
 
 def proc_status(pid: int | str = "self") -> dict[str, int]:
@@ -73,11 +75,18 @@ class Sections:
     each `check_update` (decode and check one update, off the state lock), `RoundAggregator.fold` (fold it,
     under the lock), `RoundAggregator.close` (aggregate, outer step, downlink; under the lock) and
     `RunDir.save_checkpoint` (the recording thread), and how long a thread here waits to take the state lock,
-    tried every 0.1 s."""
+    tried every 0.1 s.
+
+    Memory, likewise from outside: the process's resident set sampled every MEMORY_PERIOD_S, and each wrapped
+    call's interval, so the peak is attributed to what was running then (`memory_report`): the sections above,
+    plus reading a push's payload (`read_push`), installing the initial state (`initial_state`), applying an
+    aggregate to the replica (`apply`) and encoding an aggregate for its pulls (`encode_pull`)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, list[float]] = {"check": [], "fold": [], "close": [], "checkpoint": [],
                                                 "lock_wait": []}
+        self.intervals: list[tuple[str, float, float]] = []
+        self.rss: list[tuple[float, int]] = []
 
     def wrap(self, owner: Any, method: str, key: str) -> None:  # a class or a module
         original = getattr(owner, method)
@@ -87,7 +96,10 @@ class Sections:
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[key].append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                if key in self.seconds:
+                    self.seconds[key].append(t1 - t0)
+                self.intervals.append((key, t0, t1))
 
         setattr(owner, method, timed)
 
@@ -97,14 +109,41 @@ class Sections:
             with lock:
                 self.seconds["lock_wait"].append(time.perf_counter() - t0)
 
+    def watch_memory(self, stop: threading.Event) -> None:
+        while not stop.wait(MEMORY_PERIOD_S):
+            self.rss.append((time.perf_counter(), proc_status()["VmRSS"]))
+
     def report(self) -> dict[str, float]:
         return {f"max_{k}_s": max(v, default=0.0) for k, v in self.seconds.items()} | {
             f"mean_{k}_s": sum(v) / len(v) if v else 0.0 for k, v in self.seconds.items()}
 
+    def memory_report(self, model_bytes: int) -> dict[str, Any]:
+        """The sampled peak and what was running at it (how many calls of each kind), and per kind of call the
+        most the resident set rose during one call over its sample just before the call began, in model sizes."""
+        if not self.rss:
+            return {}
+        times = [t for t, _ in self.rss]
+        peak_t, peak = max(self.rss, key=lambda s: s[1])
+        active: dict[str, int] = {}
+        rise: dict[str, float] = {}
+        for key, t0, t1 in self.intervals:
+            if t0 <= peak_t <= t1:
+                active[key] = active.get(key, 0) + 1
+            before = bisect.bisect_right(times, t0) - 1
+            during = [r for t, r in self.rss[max(before, 0):] if t <= t1 + MEMORY_PERIOD_S]
+            if before >= 0 and during:
+                rise[key] = max(rise.get(key, 0.0), (max(during) - self.rss[before][1]) / model_bytes)
+        return {"sampled_peak_rss_bytes": peak, "running_at_peak": active, "max_rise_over_model": rise,
+                "rss_samples": len(self.rss)}
+
 
 def run_coordinator(spec: dict[str, Any], work: Path) -> None:
+    import coordinator.server
     import coordinator.state
+    import protocols.round
     from coordinator.rundir import RunDir
+    from coordinator.servicer import EncodedAggregates
+    from coordinator.state import CoordinatorState
     from protocols.round import RoundAggregator
 
     cfg = parse_config(spec["config"])
@@ -113,9 +152,19 @@ def run_coordinator(spec: dict[str, Any], work: Path) -> None:
     sections.wrap(RoundAggregator, "fold", "fold")
     sections.wrap(RoundAggregator, "close", "close")
     sections.wrap(RunDir, "save_checkpoint", "checkpoint")
+    sections.wrap(serde, "read_push", "read_push")
+    sections.wrap(CoordinatorState, "offer_initial_state", "initial_state")
+    sections.wrap(protocols.round, "apply_aggregate", "apply")
+    sections.wrap(EncodedAggregates, "of", "encode_pull")
+    if not spec.get("malloc_tuning", True):  # the comparison row: glibc's malloc as it comes
+        def untuned() -> dict[str, bool]:
+            return {}
+
+        coordinator.server.tune_malloc = untuned  # type: ignore[assignment]
     server = CoordinatorServer(cfg, run_dir=work / "run").start()
     stop = threading.Event()
     threading.Thread(target=sections.watch_lock, args=(server.state._cond, stop), daemon=True).start()
+    threading.Thread(target=sections.watch_memory, args=(stop,), daemon=True).start()
     _write(work / "coordinator.json", {"address": server.address, "pid": os.getpid(),
                                        "baseline": proc_status()})
     try:
@@ -125,8 +174,12 @@ def run_coordinator(spec: dict[str, Any], work: Path) -> None:
     finally:
         stop.set()
         server.stop()
-    _write(work / "coordinator_done.json", {"finished": finished, "summary": summary, "status": proc_status(),
-                                            "sections": sections.report()})
+    status = proc_status()
+    replica = server.state.aggregator.replica.params if server.state.aggregator is not None else {}
+    model_bytes = sum(t.numel() * 4 for t in replica.values()) or 1
+    _write(work / "coordinator_done.json", {"finished": finished, "summary": summary, "status": status,
+                                            "sections": sections.report(),
+                                            "memory": sections.memory_report(model_bytes)})
 
 
 def run_clients(spec: dict[str, Any], index: int, work: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 
+from coordinator.malloc import tune_malloc
 from coordinator.run import CoordinatorRun
 from coordinator.servicer import CallLimits, CoordinatorServicer
 from coordinator.sessions import check_open_bind
@@ -37,6 +38,7 @@ class CoordinatorServer(CoordinatorRun):
         worker_tokens: dict[str, str] | None = None,
     ) -> None:
         check_open_bind(bind, bool(cfg.cluster.token or worker_tokens), "coordinator")
+        tune_malloc()  # before the server's threads exist: each would otherwise get an arena (coordinator/malloc.py)
         super().__init__(cfg, run_dir, resume, worker_tokens)
         limits = CallLimits.of(cfg)  # room for every bounded long call plus the quick ones (coordinator/servicer.py)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=SERVER_OPTIONS,

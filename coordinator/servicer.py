@@ -271,7 +271,8 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
     def _apply_push(self, header: m.PushHeader, entries: dict[str, Any], nbytes: int) -> Any:
         env = header.envelope
         if header.kind is m.PushKind.INITIAL_STATE:
-            self.state.offer_initial_state(env.worker_id, env.token, entries, nbytes)
+            # The payloads were assembled here from the stream, nobody else holds them: kept without a copy.
+            self.state.offer_initial_state(env.worker_id, env.token, entries, nbytes, owned=True)
             round_ = self.state.round
         else:
             metrics = dict(header.metrics)

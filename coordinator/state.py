@@ -238,17 +238,20 @@ class CoordinatorState:
 
     # ---- state -------------------------------------------------------------------------------
     def offer_initial_state(
-        self, worker_id: str, token: str, payloads: dict[str, Payload], wire_bytes: int = 0
+        self, worker_id: str, token: str, payloads: dict[str, Payload], wire_bytes: int = 0, owned: bool = False
     ) -> None:
         """Install the initial state. It is decoded, checked and digested off the lock (a whole model: seconds
         on a busy machine, which heartbeats would otherwise wait for), between two holds that judge the
-        offer; a second offer that lost the race meanwhile is refused as one arriving later would be."""
+        offer; a second offer that lost the race meanwhile is refused as one arriving later would be. `owned`:
+        the payloads' tensors are ours to keep (read off the wire), so they become the replica without a copy."""
         with self._cond:
             self._member(worker_id, token)
             if self.aggregator is not None:
                 raise Rejected(Code.ALREADY_EXISTS, "the coordinator already holds the global state")
             round_ = self.round
         params = check_initial_state(worker_id, payloads)
+        if not owned:  # the offerer's own tensors (in-process): the replica must not share them
+            params = {name: t.clone() for name, t in params.items()}
         aggregator, digest = self._prepared(RoundAggregator(self.protocol, self.downlink, Replica(round_, params),
                                                             fold_in_order=self.cfg.cluster.fold_order == "worker"))
         with self._cond:

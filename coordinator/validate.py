@@ -14,7 +14,8 @@ from protocols.replica import Params
 
 
 def check_initial_state(worker_id: str, payloads: dict[str, Payload]) -> Params:
-    """Decode an offered initial state (dense payloads), refusing empty or non-finite ones."""
+    """Decode an offered initial state (dense payloads), refusing empty or non-finite ones. The tensors are the
+    payloads' own (no copy): the caller copies them unless they are its to keep."""
     if not payloads:
         raise Rejected(Code.INVALID_ARGUMENT, f"worker {worker_id}: initial state has no tensors")
     params: Params = {}
@@ -25,5 +26,5 @@ def check_initial_state(worker_id: str, payloads: dict[str, Payload]) -> Params:
             raise Rejected(Code.INVALID_ARGUMENT, f"worker {worker_id}: tensor {name!r}: {err}") from None
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise Rejected(Code.INVALID_ARGUMENT, f"worker {worker_id}: initial tensor {name!r} has NaN or Inf")
-        params[name] = value.clone()
+        params[name] = value
     return params

@@ -19,6 +19,7 @@ shifts) keeps them in its own accumulator and says so in its docstring.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
@@ -164,7 +165,7 @@ class Protocol(ABC, Generic[WorkerState, AggregatorState]):
         """After local training from `replica`: the update to send, and the worker's next state."""
 
     @abstractmethod
-    def apply(self, update: Params, replica: Replica) -> Replica:
+    def apply(self, update: Mapping[str, torch.Tensor], replica: Replica) -> Replica:
         """The outer step every replica takes with the round's (decoded) aggregate update."""
 
     # ---- aggregator half ---------------------------------------------------------------------

@@ -30,6 +30,8 @@ worker's outer state drift apart; ours keeps one shared replica and puts the eag
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 Params = dict[str, torch.Tensor]
@@ -47,7 +49,7 @@ def staleness_penalty(current: torch.Tensor, stale_point: torch.Tensor, stale_av
 def co2_outer_step(
     current: Params,
     stale_point: Params,
-    stale_avg: Params,
+    stale_avg: Mapping[str, torch.Tensor],
     momentum: Params,
     lr: float,
     beta: float,

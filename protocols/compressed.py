@@ -14,6 +14,7 @@ DiLoCo.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -254,7 +255,7 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
         own_stale = {} if proxy == "update" else decoded_update(stale)  # "update" does not use the stale one
         return eager_start(params, decoded_update(fresh), own_stale, workers, self.outer_lr, proxy)
 
-    def apply(self, update: Params, replica: Replica) -> Replica:
+    def apply(self, update: Mapping[str, torch.Tensor], replica: Replica) -> Replica:
         """One outer (Nesterov) SGD step; tensors without an update keep their value and momentum.
 
         Overlapped (CO2): the update is one round stale, so the step is CO2's (protocols/co2_kernels.py),

@@ -18,6 +18,7 @@ Three modes, from a `downlink:` config block (codec "auto" = the protocol's pape
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -105,8 +106,11 @@ class Downlink:
         feedback.load_state_dict(state.state_dict())  # step() rebinds its buffers: the old state stays intact
         return Aggregate(round_, {n: feedback.step(n, t) for n, t in update.items()}), feedback
 
-    def decode(self, protocol: Protocol[Any, Any], aggregate: Aggregate, replica: Replica) -> tuple[Params, Params]:
-        """(the update every replica applies, the replica's next downlink shift)."""
+    def decode(
+        self, protocol: Protocol[Any, Any], aggregate: Aggregate, replica: Replica
+    ) -> tuple[Mapping[str, torch.Tensor], Params]:
+        """(the update every replica applies, the replica's next downlink shift). Without a shift the update is
+        `DecodedOnRead`: each tensor decoded, and checked finite, when the outer step reads it."""
         if aggregate.relayed:
             if self.mode != "sparse":
                 raise ValueError(f"a {self.mode} downlink received relayed updates")
@@ -119,9 +123,9 @@ class Downlink:
         unknown = sorted(set(aggregate.payloads) - set(replica.params))
         if unknown:
             raise ValueError(f"the aggregate names tensors the replica lacks: {unknown}")
-        decoded = {n: registry.decode(p) for n, p in aggregate.payloads.items()}
         if not self.keeps_shift:
-            return decoded, replica.downlink_shift
+            return DecodedOnRead(aggregate.payloads), replica.downlink_shift
+        decoded = {n: registry.decode(p) for n, p in aggregate.payloads.items()}
         mirror = Mirror(self.compression.error_feedback)
         mirror.load_state_dict(dict(replica.downlink_shift))
         return {n: mirror.update(n, d) for n, d in decoded.items()}, mirror.state_dict()
@@ -134,7 +138,33 @@ def apply_aggregate(
     if aggregate.round != replica.round:
         raise ValueError(f"the aggregate of round {aggregate.round} cannot apply to a replica at round {replica.round}")
     update, shift = downlink.decode(protocol, aggregate, replica)
-    for name, value in update.items():
-        if not bool(torch.isfinite(value).all()):
-            raise ValueError(f"the aggregate's update for {name!r} contains NaN or Inf")
+    if not isinstance(update, DecodedOnRead):  # which checks each tensor as it is read
+        for name, value in update.items():
+            _check_finite(name, value)
+    # The outer step builds new tensors and the replica is never changed: a refusal midway changes nothing.
     return protocol.apply(update, replace(replica, downlink_shift=shift))
+
+
+def _check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"the aggregate's update for {name!r} contains NaN or Inf")
+    return value
+
+
+class DecodedOnRead(Mapping[str, torch.Tensor]):
+    """An aggregate's payloads as the update's tensors, each decoded (and checked finite) when read and not kept:
+    the outer step then holds one decoded tensor at a time beside the old and the new parameters, instead of a
+    whole decoded copy of the model (the coordinator's close peaked with all three, bench/coordinator_memory.py).
+    A tensor read twice is decoded twice, to the same bits (decoding is pure)."""
+
+    def __init__(self, payloads: Mapping[str, Payload]) -> None:
+        self._payloads = payloads
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return _check_finite(name, registry.decode(self._payloads[name]))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._payloads)
+
+    def __len__(self) -> int:
+        return len(self._payloads)

@@ -8,6 +8,8 @@ coordinator can keep the previous global state (for checkpoints, or when a round
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 Params = dict[str, torch.Tensor]
@@ -20,7 +22,7 @@ def _check_hyperparameters(lr: float, momentum: float) -> None:
         raise ValueError(f"outer momentum must be >= 0, got {momentum}")
 
 
-def _check_grads(params: Params, grads: Params) -> None:
+def _check_grads(params: Params, grads: Mapping[str, torch.Tensor]) -> None:
     unknown = sorted(set(grads) - set(params))
     if unknown:
         raise ValueError(f"gradients for tensors that are not parameters: {unknown}")
@@ -33,7 +35,7 @@ def _check_grads(params: Params, grads: Params) -> None:
 
 def nesterov_sgd(
     params: Params,
-    grads: Params,
+    grads: Mapping[str, torch.Tensor],
     momentum_buf: Params,
     lr: float,
     momentum: float,

@@ -134,6 +134,9 @@ class RoundAggregator:
         acc, order, relayed = self._folded_in_order()
         update, state = self.protocol.close(acc, self.state)
         aggregate, downlink_state = self.downlink.encode(self.round, update, relayed, self.downlink_state)
+        # The dense update is not needed past here (replicas apply the aggregate): dropped before the apply makes
+        # the next replica, so the two are never held at once (a dense aggregate holds on to it anyway).
+        del update
         replica = apply_aggregate(self.protocol, self.downlink, aggregate, self.replica)
         self.state, self.downlink_state, self.replica = state, downlink_state, replica
         self.last_fold_order = order  # who sent the relayed updates, in order

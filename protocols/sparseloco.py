@@ -17,10 +17,11 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from protocols.base import Accumulator, CheckedUpdate, Decoded, View
+from protocols.base import Accumulator, CheckedUpdate, View
 from protocols.compressed import AveragingProtocol, AveragingSettings, Compression
 from protocols.replica import Params
 from protocols.settings import Codec, CompressionConfig, OverlapConfig
+from protocols.sparse_mean import SparseMeanAccumulator
 
 
 class SparseLoCoCompression(CompressionConfig):
@@ -57,101 +58,6 @@ class SparseLoCoConfig(AveragingSettings):
 
 
 PAPER_COMPRESSION = Compression.from_config(SparseLoCoCompression())
-
-
-@dataclass
-class SparseMeanAccumulator(Accumulator):
-    """Per coordinate, the weighted mean over the workers that sent it (0 where nobody did), or with
-    `over_all_workers`, the sum divided by every worker's weight (the paper's (1/R) sum_r, which damps
-    coordinates only a few workers chose).
-
-    Keeps a running sum and a running sender weight per coordinate: twice the model in float32,
-    whatever the number of workers.
-    """
-
-    sums: Params = field(default_factory=dict)  # name -> flat float32 [numel]
-    weights: Params = field(default_factory=dict)  # name -> flat float32 [numel]: sender weight per coordinate
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    workers: list[str] = field(default_factory=list)
-    over_all_workers: bool = False
-    total_weight: float = 0.0
-    # ((flat sums, flat weights), name -> offset) once `fold` laid the tensors out in one buffer (see _allocate_flat).
-    _flat: tuple[tuple[torch.Tensor, torch.Tensor], dict[str, int]] | None = field(default=None, repr=False)
-
-    def add(
-        self, name: str, shape: tuple[int, ...], indices: torch.Tensor, values: torch.Tensor, weight: float
-    ) -> None:
-        if name not in self.sums:
-            numel = int(torch.Size(shape).numel())
-            self.sums[name] = torch.zeros(numel, device=values.device)
-            self.weights[name] = torch.zeros(numel, device=values.device)
-            self.shapes[name] = tuple(shape)
-        self.sums[name].index_add_(0, indices, values * weight)
-        self.weights[name].index_add_(0, indices, torch.full_like(values, weight))
-
-    view: ClassVar[View] = "coordinates"
-
-    def fold(self, worker_id: str, update: CheckedUpdate) -> None:
-        if not self.sums and update.tensors:
-            self._allocate_flat(update)
-        flat = self._flat
-        if flat is not None and all(flat[1].get(n) is not None for n in update.tensors):
-            # Every tensor lives in one flat buffer: one index_add for all of them. Bit for bit the per-tensor
-            # adds, since an update names each coordinate once (check_update refuses repeats).
-            indices = torch.cat([_indices(d) + flat[1][n] for n, d in update.tensors.items()])
-            values = torch.cat([d.values for d in update.tensors.values()])
-            flat[0][0].index_add_(0, indices, values * update.weight)
-            flat[0][1].index_add_(0, indices, torch.full_like(values, update.weight))
-        else:
-            for name, decoded in update.tensors.items():
-                assert decoded.indices is not None  # the "coordinates" view
-                self.add(name, decoded.shape, decoded.indices, decoded.values, update.weight)
-        self.workers.append(worker_id)
-        self.total_weight += update.weight
-
-    def _allocate_flat(self, update: CheckedUpdate) -> None:
-        """The first update's tensors get one flat sums and one flat weights buffer; `sums` and `weights` hold
-        views of them, so `add` and `mean` work on them as on separate tensors."""
-        numels = [int(torch.Size(d.shape).numel()) for d in update.tensors.values()]
-        device = next(iter(update.tensors.values())).values.device
-        sums, weights = torch.zeros(sum(numels), device=device), torch.zeros(sum(numels), device=device)
-        offsets, at = {}, 0
-        for (name, decoded), numel in zip(update.tensors.items(), numels, strict=True):
-            self.sums[name], self.weights[name] = sums[at : at + numel], weights[at : at + numel]
-            self.shapes[name] = tuple(decoded.shape)
-            offsets[name] = at
-            at += numel
-        self._flat = ((sums, weights), offsets)
-
-    @property
-    def count(self) -> int:
-        return len(self.workers)
-
-    def mean(self) -> Params:
-        if not self.workers:
-            raise ValueError("no updates were folded into this round")
-        if self._flat is not None and len(self._flat[1]) == len(self.sums):  # one division for every tensor
-            (total, weight), offsets = self._flat
-            sums, weights = {"": total}, {"": weight}
-        else:
-            sums, weights, offsets = self.sums, self.weights, {}
-        means: Params = {}
-        for key, total in sums.items():
-            if self.over_all_workers:
-                means[key] = total / self.total_weight
-                continue
-            weight = weights[key]
-            # Unsent coordinates have sum 0 and weight 0: divide by 1 there so they stay exactly 0.
-            means[key] = total / torch.where(weight > 0, weight, torch.ones_like(weight))
-        if not offsets:
-            return {name: m.view(self.shapes[name]) for name, m in means.items()}
-        return {name: means[""][at : at + self.sums[name].numel()].view(self.shapes[name])
-                for name, at in offsets.items()}
-
-
-def _indices(decoded: Decoded) -> torch.Tensor:
-    assert decoded.indices is not None  # the "coordinates" view
-    return decoded.indices
 
 
 @dataclass

@@ -49,6 +49,22 @@ def started(workers: int = 1, steps: int = 10) -> tuple[CoordinatorState, list[s
     return state, ids
 
 
+@pytest.mark.parametrize("owned", [False, True])
+def test_an_offered_state_is_copied_unless_it_is_the_coordinators_to_keep(owned: bool) -> None:
+    state, _ = make(workers=1, min_workers=1)
+    ids = join_all(state, 1)
+    offered = torch.ones(3, 2)
+    state.offer_initial_state(ids[0], "", {"w": dense(offered)}, owned=owned)
+    assert state.aggregator is not None
+    kept = state.aggregator.replica.params["w"]
+    assert torch.equal(kept, offered)
+    # In-process, the offer is the worker's live tensor: training must not move the coordinator's replica. Off
+    # the wire (owned), the assembled tensor becomes the replica without a second copy of the model.
+    assert (kept.data_ptr() == offered.data_ptr()) is owned
+    offered.add_(1.0)
+    assert torch.equal(kept, torch.ones(3, 2)) is not owned
+
+
 def test_only_the_first_joiner_is_asked_to_offer_the_initial_state() -> None:
     state, _ = make()
     ids = join_all(state, 3)

@@ -15,7 +15,7 @@ from compression.error_feedback import ErrorFeedback
 from protocols.base import Aggregate, Update
 from protocols.compressed import Compression
 from protocols.diloco import DiLoCo
-from protocols.downlink import Downlink, apply_aggregate, union_payload
+from protocols.downlink import DecodedOnRead, Downlink, apply_aggregate, union_payload
 from protocols.replica import Params, Replica
 from protocols.round import RoundAggregator, UpdateRejected, union_bound
 from protocols.settings import DownlinkConfig
@@ -255,3 +255,21 @@ def test_codec_downlink_state_is_not_modified_by_encode() -> None:
     assert newer is not state
     for name, residual in kept.items():
         assert torch.equal(state.state_dict()["error"][name], residual)
+
+
+def test_the_update_is_decoded_tensor_by_tensor_as_it_is_read_and_applies_as_the_decoded_dict_does() -> None:
+    protocol = SparseLoCo()
+    aggregator = RoundAggregator(protocol, Downlink.from_config(DownlinkConfig(), protocol), Replica(0, START))
+    update = {n: t * (torch.rand(t.shape, generator=torch.Generator().manual_seed(7)) < 0.2) for n, t in START.items()}
+    aggregate = Aggregate(0, {n: union_payload(t) for n, t in update.items()})
+    lazy, _ = aggregator.downlink.decode(protocol, aggregate, aggregator.replica)
+    assert isinstance(lazy, DecodedOnRead) and list(lazy) == list(update)
+    first, again = lazy["w"], lazy["w"]
+    assert first is not again and torch.equal(first, again) and torch.equal(first, update["w"])  # not kept: read anew
+    eager = {n: registry.decode(p) for n, p in aggregate.payloads.items()}
+    assert_replicas_equal(apply_aggregate(protocol, aggregator.downlink, aggregate, aggregator.replica),
+                          protocol.apply(eager, aggregator.replica))
+    bad = {**update, "b": torch.full_like(update["b"], float("inf"))}
+    with pytest.raises(ValueError, match="update for 'b' contains NaN or Inf"):
+        apply_aggregate(protocol, aggregator.downlink, Aggregate(0, {n: union_payload(t) for n, t in bad.items()}),
+                        aggregator.replica)
