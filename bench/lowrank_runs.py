@@ -40,11 +40,11 @@ CONTENDERS: dict[str, tuple[str, dict[str, Any] | None]] = {
 }
 # Inner AdamW peak lr of each contender, picked by the sweep the module docstring of bench.lowrank describes.
 LRS: dict[str, float] = {
-    "full": 3e-3,
+    "full": 1e-3,
     "lora-r8": 1e-2,
     "pissa-r8": 3e-3,
     "galore-r8": 3e-3,
-    "lora-r8-sparseloco": 3e-3,
+    "lora-r8-sparseloco": 1e-3,
 }
 PRETRAIN_LR = 3e-3  # the default inner lr
 
