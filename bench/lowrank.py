@@ -1,32 +1,40 @@
 """Low-rank fine-tuning under DiLoCo: full fine-tuning vs LoRA, PiSSA, GaLore and LoRA over SparseLoCo, from the
 same pretrained checkpoint, on the same token budget, in one invocation.
 
-    python -m bench.lowrank [--quick] [--pretrain-steps 1500] [--steps 600] [--contenders full,lora-r8,...]
-                            [--lrs pissa-r8=0.01,...] [--weight-decay W] [--lr-sweep-json FILE] [--out lowrank]
-    python -m bench.lowrank --sweep 0.003,0.01 --sweep-out FILE [--base CHECKPOINT]   # the lr sweep
+    python -m bench.lowrank [--quick] [--pretrain-steps 4000] [--steps 300] [--contenders full,lora-r8,...]
+                            [--lrs pissa-r8=0.01,...] [--weight-decay W] [--model n_embd=192,n_head=6] [--seed S]
+                            [--lr-sweep-json FILE] [--out lowrank]
+    python -m bench.lowrank --sweep 0.001,0.003 --sweep-out FILE [--base CHECKPOINT] [--seed 1]   # the lr sweep
 
 Run it inside a loopback-only namespace: `deploy/loopback.sh .venv/bin/python -m bench.lowrank`.
 
 Model: the default GPT of worker/model.py (bench/lowrank_runs.py MODEL: 2 layers, 128 wide, 4 heads, context 64;
-413k parameters), batch 16 x 64 characters per worker. It is big enough for the question: rank 8 is 1/16 of the
-width, and the adapters (32,768 factor entries on qkv, both proj and fc of both blocks) are 1/12.6 of the weights.
+413k parameters; `--model` replaces fields of it, e.g. a wider one), batch 16 x 64 characters per worker. Rank 8
+is 1/16 of the width, and the adapters (32,768 factor entries on qkv, both proj and fc of both blocks) are 1/12.6
+of the weights.
 
 1. The base: DiLoCo (H=30, outer lr 1.0, momentum 0.5: the tuned outer step of BENCHMARKS.md), 4 workers, inner
    lr 3e-3, `data.plays: pretrain` (every play but the 4 romances of worker/data.py FINETUNE_PLAYS),
-   `--pretrain-steps` inner steps per worker, in 4 fresh processes over all-gather (as the contenders; ~35% faster
-   on 2 cores than `deploy.inproc.run_inproc`'s 4 threads under one GIL), rank 0 saving the final replica as a
-   plain checkpoint (`Session.save_checkpoint`, the `params` that `init_from` reads) in a temporary directory.
-   Not a contender: its eval loss on the romances' eval text before any fine-tuning is `base_eval_loss` (and the
-   `pretrain` block; each contender's first eval point, at step 0, is the same figure).
+   `--pretrain-steps` inner steps per worker (default 4000: 16.4M characters, ~3.8 passes over the pretraining
+   text), in 4 fresh processes over all-gather (as the contenders; ~35% faster on 2 cores than
+   `deploy.inproc.run_inproc`'s 4 threads under one GIL), rank 0 saving the final replica as a plain checkpoint
+   (`Session.save_checkpoint`, the `params` that `init_from` reads) in a temporary directory. Not a contender:
+   its eval loss on the romances' eval text before any fine-tuning is `base_eval_loss` (and the `pretrain` block,
+   with its eval points on the pretraining plays every 500 steps; each contender's first eval point, at step 0,
+   is `base_eval_loss`).
 2. Every contender fine-tunes from that checkpoint (`init_from`) on `data.plays: finetune` (the romances),
-   `--steps` inner steps per worker (the same token budget for all), 4 workers, H=30:
+   `--steps` inner steps per worker (the same token budget for all; default 300: 1.2M characters, ~2.6 passes
+   over the romances' training text, 7.5% of the pretraining tokens), 4 workers, H=30:
    - full: every weight trains, dense DiLoCo.
-   - lora-r8 / pissa-r8: peft adapters (rank 8, alpha 16) on every attention and MLP projection (qkv, proj,
-     fc); only the factors train and cross the wire, dense DiLoCo.
+   - lora-r8: peft LoRA (rank 8, alpha 16) on every attention and MLP projection (qkv, proj, fc); only the
+     factors train and cross the wire, dense DiLoCo.
+   - pissa-r8: the same layers with peft's PiSSA init, rank 8, alpha 8: alpha = rank as in the PiSSA paper
+     (bench/lowrank_runs.py PISSA_ALPHA says why).
    - galore-r8: every weight trains, AdamW's moments in GaLore's rank-8 projection (proj gap 200, scale 0.25);
      dense DiLoCo (GaLore saves optimizer memory, never bytes).
    - lora-r8-sparseloco: LoRA r8 under SparseLoCo with its defaults (top-64 of every 4096, 2-bit values, EF
      decay 0.95, outer SGD lr 1, no momentum) except H, 30 like the others.
+   `--seed` is the run seed of the base and of every contender (model init, data streams, LoRA's random A).
 
 Why all-gather in fresh processes: per-worker peak memory is only honest if a worker is a process of its own
 that ran nothing else. `worker.spawn.spawn_on_loopback` starts 4 fresh processes per contender (one torch
@@ -50,11 +58,12 @@ worker/optimizers.py) and `trainable_params` are the method's own figures.
 
 Learning rates: each contender's inner peak lr (`lr` in its row; the schedule is the default warmup 30 and
 cosine to 0.1x; weight decay the default 0.1 unless --weight-decay). Picked by `--sweep` at this benchmark's
-budget (1500 pretraining and 600 fine-tuning steps) from a base pretrained the same way: every contender at
-3e-3 and 1e-2, then, while its best lr was at an edge of what it ran, at the next half-decade step beyond
-(LR_LADDER), so each ends at an interior best; scored by the final eval loss on the romances' eval text (the
-text the table reports, so the figures carry that selection). The sweep is stored as `lr_sweep` when given by
-`--lr-sweep-json`.
+budget (4000 pretraining and 300 fine-tuning steps) with `--seed 1`: from a base pretrained the same way but
+from another seed (its own init and data order), fine-tuned with seed 1's data streams; every contender at 1e-3
+and 3e-3, then, while its best lr was at an edge of what it ran, at the next half-decade step beyond
+(LR_LADDER), so each ends at an interior best; scored by the final eval loss on the romances' eval text. The
+benchmark runs at seed 0, so its figures are not the sweep's own draws, but the eval text is the same one. The
+sweep is stored as `lr_sweep` when given by `--lr-sweep-json`.
 
 Ratios against full: `bytes_vs_full`, `optimizer_state_vs_full`, `eval_loss_vs_full` (contender / full).
 Targets (issue): pissa-r8's eval loss within 3% of full's, at least 10x fewer total bytes per worker, at least
@@ -108,13 +117,16 @@ OPTIMIZER_TARGET = 5.0  # full's optimizer state over pissa-r8's, at least
 class Plan:
     """What one invocation runs (see the module docstring)."""
 
-    pretrain_steps: int = 1500
-    steps: int = 600
+    pretrain_steps: int = 4000
+    steps: int = 300
     contenders: list[str] = field(default_factory=lambda: list(CONTENDERS))
     lrs: dict[str, float] = field(default_factory=lambda: dict(LRS))
     max_chars: int = 0  # the whole corpus
-    eval_every: int = 60  # fine-tuning eval points every 2 rounds
+    eval_every: int = 30  # fine-tuning eval points every round
     weight_decay: float | None = None  # fine-tuning's inner AdamW weight decay; None: TrainConfig's default
+    model: dict[str, Any] = field(default_factory=lambda: dict(MODEL))  # the GPT's shape, base and contenders
+    seed: int = 0  # the run seed of the base and every contender (model init, data streams, LoRA's A)
+    pretrain_eval_every: int = 500  # the base's eval points on the pretraining plays' eval text
 
 
 QUICK = Plan(pretrain_steps=60, steps=60, max_chars=200_000, eval_every=30)
@@ -202,6 +214,13 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def model_note(model: dict[str, Any]) -> str:
+    """The GPT's shape in words, saying whether it is worker/model.py's default."""
+    shape = (f"{model['n_layer']} layers, {model['n_embd']} wide, {model['n_head']} heads, "
+             f"context {model['block_size']}")
+    return f"{'the default' if model == MODEL else 'a'} GPT of worker/model.py ({shape})"
+
+
 def curve(run: ContenderRun) -> list[dict[str, Any]]:
     """Rank 0's eval points: eval loss against the fine-tuning tokens of all workers so far."""
     evaluated = [r for r in run.ranks if r["evals"]]
@@ -217,14 +236,15 @@ def collect(plan: Plan, log: Callable[[str], None] = print, work_dir: Path | Non
     curves: dict[str, list[dict[str, Any]]] = {}
     failures: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lowrank-", dir=work_dir) as tmp:
-        log(f"pretraining the base: {plan.pretrain_steps} steps per worker, {WORKERS} workers")
-        base = pretrain(plan.pretrain_steps, plan.max_chars, Path(tmp) / "pretrain")
+        log(f"pretraining the base: {plan.pretrain_steps} steps per worker, {WORKERS} workers, model {plan.model}")
+        base = pretrain(plan.pretrain_steps, plan.max_chars, Path(tmp) / "pretrain", plan.model, plan.seed,
+                        plan.pretrain_eval_every)
         log(f"base: eval {base.eval_loss_pretrain_plays} on the pretraining plays, {base.base_eval_loss:.4f} on the "
             f"fine-tuning plays, {base.wall_s:.1f} s")
         for contender in plan.contenders:
             lr = plan.lrs[contender]
             cfg = finetune_config(contender, plan.steps, base.checkpoint, lr, plan.max_chars, plan.eval_every,
-                                  plan.weight_decay)
+                                  plan.weight_decay, plan.model, plan.seed)
             try:
                 run = run_contender(contender, cfg)
             except Exception as err:  # one contender failing leaves the others' rows
@@ -247,8 +267,9 @@ def collect(plan: Plan, log: Callable[[str], None] = print, work_dir: Path | Non
         "pretrain": pretrained,
         "curves": curves,
         "failures": failures,
-        "model": MODEL,
-        "model_note": "the default GPT of worker/model.py (2 layers, 128 wide, 4 heads, context 64)",
+        "model": plan.model,
+        "model_note": model_note(plan.model),
+        "seed": plan.seed,
         "parameters": next((r["trainable_params"] for r in rows if r["contender"] == "full"), None),
         "weight_decay": plan.weight_decay,
         "batch_size": BATCH,
@@ -308,18 +329,20 @@ def sweep(plan: Plan, start: list[float], out: Path, base: Path | None, log: Cal
     end). Fine-tunes from `base` (a checkpoint), or from a base pretrained here into <out stem>-base/.
     Writes `out` (JSON) after every point."""
     if base is None:
-        made = pretrain(plan.pretrain_steps, plan.max_chars, out.with_name(out.stem + "-base"))
+        made = pretrain(plan.pretrain_steps, plan.max_chars, out.with_name(out.stem + "-base"), plan.model, plan.seed,
+                        plan.pretrain_eval_every)
         log(f"base pretrained into {made.checkpoint}: {made.base_eval_loss:.4f} on the fine-tuning plays")
         base = made.checkpoint
     doc: dict[str, Any] = {"grid_start": start, "ladder": LR_LADDER, "pretrain_steps_per_worker": plan.pretrain_steps,
                            "steps_per_worker": plan.steps, "max_chars": plan.max_chars, "base": str(base),
+                           "model": plan.model, "seed": plan.seed, "weight_decay": plan.weight_decay,
                            "scored_by": "final eval loss on the fine-tuning plays' eval text",
                            "runs": [], "best": {}}
     for contender in plan.contenders:
         losses: dict[float, float] = {}
 
         def point(lr: float, contender: str = contender, losses: dict[float, float] = losses) -> None:
-            run = sweep_run(contender, lr, plan.steps, base, plan.max_chars, plan.weight_decay)
+            run = sweep_run(contender, lr, plan.steps, base, plan.max_chars, plan.weight_decay, plan.model, plan.seed)
             doc["runs"].append(run)
             losses[lr] = run["eval_loss"] if run["eval_loss"] is not None else math.inf
             log(f"sweep {contender} lr {lr:g}: eval {run['eval_loss']}, {run['wall_s']:.1f} s")
@@ -367,6 +390,31 @@ def _lrs(text: str) -> dict[str, float]:
     return out
 
 
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "block_size")
+
+
+def parse_model(text: str) -> dict[str, Any]:
+    """`--model n_embd=192,n_head=6`: MODEL with those fields replaced, checked by ModelConfig (positive
+    integers, heads dividing the width); an argparse error naming the problem otherwise."""
+    from pydantic import ValidationError
+
+    from protocols.config import ModelConfig
+
+    shape = dict(MODEL)
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        name, sep, value = item.partition("=")
+        if not sep or name.strip() not in MODEL_FIELDS or not value.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(
+                f"expected {'/'.join(MODEL_FIELDS)}=integer pairs like n_embd=192,n_head=6, got {item!r}")
+        shape[name.strip()] = int(value)
+    try:
+        ModelConfig(**shape)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'model'}: {e['msg']}" for e in err.errors())
+        raise argparse.ArgumentTypeError(f"--model {text!r}: {problems}") from None
+    return shape
+
+
 def _floats(text: str) -> list[float]:
     return sorted(comma_list(text, float, lambda v: min(v) > 0, "positive numbers like 0.003,0.01"))
 
@@ -387,6 +435,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, help=f"fine-tuning eval every N steps (default {Plan.eval_every})")
     parser.add_argument("--weight-decay", type=float,
                         help="fine-tuning's inner AdamW weight decay, every contender (default: the config default)")
+    parser.add_argument("--model", type=parse_model,
+                        help="the GPT's shape, fields of MODEL replaced, e.g. n_embd=192,n_head=6 (default: "
+                             f"{','.join(f'{k}={v}' for k, v in MODEL.items())})")
+    parser.add_argument("--seed", type=int, help="run seed of the base and every contender (default 0)")
     parser.add_argument("--lr-sweep-json", type=Path, help="a JSON file of the lr sweep, stored as lr_sweep")
     parser.add_argument("--out", help="result name in bench/results (default lowrank; lowrank_quick with --quick)")
     parser.add_argument("--sweep", type=_floats,
@@ -403,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
         max_chars=base.max_chars if args.max_chars is None else args.max_chars,
         eval_every=args.eval_every or base.eval_every,
         weight_decay=base.weight_decay if args.weight_decay is None else args.weight_decay,
+        model=args.model or base.model,
+        seed=base.seed if args.seed is None else args.seed,
     )
     if plan.steps < 1 or plan.pretrain_steps < 1:
         parser.error("--steps and --pretrain-steps must be >= 1")

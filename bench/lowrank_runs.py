@@ -22,7 +22,11 @@ BATCH = 16
 EVAL_BATCHES = 24  # 24 x 16 windows of 64 characters, evenly spaced over the fine-tuning plays' eval text
 DILOCO_OUTER = {"outer_lr": 1.0, "outer_momentum": 0.5}  # the tuned outer step (BENCHMARKS.md, bench.wire_bytes)
 RANK = 8
-ALPHA = 16  # the adapter update is (alpha / rank) B A = 2 B A
+ALPHA = 16  # LoRA's adapter update is (alpha / rank) B A = 2 B A
+# PiSSA at alpha = rank, as in its paper (arXiv:2404.02948) and LlamaFactory's PiSSA script: peft's PiSSA init
+# divides the top singular values by alpha / rank before splitting them between A and B, so only at alpha = rank
+# do the factors hold sqrt(S) as in the paper (with Adam, another alpha acts as another lr).
+PISSA_ALPHA = RANK
 RANK_TIMEOUT_S = 900.0
 
 # Contender -> (protocol kind, lowrank block or None). SparseLoCo keeps its defaults (top-64 of every 4096, 2-bit
@@ -30,17 +34,17 @@ RANK_TIMEOUT_S = 900.0
 CONTENDERS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "full": ("diloco", None),
     "lora-r8": ("diloco", {"method": "lora", "rank": RANK, "alpha": ALPHA}),
-    "pissa-r8": ("diloco", {"method": "pissa", "rank": RANK, "alpha": ALPHA}),
+    "pissa-r8": ("diloco", {"method": "pissa", "rank": RANK, "alpha": PISSA_ALPHA}),
     "galore-r8": ("diloco", {"method": "galore", "rank": RANK}),
     "lora-r8-sparseloco": ("sparseloco", {"method": "lora", "rank": RANK, "alpha": ALPHA}),
 }
 # Inner AdamW peak lr of each contender, picked by the sweep the module docstring of bench.lowrank describes.
 LRS: dict[str, float] = {
-    "full": 3e-3,
+    "full": 1e-3,
     "lora-r8": 1e-2,
     "pissa-r8": 3e-3,
     "galore-r8": 3e-3,
-    "lora-r8-sparseloco": 3e-3,
+    "lora-r8-sparseloco": 1e-3,
 }
 PRETRAIN_LR = 3e-3  # the default inner lr
 
@@ -52,37 +56,43 @@ def protocol_section(kind: str) -> dict[str, Any]:
     return section
 
 
-def _common(name: str, plays: str, steps: int, lr: float, max_chars: int, eval_every: int) -> dict[str, Any]:
+def _common(name: str, plays: str, steps: int, lr: float, max_chars: int, eval_every: int,
+            model: dict[str, Any] | None, seed: int) -> dict[str, Any]:
     return {
         "name": name,
-        "model": MODEL,
+        "seed": seed,
+        "model": MODEL if model is None else model,
         "data": {"batch_size": BATCH, "max_chars": max_chars, "plays": plays},
         "train": {"steps": steps, "lr": lr, "eval_batches": EVAL_BATCHES, "eval_every_steps": eval_every},
     }
 
 
-def pretrain_config(steps: int, max_chars: int) -> RunConfig:
-    """The base: DiLoCo H=30, 4 all-gather ranks, every play but the fine-tuning ones; one eval at the end."""
-    data = _common("lowrank-pretrain", "pretrain", steps, PRETRAIN_LR, max_chars, 1_000_000)
+def pretrain_config(steps: int, max_chars: int, model: dict[str, Any] | None = None, seed: int = 0,
+                    eval_every: int = 1_000_000) -> RunConfig:
+    """The base: DiLoCo H=30, 4 all-gather ranks, every play but the fine-tuning ones; evals on their eval text
+    every `eval_every` steps and at the end. `model`: the GPT's shape (None: MODEL); `seed`: the run seed."""
+    data = _common("lowrank-pretrain", "pretrain", steps, PRETRAIN_LR, max_chars, eval_every, model, seed)
     return parse_config({**data, "protocol": protocol_section("diloco"),
                          "cluster": {"workers": WORKERS, "transport": "allgather"}})
 
 
 def finetune_config(contender: str, steps: int, init_from: str | Path, lr: float, max_chars: int,
-                    eval_every: int, weight_decay: float | None = None) -> RunConfig:
+                    eval_every: int, weight_decay: float | None = None, model: dict[str, Any] | None = None,
+                    seed: int = 0) -> RunConfig:
     """`contender` fine-tuning the base at `init_from` on the fine-tuning plays: 4 all-gather ranks (inner AdamW
-    weight decay `weight_decay`, or the default's)."""
+    weight decay `weight_decay`, or the default's). `model` must be the base's shape."""
     kind, lowrank = CONTENDERS[contender]
-    data = _common(f"lowrank-{contender}", "finetune", steps, lr, max_chars, eval_every)
+    data = _common(f"lowrank-{contender}", "finetune", steps, lr, max_chars, eval_every, model, seed)
     if weight_decay is not None:
         data["train"]["weight_decay"] = weight_decay
     return parse_config({**data, "protocol": protocol_section(kind), "lowrank": lowrank, "init_from": str(init_from),
                          "cluster": {"workers": WORKERS, "transport": "allgather"}})
 
 
-def base_eval_config(steps: int, init_from: str | Path, max_chars: int) -> RunConfig:
+def base_eval_config(steps: int, init_from: str | Path, max_chars: int, model: dict[str, Any] | None = None,
+                     seed: int = 0) -> RunConfig:
     """The base itself on the fine-tuning plays' eval text (what every contender's rank 0 evaluates)."""
-    data = _common("lowrank-base", "finetune", steps, PRETRAIN_LR, max_chars, 1_000_000)
+    data = _common("lowrank-base", "finetune", steps, PRETRAIN_LR, max_chars, 1_000_000, model, seed)
     return parse_config({**data, "init_from": str(init_from)})
 
 
@@ -116,12 +126,14 @@ def _pretrain_rank(rank: int, world_size: int, init_method: str, cfg: RunConfig,
         if rank == 0:
             replica = loop.final_replica
             session.save_checkpoint(path, replica.params, replica.round, cfg.name)
-            base = Session.build(base_eval_config(cfg.train.steps, path, cfg.data.max_chars), 0, world_size)
+            base_cfg = base_eval_config(cfg.train.steps, path, cfg.data.max_chars, cfg.model.model_dump(), cfg.seed)
+            base = Session.build(base_cfg, 0, world_size)
             result["base_eval_loss"] = base.evaluate()
         return result
 
 
-def pretrain(steps: int, max_chars: int, run_dir: Path) -> Pretrained:
+def pretrain(steps: int, max_chars: int, run_dir: Path, model: dict[str, Any] | None = None, seed: int = 0,
+             eval_every: int = 1_000_000) -> Pretrained:
     """Train the base in 4 fresh processes over all-gather (`_pretrain_rank`), writing `run_dir/checkpoint.pt`;
     its eval loss on the fine-tuning plays."""
     from worker.spawn import spawn_on_loopback
@@ -129,8 +141,8 @@ def pretrain(steps: int, max_chars: int, run_dir: Path) -> Pretrained:
     began = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt = run_dir / "checkpoint.pt"
-    ranks = spawn_on_loopback(_pretrain_rank, WORKERS, args=(pretrain_config(steps, max_chars), str(ckpt)),
-                              num_threads=1)
+    cfg = pretrain_config(steps, max_chars, model, seed, eval_every)
+    ranks = spawn_on_loopback(_pretrain_rank, WORKERS, args=(cfg, str(ckpt)), num_threads=1)
     wall = time.perf_counter() - began
     return Pretrained(
         checkpoint=ckpt,
@@ -145,9 +157,10 @@ def pretrain(steps: int, max_chars: int, run_dir: Path) -> Pretrained:
 
 
 def sweep_run(contender: str, lr: float, steps: int, init_from: str | Path, max_chars: int,
-              weight_decay: float | None = None) -> dict[str, Any]:
+              weight_decay: float | None = None, model: dict[str, Any] | None = None,
+              seed: int = 0) -> dict[str, Any]:
     """One point of the lr sweep: `contender` at inner lr `lr`, run exactly as the benchmark runs it."""
-    cfg = finetune_config(contender, steps, init_from, lr, max_chars, 1_000_000, weight_decay)
+    cfg = finetune_config(contender, steps, init_from, lr, max_chars, 1_000_000, weight_decay, model, seed)
     run = run_contender(contender, cfg)
     losses = [r["final_eval_loss"] for r in run.ranks if r["final_eval_loss"] is not None]
     return {"contender": contender, "lr": lr, "weight_decay": cfg.train.weight_decay,
