@@ -25,7 +25,7 @@ RANK = 8
 ALPHA = 16  # LoRA's adapter update is (alpha / rank) B A = 2 B A
 # PiSSA at alpha = rank, as in its paper (arXiv:2404.02948) and LlamaFactory's PiSSA script: peft's PiSSA init
 # divides the top singular values by alpha / rank before splitting them between A and B, so only at alpha = rank
-# do the factors hold sqrt(S) as in the paper (with Adam, another alpha acts as another lr).
+# do the factors hold sqrt(S) as in the paper (under Adam another alpha acts roughly as another lr).
 PISSA_ALPHA = RANK
 RANK_TIMEOUT_S = 900.0
 
