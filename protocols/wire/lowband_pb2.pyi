@@ -8,7 +8,8 @@ run is the exception on the worker side: there is no aggregator, each worker ser
 graph neighbours dial it (so peers must be reachable), while the coordinator only serves the Rendezvous.
 Tensors never travel inside one message: they are cut into TensorChunk messages of 1-4 MiB and sent as a
 stream (PullState, PushUpdate, Gossip), so a model of any size fits under the gRPC message limit, and the receiver
-can validate and fold an update while it is still arriving.
+can validate and fold an update while it is still arriving. Consecutive small chunks share one message
+(TensorChunks), up to the same size: each message costs the receiver's gRPC runtime more than its bytes do.
 
 Only protocols/wire/serde.py (with its tensor_chunks.py) touches the generated classes; the rest of lowband
 uses the plain dataclasses of protocols/wire/messages.py. Regenerate the stubs with `make proto` after any change here.
@@ -511,25 +512,31 @@ class StateChunk(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> Global___StateHeader:
         """First message, exactly once."""
 
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
-        """Every later message."""
+        """Every later message: one chunk,"""
+
+    @_builtins.property
+    def chunks(self) -> Global___TensorChunks:
+        """or several consecutive ones."""
 
     def __init__(
         self,
         *,
         header: Global___StateHeader | None = ...,
         chunk: Global___TensorChunk | None = ...,
+        chunks: Global___TensorChunks | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "chunks", b"chunks", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "chunks", b"chunks", "header", b"header"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk", "chunks"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -617,25 +624,31 @@ class AggregateChunk(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> Global___AggregateHeader:
         """First message, exactly once."""
 
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
-        """Every later message."""
+        """Every later message: one chunk,"""
+
+    @_builtins.property
+    def chunks(self) -> Global___TensorChunks:
+        """or several consecutive ones."""
 
     def __init__(
         self,
         *,
         header: Global___AggregateHeader | None = ...,
         chunk: Global___TensorChunk | None = ...,
+        chunks: Global___TensorChunks | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "chunks", b"chunks", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "chunks", b"chunks", "header", b"header"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk", "chunks"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -727,25 +740,31 @@ class PushMessage(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> Global___PushHeader:
         """First message, exactly once."""
 
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
-        """Every later message."""
+        """Every later message: one chunk,"""
+
+    @_builtins.property
+    def chunks(self) -> Global___TensorChunks:
+        """or several consecutive ones."""
 
     def __init__(
         self,
         *,
         header: Global___PushHeader | None = ...,
         chunk: Global___TensorChunk | None = ...,
+        chunks: Global___TensorChunks | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "chunks", b"chunks", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "chunks", b"chunks", "header", b"header"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk", "chunks"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -1213,6 +1232,32 @@ class TensorChunk(_message.Message):
 Global___TensorChunk: _TypeAlias = TensorChunk  # noqa: Y015
 
 @_typing.final
+class TensorChunks(_message.Message):
+    """Consecutive chunks of a stream in one message, in the order they would be sent one by one; never empty, and
+    never more bytes in all than the stream's chunk size (one chunk of that size travels alone).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorChunk]:
+        """The chunks, in stream order."""
+
+    def __init__(
+        self,
+        *,
+        chunks: _abc.Iterable[Global___TensorChunk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorChunks: _TypeAlias = TensorChunks  # noqa: Y015
+
+@_typing.final
 class EnrollRequest(_message.Message):
     """Enroll: a gossip worker asks to take part in the run."""
 
@@ -1491,25 +1536,31 @@ class PeerChunk(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def header(self) -> Global___PeerHeader:
         """First message, exactly once."""
 
     @_builtins.property
     def chunk(self) -> Global___TensorChunk:
-        """Every later message."""
+        """Every later message: one chunk,"""
+
+    @_builtins.property
+    def chunks(self) -> Global___TensorChunks:
+        """or several consecutive ones."""
 
     def __init__(
         self,
         *,
         header: Global___PeerHeader | None = ...,
         chunk: Global___TensorChunk | None = ...,
+        chunks: Global___TensorChunks | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "chunks", b"chunks", "header", b"header"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "header", b"header"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chunk", b"chunk", "chunks", b"chunks", "header", b"header"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["header", "chunk", "chunks"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

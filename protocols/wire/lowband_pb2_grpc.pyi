@@ -8,7 +8,8 @@ run is the exception on the worker side: there is no aggregator, each worker ser
 graph neighbours dial it (so peers must be reachable), while the coordinator only serves the Rendezvous.
 Tensors never travel inside one message: they are cut into TensorChunk messages of 1-4 MiB and sent as a
 stream (PullState, PushUpdate, Gossip), so a model of any size fits under the gRPC message limit, and the receiver
-can validate and fold an update while it is still arriving.
+can validate and fold an update while it is still arriving. Consecutive small chunks share one message
+(TensorChunks), up to the same size: each message costs the receiver's gRPC runtime more than its bytes do.
 
 Only protocols/wire/serde.py (with its tensor_chunks.py) touches the generated classes; the rest of lowband
 uses the plain dataclasses of protocols/wire/messages.py. Regenerate the stubs with `make proto` after any change here.

@@ -22,7 +22,7 @@ import enum
 import math
 import struct
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar, overload
 
 import torch
@@ -47,7 +47,7 @@ from protocols.wire.messages import (
     WireError,
     WireTooLarge,
 )
-from protocols.wire.tensor_chunks import EntryAssembler, encode_entries
+from protocols.wire.tensor_chunks import EntryAssembler, batch_chunks, encode_entries
 
 __all__ = [
     "GRPC_OPTIONS",
@@ -59,6 +59,7 @@ __all__ = [
     "aggregate_entries",
     "aggregate_from_entries",
     "aggregate_stream",
+    "batch_chunks",
     "encode_entries",
     "from_pb",
     "peer_stream",
@@ -195,13 +196,21 @@ def _check_header_totals(kind: str, declared: tuple[int, int], entries: Mapping[
 
 def _stream(
     wrapper: Any, header: PushHeader | StateHeader | m.AggregateHeader | m.PeerHeader, entries: Mapping[str, Payload],
-    chunk_bytes: int,
+    chunk_bytes: int, groups: Sequence[Mapping[str, Payload]] | None = None,
 ) -> Iterator[Any]:  # fmt: skip
-    """`wrapper(header=...)` first, then `wrapper(chunk=...)` for every chunk of every entry."""
+    """`wrapper(header=...)` first, then every chunk of every entry, consecutive small ones together
+    (`_chunk_messages`); `groups` (the entries, split) batches each group apart."""
     _check_header_totals(type(header).__name__, (header.num_entries, header.total_bytes), entries)
     yield wrapper(header=to_pb(header))
-    for chunk in encode_entries(entries, chunk_bytes):
-        yield wrapper(chunk=chunk)
+    for group in groups if groups is not None else [entries]:
+        yield from _chunk_messages(wrapper, group, chunk_bytes)
+
+
+def _chunk_messages(wrapper: Any, entries: Mapping[str, Payload], chunk_bytes: int) -> Iterator[Any]:
+    """The entries' chunks as `wrapper(chunk=...)`, or `wrapper(chunks=...)` for consecutive ones that fit in one
+    message (`batch_chunks`)."""
+    for batch in batch_chunks(encode_entries(entries, chunk_bytes), chunk_bytes):
+        yield wrapper(chunk=batch[0]) if len(batch) == 1 else wrapper(chunks=pb.TensorChunks(chunks=batch))
 
 
 def push_stream(
@@ -228,42 +237,56 @@ def aggregate_entries(aggregate: Aggregate, omit: int | None = None) -> tuple[di
     return entries, tuple(update.weight for update in aggregate.relayed)
 
 
+def _sender_groups(entries: Mapping[str, Payload], relayed: bool) -> list[dict[str, Payload]]:
+    """A relayed aggregate's entries split by sender ("<k>/..."), so that the chunks batched into one message
+    never mix two senders: a pull that leaves one out drops whole messages. Else all of them, as one group."""
+    if not relayed:
+        return [dict(entries)]
+    groups: dict[str, dict[str, Payload]] = {}
+    for name, payload in entries.items():
+        groups.setdefault(name.partition("/")[0], {})[name] = payload
+    return list(groups.values())
+
+
 @dataclasses.dataclass(frozen=True)
 class EncodedAggregate:
-    """An aggregate's PullAggregate stream encoded once (`of`), for every pull of it to share: per entry (as
-    `aggregate_entries` names them) its bytes and its chunk messages. `stream` gives exactly the messages
-    `aggregate_stream` would for the same header, without encoding anything again. The messages are only read
-    (serialized) by the pulls, never changed, so any number of pulls may send them at once."""
+    """An aggregate's PullAggregate stream encoded once (`of`), for every pull of it to share: per group of
+    entries (`_sender_groups`: one per relayed sender, keyed by its index, or one keyed None) its entry count,
+    its bytes and its chunk messages. `stream` gives exactly the messages `aggregate_stream` would for the same
+    header, without encoding anything again. The messages are only read (serialized) by the pulls, never changed,
+    so any number of pulls may send them at once."""
 
     round: int
     weights: tuple[float, ...]
-    entries: dict[str, tuple[int, tuple[pb.AggregateChunk, ...]]]
+    groups: dict[int | None, tuple[int, int, tuple[pb.AggregateChunk, ...]]]
 
     @classmethod
     def of(cls, aggregate: Aggregate, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> EncodedAggregate:
         entries, weights = aggregate_entries(aggregate)
-        return cls(aggregate.round, weights, {
-            name: (payload.nbytes(), tuple(pb.AggregateChunk(chunk=c) for c in encode_entries({name: payload},
-                                                                                           chunk_bytes)))
-            for name, payload in entries.items()})
+        groups: dict[int | None, tuple[int, int, tuple[pb.AggregateChunk, ...]]] = {}
+        for group in _sender_groups(entries, bool(weights)):
+            key = int(next(iter(group)).partition("/")[0]) if weights else None
+            groups[key] = (len(group), sum(p.nbytes() for p in group.values()),
+                           tuple(_chunk_messages(pb.AggregateChunk, group, chunk_bytes)))
+        return cls(aggregate.round, weights, groups)
 
     def header(self, state_hash: str, omit: int | None = None) -> m.AggregateHeader:
         """The stream's header for a requester whose own relayed update (slot `omit`) is left out."""
         kept = self._kept(omit)
-        return m.AggregateHeader(round=self.round, num_entries=len(kept), total_bytes=sum(n for n, _ in kept),
-                                 state_hash=state_hash, relayed_weights=self.weights,
+        return m.AggregateHeader(round=self.round, num_entries=sum(n for n, _, _ in kept),
+                                 total_bytes=sum(b for _, b, _ in kept), state_hash=state_hash,
+                                 relayed_weights=self.weights,
                                  own_slot=0 if omit is None or not self.weights else omit + 1)
 
     def stream(self, state_hash: str, omit: int | None = None) -> Iterator[pb.AggregateChunk]:
         yield pb.AggregateChunk(header=to_pb(self.header(state_hash, omit)))
-        for _, chunks in self._kept(omit):
-            yield from chunks
+        for _, _, messages in self._kept(omit):
+            yield from messages
 
-    def _kept(self, omit: int | None) -> list[tuple[int, tuple[pb.AggregateChunk, ...]]]:
+    def _kept(self, omit: int | None) -> list[tuple[int, int, tuple[pb.AggregateChunk, ...]]]:
         if omit is None or not self.weights:
-            return list(self.entries.values())
-        prefix = f"{omit}/"
-        return [entry for name, entry in self.entries.items() if not name.startswith(prefix)]
+            return list(self.groups.values())
+        return [group for key, group in self.groups.items() if key != omit]
 
 
 def aggregate_from_entries(
@@ -297,8 +320,10 @@ def aggregate_from_entries(
 def aggregate_stream(
     header: m.AggregateHeader, entries: Mapping[str, Payload], chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[pb.AggregateChunk]:
-    """The PullAggregate response stream: the header, then every entry's chunks."""
-    return _stream(pb.AggregateChunk, header, entries, chunk_bytes)
+    """The PullAggregate response stream: the header, then every entry's chunks (a relayed sender's batched
+    apart from the others', as `EncodedAggregate` sends them)."""
+    return _stream(pb.AggregateChunk, header, entries, chunk_bytes,
+                   _sender_groups(entries, bool(header.relayed_weights)))
 
 
 def read_aggregate(
@@ -336,9 +361,15 @@ def _read_stream(
     assembler = EntryAssembler(num_entries, max_total_bytes=total_bytes)
     for message in it:
         body = message.WhichOneof("body")
-        if body != "chunk":
+        if body == "chunk":
+            assembler.feed(message.chunk)
+        elif body == "chunks" and message.chunks.chunks:
+            for chunk in message.chunks.chunks:
+                assembler.feed(chunk)
+        elif body == "chunks":
+            raise WireError(f"after the {stream}, a chunks message carries no chunk")
+        else:
             raise WireError(f"after the {stream}, every message must be a chunk; got {body or 'an empty one'}")
-        assembler.feed(message.chunk)
     entries = assembler.finish()
     if assembler.received_bytes != total_bytes:
         raise WireError(f"{stream} declares {total_bytes} bytes, the stream carried {assembler.received_bytes}")

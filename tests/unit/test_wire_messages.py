@@ -275,17 +275,24 @@ def test_a_relayed_sender_without_tensors_is_a_wire_error() -> None:
 
 
 # Only a relayed aggregate leaves out the requester's own update.
+# chunk_bytes 4096: several chunks to a message, never two senders' (a pull leaving one out drops whole messages).
+@pytest.mark.parametrize("chunk_bytes", [16, 4096])
 @pytest.mark.parametrize(("relayed", "omit"), [(False, None), (True, None), (True, 0), (True, 1), (True, 2)])
-def test_an_aggregate_encoded_once_streams_exactly_what_encoding_it_per_pull_did(relayed: bool, omit: int | None
-                                                                                ) -> None:
+def test_an_aggregate_encoded_once_streams_exactly_what_encoding_it_per_pull_did(relayed: bool, omit: int | None,
+                                                                                chunk_bytes: int) -> None:
     aggregate = (Aggregate(3, relayed=(_update(1, 2.0), _update(2, 0.5), _update(3, 1.0))) if relayed
                  else Aggregate(7, payloads=_update(0, 1.0).payloads))
     entries, weights = aggregate_entries(aggregate, omit)
     header = m.AggregateHeader(round=aggregate.round, num_entries=len(entries), state_hash="ab" * 32,
                                total_bytes=sum(p.nbytes() for p in entries.values()), relayed_weights=weights,
                                own_slot=0 if omit is None else omit + 1)
-    per_pull = [msg.SerializeToString() for msg in aggregate_stream(header, entries, chunk_bytes=16)]
-    encoded = EncodedAggregate.of(aggregate, chunk_bytes=16)
+    per_pull = [msg.SerializeToString() for msg in aggregate_stream(header, entries, chunk_bytes=chunk_bytes)]
+    encoded = EncodedAggregate.of(aggregate, chunk_bytes=chunk_bytes)
     assert encoded.header("ab" * 32, omit) == header
     for _ in range(2):  # shared: every pull streams the same messages
         assert [msg.SerializeToString() for msg in encoded.stream("ab" * 32, omit)] == per_pull
+    if chunk_bytes > 16:
+        assert len(per_pull) == 1 + (len(aggregate.relayed) - (omit is not None) if relayed else 1)
+    _, got = read_aggregate((pb.AggregateChunk.FromString(b) for b in per_pull), 1 << 20,
+                            aggregate.relayed[omit] if omit is not None else None)
+    _assert_same_aggregate(got, aggregate)

@@ -189,6 +189,37 @@ def test_stream_framing_errors() -> None:
         list(push_stream(lying, entries))
 
 
+def test_small_chunks_share_messages_and_arrive_bit_for_bit() -> None:
+    """Many small components (as a sparse update has) go several to a message, none over the chunk size unless
+    it is one chunk alone, in their order; what arrives is what was sent."""
+    entries = {f"t{i}": Payload("custom", (1,), torch.float32, {"a": random_tensor((3 + i,), torch.float32, i),
+                                                                "b": random_tensor((40,), torch.uint8, i)})
+               for i in range(30)}
+    entries["big"] = dense(random_tensor((400,), torch.float32, 99))  # 1600 bytes: its chunks go alone
+    env = Envelope(run_id="r", worker_id="w", round=1, protocol_version=1)
+    total = sum(p.nbytes() for p in entries.values())
+    header = PushHeader(env, PushKind.UPDATE, weight=1.0, num_entries=len(entries), total_bytes=total)
+    msgs = list(push_stream(header, entries, chunk_bytes=1024))[1:]
+    batches = [list(msg.chunks.chunks) if msg.WhichOneof("body") == "chunks" else [msg.chunk] for msg in msgs]
+    assert len(msgs) < len(list(encode_entries(entries, 1024))) / 4
+    assert all(len(b) == 1 or sum(c.ByteSize() for c in b) <= 1024 for b in batches)
+    assert [c for b in batches for c in b] == list(encode_entries(entries, 1024))
+    assert [len(b) for b in batches][-2:] == [1, 1]  # the big tensor's two chunks
+    got = wire_roundtrip(entries, 1024)
+    assert list(got) == list(entries)
+    for name, payload in entries.items():
+        for comp, t in payload.tensors.items():
+            assert_bit_identical(got[name].tensors[comp], t)
+
+
+def test_an_empty_chunks_message_is_refused() -> None:
+    entries = {"x": dense(torch.arange(6.0))}
+    env = Envelope(run_id="r", worker_id="w", round=1, protocol_version=1)
+    msgs = list(push_stream(PushHeader(env, PushKind.UPDATE, weight=2.0, num_entries=1, total_bytes=24), entries))
+    with pytest.raises(WireError, match="after the PushHeader, a chunks message carries no chunk"):
+        read_push([msgs[0], pb.PushMessage(chunks=pb.TensorChunks()), *msgs[1:]], max_total_bytes=100)
+
+
 # ---- the assembler refuses malformed chunk streams, naming what was wrong ------------------------------
 
 
