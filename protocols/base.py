@@ -84,6 +84,10 @@ class CheckedUpdate:
     tensors: dict[str, Decoded]
     weight: float
     raw: Update  # kept for a relayed downlink
+    # With the "coordinates" view, where the check found it: the permutation that sorts every tensor's indices
+    # laid end to end (each tensor's offset by the elements of those before it, in `tensors` order), for an
+    # accumulator that folds coordinates in sorted order not to sort them again.
+    order: torch.Tensor | None = None
 
 
 View = Literal["dense", "coordinates"]

@@ -96,7 +96,12 @@ class SparseMeanAccumulator(Accumulator):
             indices = torch.cat([_indices(d) + self._offsets[n] for n, d in update.tensors.items()])
             values = torch.cat([d.values for d in update.tensors.values()])
             if self._sparse is not None:
-                self._fold_sparse(indices, values * update.weight, torch.full_like(values, update.weight))
+                # The check's sort of these very indices, where it laid the tensors out as this layout does.
+                presorted = update.order is not None and list(update.tensors) == list(self._offsets)
+                if presorted:
+                    assert update.order is not None
+                    indices, values = indices[update.order], values[update.order]
+                self._fold_sparse(indices, values * update.weight, torch.full_like(values, update.weight), presorted)
             else:
                 assert self._flat is not None  # laid out, not sparse: dense
                 self._flat[0].index_add_(0, indices, values * update.weight)
@@ -118,17 +123,20 @@ class SparseMeanAccumulator(Accumulator):
         empty = torch.zeros(0, device=values.device)
         self._sparse = (torch.zeros(0, dtype=torch.int64, device=values.device), empty, empty)
 
-    def _fold_sparse(self, indices: torch.Tensor, sums: torch.Tensor, weights: torch.Tensor) -> None:
-        """Merge one update's (indices, weighted values, weights) into the sparse form. A coordinate kept already
-        gets its value added in place (old sum + new value, as in the dense form); one sent for the first time
-        joins the sorted indices with 0.0 + its value (as in the dense form, whose sums start at 0.0), and the
-        kept sums move over as 0.0 + themselves (the same value: a sum of adds from 0.0 is never -0.0)."""
+    def _fold_sparse(self, indices: torch.Tensor, sums: torch.Tensor, weights: torch.Tensor,
+                     presorted: bool = False) -> None:
+        """Merge one update's (indices, weighted values, weights) into the sparse form (`presorted`: the indices
+        ascend already). A coordinate kept already gets its value added in place (old sum + new value, as in the
+        dense form); one sent for the first time joins the sorted indices with 0.0 + its value (as in the dense
+        form, whose sums start at 0.0), and the kept sums move over as 0.0 + themselves (the same value: a sum of
+        adds from 0.0 is never -0.0)."""
         assert self._sparse is not None
         kept, kept_sums, kept_weights = self._sparse
         # Sorted first: searching sorted keys in the sorted kept indices is several times faster than searching
         # them in arrival order (measured: the fold runs under the coordinator's state lock).
-        indices, order = torch.sort(indices.to(torch.int64))
-        sums, weights = sums[order], weights[order]
+        if not presorted:
+            indices, order = torch.sort(indices.to(torch.int64))
+            sums, weights = sums[order], weights[order]
         if kept.numel():
             at = _search(kept, indices).clamp_(max=kept.numel() - 1)
             present = kept[at] == indices
