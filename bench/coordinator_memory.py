@@ -133,6 +133,7 @@ class PeakProfiler:
 
 
 def instrument(profiler: PeakProfiler) -> None:
+    import coordinator.pushes
     import coordinator.state
     import protocols.round
     from coordinator.rundir import RunDir
@@ -142,7 +143,7 @@ def instrument(profiler: PeakProfiler) -> None:
     from protocols.round import RoundAggregator
 
     profiler.wrap(coordinator.state, "check_initial_state", "initial: decode and check")
-    profiler.wrap(coordinator.state, "check_update", "push: check_update")
+    profiler.wrap(coordinator.pushes, "check_update", "push: check_update")
     profiler.wrap(RoundAggregator, "__init__", "initial: RoundAggregator")
     profiler.wrap(RoundAggregator, "fold", "push: fold")
     profiler.wrap(RoundAggregator, "close", "close: RoundAggregator.close")

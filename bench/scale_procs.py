@@ -138,8 +138,8 @@ class Sections:
 
 
 def run_coordinator(spec: dict[str, Any], work: Path) -> None:
+    import coordinator.pushes
     import coordinator.server
-    import coordinator.state
     import protocols.round
     from coordinator.rundir import RunDir
     from coordinator.servicer import EncodedAggregates
@@ -148,7 +148,7 @@ def run_coordinator(spec: dict[str, Any], work: Path) -> None:
 
     cfg = parse_config(spec["config"])
     sections = Sections()
-    sections.wrap(coordinator.state, "check_update", "check")
+    sections.wrap(coordinator.pushes, "check_update", "check")
     sections.wrap(RoundAggregator, "fold", "fold")
     sections.wrap(RoundAggregator, "close", "close")
     sections.wrap(RunDir, "save_checkpoint", "checkpoint")

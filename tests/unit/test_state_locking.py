@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+import coordinator.pushes as pushes_module
 import coordinator.state as state_module
 from compression.payload import dense
 from coordinator.errors import Code, Rejected
@@ -48,14 +49,14 @@ def _update(value: float) -> Update:
 
 
 class BlockedCheck:
-    """Stands in for `check_update` in coordinator.state: the check of `worker` waits for `release`."""
+    """Stands in for `check_update` in coordinator.pushes: the check of `worker` waits for `release`."""
 
     def __init__(self, worker: str, monkeypatch: pytest.MonkeyPatch) -> None:
         self.worker = worker
         self.checking, self.release = threading.Event(), threading.Event()
-        self.original = state_module.check_update
+        self.original = pushes_module.check_update
         self.calls: list[str] = []
-        monkeypatch.setattr(state_module, "check_update", self)
+        monkeypatch.setattr(pushes_module, "check_update", self)
 
     def __call__(self, sender: str, update: Update, expect: Expectation) -> CheckedUpdate:
         self.calls.append(sender)
