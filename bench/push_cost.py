@@ -10,6 +10,11 @@ of them, from as many members, each go through what the coordinator runs for one
 - `check`: `CoordinatorState.submit` up to the fold (its admission under the lock, `check_update` off it);
 - `fold`: `RoundAggregator.fold` under the lock.
 
+Each is the process's CPU time (user and system: the page faults of fresh allocations are system time), so the
+numbers hold on a machine busy with other work. The process's malloc is tuned as `CoordinatorServer` tunes its
+own (coordinator/malloc.py: every block of 1 MiB or more is mapped afresh and its pages faulted in on first use),
+unless `--no-malloc-tuning`.
+
 No round closes (the run waits for one more member than push), so every push folds into the same round: the
 accumulator goes sparse -> dense as the distinct masks add up, as in a real round. Each phase's median over
 the pushes is reported, and the total; `--profile` prints cProfile's top functions over all pushes instead of
@@ -43,6 +48,7 @@ from bench.common import command_line, write_result
 from bench.coordinator_scale import FULL_MODEL, bench_config
 from bench.scale_procs import initial_params, one_update
 from compression.payload import dense
+from coordinator.malloc import tune_malloc
 from coordinator.state import CoordinatorState
 from protocols.base import Update
 from protocols.config import PROTOCOL_VERSION, parse_config
@@ -79,11 +85,11 @@ def measure(pushes: int, distinct: int, profile: bool) -> tuple[dict[str, list[f
     fold = RoundAggregator.fold
 
     def timed_fold(*args: Any, **kwargs: Any) -> None:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         try:
             fold(*args, **kwargs)
         finally:
-            seconds["fold"].append(time.perf_counter() - t0)
+            seconds["fold"].append(time.process_time() - t0)
 
     RoundAggregator.fold = timed_fold  # type: ignore[method-assign]
     profiler = cProfile.Profile() if profile else None
@@ -92,14 +98,14 @@ def measure(pushes: int, distinct: int, profile: bool) -> tuple[dict[str, list[f
             data = streams[i % distinct]
             if profiler is not None:
                 profiler.enable()
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             messages = [pb.PushMessage.FromString(b) for b in data]
-            t1 = time.perf_counter()
+            t1 = time.process_time()
             header, payloads = serde.read_push(iter(messages), state.max_push_bytes)
-            t2 = time.perf_counter()
+            t2 = time.process_time()
             update = Update(payloads=payloads, weight=header.weight, base=header.base_state_hash)
             state.submit(members[i].worker_id, "", 0, update, {"tokens": 0.0}, sum(map(len, data)))
-            t3 = time.perf_counter()
+            t3 = time.process_time()
             if profiler is not None:
                 profiler.disable()
             seconds["parse"].append(t1 - t0)
@@ -193,12 +199,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--distinct", type=int, default=8, help="distinct updates (top-k masks) pushed in turn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the coordinator's decodes share cores)")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions, write nothing")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc's malloc as it is (CoordinatorServer tunes it: coordinator/malloc.py)")
     parser.add_argument("--grpc", action="store_true", help="push over gRPC (inside deploy/loopback.sh)")
     parser.add_argument("--client", help=argparse.SUPPRESS)  # --grpc's client process: the server's address
     parser.add_argument("--out", default="push_cost", help="result name in bench/results")
     args = parser.parse_args(argv)
     if args.pushes < 1 or args.distinct < 1:
         parser.error("--pushes and --distinct must be >= 1")
+    if not args.no_malloc_tuning and not args.client:
+        tune_malloc()  # as CoordinatorServer does (which also does it itself with --grpc)
     torch.set_num_threads(args.threads)
     if args.client:
         run_client(args.client, args.pushes, args.distinct)
@@ -218,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     write_result(args.out, command_line("bench.push_cost"), rows, COLUMNS,
                  config={"pushes": args.pushes, "distinct": args.distinct, "threads": args.threads, "grpc": args.grpc,
+                         "malloc_tuning": not args.no_malloc_tuning,
                          "model": FULL_MODEL}, **info)
 
 

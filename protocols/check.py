@@ -20,6 +20,7 @@ from compression import registry
 from compression.payload import PayloadError
 from protocols.base import CheckedUpdate, Decoded, Protocol, Update, View
 from protocols.replica import Replica
+from protocols.sorting import argsort
 
 
 class UpdateRejected(ValueError):
@@ -180,21 +181,24 @@ def _checked_together(update: Update, expect: Expectation) -> CheckedUpdate | No
     reads = registry.sparse_views(payloads)
     if reads is None or not reads:
         return None
-    local = torch.cat([i for i, _ in reads])
-    values = torch.cat([v.to(torch.float32) for _, v in reads])
-    numels = [p.numel for p in payloads]
-    counts = torch.tensor([i.numel() for i, _ in reads], device=local.device)
-    bounds = torch.tensor(numels, device=local.device).repeat_interleave(counts)
-    starts = torch.tensor([0, *itertools.accumulate(numels)][:-1], device=local.device).repeat_interleave(counts)
-    # In range: 0 <= index < its tensor's numel; then, laid end to end (tensor by tensor), every coordinate of
-    # every tensor once: no two equal once sorted.
-    if local.numel() and bool(((local < 0) | (local >= bounds)).any()):
-        return None
-    flat, order = torch.sort(local + starts)
+    # In range: 0 <= index < its tensor's numel.
+    for (indices, _), payload in zip(reads, payloads, strict=True):
+        if indices.numel():
+            low, high = torch.aminmax(indices)
+            if int(low) < 0 or int(high) >= payload.numel:
+                return None
+    # Laid end to end, tensor by tensor (int32 while they fit: half the bytes to sort), every coordinate of every
+    # tensor once: no two equal once sorted.
+    starts = [0, *itertools.accumulate(p.numel for p in payloads)]
+    wide = torch.int64 if starts[-1] > torch.iinfo(torch.int32).max else torch.int32
+    flat = torch.cat([(i + at).to(wide) for (i, _), at in zip(reads, starts, strict=False)])
+    order = argsort(flat)
+    flat = flat[order]
     if bool((flat[1:] == flat[:-1]).any()):
         return None
+    values = torch.cat([v.to(torch.float32) for _, v in reads])
     if values.numel() and not (bool(torch.isfinite(values).all()) and float(values.abs().max()) <= expect.max_abs):
         return None
     tensors = {name: Decoded(tuple(p.shape), v.to(torch.float32), i)
                for (name, p), (i, v) in zip(update.payloads.items(), reads, strict=True)}
-    return CheckedUpdate(tensors=tensors, weight=float(update.weight), raw=update, order=order.to(torch.int32))
+    return CheckedUpdate(tensors=tensors, weight=float(update.weight), raw=update, order=order.to(wide))

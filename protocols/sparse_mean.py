@@ -18,6 +18,7 @@ import torch
 
 from protocols.base import Accumulator, CheckedUpdate, Decoded, View
 from protocols.replica import Params
+from protocols.sorting import argsort
 
 # Elements per slice when dividing the dense sums by the weights: the division's temporaries stay this small
 # instead of two more copies of the model.
@@ -135,8 +136,8 @@ class SparseMeanAccumulator(Accumulator):
         # Sorted first: searching sorted keys in the sorted kept indices is several times faster than searching
         # them in arrival order (measured: the fold runs under the coordinator's state lock).
         if not presorted:
-            indices, order = torch.sort(indices.to(torch.int64))
-            sums, weights = sums[order], weights[order]
+            order = argsort(indices)
+            indices, sums, weights = indices.to(torch.int64)[order], sums[order], weights[order]
         if kept.numel():
             at = _search(kept, indices).clamp_(max=kept.numel() - 1)
             present = kept[at] == indices
@@ -149,7 +150,9 @@ class SparseMeanAccumulator(Accumulator):
             fresh = ~present
             indices, sums, weights = indices[fresh], sums[fresh], weights[fresh]
         if indices.numel():
-            union, order = torch.sort(torch.cat([kept, indices]))  # all distinct: kept ones and fresh ones
+            union = torch.cat([kept, indices])  # all distinct: kept ones and fresh ones
+            order = argsort(union)
+            union = union[order]
             where = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
             merged = []
             for old, new in ((kept_sums, sums), (kept_weights, weights)):
