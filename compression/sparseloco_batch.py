@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from compression.packing import index_bits, pack_bits, packed_nbytes, unpack_bits
+from compression.packing import index_bits, pack_bits, packed_nbytes
 from compression.payload import Payload
 from compression.topk import chunked_header, chunked_meta, topk_indices
 from compression.twobit import LEVELS, check_codes, quantize_2bit
@@ -215,13 +215,25 @@ def read_many(payloads: list[Payload]) -> list[tuple[torch.Tensor, torch.Tensor]
         means.append(parts[2])
     key = tuple(headers)
     lay = _cached_read_layout(key, device) if sum(h[0] for h in key) <= CACHED_ELEMENTS else _read_layout(key, device)
-    local = unpack_bits(torch.cat(index_bytes), 12, lay.index_count)[lay.index_at]
+    # Unpacked as `unpack_bits` does (compression/packing.py's layout), in int32 and uint8 instead of its int64:
+    # the coordinator reads an update per push, and its malloc maps every block of 1 MiB or more afresh
+    # (coordinator/malloc.py), so each int64 temporary of an update's ~170k values cost its page faults again.
+    words = torch.cat(index_bytes).view(-1, 3).to(torch.int32)  # 3 bytes: two 12-bit values, low one first
+    pairs = torch.stack((words[:, 0] | (words[:, 1] & 0xF) << 8, words[:, 1] >> 4 | words[:, 2] << 4), dim=1)
+    local = pairs.view(-1)[lay.index_at]
     if bool((local >= lay.bound).any()):  # outside its chunk (or the shorter last chunk), as read_chunked_local checks
         return None
-    codes = unpack_bits(torch.cat(code_bytes), 2, lay.code_count)[lay.code_at]
+    packed = torch.cat(code_bytes)
+    codes = ((packed.unsqueeze(1) >> _constant((0, 2, 4, 6), torch.uint8, device)) & 3).view(-1)[lay.code_at]
     indices = local + lay.chunk_start
     values = torch.cat(means).float()[lay.mean_at + codes]
     return list(zip(indices.split(lay.kept), values.split(lay.kept), strict=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _constant(values: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant, built once per device. Never written to."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)
@@ -262,13 +274,16 @@ def _read_layout(headers: tuple[tuple[int, int, int, int, int, int, int], ...], 
     first, index_at, code_at, mean_at, k_of, chunk_len, full_of, rem_of = rows.unbind(1)
     within = torch.arange(at_value, dtype=torch.int64, device=device) - first
     chunk_of = torch.div(within, k_of, rounding_mode="floor")
+    # Positions in the streams in int32 where they fit (they index per push; see `read_many`); the chunk starts stay
+    # int64, as the indices read are.
+    small = torch.int32 if max(at_index, at_code * 4, at_mean, at_value) < 1 << 31 else torch.int64
     return _ReadLayout(
         kept=kept_each,
         index_count=at_index // 3 * 2,
         code_count=at_code * 4,
-        index_at=index_at + within,
-        code_at=code_at + within,
+        index_at=(index_at + within).to(small),
+        code_at=(code_at + within).to(small),
         chunk_start=chunk_of * chunk_len,
-        mean_at=mean_at + chunk_of * LEVELS,
-        bound=torch.where(chunk_of < full_of, chunk_len, rem_of),
+        mean_at=(mean_at + chunk_of * LEVELS).to(small),
+        bound=torch.where(chunk_of < full_of, chunk_len, rem_of).to(small),
     )
