@@ -15,15 +15,17 @@ numbers hold on a machine busy with other work. The process's malloc is tuned as
 own (coordinator/malloc.py: every block of 1 MiB or more is mapped afresh and its pages faulted in on first use),
 unless `--no-malloc-tuning`.
 
-No round closes (the run waits for one more member than push), so every push folds into the same round: the
-accumulator goes sparse -> dense as the distinct masks add up, as in a real round. Each phase's median over
-the pushes is reported, and the total; `--profile` prints cProfile's top functions over all pushes instead of
-writing a result.
+No round closes (the run waits for one more member than push), so every push folds into the same round, into
+SparseLoCo's accumulator in its sparse form while the distinct masks' union stays under 1/8 of the model (8 masks,
+as bench/coordinator_scale.py's 8 client processes push, keep it sparse; many more turn it dense, where a fold
+is one index_add). Each phase's median over the pushes is reported, and the total; `--profile` prints cProfile's
+top functions over all pushes instead of writing a result.
 
 `--grpc` (run it inside deploy/loopback.sh) pushes the same updates over gRPC instead: a `CoordinatorServer` in
 this process, and in a client process one `CoordinatorClient` per member pushing one update at a time, so
 nothing else runs meanwhile. The row `server_cpu` is this process's CPU time (every thread) over the pushes,
-per push: what one push costs the coordinator, gRPC's own work included.
+per push: what one push costs the coordinator, gRPC's own work included; the other rows are there the wall time
+of the handler's calls (`read_push` includes waiting for the client's messages).
 
     python -m bench.push_cost --pushes 40 --distinct 8
     deploy/loopback.sh python -m bench.push_cost --pushes 40 --distinct 8 --grpc
