@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from bench.common import command_line, write_result
-from bench.coordinator_scale import FULL_MODEL, bench_config
+from bench.coordinator_scale import FULL_MODEL, QUICK_MODEL, bench_config
 from bench.scale_procs import initial_params, one_update
 from compression.payload import dense
 from coordinator.malloc import tune_malloc
@@ -77,8 +77,9 @@ def update_streams(cfg: Any, distinct: int) -> tuple[dict[str, torch.Tensor], li
     return params, streams
 
 
-def measure(pushes: int, distinct: int, profile: bool) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    cfg = parse_config(bench_config(pushes + 1, 1, FULL_MODEL))
+def measure(pushes: int, distinct: int, profile: bool, model: dict[str, int] = FULL_MODEL
+            ) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    cfg = parse_config(bench_config(pushes + 1, 1, model))
     params, streams = update_streams(cfg, distinct)
     state = CoordinatorState(cfg, build_protocol(cfg))
     members = [state.join_session(f"h{i}", "", PROTOCOL_VERSION)[0] for i in range(pushes + 1)]
@@ -123,23 +124,25 @@ def measure(pushes: int, distinct: int, profile: bool) -> tuple[dict[str, list[f
     acc = state.aggregator.acc
     info = {"update_bytes": [sum(map(len, s)) for s in streams], "messages_per_push": [len(s) for s in streams],
             "tensors": len(params), "parameters": sum(t.numel() for t in params.values()),
-            "accumulator_sparse_at_end": bool(getattr(acc, "sparse", False))}
+            "accumulator_sparse_at_end": bool(getattr(acc, "sparse", False)), "folded": len(state.aggregator.senders)}
     return seconds, info
 
 
-def measure_grpc(pushes: int, distinct: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+def measure_grpc(pushes: int, distinct: int, model: dict[str, int] = FULL_MODEL
+                 ) -> tuple[dict[str, list[float]], dict[str, Any]]:
     import coordinator.state
     from coordinator.server import CoordinatorServer
 
-    cfg = parse_config(bench_config(pushes + 1, 1, FULL_MODEL))
+    cfg = parse_config(bench_config(pushes + 1, 1, model))
     seconds: dict[str, list[float]] = defaultdict(list)
     originals = [(serde, "read_push", "read_push"), (RoundAggregator, "fold", "fold"),
                  (coordinator.state.CoordinatorState, "submit", "submit")]
     for owner, name, key in originals:
         setattr(owner, name, _timed(getattr(owner, name), seconds[key]))
     server = CoordinatorServer(cfg).start()
+    quick = ["--quick"] if model == QUICK_MODEL else []
     client = subprocess.Popen([sys.executable, "-m", "bench.push_cost", "--client", server.address, "--pushes",
-                               str(pushes), "--distinct", str(distinct)], stdin=subprocess.PIPE,
+                               str(pushes), "--distinct", str(distinct), *quick], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     assert client.stdin is not None and client.stdout is not None
     try:
@@ -153,6 +156,8 @@ def measure_grpc(pushes: int, distinct: int) -> tuple[dict[str, list[float]], di
         if client.stdout.readline().strip() != "done":
             raise RuntimeError("the client process failed while pushing")
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        assert server.state.aggregator is not None
+        folded = len(server.state.aggregator.senders)
     finally:
         client.kill()
         client.wait()
@@ -162,7 +167,7 @@ def measure_grpc(pushes: int, distinct: int) -> tuple[dict[str, list[float]], di
     seconds["check"] = [s - f for s, f in zip(seconds.pop("submit"), seconds["fold"], strict=True)]
     seconds["server_cpu"] = [cpu / pushes] * pushes
     seconds["wall"] = [wall / pushes] * pushes
-    return seconds, {"server_cpu_s": cpu, "wall_s": wall}
+    return seconds, {"server_cpu_s": cpu, "wall_s": wall, "folded": folded}
 
 
 def _timed(fn: Any, into: list[float]) -> Any:
@@ -177,11 +182,11 @@ def _timed(fn: Any, into: list[float]) -> Any:
     return timed
 
 
-def run_client(address: str, pushes: int, distinct: int) -> None:
+def run_client(address: str, pushes: int, distinct: int, model: dict[str, int] = FULL_MODEL) -> None:
     """The client process of `--grpc`: join, offer the state, then on "go" push one update after another."""
     from worker.client import CoordinatorClient
 
-    cfg = parse_config(bench_config(pushes + 1, 1, FULL_MODEL))
+    cfg = parse_config(bench_config(pushes + 1, 1, model))
     params = initial_params(cfg)
     updates = [one_update(cfg, params, seed=1 + k) for k in range(distinct)]
     clients = [CoordinatorClient(address) for _ in range(pushes + 1)]
@@ -204,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="leave glibc's malloc as it is (CoordinatorServer tunes it: coordinator/malloc.py)")
     parser.add_argument("--grpc", action="store_true", help="push over gRPC (inside deploy/loopback.sh)")
+    parser.add_argument("--quick", action="store_true", help="a 0.1M-parameter model (tests)")
     parser.add_argument("--client", help=argparse.SUPPRESS)  # --grpc's client process: the server's address
     parser.add_argument("--out", default="push_cost", help="result name in bench/results")
     args = parser.parse_args(argv)
@@ -212,14 +218,15 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_malloc_tuning and not args.client:
         tune_malloc()  # as CoordinatorServer does (which also does it itself with --grpc)
     torch.set_num_threads(args.threads)
+    model = QUICK_MODEL if args.quick else FULL_MODEL
     if args.client:
-        run_client(args.client, args.pushes, args.distinct)
+        run_client(args.client, args.pushes, args.distinct, model)
         return
     if args.grpc:
-        seconds, info = measure_grpc(args.pushes, args.distinct)
+        seconds, info = measure_grpc(args.pushes, args.distinct, model)
         phases = ["read_push", "check", "fold", "server_cpu", "wall"]
     else:
-        seconds, info = measure(args.pushes, args.distinct, args.profile)
+        seconds, info = measure(args.pushes, args.distinct, args.profile, model)
         phases = PHASES
     rows = [{"phase": p, "median_ms": 1e3 * statistics.median(seconds[p]),
              "mean_ms": 1e3 * statistics.fmean(seconds[p]), "min_ms": 1e3 * min(seconds[p]),
@@ -231,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     write_result(args.out, command_line("bench.push_cost"), rows, COLUMNS,
                  config={"pushes": args.pushes, "distinct": args.distinct, "threads": args.threads, "grpc": args.grpc,
                          "malloc_tuning": not args.no_malloc_tuning,
-                         "model": FULL_MODEL}, **info)
+                         "model": model}, **info)
 
 
 if __name__ == "__main__":

@@ -47,9 +47,10 @@ from protocols.wire.messages import (
     WireError,
     WireTooLarge,
 )
-from protocols.wire.tensor_chunks import EntryAssembler, batch_chunks, encode_entries
+from protocols.wire.tensor_chunks import BATCH_BYTES, EntryAssembler, batch_chunks, encode_entries
 
 __all__ = [
+    "BATCH_BYTES",
     "GRPC_OPTIONS",
     "MAX_MESSAGE_BYTES",
     "EncodedAggregate",
@@ -208,8 +209,8 @@ def _stream(
 
 def _chunk_messages(wrapper: Any, entries: Mapping[str, Payload], chunk_bytes: int) -> Iterator[Any]:
     """The entries' chunks as `wrapper(chunk=...)`, or `wrapper(chunks=...)` for consecutive ones that fit in one
-    message (`batch_chunks`)."""
-    for batch in batch_chunks(encode_entries(entries, chunk_bytes), chunk_bytes):
+    message (`batch_chunks`, up to BATCH_BYTES)."""
+    for batch in batch_chunks(encode_entries(entries, chunk_bytes), min(chunk_bytes, BATCH_BYTES)):
         yield wrapper(chunk=batch[0]) if len(batch) == 1 else wrapper(chunks=pb.TensorChunks(chunks=batch))
 
 

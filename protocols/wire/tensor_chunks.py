@@ -5,10 +5,10 @@ the generated `_pb2` module. Each payload becomes one *entry*: an `EntrySpec` (c
 dtype, meta, and the dtype/shape/byte length of every component tensor) riding on the entry's first
 chunk, then the raw bytes of each component cut into chunks of at most `chunk_bytes`.
 
-Consecutive chunks share a message (`batch_chunks`, sent as `TensorChunks`) while they add up to at most the
-chunk size: a SparseLoCo update of a 10.75M-parameter GPT is 156 components of 0.1-10 KB, and each message costs
-the receiving gRPC runtime far more than its bytes (bench/push_cost.py: about 0.2 ms of the coordinator's CPU
-each, twice what decoding, checking and folding the whole update took).
+Consecutive chunks share a message (`batch_chunks`, sent as `TensorChunks`) while they add up to at most
+BATCH_BYTES: a SparseLoCo update of a 10.75M-parameter GPT is 156 components of 0.1-10 KB, and each message cost
+the receiving gRPC runtime far more than its bytes (bench/push_cost.py: about 0.1 ms of the coordinator's CPU
+each, some 15 ms per push).
 
 Throughput: the sender turns each component into bytes once and slices a memoryview; the receiver
 copies every chunk straight into one preallocated buffer per component (allocated only after the
@@ -154,6 +154,12 @@ def encode_entries(entries: Mapping[str, Payload], chunk_bytes: int = DEFAULT_CH
                 yield chunk
         if spec is not None:
             yield pb.TensorChunk(entry=name, spec=spec)
+
+
+# Serialized bytes of chunks one message carries together. Small beside the chunk size on purpose: every message
+# a stream has in flight is held, serialized, in gRPC's buffers, and a coordinator sends a round's aggregate to
+# dozens of pulls at once (1 MiB batches grew its resident set at 100 workers; BENCHMARKS.md "Coordinator scale").
+BATCH_BYTES = 64 << 10
 
 
 def batch_chunks(chunks: Iterable[pb.TensorChunk], chunk_bytes: int) -> Iterator[list[pb.TensorChunk]]:

@@ -13,6 +13,7 @@ from protocols.replica import Replica
 from protocols.wire import lowband_pb2 as pb
 from protocols.wire.messages import Envelope, PushHeader, PushKind, StateHeader, WireError
 from protocols.wire.serde import (
+    BATCH_BYTES,
     EntryAssembler,
     encode_entries,
     pull_stream,
@@ -210,6 +211,18 @@ def test_small_chunks_share_messages_and_arrive_bit_for_bit() -> None:
     for name, payload in entries.items():
         for comp, t in payload.tensors.items():
             assert_bit_identical(got[name].tensors[comp], t)
+
+
+def test_batches_stay_small_beside_a_large_chunk_size() -> None:
+    """Every message a stream has in flight sits serialized in gRPC's buffers: batches stop at BATCH_BYTES."""
+    entries = {f"t{i}": dense(random_tensor((1000,), torch.float32, i)) for i in range(100)}  # 4 KB each
+    env = Envelope(run_id="r", worker_id="w", round=1, protocol_version=1)
+    total = sum(p.nbytes() for p in entries.values())
+    header = PushHeader(env, PushKind.UPDATE, weight=1.0, num_entries=len(entries), total_bytes=total)
+    msgs = list(push_stream(header, entries))[1:]  # the default chunk size, 1 MiB
+    assert all(msg.WhichOneof("body") == "chunks" and msg.chunks.ByteSize() <= BATCH_BYTES + 64 for msg in msgs)
+    assert len(msgs) == -(-sum(c.ByteSize() for c in encode_entries(entries)) // BATCH_BYTES)
+    assert list(wire_roundtrip(entries, 1 << 20)) == list(entries)
 
 
 def test_an_empty_chunks_message_is_refused() -> None:
