@@ -57,6 +57,9 @@ class PushHandling:
     def _maybe_close(self) -> None:
         raise NotImplementedError  # CoordinatorState's: close the open round if it is due
 
+    def _wake_waiters(self) -> None:
+        raise NotImplementedError  # CoordinatorState's: wake the round's long polls if the round or phase moved
+
     def check_push(self, worker_id: str, token: str, round_: int, initial_state: bool, base: str = "") -> None:
         """Refuse a push from its header alone (bad token, unknown worker, stale round or base, a second update
         or initial state), before its payload is read. `submit` checks all of it again under the lock."""
@@ -195,5 +198,5 @@ class PushHandling:
                 member.eval_loss = metrics["eval_loss"]
             member.last_seen, member.alive = self.clock(), True
         self._maybe_close()
-        self._cond.notify_all()
+        self._wake_waiters()
         return current.number

@@ -112,6 +112,8 @@ class CoordinatorState(PushHandling):
         # The round's target compute time for adaptive inner steps (protocols/local_updates.py); 0 = none yet.
         self.target_round_s = 0.0
         self._cond = threading.Condition()
+        # The (round, phase) the WaitRound long polls were last woken at: they wait for nothing else.
+        self._woken_at: tuple[int, Phase] | None = None
         # Guards each member's liveness (alive, left, last_seen), its heartbeat fields and its byte counters,
         # alone: heartbeats and byte counts take only this, so a fold or a round close holding `_cond` never
         # delays them. Taken after `_cond` where both are needed, never the other way round, never held long.
@@ -167,7 +169,7 @@ class CoordinatorState(PushHandling):
             if self.aggregator is None and not self._initializer_alive():
                 self.initializer = member.worker_id
             self._maybe_start()
-            self._cond.notify_all()
+            self._wake_waiters()
             return member, session
 
     def _present(self) -> dict[str, bool]:
@@ -203,7 +205,7 @@ class CoordinatorState(PushHandling):
             with self._tally:
                 self._beat(member, step, loss, eval_loss)
             self._maybe_start()  # a worker dropped while it was still loading may be back
-            self._cond.notify_all()
+            self._wake_waiters()
 
     def _beat(self, member: Member, step: int, loss: float | None, eval_loss: float | None) -> None:
         for name, value in (("loss", loss), ("eval_loss", eval_loss)):
@@ -223,7 +225,7 @@ class CoordinatorState(PushHandling):
             with self._tally:
                 member.alive, member.left = False, True
             self._maybe_close()
-            self._cond.notify_all()
+            self._wake_waiters()
 
     # ---- state -------------------------------------------------------------------------------
     def offer_initial_state(
@@ -252,7 +254,7 @@ class CoordinatorState(PushHandling):
                 member.state_sent += wire_bytes
             self._install(aggregator, digest)
             self._maybe_start()
-            self._cond.notify_all()
+            self._wake_waiters()
 
     def restore(self, replica: Replica, aggregator_state: Any, downlink_state: Any, base_digest: str = "",
                 run_id: str | None = None, members: dict[str, dict[str, Any]] | None = None) -> None:
@@ -345,7 +347,7 @@ class CoordinatorState(PushHandling):
                     if member.alive and now - member.last_seen > self.cfg.cluster.heartbeat_timeout_s:
                         member.alive = False
             self._maybe_close()
-            self._cond.notify_all()
+            self._wake_waiters()
 
     def wait_for_round(self, after_round: int, timeout: float) -> tuple[int, Phase, str]:
         """Block until the round is past `after_round`, the run finished, or `timeout` passed."""
@@ -379,6 +381,16 @@ class CoordinatorState(PushHandling):
             return [m for m in self.members.values() if m.alive]
 
     # ---- internals ---------------------------------------------------------------------------
+    def _wake_waiters(self) -> None:
+        """Wake the `wait_for_round` callers (under `_cond`) if what they wait for moved: the round or the phase.
+        Waking them on every change instead (each fold, join, tick) woke every worker already waiting for the
+        round to close at each later push, N^2/2 wakeups a round, each taking this lock in turn: at 1,000
+        workers that convoy, not the pushes' own work, set the pace. A waiter also looks again every second."""
+        now = (self.round, self.phase)
+        if now != self._woken_at:
+            self._woken_at = now
+            self._cond.notify_all()
+
     def _member(self, worker_id: str, token: str) -> Member:
         """The calling worker, `token` its session (a run that authenticates refuses an unknown id as
         UNAUTHENTICATED, telling a stranger nothing); any authenticated call is proof of life."""
@@ -386,7 +398,7 @@ class CoordinatorState(PushHandling):
             member = self._member_tallied(worker_id, token)
         if self.phase is Phase.WAITING and self.resumed:  # a restored member is back: maybe the quorum too
             self._maybe_start()
-            self._cond.notify_all()
+            self._wake_waiters()
         return member
 
     def _member_tallied(self, worker_id: str, token: str) -> Member:

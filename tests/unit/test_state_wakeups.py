@@ -1,0 +1,63 @@
+"""The round's long polls (`CoordinatorState.wait_for_round`) are woken when the round or the phase moves, not
+at every fold: with every worker that already pushed waiting for the close, a wakeup per fold made N^2/2
+wakeups a round, each taking the state lock (coordinator/state.py `_wake_waiters`)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from compression.payload import dense
+from coordinator.state import CoordinatorState, Phase
+from protocols.base import Update
+from protocols.config import PROTOCOL_VERSION
+from protocols.registry import build_protocol
+from tests.conftest import tiny_config
+
+
+class CountingCondition(threading.Condition):
+    """A Condition that counts the times its waiters returned from `wait` (woken, or timed out after 1 s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wakeups = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        woken = super().wait(timeout)
+        self.wakeups += 1  # under the lock: wait returns holding it
+        return woken
+
+
+def test_folds_that_do_not_close_the_round_wake_no_waiter_and_the_close_wakes_them_all() -> None:
+    workers = 6
+    cfg = tiny_config(cluster={"workers": workers, "min_workers": workers, "round_deadline_s": 1000.0,
+                               "heartbeat_timeout_s": 1000.0})
+    state = CoordinatorState(cfg, build_protocol(cfg), clock=time.monotonic)
+    ids = [state.join("host", "", PROTOCOL_VERSION).worker_id for _ in range(workers)]
+    state.offer_initial_state(ids[0], "", {"w": dense(torch.ones(3, 2))})
+    assert state.phase is Phase.TRAINING and state.round == 0
+    counting = CountingCondition()
+    state._cond = counting  # nobody holds or waits on the old one now
+    returned: list[int] = []
+
+    def wait() -> None:
+        returned.append(state.wait_for_round(0, 30.0)[0])
+
+    waiters = [threading.Thread(target=wait) for _ in range(workers - 1)]
+    for thread in waiters:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(counting._waiters) < workers - 1 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.01)
+    for worker in ids[:-1]:  # folds that leave the round open: no waiter needs to look
+        state.submit(worker, "", 0, Update({"w": dense(torch.full((3, 2), 0.1))}), {"tokens": 1.0}, 10)
+        time.sleep(0.05)  # time for any waiter woken to take the lock, look, and wait again
+    assert state.round == 0 and counting.wakeups <= workers - 1  # at most the 1 s re-looks, if the test was slow
+    woken_before_close = counting.wakeups
+    state.submit(ids[-1], "", 0, Update({"w": dense(torch.full((3, 2), 0.1))}), {"tokens": 1.0}, 10)
+    for thread in waiters:
+        thread.join(10)
+    assert state.round == 1 and returned == [1] * (workers - 1)
+    assert counting.wakeups - woken_before_close >= workers - 1  # the close woke every waiter
