@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-from protocols.config import ConfigError, RunConfig
+from protocols.config import ConfigError, RunConfig, with_cluster
 from protocols.handshake import OPERATIONAL_FIELDS, flatten
 
 
 def redacted(cfg: RunConfig) -> RunConfig:
     """The config without its token: what a run directory, a checkpoint or a worker may be given."""
-    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": ""})})
+    return with_cluster(cfg, token="")
 
 
 def atomic_write(path: Path, write: Any) -> None:

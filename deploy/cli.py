@@ -33,7 +33,7 @@ from deploy.cli_args import (
     readable_file,
 )
 from deploy.memory import tune_this_process
-from protocols.config import GOSSIP, ConfigError, RunConfig, apply_overrides, load_config, parse_config
+from protocols.config import GOSSIP, ConfigError, RunConfig, apply_overrides, load_config, parse_config, with_cluster
 
 DEFAULT_RECIPE = "diloco.yaml"
 
@@ -160,7 +160,7 @@ def _coordinator_config(args: argparse.Namespace) -> tuple[RunConfig, Any]:
         cfg = _load(args)
     token = _coordinator_token(args)
     if token:
-        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": token})})
+        cfg = with_cluster(cfg, token=token)
     if point is not None:
         check_resume_point(point, cfg)
     return cfg, point
@@ -185,7 +185,7 @@ def _required_token(cfg: RunConfig, worker_tokens: object) -> tuple[RunConfig, s
     if cfg.cluster.token or worker_tokens:
         return cfg, ""
     token = new_run_token()
-    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": token})}), token
+    return with_cluster(cfg, token=token), token
 
 
 def cmd_coordinator(args: argparse.Namespace, console: Console) -> int:

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from protocols.config import RunConfig
+from protocols.config import RunConfig, with_cluster
 from protocols.ddp import DDPConfig
 from protocols.settings import ConfigError
 
@@ -81,7 +81,7 @@ def _plan(cfg: RunConfig, cluster_gpus: float) -> DevicePlan:
 
 def with_device(cfg: RunConfig, plan: DevicePlan) -> RunConfig:
     """`cfg` with `cluster.device` set to the plan's: what every actor of the run is given."""
-    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"device": plan.device})})
+    return with_cluster(cfg, device=plan.device)
 
 
 def actor_options(num_cpus: float, plan: DevicePlan) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from deploy.actors import AllGatherActor, CoordinatorActor, DDPActor, InprocActo
 from deploy.gpus import actor_options, plan_devices, with_device
 from deploy.memory import ALLOCATOR_ENV
 from deploy.report import human_bytes, plot_consensus, plot_loss, plot_utilization, round_line, span_rows
-from protocols.config import RunConfig
+from protocols.config import RunConfig, with_cluster
 
 log = logging.getLogger(__name__)
 # Long enough for every worker to pull the final state and evaluate it.
@@ -160,7 +160,7 @@ def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: lis
     generated = ""
     if not cfg.cluster.token:
         generated = new_run_token()
-        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": generated})})
+        cfg = with_cluster(cfg, token=generated)
     cfg_json = cfg.model_dump(mode="json")
     coord = CoordinatorActor.options(num_cpus=0, max_concurrency=8).remote(cfg_json, str(run_dir))  # type: ignore[attr-defined]
     [address] = _await_started([coord.start.remote()], [coord], cfg, "coordinator actor")

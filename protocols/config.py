@@ -51,6 +51,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "to_yaml",
+    "with_cluster",
 ]
 
 # The protocol kind with no aggregator: workers mix models with their graph neighbours (protocols/gossip).
@@ -257,3 +258,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def with_cluster(cfg: RunConfig, **fields: Any) -> RunConfig:
+    """`cfg` with these `cluster` fields replaced (e.g. `token=...`, `device=...`), unvalidated as pydantic's
+    `model_copy` is: callers pass values of the field's own type (a generated token, a probed device)."""
+    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update=fields)})

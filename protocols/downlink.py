@@ -10,10 +10,10 @@ Three modes, from a `downlink:` config block (codec "auto" = the protocol's pape
   aggregator applies the decoded message to its own replica, never the exact update, so the state it
   keeps is exactly the replica every worker holds.
 - sparse: for protocols whose aggregate is a function of the folded updates alone (`relayable`), the
-  union of the senders' coordinates with their exact aggregated values (a `topk_global` payload of the
-  nonzero entries, float32 values, int32 indices), or the senders' payloads relayed for every replica to
-  check and fold again, whichever has fewer bytes. Both give every replica the aggregator's update bit
-  for bit.
+  union of the senders' coordinates with their exact aggregated values (per tensor a `topk_global` payload
+  of the nonzero entries, float32 values, int32 indices, or the tensor itself where that is no larger:
+  `union_payload`), or the senders' payloads relayed for every replica to check and fold again, whichever
+  has fewer bytes. Both give every replica the aggregator's update bit for bit.
 """
 
 from __future__ import annotations
@@ -37,11 +37,16 @@ Mode = Literal["dense", "codec", "sparse"]
 
 
 def union_payload(update: torch.Tensor) -> Payload:
-    """The nonzero entries of a float tensor as a `topk_global` payload (int32 indices, exact values)."""
+    """The nonzero entries of a float tensor as a `topk_global` payload (int32 indices, exact values), or the
+    tensor itself (`dense`) once an index per entry makes that no smaller: at float32 past half the entries
+    nonzero, which many senders' distinct top-k masks soon are. So a union is never larger than the dense
+    update (`protocols.round.union_bound`), on the wire and in what a round keeps for relaying."""
     flat = update.detach().reshape(-1).contiguous()
     if flat.numel() >= 1 << 31:
         raise ValueError(f"a sparse downlink indexes with int32; tensor has {flat.numel()} elements")
     indices = torch.nonzero(flat, as_tuple=False).reshape(-1)
+    if indices.numel() * (4 + flat.element_size()) >= flat.numel() * flat.element_size():
+        return dense(update)
     values = flat[indices]
     return Payload(
         "topk_global", tuple(update.shape), update.dtype,

@@ -145,8 +145,8 @@ class RoundAggregator:
 
 
 def union_bound(expect: Expectation) -> int:
-    """The most bytes a union aggregate (`protocols.downlink.union_payload`) of a round can have: every
-    coordinate of every tensor an update carries, as an int32 index plus its value (the update's float dtype,
-    at least float32)."""
-    return sum(math.prod(shape) * (4 + torch.promote_types(expect.dtypes[name], torch.float32).itemsize)
+    """The most bytes a union aggregate (`protocols.downlink.union_payload`) of a round can have: every tensor
+    an update carries, dense, in its values' dtype (the update's float dtype, at least float32); a sparser
+    union sends indices instead, only while they make it smaller."""
+    return sum(math.prod(shape) * torch.promote_types(expect.dtypes[name], torch.float32).itemsize
                for name, shape in expect.shapes.items())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from protocols.config import RunConfig
+from protocols.config import RunConfig, with_cluster
 from protocols.settings import ConfigError
 
 NO_GPU = (
@@ -66,4 +66,4 @@ def local_ranks_device(cfg: RunConfig, requested_backend: str, world_size: int) 
                 f"cluster.device 'cpu'"
             )
         device = torch.device("cpu")
-    return cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"device": device.type})})
+    return with_cluster(cfg, device=device.type)

@@ -20,6 +20,7 @@ from compression.payload import dense
 from coordinator.checkpoint import load_checkpoint, state_digest
 from coordinator.server import CoordinatorServer
 from protocols.base import Update
+from protocols.config import with_cluster
 from tests.conftest import tiny_config
 from tests.integration.procs import PROC_TOKEN, finish, start_coordinator, start_worker, wait_for, write_recipe
 from worker.client import CoordinatorClient
@@ -184,7 +185,7 @@ def test_an_update_acknowledged_after_the_last_checkpoint_is_pushed_again_to_the
         waiting.start()  # w0 waits for round 1 to close, as a worker does after its push
         first.send_signal(signal.SIGKILL)
         assert first.wait(timeout=30) == -signal.SIGKILL
-        tokened = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"token": PROC_TOKEN})})
+        tokened = with_cluster(cfg, token=PROC_TOKEN)
         second = CoordinatorServer(tokened, bind=address, run_dir=run_dir, resume=run_dir).start()
         try:
             assert second.state.round == 1 and not second.state.folded

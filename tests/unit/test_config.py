@@ -24,6 +24,7 @@ from protocols.config import (
     load_config,
     parse_config,
     to_yaml,
+    with_cluster,
 )
 from protocols.ddp import DDPConfig
 from protocols.diloco import DiLoCo, DiLoCoConfig
@@ -323,3 +324,11 @@ def test_the_throwaway_protocol_left_no_trace() -> None:
     # Runs after the test above (file order): its fixture removed everything it registered.
     assert NEW_KIND not in ProtocolSettings.registry and NEW_KIND not in Protocol.registry
     assert "zz_throwaway_protocol" not in registry.discover()
+
+
+def test_with_cluster_replaces_only_the_named_fields_of_a_copy() -> None:
+    cfg = parse_config({"cluster": {"workers": 3, "token": "old"}})
+    copied = with_cluster(cfg, token="new", device="cpu")
+    assert (copied.cluster.token, copied.cluster.device, copied.cluster.workers) == ("new", "cpu", 3)
+    assert cfg.cluster.token == "old"  # the original is untouched
+    assert copied.model == cfg.model and copied.protocol == cfg.protocol

@@ -168,7 +168,7 @@ def test_a_round_keeps_encoded_updates_only_while_relaying_can_win_and_then_clos
     distinct = [protocol.make_update(locals_from(params, _deltas(k + 1, params)), params,
                                      protocol.init_worker_state(params))[0] for k in range(3)]
     bound = union_bound(aggregator.expect)
-    assert aggregator.relay_bound == bound == 4096 * 8  # int32 index + float32 value per coordinate
+    assert aggregator.relay_bound == bound == 4096 * 4  # the dense float32 tensor: a union is never larger
     senders = bound // distinct[0].nbytes() + 2  # enough that relaying them all cannot beat the union
     updates = {f"w{k:03d}": distinct[k % 3] for k in range(senders)}
     exact = _exact_close(aggregator, updates)
@@ -189,6 +189,35 @@ def test_a_round_keeps_encoded_updates_only_while_relaying_can_win_and_then_clos
             assert torch.equal(tensor, unbounded.payloads[name].tensors[component])
     assert_replicas_equal(aggregator.replica, apply_aggregate(protocol, Downlink("sparse"), unbounded, before))
     assert aggregator.relayed == [] and aggregator.relay_bytes == 0  # the next round may relay again
+
+
+def test_a_union_goes_dense_once_an_index_per_entry_would_not_be_smaller() -> None:
+    """At float32 a `topk_global` union costs 8 bytes per nonzero entry, the dense tensor 4 per entry: past half
+    the entries nonzero the dense form is sent (never more bytes than the dense update), and it decodes to the
+    same values as the index form would."""
+    update = torch.zeros(10, 10)
+    update.view(-1)[:49] = torch.linspace(-1, 1, 49)  # 49 of 100 nonzero: 392 bytes indexed, 400 dense
+    sparse = union_payload(update)
+    assert sparse.codec == "topk_global" and sparse.nbytes() == 49 * 8
+    update.view(-1)[49] = 0.5  # 50 of 100: 400 bytes either way, and the dense form needs no index
+    dense_form = union_payload(update)
+    assert dense_form.codec == "dense" and dense_form.nbytes() == 100 * 4
+    assert torch.equal(registry.decode(dense_form), update)
+    update.view(-1)[49] = 0.0
+    assert torch.equal(registry.decode(sparse), update)
+
+
+def test_many_senders_distinct_coordinates_close_dense_and_apply_exactly() -> None:
+    """Enough senders with distinct top-k masks cover most coordinates: the round's union is the dense tensor,
+    within `union_bound`, and every replica still applies the aggregator's exact update."""
+    aggregator, _, exact = _sparse_round(200, overlap=False)
+    before = aggregator.replica
+    aggregate = aggregator.close()
+    assert not aggregate.relayed and {p.codec for p in aggregate.payloads.values()} == {"dense"}
+    assert aggregate.nbytes() <= union_bound(aggregator.expect)
+    applied_exactly = SparseLoCo().apply(exact, before)
+    assert_replicas_equal(apply_aggregate(SparseLoCo(), Downlink("sparse"), aggregate, before), applied_exactly)
+    assert_replicas_equal(aggregator.replica, applied_exactly)
 
 
 def _corrupt_packed_indices(update: Update) -> Update:
