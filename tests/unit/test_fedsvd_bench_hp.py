@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.common import RESULTS
-from bench.fedsvd import HP, HP_SWEEP, METHODS, best_lrs
+from bench.fedsvd import HP, HP_SWEEP, METHODS
+from bench.fedsvd_sweep import best_lrs
 
 
 def test_each_protocols_lr_is_the_best_of_the_committed_sweep() -> None:
@@ -23,3 +26,30 @@ def test_best_lrs_takes_each_protocols_lowest_loss() -> None:
     runs = [{"method": "a", "lr": 0.1, "final_eval_loss": 2.0}, {"method": "a", "lr": 0.2, "final_eval_loss": 1.9},
             {"method": "b", "lr": 0.3, "final_eval_loss": 1.0}, {"method": "b", "lr": 0.6, "final_eval_loss": 1.1}]
     assert best_lrs(runs) == {"a": 0.2, "b": 0.3}
+
+
+def test_rank_sets_lora_rank_and_alpha_twice_it() -> None:
+    from bench.fedsvd import Hyper, _rank, finetune_config
+
+    assert _rank("32") == 32
+    cfg = finetune_config("fedsvd", 0, Hyper(rank=32), "unused", True, 0, 125, 1)
+    assert cfg.lowrank is not None and (cfg.lowrank.rank, cfg.lowrank.alpha) == (32, 64)
+    assert HP.rank == 8
+
+
+@pytest.mark.parametrize("text", ["0", "-8", "129", "8.5", "eight"])
+def test_rank_outside_1_to_the_model_width_is_one_clear_error(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.fedsvd import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--rank", text])
+    assert exit_.value.code == 2
+    assert f"expected a LoRA rank in [1, 128], got '{text}'" in capsys.readouterr().err
+
+
+def test_relative_grid_multiplies_each_protocols_lr() -> None:
+    from bench.fedsvd_sweep import grid
+
+    assert grid([0.5, 2], ("fedsvd", "fedavg-lora"), relative=True) == [
+        ("fedsvd", 0.1), ("fedsvd", 0.4), ("fedavg-lora", 0.075), ("fedavg-lora", 0.3)]
+    assert grid([0.3], ("ffa-lora",)) == [("ffa-lora", 0.3)]
