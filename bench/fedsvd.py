@@ -4,7 +4,7 @@ romances, every speaking role a client, the three protocols on the same seeds, i
     python -m bench.fedsvd [--quick] [--seeds 0,1,2] [--reference] [--jobs 3] [--lr 1.0] [--rounds 30]
                            [--fraction 0.25] [--out fedsvd]
     python -m bench.fedsvd --sweep 0.1,0.2 --methods fedsvd [--base CHECKPOINT] [--sweep-out FILE]   # HP_SWEEP
-    python -m bench.fedsvd --sweep 0.5,1,2 --relative --rank 32 --jobs 3 ...   # each protocol's HP lr x 0.5, 1, 2
+    python -m bench.fedsvd --sweep 0.5,1,2 --relative --rank 32 --jobs 3 ...   # each protocol's lr x 0.5, 1, 2
 
 Run it inside a loopback-only namespace: `deploy/loopback.sh .venv/bin/python -m bench.fedsvd`.
 
@@ -18,10 +18,11 @@ Run it inside a loopback-only namespace: `deploy/loopback.sh .venv/bin/python -m
    the four romances have 146 speaking roles, 125 of them with more than one context (64 characters) of
    training text once the lines of each play's held-out tail are removed; asking for exactly 125 makes every
    such role one whole client (more would cut roles into pieces and draw a random subset of the pieces).
-   LoRA rank 8, alpha 16 on qkv, proj and fc; DP-SGD at epsilon 6, delta 1e-5, per-example clipping 1.0 (the
-   simulator plans the noise multiplier before training: `noise_multiplier`, and `dp_epsilon_max`, the most any
-   client spent). For a seed, the three protocols share everything but the protocol: the clients, the clients
-   sampled per round, every client's batches and DP noise draws, the initial adapters and the base.
+   LoRA rank 8 (`--rank`), alpha 2 x rank on qkv, proj and fc; DP-SGD at epsilon 6, delta 1e-5, per-example
+   clipping 1.0 (the simulator plans the noise multiplier before training: `noise_multiplier`, and
+   `dp_epsilon_max`, the most any client spent). For a seed, the three protocols share everything but the
+   protocol: the clients, the clients sampled per round, every client's batches and DP noise draws, the initial
+   adapters and the base.
 3. The eval. `eval_loss` is the mean cross-entropy on the romances' held-out lines, in the form the clients
    train on: the spoken lines of every romance's eval tail (the last 5% of the play, which the simulator keeps
    out of every client), as `worker/federated/roles.py` cuts speech (no `NAME:` lines, stage directions or
@@ -113,21 +114,35 @@ def lowrank(rank: int) -> dict[str, Any]:
     return {**LOWRANK, "rank": rank, "alpha": 2 * rank}
 
 
-# The lr sweep behind HP.lrs (module docstring, item 4): the runs `--sweep` makes, from a base pretrained as here
-# (400 steps), the other hyperparameters HP's, seed 100 (bench/results/fedsvd_sweep.json, curves included); final
-# eval loss (held-out lines, base 2.1805) per protocol and lr. Two or
-# three lrs a protocol, around its scale (FedSVD's lower: its steps are about 3x longer at one lr); FedSVD's best
-# and FedAvg-LoRA's are at an end of their grids, where the neighbour differs by 0.0012 and 0.0002.
-SWEEP_SEED = 100  # the lr sweep's seed (bench/fedsvd_sweep.py): none of the reported ones
-HP_SWEEP: dict[str, Any] = {
-    "seed": 100, "scored_by": "per protocol, the lowest final eval_loss (DP)",
-    "final_eval_loss": {
-        "fedsvd": {"0.1": 2.1638, "0.2": 2.1626},
-        "ffa-lora": {"0.3": 2.1672, "0.6": 2.1738},
-        "fedavg-lora": {"0.15": 2.1630, "0.3": 2.1632, "0.6": 2.1849},
-    },
+# The lr sweeps behind LRS (module docstring, item 4), one per rank: the runs `--sweep` makes (bench/fedsvd_sweep.py)
+# from a base pretrained as here (400 steps), the other hyperparameters HP's, seed SWEEP_SEED (the JSON files in
+# bench/results, curves included); final eval loss (held-out lines) per protocol and lr. Rank 8: two or three lrs a
+# protocol around its scale (FedSVD's lower: its steps are about 3x longer at one lr); FedSVD's best and
+# FedAvg-LoRA's are at an end of their grids, where the neighbour differs by 0.0012 and 0.0002. Rank 32: each
+# protocol at its rank-8 lr x 0.5, 1, 2 (`--relative`), then one step lower for the two whose best was the lowest.
+SWEEP_SEED = 100  # the lr sweep's seed: none of the reported ones
+HP_SWEEP: dict[int, dict[str, Any]] = {
+    8: {"file": "fedsvd_sweep.json", "seed": SWEEP_SEED, "base_eval_loss": 2.1805,
+        "scored_by": "per protocol, the lowest final eval_loss (DP)",
+        "final_eval_loss": {
+            "fedsvd": {"0.1": 2.1638, "0.2": 2.1626},
+            "ffa-lora": {"0.3": 2.1672, "0.6": 2.1738},
+            "fedavg-lora": {"0.15": 2.1630, "0.3": 2.1632, "0.6": 2.1849},
+        }},
+    32: {"file": "fedsvd_sweep_r32.json", "seed": SWEEP_SEED, "base_eval_loss": 2.1798,
+         "scored_by": "per protocol, the lowest final eval_loss (DP)",
+         "final_eval_loss": {
+             "fedsvd": {"0.05": 2.1602, "0.1": 2.1578, "0.2": 2.1658, "0.4": 2.2328},
+             "ffa-lora": {"0.075": 2.1617, "0.15": 2.1603, "0.3": 2.1670, "0.6": 2.2017},
+             "fedavg-lora": {"0.075": 2.1621, "0.15": 2.1604, "0.3": 2.1723},
+         }},
 }
-HP = Hyper(rounds=30, fraction=0.25, lrs={"fedsvd": 0.2, "ffa-lora": 0.3, "fedavg-lora": 0.15})
+# Each swept rank's client lrs: the best of its sweep (`--rank R` takes LRS[R]; a rank not swept keeps HP's lrs).
+LRS: dict[int, dict[str, float]] = {
+    8: {"fedsvd": 0.2, "ffa-lora": 0.3, "fedavg-lora": 0.15},
+    32: {"fedsvd": 0.1, "ffa-lora": 0.15, "fedavg-lora": 0.15},
+}
+HP = Hyper(rounds=30, fraction=0.25, rank=8, lrs=LRS[8])
 # The first version of this bench shared one lr (the best mean over the three of {0.3, 1, 3}) over 10 rounds at
 # fraction 0.5: `--lr 1 --rounds 10 --fraction 0.5` (BENCHMARKS.md keeps its table).
 
@@ -397,7 +412,7 @@ def collect(plan: Plan, log: Callable[[str], None] = print, work_dir: Path | Non
             "claim_script_eval": claim(rows, plan.seeds, "final_script_eval_loss"), "pretrain": base,
             "base_eval_loss": base["base_eval_loss"],
             "base_script_eval_loss": rows[0]["base_script_eval_loss"] if rows else None, "hp": asdict(plan.hp),
-            "hp_sweep": HP_SWEEP,
+            "hp_sweep": HP_SWEEP.get(plan.hp.rank),
             "clients": plan.clients, "per_round": max(1, round(plan.hp.fraction * plan.clients)),
             "model": MODEL, "lowrank": lowrank(plan.hp.rank), "dp": DP, "max_chars": plan.max_chars,
             "seeds": plan.seeds}
@@ -503,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  "HP.lrs)")
     parser.add_argument("--rounds", type=int, help=f"rounds (default {HP.rounds})")
     parser.add_argument("--fraction", type=float, help=f"clients sampled per round, a fraction (default {HP.fraction})")
-    parser.add_argument("--rank", type=_rank, help=f"LoRA rank, alpha 2 x rank (default {HP.rank})")
+    parser.add_argument("--rank", type=_rank, help=f"LoRA rank, alpha 2 x rank (default {HP.rank}); the client lrs "
+                                                   f"are the rank's own (LRS) where swept: {sorted(LRS)}")
     parser.add_argument("--reference", action="store_true",
                         help="also the no-DP reference: the three protocols at the first seed without DP (+3 runs)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -515,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"sweep only: the protocols to sweep (default {','.join(METHODS)})")
     parser.add_argument("--sweep-out", type=Path, default=Path("fedsvd_sweep.json"), help="the sweep's JSON file")
     parser.add_argument("--relative", action="store_true",
-                        help="sweep only: the --sweep values multiply each protocol's HP lr (0.5,1,2: each side)")
+                        help="sweep only: the --sweep values multiply each protocol's lr (0.5,1,2: each side)")
     parser.add_argument("--base", type=Path, help="sweep only: fine-tune from this checkpoint instead of pretraining")
     args = parser.parse_args(argv)
     if args.fraction is not None and not 0 < args.fraction <= 1:
@@ -526,7 +542,8 @@ def main(argv: list[str] | None = None) -> None:
     hp = Hyper(**{**asdict(base.hp), **({"lr": args.lr, "lrs": {}} if args.lr else {}),
                   **({"rounds": args.rounds} if args.rounds else {}),
                   **({"fraction": args.fraction} if args.fraction else {}),
-                  **({"rank": args.rank} if args.rank else {})})
+                  **({"rank": args.rank} if args.rank else {}),
+                  **({"lrs": LRS.get(args.rank, base.hp.lrs)} if args.rank and not args.lr else {})})
     plan = Plan(pretrain_steps=args.pretrain_steps or base.pretrain_steps, seeds=args.seeds or base.seeds, hp=hp,
                 reference=base.reference or args.reference, max_chars=base.max_chars, clients=base.clients,
                 script_eval_every=base.script_eval_every)
@@ -535,7 +552,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         from bench.fedsvd_sweep import grid, sweep
 
-        sweep(plan, grid(args.sweep, args.methods, args.relative), args.sweep_out, args.base, jobs=args.jobs)
+        runs = grid(args.sweep, args.methods, hp if args.relative else None)
+        sweep(plan, runs, args.sweep_out, args.base, jobs=args.jobs)
         return
     out = args.out or ("fedsvd_quick" if args.quick else "fedsvd")
     began = time.perf_counter()
