@@ -41,12 +41,13 @@ def _runs(runs: list[tuple[str, float]], plan: Plan, base: str, jobs: int) -> It
         yield from pool.map(sweep_run, *zip(*runs, strict=True), [plan.hp] * n, [plan] * n, [base] * n)
 
 
-def grid(lrs: list[float], methods: tuple[str, ...] = METHODS, relative: bool = False) -> list[tuple[str, float]]:
-    """Every (method, lr) to run: each of `methods` at every lr of `lrs`, or with `relative` at every multiple
-    `lrs` of its HP lr (so one grid spans protocols whose lrs differ: FedSVD's steps are longer at one lr)."""
-    from bench.fedsvd import HP
-
-    return [(kind, float(f"{lr * HP.lr_for(kind) if relative else lr:.6g}")) for kind in methods for lr in lrs]
+def grid(lrs: list[float], methods: tuple[str, ...] = METHODS, relative_to: Hyper | None = None,
+         ) -> list[tuple[str, float]]:
+    """Every (method, lr) to run: each of `methods` at every lr of `lrs`, or, `relative_to` some Hyper, at every
+    multiple `lrs` of its lr there (one grid spans protocols whose lrs differ: FedSVD's steps are longer at one
+    lr)."""
+    return [(kind, float(f"{lr * relative_to.lr_for(kind) if relative_to else lr:.6g}"))
+            for kind in methods for lr in lrs]
 
 
 def sweep(plan: Plan, runs: list[tuple[str, float]], out: Path, base: Path | None,
