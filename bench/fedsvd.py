@@ -138,6 +138,8 @@ HP_SWEEP: dict[int, dict[str, Any]] = {
          }},
 }
 # Each swept rank's client lrs: the best of its sweep (`--rank R` takes LRS[R]; a rank not swept keeps HP's lrs).
+# Rank 8 stays the default: at rank 32 FedSVD's seed-100 lead did not hold on the reported seeds (it was third on
+# the mean; bench/results/fedsvd_r32.json, BENCHMARKS.md).
 LRS: dict[int, dict[str, float]] = {
     8: {"fedsvd": 0.2, "ffa-lora": 0.3, "fedavg-lora": 0.15},
     32: {"fedsvd": 0.1, "ffa-lora": 0.15, "fedavg-lora": 0.15},
