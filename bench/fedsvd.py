@@ -4,6 +4,7 @@ romances, every speaking role a client, the three protocols on the same seeds, i
     python -m bench.fedsvd [--quick] [--seeds 0,1,2] [--reference] [--jobs 3] [--lr 1.0] [--rounds 30]
                            [--fraction 0.25] [--out fedsvd]
     python -m bench.fedsvd --sweep 0.1,0.2 --methods fedsvd [--base CHECKPOINT] [--sweep-out FILE]   # HP_SWEEP
+    python -m bench.fedsvd --sweep 0.5,1,2 --relative --rank 32 --jobs 3 ...   # each protocol's lr x 0.5, 1, 2
 
 Run it inside a loopback-only namespace: `deploy/loopback.sh .venv/bin/python -m bench.fedsvd`.
 
@@ -17,10 +18,11 @@ Run it inside a loopback-only namespace: `deploy/loopback.sh .venv/bin/python -m
    the four romances have 146 speaking roles, 125 of them with more than one context (64 characters) of
    training text once the lines of each play's held-out tail are removed; asking for exactly 125 makes every
    such role one whole client (more would cut roles into pieces and draw a random subset of the pieces).
-   LoRA rank 8, alpha 16 on qkv, proj and fc; DP-SGD at epsilon 6, delta 1e-5, per-example clipping 1.0 (the
-   simulator plans the noise multiplier before training: `noise_multiplier`, and `dp_epsilon_max`, the most any
-   client spent). For a seed, the three protocols share everything but the protocol: the clients, the clients
-   sampled per round, every client's batches and DP noise draws, the initial adapters and the base.
+   LoRA rank 8 (`--rank`), alpha 2 x rank on qkv, proj and fc; DP-SGD at epsilon 6, delta 1e-5, per-example
+   clipping 1.0 (the simulator plans the noise multiplier before training: `noise_multiplier`, and
+   `dp_epsilon_max`, the most any client spent). For a seed, the three protocols share everything but the
+   protocol: the clients, the clients sampled per round, every client's batches and DP noise draws, the initial
+   adapters and the base.
 3. The eval. `eval_loss` is the mean cross-entropy on the romances' held-out lines, in the form the clients
    train on: the spoken lines of every romance's eval tail (the last 5% of the play, which the simulator keeps
    out of every client), as `worker/federated/roles.py` cuts speech (no `NAME:` lines, stage directions or
@@ -74,7 +76,7 @@ from protocols.config import RunConfig, parse_config
 
 METHODS = ("fedsvd", "ffa-lora", "fedavg-lora")
 MODEL: dict[str, Any] = {"n_layer": 2, "n_head": 4, "n_embd": 128, "block_size": 64}  # the default GPT
-LOWRANK: dict[str, Any] = {"method": "lora", "rank": 8, "alpha": 16, "target_modules": ["qkv", "proj", "fc"]}
+LOWRANK: dict[str, Any] = {"method": "lora", "target_modules": ["qkv", "proj", "fc"]}  # rank, alpha: `lowrank`
 DP: dict[str, Any] = {"epsilon": 6.0, "delta": 1e-5, "max_grad_norm": 1.0}
 CLIENTS = 125  # the romances' speaking roles with more than one context of training text (module docstring)
 EVAL_WINDOWS = 256  # windows of 64 characters, evenly spaced over the held-out text (both evals)
@@ -97,25 +99,52 @@ class Hyper:
     batch_size: int = 64
     lr: float = 1.0  # client SGD, for every protocol `lrs` does not name
     lrs: dict[str, float] = field(default_factory=dict)  # client SGD lr per protocol (METHODS)
+    rank: int = 8  # LoRA rank; alpha is 2 x rank (`lowrank`)
 
     def lr_for(self, kind: str) -> float:
         return self.lrs.get(kind, self.lr)
 
 
-# The lr sweep behind HP.lrs (module docstring, item 4): the runs `--sweep` makes, from a base pretrained as here
-# (400 steps), the other hyperparameters HP's, seed 100 (bench/results/fedsvd_sweep.json, curves included); final
-# eval loss (held-out lines, base 2.1805) per protocol and lr. Two or
-# three lrs a protocol, around its scale (FedSVD's lower: its steps are about 3x longer at one lr); FedSVD's best
-# and FedAvg-LoRA's are at an end of their grids, where the neighbour differs by 0.0012 and 0.0002.
-HP_SWEEP: dict[str, Any] = {
-    "seed": 100, "scored_by": "per protocol, the lowest final eval_loss (DP)",
-    "final_eval_loss": {
-        "fedsvd": {"0.1": 2.1638, "0.2": 2.1626},
-        "ffa-lora": {"0.3": 2.1672, "0.6": 2.1738},
-        "fedavg-lora": {"0.15": 2.1630, "0.3": 2.1632, "0.6": 2.1849},
-    },
+def lowrank(rank: int) -> dict[str, Any]:
+    """The adapters at `rank`: alpha = 2 x rank, so peft's scale alpha / rank stays 2 and an lr means the same
+    step at every rank (only A's shape changes). ValueError past the model's width: FedSVD's A of orthonormal
+    rows needs rank <= the narrowest adapted input (n_embd)."""
+    if not 1 <= rank <= MODEL["n_embd"]:
+        raise ValueError(f"LoRA rank must be in [1, {MODEL['n_embd']}] (the model's width), got {rank}")
+    return {**LOWRANK, "rank": rank, "alpha": 2 * rank}
+
+
+# The lr sweeps behind LRS (module docstring, item 4), one per rank: the runs `--sweep` makes (bench/fedsvd_sweep.py)
+# from a base pretrained as here (400 steps), the other hyperparameters HP's, seed SWEEP_SEED (the JSON files in
+# bench/results, curves included); final eval loss (held-out lines) per protocol and lr. Rank 8: two or three lrs a
+# protocol around its scale (FedSVD's lower: its steps are about 3x longer at one lr); FedSVD's best and
+# FedAvg-LoRA's are at an end of their grids, where the neighbour differs by 0.0012 and 0.0002. Rank 32: each
+# protocol at its rank-8 lr x 0.5, 1, 2 (`--relative`), then one step lower for the two whose best was the lowest.
+SWEEP_SEED = 100  # the lr sweep's seed: none of the reported ones
+HP_SWEEP: dict[int, dict[str, Any]] = {
+    8: {"file": "fedsvd_sweep.json", "seed": SWEEP_SEED, "base_eval_loss": 2.1805,
+        "scored_by": "per protocol, the lowest final eval_loss (DP)",
+        "final_eval_loss": {
+            "fedsvd": {"0.1": 2.1638, "0.2": 2.1626},
+            "ffa-lora": {"0.3": 2.1672, "0.6": 2.1738},
+            "fedavg-lora": {"0.15": 2.1630, "0.3": 2.1632, "0.6": 2.1849},
+        }},
+    32: {"file": "fedsvd_sweep_r32.json", "seed": SWEEP_SEED, "base_eval_loss": 2.1798,
+         "scored_by": "per protocol, the lowest final eval_loss (DP)",
+         "final_eval_loss": {
+             "fedsvd": {"0.05": 2.1602, "0.1": 2.1578, "0.2": 2.1658, "0.4": 2.2328},
+             "ffa-lora": {"0.075": 2.1617, "0.15": 2.1603, "0.3": 2.1670, "0.6": 2.2017},
+             "fedavg-lora": {"0.075": 2.1621, "0.15": 2.1604, "0.3": 2.1723},
+         }},
 }
-HP = Hyper(rounds=30, fraction=0.25, lrs={"fedsvd": 0.2, "ffa-lora": 0.3, "fedavg-lora": 0.15})
+# Each swept rank's client lrs: the best of its sweep (`--rank R` takes LRS[R]; a rank not swept keeps HP's lrs).
+# Rank 8 stays the default: at rank 32 FedSVD's seed-100 lead did not hold on the reported seeds (it was third on
+# the mean; bench/results/fedsvd_r32.json, BENCHMARKS.md).
+LRS: dict[int, dict[str, float]] = {
+    8: {"fedsvd": 0.2, "ffa-lora": 0.3, "fedavg-lora": 0.15},
+    32: {"fedsvd": 0.1, "ffa-lora": 0.15, "fedavg-lora": 0.15},
+}
+HP = Hyper(rounds=30, fraction=0.25, rank=8, lrs=LRS[8])
 # The first version of this bench shared one lr (the best mean over the three of {0.3, 1, 3}) over 10 rounds at
 # fraction 0.5: `--lr 1 --rounds 10 --fraction 0.5` (BENCHMARKS.md keeps its table).
 
@@ -165,7 +194,7 @@ def finetune_config(kind: str, seed: int, hp: Hyper, init_from: str, dp: bool, m
     return parse_config({
         "name": f"fedsvd-bench-{kind}-s{seed}{'' if dp else '-nodp'}", "seed": seed, "init_from": init_from,
         "model": MODEL, "data": {"plays": "finetune", "max_chars": max_chars},
-        "train": {"eval_batches": max(1, EVAL_WINDOWS // hp.batch_size)}, "lowrank": LOWRANK,
+        "train": {"eval_batches": max(1, EVAL_WINDOWS // hp.batch_size)}, "lowrank": lowrank(hp.rank),
         "protocol": {"kind": kind},
         "simulation": {
             "task": "shakespeare", "partition": "by_role", "clients": clients, "fraction": hp.fraction,
@@ -385,9 +414,10 @@ def collect(plan: Plan, log: Callable[[str], None] = print, work_dir: Path | Non
             "claim_script_eval": claim(rows, plan.seeds, "final_script_eval_loss"), "pretrain": base,
             "base_eval_loss": base["base_eval_loss"],
             "base_script_eval_loss": rows[0]["base_script_eval_loss"] if rows else None, "hp": asdict(plan.hp),
-            "hp_sweep": HP_SWEEP,
+            "hp_sweep": HP_SWEEP.get(plan.hp.rank),
             "clients": plan.clients, "per_round": max(1, round(plan.hp.fraction * plan.clients)),
-            "model": MODEL, "lowrank": LOWRANK, "dp": DP, "max_chars": plan.max_chars, "seeds": plan.seeds}
+            "model": MODEL, "lowrank": lowrank(plan.hp.rank), "dp": DP, "max_chars": plan.max_chars,
+            "seeds": plan.seeds}
 
 
 def plot(doc: dict[str, Any], path: Path) -> Path:
@@ -430,52 +460,6 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
     return path
 
 
-SWEEP_SEED = 100  # the lr sweep's seed: none of the reported ones
-
-
-def sweep(plan: Plan, lrs: list[float], out: Path, base: Path | None, methods: tuple[str, ...] = METHODS,
-          log: Callable[[str], None] = print) -> None:
-    """The lr sweep behind HP's lrs: each of `methods` at every lr of `lrs`, under DP, seed SWEEP_SEED, the other
-    hyperparameters `plan.hp`; each protocol's lr is the one with its lowest final eval loss (`best_lr`).
-    Fine-tunes from `base` (a checkpoint or run directory) or from a base pretrained here into <out stem>-base/.
-    Writes `out` (JSON) after every run; an existing `out` of the same seed and hp is extended, so a sweep can
-    be run one protocol at a time."""
-    import json
-
-    torch.set_num_threads(1)
-    if base is None:
-        made = pretrain(plan.pretrain_steps, plan.max_chars, out.with_name(out.stem + "-base"))
-        base = Path(made["checkpoint"])
-    shared = {**asdict(plan.hp), "lrs": {}}
-    doc: dict[str, Any] = {"seed": SWEEP_SEED, "hp": {k: v for k, v in shared.items() if k not in ("lr", "lrs")},
-                           "base": str(base), "runs": [], "scored_by": "per protocol, the lowest final eval loss (DP)"}
-    if out.exists():
-        old = json.loads(out.read_text())
-        if old.get("seed") == doc["seed"] and old.get("hp") == doc["hp"]:
-            doc["runs"] = old["runs"]
-    for kind in methods:
-        for lr in lrs:
-            cfg = finetune_config(kind, SWEEP_SEED, Hyper(**{**shared, "lr": lr}), str(base), True, plan.max_chars,
-                                  plan.clients, plan.script_eval_every)
-            run = simulate(cfg)
-            run["curve"] = [round(p["eval_loss"], 4) for p in run["curve"]]
-            doc["runs"] = [r for r in doc["runs"] if (r["method"], r["lr"]) != (kind, lr)]
-            doc["runs"].append({"method": kind, "lr": lr, **run})
-            log(f"sweep {kind} lr {lr:g}: eval {run['base_eval_loss']:.4f} -> {run['final_eval_loss']:.4f}, "
-                f"{run['wall_s']:.1f} s")
-            doc["best_lr"] = best_lrs(doc["runs"])
-            out.write_text(json.dumps(doc, indent=2) + "\n")
-
-
-def best_lrs(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """Per protocol among `runs` (method, lr, final_eval_loss): the lr of its lowest final eval loss."""
-    best: dict[str, dict[str, Any]] = {}
-    for r in runs:
-        if r["method"] not in best or r["final_eval_loss"] < best[r["method"]]["final_eval_loss"]:
-            best[r["method"]] = r
-    return {kind: float(r["lr"]) for kind, r in sorted(best.items())}
-
-
 COLUMNS = ["method", "seed", "dp", "final_eval_loss", "final_eval_loss_std", "eval_loss_gain", "final_script_eval_loss",
            "noise_multiplier", "dp_epsilon_max", "wall_s"]
 
@@ -510,6 +494,17 @@ def _floats(text: str) -> list[float]:
     return sorted(comma_list(text, float, lambda v: min(v) > 0, "positive numbers like 1,3,10"))
 
 
+def _rank(text: str) -> int:
+    import argparse
+
+    try:
+        rank = int(text)
+        lowrank(rank)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a LoRA rank in [1, {MODEL['n_embd']}], got {text!r}") from e
+    return rank
+
+
 def _methods(text: str) -> tuple[str, ...]:
     return tuple(comma_list(text, str.strip, lambda v: set(v) <= set(METHODS) and len(set(v)) == len(v),
                             f"distinct protocols among {','.join(METHODS)}"))
@@ -525,6 +520,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  "HP.lrs)")
     parser.add_argument("--rounds", type=int, help=f"rounds (default {HP.rounds})")
     parser.add_argument("--fraction", type=float, help=f"clients sampled per round, a fraction (default {HP.fraction})")
+    parser.add_argument("--rank", type=_rank, help=f"LoRA rank, alpha 2 x rank (default {HP.rank}); the client lrs "
+                                                   f"are the rank's own (LRS) where swept: {sorted(LRS)}")
     parser.add_argument("--reference", action="store_true",
                         help="also the no-DP reference: the three protocols at the first seed without DP (+3 runs)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -535,6 +532,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", type=_methods, default=METHODS,
                         help=f"sweep only: the protocols to sweep (default {','.join(METHODS)})")
     parser.add_argument("--sweep-out", type=Path, default=Path("fedsvd_sweep.json"), help="the sweep's JSON file")
+    parser.add_argument("--relative", action="store_true",
+                        help="sweep only: the --sweep values multiply each protocol's lr (0.5,1,2: each side)")
     parser.add_argument("--base", type=Path, help="sweep only: fine-tune from this checkpoint instead of pretraining")
     args = parser.parse_args(argv)
     if args.fraction is not None and not 0 < args.fraction <= 1:
@@ -544,17 +543,22 @@ def main(argv: list[str] | None = None) -> None:
     base = QUICK if args.quick else Plan()
     hp = Hyper(**{**asdict(base.hp), **({"lr": args.lr, "lrs": {}} if args.lr else {}),
                   **({"rounds": args.rounds} if args.rounds else {}),
-                  **({"fraction": args.fraction} if args.fraction else {})})
+                  **({"fraction": args.fraction} if args.fraction else {}),
+                  **({"rank": args.rank} if args.rank else {}),
+                  **({"lrs": LRS.get(args.rank, base.hp.lrs)} if args.rank and not args.lr else {})})
     plan = Plan(pretrain_steps=args.pretrain_steps or base.pretrain_steps, seeds=args.seeds or base.seeds, hp=hp,
                 reference=base.reference or args.reference, max_chars=base.max_chars, clients=base.clients,
                 script_eval_every=base.script_eval_every)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.sweep:
-        sweep(plan, args.sweep, args.sweep_out, args.base, args.methods)
+        from bench.fedsvd_sweep import grid, sweep
+
+        runs = grid(args.sweep, args.methods, hp if args.relative else None)
+        sweep(plan, runs, args.sweep_out, args.base, jobs=args.jobs)
         return
     out = args.out or ("fedsvd_quick" if args.quick else "fedsvd")
     began = time.perf_counter()
-    if args.jobs < 1:
-        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     doc = collect(plan, jobs=args.jobs)
     doc["wall_s"] = time.perf_counter() - began
     rows = doc.pop("rows")
