@@ -12,7 +12,8 @@ of them, from as many members, each go through what the coordinator runs for one
 
 Each is the process's CPU time (user and system: the page faults of fresh allocations are system time), so the
 numbers hold on a machine busy with other work. The process's malloc is tuned as `CoordinatorServer` tunes its
-own (coordinator/malloc.py: every block of 1 MiB or more is mapped afresh and its pages faulted in on first use),
+own (coordinator/malloc.py: every block of 128 KiB or more is mapped afresh and its pages faulted in on first use;
+its committed results were measured at the earlier 1 MiB),
 unless `--no-malloc-tuning`.
 
 No round closes (the run waits for one more member than push), so every push folds into the same round, into

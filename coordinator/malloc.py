@@ -10,7 +10,12 @@ start-up, in model sizes; BENCHMARKS.md "Coordinator scale"):
 - The mmap threshold: a block at or above it is mapped on its own and unmapped when freed. glibc starts it at
   128 KiB and raises it to the size of any mapped block freed (up to 32 MiB), after which the model's tensors
   (up to a few MB each, several copies during a round's close) come from the arenas' heaps, where what is freed
-  between live blocks cannot go back. Fixed at 1 MiB (which also stops the raising): 6.2x -> 4.7x.
+  between live blocks cannot go back. Fixed at 1 MiB (which also stops the raising): 6.2x -> 4.7x. Fixed at
+  128 KiB since: the updates read off the wire (about 315 KB for that model), the 64 KiB batches of chunks gRPC
+  buffers and the check's temporaries of a few hundred KB then leave the heaps too. At 300 workers the peak
+  above start-up went from 16.3x to 8.7x the model, with rounds as fast (22.2 s and 24.3 s; 64 KiB gave 8.2x,
+  23.0 s; bench/results/coordinator_scale_mmap_*_300.json). The blocks it maps are faulted in afresh on first
+  use, which is why the check keeps its large temporaries few (protocols/sorting.py, bench/push_cost.py).
 
 malloc_trim after each round was measured too (bench/coordinator_memory.py --trim) and did not lower the peak.
 An operator's `MALLOC_ARENA_MAX` / `MALLOC_MMAP_THRESHOLD_` in the environment wins over either.
@@ -27,7 +32,7 @@ from collections.abc import Callable
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 ARENAS = 2
-MMAP_THRESHOLD = 1 << 20
+MMAP_THRESHOLD = 128 << 10
 
 
 def _mallopt() -> Callable[[int, int], int] | None:
