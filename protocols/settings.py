@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, m
 if TYPE_CHECKING:
     from protocols.config import RunConfig
 
-PROTOCOL_VERSION = 1
+# Every Envelope carries it and a join of another version is refused, naming both. 2: tensor chunks may travel
+# batched (`TensorChunks`), which a version-1 peer cannot read.
+PROTOCOL_VERSION = 2
 
 
 class ConfigError(ValueError):
