@@ -142,8 +142,23 @@ HOSTILE: dict[str, Hostile] = {
     "step": lambda s, k: _edited(s, k, step=[1 << 40, 1 << 40, 9][k % 3], round=[0, 1 << 39, 4][k % 3]),
     "round": lambda s, k: _edited(s, k, round=k % 7 + 1),
     "totals": lambda s, k: _edited(s, k, total_bytes=[0, 1, 1 << 40][k % 3], num_entries=[0, 1, 3, 1 << 30][k % 4]),
-    "truncated": lambda s, k: gossip_messages(s)[: 1 + k % 2],
+    "truncated": lambda s, k: _truncated(s, k),
 }
+
+
+def _truncated(node: P2PTransport, k: int) -> list[pb.PeerChunk]:
+    """The stream cut short: the header alone, or without its last chunk. The model's chunks fit one batched
+    message (`TensorChunks`), so that message loses its last chunk instead of the stream its last message."""
+    stream = gossip_messages(node)
+    if k % 2 == 0:
+        return stream[:1]
+    last = stream[-1]
+    if last.WhichOneof("body") == "chunks" and len(last.chunks.chunks) > 1:
+        cut = pb.PeerChunk()
+        cut.CopyFrom(last)
+        del cut.chunks.chunks[-1]
+        return [*stream[:-1], cut]
+    return stream[:-1]
 
 
 def test_hostile_gossip_from_a_member_is_refused_and_changes_nothing(run: Run) -> None:
