@@ -20,7 +20,9 @@ import os
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +89,7 @@ class Sections:
                                                 "lock_wait": []}
         self.intervals: list[tuple[str, float, float]] = []
         self.rss: list[tuple[float, int]] = []
+        self.cpu_at_close: list[float] = []  # the process's CPU seconds (every thread) as each round closed
 
     def wrap(self, owner: Any, method: str, key: str) -> None:  # a class or a module
         original = getattr(owner, method)
@@ -97,6 +100,8 @@ class Sections:
                 return original(*args, **kwargs)
             finally:
                 t1 = time.perf_counter()
+                if key == "close":
+                    self.cpu_at_close.append(time.process_time())
                 if key in self.seconds:
                     self.seconds[key].append(t1 - t0)
                 self.intervals.append((key, t0, t1))
@@ -113,9 +118,12 @@ class Sections:
         while not stop.wait(MEMORY_PERIOD_S):
             self.rss.append((time.perf_counter(), proc_status()["VmRSS"]))
 
-    def report(self) -> dict[str, float]:
+    def report(self) -> dict[str, Any]:
+        """Max and mean seconds per section, and the coordinator's CPU seconds in each round after the first
+        (close to close: that round's pulls of the previous aggregate, pushes, checks, folds and close)."""
         return {f"max_{k}_s": max(v, default=0.0) for k, v in self.seconds.items()} | {
-            f"mean_{k}_s": sum(v) / len(v) if v else 0.0 for k, v in self.seconds.items()}
+            f"mean_{k}_s": sum(v) / len(v) if v else 0.0 for k, v in self.seconds.items()} | {
+            "coordinator_cpu_s_by_round": [b - a for a, b in pairwise(self.cpu_at_close)]}
 
     def memory_report(self, model_bytes: int) -> dict[str, Any]:
         """The sampled peak and what was running at it (how many calls of each kind), and per kind of call the
@@ -207,6 +215,14 @@ def run_clients(spec: dict[str, Any], index: int, work: Path) -> None:
                 beats["sent"] += 1
 
     def worker(c: CoordinatorClient) -> list[float]:
+        try:
+            return rounds_of(c)
+        except BaseException:  # said at once: pool.map would keep it until every earlier worker had finished
+            traceback.print_exc()
+            sys.stderr.flush()
+            raise
+
+    def rounds_of(c: CoordinatorClient) -> list[float]:
         pushes = []
         while c.wait_round(-1).phase is m.Phase.WAITING_FOR_WORKERS:  # round 0 opens once all N joined
             pass
@@ -235,7 +251,7 @@ def run_clients(spec: dict[str, Any], index: int, work: Path) -> None:
     _write(work / f"clients{index}.json", {
         "started": started, "ended": time.time(), "push_s": push_s, "update_bytes": update.nbytes(),
         "traffic": {k: sum(t[k] for t in traffic) for k in traffic[0]}, "workers": count,
-        "heartbeats": beats["sent"]})
+        "heartbeats": beats["sent"], "cpu_s": sum(os.times()[:2])})
 
 
 def run_probe(spec: dict[str, Any], work: Path) -> None:

@@ -25,7 +25,7 @@ from coordinator.rendezvous_servicer import RendezvousLimits, RendezvousServicer
 from coordinator.sessions import check_open_bind
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc
-from protocols.wire.servicing import SERVER_OPTIONS, UnaryRequestGuard, listen
+from protocols.wire.servicing import UnaryRequestGuard, listen, server_options
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
@@ -40,7 +40,8 @@ class RendezvousServer:
         self.rendezvous = Rendezvous(cfg, run_dir=run_dir)
         self.servicer = RendezvousServicer(self.rendezvous)
         limits = RendezvousLimits.of(cfg)  # room for every waiting Roster plus the quick calls
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=SERVER_OPTIONS,
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads),
+                                  options=server_options(limits.max_concurrent_rpcs),
                                   maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
         # A client that opens a call and never sends its request is ended after the wait, holding one of at
         # most `limits.readers` threads meanwhile.

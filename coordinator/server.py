@@ -20,7 +20,7 @@ from coordinator.sessions import check_open_bind
 from coordinator.traffic import ControlTraffic
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc
-from protocols.wire.servicing import SERVER_OPTIONS, UnaryRequestGuard, server_credentials
+from protocols.wire.servicing import UnaryRequestGuard, server_credentials, server_options
 
 log = logging.getLogger(__name__)
 # A call's request must arrive within this (or cluster.stream_idle_s, if shorter).
@@ -41,7 +41,8 @@ class CoordinatorServer(CoordinatorRun):
         tune_malloc()  # before the server's threads exist: each would otherwise get an arena (coordinator/malloc.py)
         super().__init__(cfg, run_dir, resume, worker_tokens)
         limits = CallLimits.of(cfg)  # room for every bounded long call plus the quick ones (coordinator/servicer.py)
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads), options=SERVER_OPTIONS,
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads),
+                                  options=server_options(limits.max_concurrent_rpcs),
                                   maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
                                   interceptors=[ControlTraffic(self.state)])
         self.servicer = CoordinatorServicer(self.state)

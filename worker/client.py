@@ -42,14 +42,20 @@ from worker.traffic import Traffic
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# gRPC's details for a call this process ended itself (its channel closed, the call cancelled). Any other
+# CANCELLED came from the server's side, such as gRPC core dropping a call that waited too long to be taken
+# (protocols/wire/servicing.py PENDING_CALL_WAIT_S): nothing of it was applied, so it is retried.
+_OWN_CANCELS = ("Channel closed!", "Locally cancelled by application!")
 
 
-def _transient(err: grpc.RpcError) -> bool:
-    """Worth retrying: the coordinator unreachable or slow, or busy (RESOURCE_EXHAUSTED for want of a free
-    slot, not for a request too big)."""
-    code = err.code()
+def transient(err: grpc.RpcError) -> bool:
+    """Worth retrying: the coordinator unreachable or slow, busy (RESOURCE_EXHAUSTED for want of a free slot,
+    not for a request too big), or the call dropped on the server's side before it was served."""
+    code, details = err.code(), err.details() or ""
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return (err.details() or "").startswith(m.BUSY_PREFIXES)
+        return details.startswith(m.BUSY_PREFIXES)
+    if code is grpc.StatusCode.CANCELLED:
+        return details not in _OWN_CANCELS
     return code in _TRANSIENT
 
 
@@ -128,7 +134,7 @@ class CoordinatorClient:
                             self._join_once()
                     rejoin = False
                     continue
-                if not _transient(err) or time.monotonic() > deadline:
+                if not transient(err) or time.monotonic() > deadline:
                     raise
                 self.reconnects += 1
                 log.info("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)

@@ -23,10 +23,10 @@ import grpc
 from protocols.config import PROTOCOL_VERSION
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
+from worker.client import transient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 # The longest one Roster call may take: the rendezvous may hold it until the round's workers arrived.
 ROSTER_TIMEOUT_S = 600.0
 
@@ -53,9 +53,7 @@ class RendezvousClient:
             try:
                 return fn()
             except grpc.RpcError as err:
-                busy = err.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and (err.details() or "").startswith(
-                    m.BUSY_PREFIXES)  # the rendezvous has no room right now: it will have
-                if (err.code() not in _TRANSIENT and not busy) or time.monotonic() > deadline:
+                if not transient(err) or time.monotonic() > deadline:
                     raise
                 log.info("rendezvous unreachable (%s); retrying in %.1fs", err.code().name, delay)
                 time.sleep(delay * (0.5 + random.random()))

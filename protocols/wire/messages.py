@@ -39,8 +39,9 @@ MAX_ELEMENTS = 1 << 40
 
 
 # A RESOURCE_EXHAUSTED whose details start with one of these means the server is busy (all slots of a kind
-# in use, or gRPC's bound on calls in flight), not that the request was too big: clients retry it later.
-BUSY_PREFIXES = ("server busy:", "Concurrent RPC limit exceeded")
+# in use, gRPC's bound on calls in flight, or on calls waiting to be taken), not that the request was too big:
+# clients retry it later.
+BUSY_PREFIXES = ("server busy:", "Concurrent RPC limit exceeded", "Too many pending requests")
 
 
 class WireError(ValueError):

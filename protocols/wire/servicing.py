@@ -43,6 +43,22 @@ STATUS = {
 # Servers add to the shared message-size options: no SO_REUSEPORT, so a second server on a port in use fails
 # to bind instead of silently sharing it.
 SERVER_OPTIONS: list[tuple[str, int]] = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
+# How long a call may wait in gRPC core's queue of calls not yet taken by the Python server. Python's sync
+# server takes them one at a time, from the one thread that also handles every stream's events, so a burst
+# (a round close wakes every worker's pull at once) drains slowly under load; past core's default of 30 s the
+# rest were killed, and their clients saw a bare CANCELLED: 417 of 1,000 pulls in the coordinator-scale
+# bench (BENCHMARKS.md "Coordinator scale"). Each call's own deadline still bounds its wait.
+PENDING_CALL_WAIT_S = 3600
+# Core's default bound on that queue: past it, calls are refused at random (RESOURCE_EXHAUSTED).
+DEFAULT_MAX_PENDING_CALLS = 1000
+
+
+def server_options(max_pending_calls: int, pending_wait_s: int = PENDING_CALL_WAIT_S) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS for a server that may see `max_pending_calls` calls arrive at once: they wait to be taken
+    (up to `pending_wait_s`) instead of being killed or refused while the server catches up."""
+    soft = max(DEFAULT_MAX_PENDING_CALLS, max_pending_calls)
+    return [*SERVER_OPTIONS, ("grpc.server_max_unrequested_time_in_server", pending_wait_s),
+            ("grpc.server.max_pending_requests", soft), ("grpc.server.max_pending_requests_hard_limit", 3 * soft)]
 
 
 def listen(server: grpc.Server, bind: str, what: str, credentials: grpc.ServerCredentials | None = None) -> int:

@@ -20,9 +20,12 @@ def test_workers_are_split_over_the_client_processes_without_loss() -> None:
     assert _split(2, 4) == [1, 1]  # never a process without a worker
 
 
-def _row(workers: int, spr: float, rss: float = 2.0, beat: float = 0.5) -> dict[str, float | int | str]:
+def _row(workers: int, spr: float, rss: float = 2.0, beat: float = 0.5,
+         cpu: float | None = None) -> dict[str, float | int | str]:
+    cpu_s = spr / 2 if cpu is None else cpu
     return {"contender": f"workers-{workers}", "workers": workers, "seconds_per_round_per_worker": spr / workers,
-            "rss_over_model": rss, "rss_growth_over_model": rss / 2, "max_heartbeat_delay_s": beat}
+            "rss_over_model": rss, "rss_growth_over_model": rss / 2, "max_heartbeat_delay_s": beat,
+            "coordinator_cpu_s_per_round_per_worker": cpu_s / workers}
 
 
 def test_targets_are_judged_from_the_rows() -> None:
@@ -41,6 +44,18 @@ def test_targets_are_judged_from_the_rows() -> None:
     assert not cut["round_time_at_most_linear"]["met"]
     assert cut["round_time_at_most_linear"]["unfinished"] == ["workers-1000"]
     assert cut["memory_at_most_3x_model"]["finished"] is False
+    assert not cut["coordinator_cpu_at_most_linear"]["met"]
+
+
+def test_coordinator_cpu_is_judged_apart_from_wall_time() -> None:
+    """Wall time per worker grew 1.4x from 100 to 1,000 workers, the coordinator's own CPU per worker did not."""
+    shared = verdicts([_row(10, 1.0, cpu=0.5), _row(100, 9.0, cpu=4.0), _row(1000, 127.0, cpu=41.0)])
+    assert not shared["round_time_at_most_linear"]["met"]
+    assert shared["coordinator_cpu_at_most_linear"]["met"]
+    grew = verdicts([_row(10, 1.0, cpu=0.5), _row(100, 9.0, cpu=4.0), _row(1000, 90.0, cpu=60.0)])
+    assert grew["round_time_at_most_linear"]["met"] and not grew["coordinator_cpu_at_most_linear"]["met"]
+    no_cpu = verdicts([_row(10, 1.0), _row(100, 9.0) | {"coordinator_cpu_s_per_round_per_worker": None}])
+    assert not no_cpu["coordinator_cpu_at_most_linear"]["met"]  # a row without the measure is not a pass
 
 
 def test_quick_run_writes_a_row_per_contender(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,6 +79,9 @@ def test_quick_run_writes_a_row_per_contender(tmp_path: Path, monkeypatch: pytes
         assert r["bytes_sent_per_worker"] >= r["protocol_sent_per_worker"] + r["control_sent_per_worker"]
         assert r["bytes_received_per_worker"] >= r["protocol_received_per_worker"] + r["control_received_per_worker"]
         assert r["bytes_total_per_worker"] == r["bytes_sent_per_worker"] + r["bytes_received_per_worker"]
+        # One round after the first: the coordinator's CPU from round 0's close to round 1's, and the clients'.
+        assert r["coordinator_cpu_s_by_round"] == [r["coordinator_cpu_s_per_round"]]
+        assert r["coordinator_cpu_s_per_round"] > 0 and r["clients_cpu_s"] > 0
     assert set(doc["targets"]) == {"round_time_at_most_linear", "memory_at_most_3x_model",
-                                   "heartbeat_within_interval"}
+                                   "heartbeat_within_interval", "coordinator_cpu_at_most_linear"}
     assert isinstance(doc["targets"]["heartbeat_within_interval"]["met"], bool)
