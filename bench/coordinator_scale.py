@@ -1,15 +1,15 @@
 """Coordinator scale: many workers per round against one coordinator, SparseLoCo updates of a ~10M-parameter GPT.
 
-Contenders `workers-N` (N = 10, 100, 1000 by default): a `CoordinatorServer` in its own process (a run
-directory, as `lowband coordinator` keeps one: a checkpoint and a metrics row per round; `cluster.workers` =
-`min_workers` = N, a long deadline, heartbeats every 2 s), N real gRPC `CoordinatorClient`s multiplexed over
-`--client-procs` processes (a thread and a channel each; see bench/scale_procs.py), and one heartbeat probe
-process. Every worker pushes a real SparseLoCo update (codec `sparseloco`: top-64 of every 4096 entries, 2-bit
-values, 12-bit indices), waits for the round to close and pulls the aggregate, for `--rounds` rounds. Each
-client process builds one update with the protocol's `make_update` on a perturbed copy of the parameters and
-pushes it under each of its workers' ids, so the downlink's union of coordinates covers `--client-procs`
-distinct updates, not N (N distinct top-k masks would make the sparse aggregate nearly dense). The one-time
-state pull at join is skipped: every byte counted below is per-round traffic plus the initial-state upload.
+Contenders `workers-N` (N = 10, 100, 1000 by default): a `CoordinatorServer` in its own process (a run directory, as
+`lowband coordinator` keeps one: a checkpoint and a metrics row per round; `cluster.workers` = `min_workers` = N, a
+long deadline, heartbeats every 2 s or `--heartbeat-interval`), N real gRPC `CoordinatorClient`s multiplexed over
+`--client-procs` processes (a thread and a channel each; see bench/scale_procs.py), and one heartbeat probe process.
+Every worker pushes a real SparseLoCo update (codec `sparseloco`: top-64 of every 4096 entries, 2-bit values, 12-bit
+indices), waits for the round to close and pulls the aggregate, for `--rounds` rounds. Each client process builds
+one update with the protocol's `make_update` on a perturbed copy of the parameters and pushes it under each of its
+workers' ids, so the downlink's union of coordinates covers `--client-procs` distinct updates, not N (N distinct
+top-k masks would make the sparse aggregate nearly dense). The one-time state pull at join is skipped: every byte
+counted below is per-round traffic plus the initial-state upload.
 
 Columns:
 - `seconds_per_round`: the median of the coordinator's metrics.jsonl `seconds` (round open to close, i.e.
@@ -74,7 +74,8 @@ HEARTBEAT_INTERVAL_S = 2.0
 _LOGS: dict[int, str] = {}  # pid -> its log file, quoted when it fails
 
 
-def bench_config(workers: int, rounds: int, model: dict[str, int]) -> dict[str, Any]:
+def bench_config(workers: int, rounds: int, model: dict[str, int],
+                 heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S) -> dict[str, Any]:
     """SparseLoCo with the paper's codec; a round waits for all N (quorum N, deadline far away)."""
     return {
         "name": f"scale-{workers}",
@@ -82,7 +83,7 @@ def bench_config(workers: int, rounds: int, model: dict[str, int]) -> dict[str, 
         "train": {"steps": rounds, "eval_every_steps": rounds},
         "protocol": {"kind": "sparseloco", "inner_steps": 1},
         "cluster": {"workers": workers, "min_workers": workers, "round_deadline_s": 3600,
-                    "heartbeat_interval_s": HEARTBEAT_INTERVAL_S, "heartbeat_timeout_s": 600,
+                    "heartbeat_interval_s": heartbeat_interval_s, "heartbeat_timeout_s": 600,
                     "stream_idle_s": 600},
     }
 
@@ -120,11 +121,12 @@ def _split(workers: int, procs: int) -> list[int]:
 
 
 def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs: int, work: Path,
-                  timeout: float, malloc_tuning: bool = True) -> dict[str, Any]:
+                  timeout: float, malloc_tuning: bool = True,
+                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S) -> dict[str, Any]:
     """One contender's row. A run still going after `timeout` seconds is measured as far as it got (rounds
     closed, the coordinator's peak RSS so far, the probe's heartbeats) and stopped: `finished` False."""
     work.mkdir(parents=True)
-    config = bench_config(workers, rounds, model)
+    config = bench_config(workers, rounds, model, heartbeat_interval_s)
     spec: dict[str, Any] = {"config": config, "timeout_s": timeout, "clients": _split(workers, client_procs),
                             "malloc_tuning": malloc_tuning}
     (work / "spec.json").write_text(json.dumps(spec))
@@ -235,17 +237,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="4 and 8 workers, a 0.1M-parameter model, 2 rounds")
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="the coordinator leaves glibc's malloc as it comes (it tunes it: coordinator/malloc.py)")
+    parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S,
+                        help="seconds between each worker's heartbeats (the probe's are still judged against "
+                             f"{HEARTBEAT_INTERVAL_S:g} s): a longer one shows what the heartbeats cost a round")
     parser.add_argument("--out", default="coordinator_scale", help="result name in bench/results")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.client_procs < 1:
-        parser.error("need --rounds >= 1 and --client-procs >= 1")
+    if args.rounds < 1 or args.client_procs < 1 or not args.heartbeat_interval > 0:
+        parser.error("need --rounds >= 1, --client-procs >= 1 and --heartbeat-interval > 0")
     workers, rounds, model = (([4, 8], 2, QUICK_MODEL) if args.quick else (args.workers, args.rounds, FULL_MODEL))
     with tempfile.TemporaryDirectory(prefix="lowband-scale-") as tmp:
         rows = [run_contender(n, rounds, model, args.client_procs, Path(tmp) / f"workers-{n}", args.timeout,
-                              not args.no_malloc_tuning) for n in workers]
+                              not args.no_malloc_tuning, args.heartbeat_interval) for n in workers]
     write_result(args.out, command_line("bench.coordinator_scale"), rows, COLUMNS,
                  config={"rounds": rounds, "model": model, "client_procs": args.client_procs,
-                         "heartbeat_interval_s": HEARTBEAT_INTERVAL_S, "malloc_tuning": not args.no_malloc_tuning},
+                         "heartbeat_interval_s": args.heartbeat_interval,
+                         "probe_judged_against_s": HEARTBEAT_INTERVAL_S, "malloc_tuning": not args.no_malloc_tuning},
                  targets=verdicts(rows))
 
 
