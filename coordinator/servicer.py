@@ -15,7 +15,10 @@ sent waits in gRPC's flow-control window), and is then refused with the busy RES
 worker's client retries with backoff. Once read, decoding, checking and folding it waits for one of
 DECODES_PER_CORE slots per core (a decoded update is several times its wire size). So however many workers
 push at once, the coordinator buffers and decodes only as many updates as its cores can work on, and the
-others queue instead of all crawling at once. A push's deadline, PUSH_BASE_S plus its declared bytes at
+others queue instead of all crawling at once. A worker's client first waits for its slot in a ReservePush long
+poll, which keeps the slot for it (coordinator/reservations.py), and only then opens the push's stream: a push
+that waits inside its stream has already sent what the stream's window lets through, often the whole update, and
+that waits in the coordinator's buffers. A push's deadline, PUSH_BASE_S plus its declared bytes at
 MIN_PUSH_RATE, starts once it is admitted; it must finish by then however it paces its messages. Pulls (an
 aggregate, a whole replica) are admitted alike, READS_PER_CORE per core at once, before their stream starts:
 a round's pulls all come at once, and each pull in flight holds a serialized chunk (1 MiB) in gRPC's buffers."""
@@ -34,6 +37,7 @@ import grpc
 
 from compression.payload import dense
 from coordinator.errors import Code, Rejected
+from coordinator.reservations import Reservations
 from coordinator.state import AlreadyFolded, CoordinatorState, Phase
 from coordinator.status import status_reply
 from protocols.base import Aggregate, Update
@@ -69,6 +73,16 @@ DECODES_PER_CORE = 2
 # about 200 times a second, their CPU and the coordinator's going into refused streams; with 60 s, a 1,000-push
 # queue draining at ~2.4 pushes/s on the loaded 2-core bench machine still refused ~1,900 as busy.
 ADMISSION_WAIT_S = 300.0
+# How long a slot kept by ReservePush waits for its worker's push (coordinator/reservations.py): the push follows
+# the reply at once, so this only bounds what a worker that reserved and vanished keeps from the others.
+RESERVATION_HOLD_S = 10.0
+
+
+def _wait_s(asked: float) -> float:
+    """A long poll's wait: what the worker asked (0: the server's default), at most MAX_WAIT_S."""
+    if not (math.isfinite(asked) and asked >= 0):
+        raise Rejected(Code.INVALID_ARGUMENT, f"max_wait_s must be a finite number of seconds >= 0, got {asked}")
+    return min(asked or MAX_WAIT_S, MAX_WAIT_S)
 
 
 def _cores() -> int:
@@ -133,6 +147,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         self.push_slots = Slots("push streams", limits.pushes)
         self.admitted = Slots("pushes being received and decoded", limits.admitted)
         self.decoding = Slots("pushes being decoded", limits.decodes)
+        self.reservations = Reservations(self.admitted, RESERVATION_HOLD_S)
         self.sending = Slots("pulls being sent", limits.admitted)
         self.wait_slots = Slots("WaitRound calls", limits.waits)
         self.pull_slots = Slots("state or aggregate pulls", limits.pulls)
@@ -229,14 +244,20 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         return sent
 
     @answered
+    def ReservePush(self, request: Any, context: grpc.ServicerContext) -> Any:
+        req = serde.from_pb(request, m.ReserveRequest)
+        env = req.envelope
+        self._check_run(env)
+        self.state.check_push(env.worker_id, env.token, env.round, False, "")  # as the push's header will be
+        reserved = self.reservations.reserve(env.worker_id, _wait_s(req.max_wait_s))
+        return serde.to_pb(m.ReserveReply(reserved=reserved, hold_s=RESERVATION_HOLD_S))
+
+    @answered
     def WaitRound(self, request: Any, context: grpc.ServicerContext) -> Any:
         req = serde.from_pb(request, m.WaitRequest)
         self._check_run(req.envelope)
         self.state.check_member(req.envelope.worker_id, req.envelope.token)
-        if not (math.isfinite(req.max_wait_s) and req.max_wait_s >= 0):
-            raise Rejected(Code.INVALID_ARGUMENT, f"max_wait_s must be a finite number of seconds >= 0, got "
-                                                  f"{req.max_wait_s}")
-        wait = min(req.max_wait_s or MAX_WAIT_S, MAX_WAIT_S)
+        wait = _wait_s(req.max_wait_s)
         with self.wait_slots.hold():
             round_, phase, state_hash, (epoch, shard, shards) = self.state.wait_for_round_dealt(
                 req.envelope.worker_id, req.after_round, wait)
@@ -255,7 +276,10 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
                 self._check_run(env)
                 initial = header.kind is m.PushKind.INITIAL_STATE
                 self.state.check_push(env.worker_id, env.token, env.round, initial, header.base_state_hash)
-                admission.enter_context(self.admitted.hold(ADMISSION_WAIT_S))  # busy (retried) past the wait
+                if self.reservations.take(env.worker_id):  # the slot its ReservePush kept: now this push's
+                    admission.callback(self.admitted.release)
+                else:
+                    admission.enter_context(self.admitted.hold(ADMISSION_WAIT_S))  # busy (retried) past the wait
                 # Authenticated and admitted: from now on the stream may pause up to the idle limit, and must
                 # end in time.
                 stream.idle_s = self.idle_s

@@ -3,9 +3,9 @@
 The servicer counts what it streams or receives as payload (updates and aggregates: protocol bytes; the initial
 state and whole-replica pulls: state bytes). Everything else a worker's call moves is control traffic, counted
 here from the serialized messages: the whole request and reply of the unary calls (Join, Heartbeat, Leave,
-WaitRound, AttestBase), the request that opens a PullState or PullAggregate stream, and the reply that closes a
-PushUpdate. A refused call is not counted (its error status carries no message), nor are Status calls, which
-come from an operator rather than a worker.
+WaitRound, AttestBase, ReservePush), the request that opens a PullState or PullAggregate stream, and the reply
+that closes a PushUpdate. A refused call is not counted (its error status carries no message), nor are Status
+calls, which come from an operator rather than a worker.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ SERVICE_PREFIX = "/lowband.v1.Coordinator/"
 UNCOUNTED = {"Status"}
 # Single-request calls the server's UnaryRequestGuard (protocols/wire/servicing.py) registers as client streams
 # of one message: counted as the unary calls they are.
-UNARY = {"Join", "Heartbeat", "Leave", "WaitRound", "AttestBase"}
+UNARY = {"Join", "Heartbeat", "Leave", "WaitRound", "AttestBase", "ReservePush"}
 OPENING = {"PullState", "PullAggregate"}
 
 

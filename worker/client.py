@@ -42,6 +42,8 @@ from worker.traffic import Traffic
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# One ReservePush long poll: the coordinator answers "not yet" after at most this, and the worker asks again.
+RESERVE_WAIT_S = 30.0
 # gRPC's details for a call this process ended itself (its channel closed, the call cancelled). Any other
 # CANCELLED came from the server's side, such as gRPC core dropping a call that waited too long to be taken
 # (protocols/wire/servicing.py PENDING_CALL_WAIT_S): nothing of it was applied, so it is retried.
@@ -118,8 +120,10 @@ class CoordinatorClient:
         r = self.round if round_ is None else round_
         return m.Envelope(self.run_id, self.worker_id, r, PROTOCOL_VERSION, self.session)
 
-    def _call(self, fn: Callable[[], T], rejoin: bool = True) -> T:
-        delay, deadline = 0.1, time.monotonic() + self.retry_for_s
+    def _call(self, fn: Callable[[], T], rejoin: bool = True, retry: bool = True) -> T:
+        """`fn`, re-joining once if the coordinator forgot this member, and (with `retry`) tried again with backoff
+        after a transient failure for up to `retry_for_s`."""
+        delay, deadline = 0.1, time.monotonic() + (self.retry_for_s if retry else 0.0)
         while True:
             session = self.session
             try:
@@ -166,7 +170,9 @@ class CoordinatorClient:
         self.hostname, self.worker_id = hostname, requested_id
         return self._call(self._join_once, rejoin=False)
 
-    def heartbeat(self, step: int, loss: float | None, eval_loss: float | None) -> m.HeartbeatReply:
+    def heartbeat(self, step: int, loss: float | None, eval_loss: float | None, retry: bool = True) -> m.HeartbeatReply:
+        """Liveness and progress. A periodic beat passes `retry=False`: the next beat is its retry, and a thread
+        left retrying could still be inside a call when its process exits."""
         def known(value: float | None) -> float:  # NaN = no loss: a diverged (inf) loss is not a reading
             return value if value is not None and math.isfinite(value) else float("nan")
 
@@ -174,7 +180,7 @@ class CoordinatorClient:
             return m.HeartbeatRequest(envelope=self._envelope(), inner_step=step, last_loss=known(loss),
                                       bytes_sent=self.bytes_sent, eval_loss=known(eval_loss))
 
-        reply = self._call(lambda: self._unary(self.stub.Heartbeat, req(), timeout=10.0))
+        reply = self._call(lambda: self._unary(self.stub.Heartbeat, req(), timeout=10.0), retry=retry)
         assert isinstance(reply, m.HeartbeatReply)
         return reply
 
@@ -282,6 +288,8 @@ class CoordinatorClient:
         counted_as = "state" if kind is m.PushKind.INITIAL_STATE else "protocol"
 
         def once() -> m.PushReply:
+            if kind is m.PushKind.UPDATE:
+                self._reserve(round_)
             stream = self._count_out(serde.push_stream(header(), entries, self.chunk_bytes), counted_as)
             pb_reply = self.stub.PushUpdate(stream, timeout=600.0)
             self.traffic.add("control", received=pb_reply.ByteSize())
@@ -290,6 +298,22 @@ class CoordinatorClient:
             return reply
 
         return self._call(once)
+
+    def _reserve(self, round_: int) -> None:
+        """Wait until the coordinator keeps room for this worker's push (ReservePush), so that its payload is
+        sent only once it will be read, not left waiting in the coordinator's buffers. Anything but a transient
+        failure is left to the push itself, which refuses (or re-joins) as it always did."""
+        while True:
+            req = m.ReserveRequest(envelope=self._envelope(round_), max_wait_s=RESERVE_WAIT_S)
+            try:
+                reply = self._unary(self.stub.ReservePush, req, timeout=RESERVE_WAIT_S + 30.0)
+            except grpc.RpcError as err:
+                if transient(err):
+                    raise  # the push's retry loop tries again
+                return
+            assert isinstance(reply, m.ReserveReply)
+            if reply.reserved:
+                return
 
     def _count_out(self, msgs: Iterable[Any], kind: str) -> Iterator[Any]:
         for msg in msgs:

@@ -801,6 +801,58 @@ class PushReply(_message.Message):
 Global___PushReply: _TypeAlias = PushReply  # noqa: Y015
 
 @_typing.final
+class ReserveRequest(_message.Message):
+    """ReservePush: room for this worker's next push."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENVELOPE_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_S_FIELD_NUMBER: _builtins.int
+    max_wait_s: _builtins.float
+    """Longest wait the worker wants, in seconds; 0 = the server's default. The server may cap it."""
+    @_builtins.property
+    def envelope(self) -> Global___Envelope:
+        """Who will push, for which round: judged as that push's header would be."""
+
+    def __init__(
+        self,
+        *,
+        envelope: Global___Envelope | None = ...,
+        max_wait_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "max_wait_s", b"max_wait_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveRequest: _TypeAlias = ReserveRequest  # noqa: Y015
+
+@_typing.final
+class ReserveReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVED_FIELD_NUMBER: _builtins.int
+    HOLD_S_FIELD_NUMBER: _builtins.int
+    reserved: _builtins.bool
+    """True: room is kept for this worker's push. False: none came free within the wait; ask again."""
+    hold_s: _builtins.float
+    """How long the room is kept, in seconds from this reply; a push after that waits in its stream."""
+    def __init__(
+        self,
+        *,
+        reserved: _builtins.bool = ...,
+        hold_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold_s", b"hold_s", "reserved", b"reserved"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveReply: _TypeAlias = ReserveReply  # noqa: Y015
+
+@_typing.final
 class WaitRequest(_message.Message):
     """WaitRound: block until the round moves past `after_round`."""
 

@@ -65,6 +65,11 @@ class CoordinatorStub:
                 request_serializer=protocols_dot_wire_dot_lowband__pb2.PushMessage.SerializeToString,
                 response_deserializer=protocols_dot_wire_dot_lowband__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.ReservePush = channel.unary_unary(
+                '/lowband.v1.Coordinator/ReservePush',
+                request_serializer=protocols_dot_wire_dot_lowband__pb2.ReserveRequest.SerializeToString,
+                response_deserializer=protocols_dot_wire_dot_lowband__pb2.ReserveReply.FromString,
+                _registered_method=True)
         self.WaitRound = channel.unary_unary(
                 '/lowband.v1.Coordinator/WaitRound',
                 request_serializer=protocols_dot_wire_dot_lowband__pb2.WaitRequest.SerializeToString,
@@ -130,6 +135,16 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReservePush(self, request, context):
+        """Waits (up to max_wait_s) for room to receive this worker's next push, then keeps that room for it for
+        ReserveReply.hold_s seconds: a push sent within them is read at once. A push sent without one waits for room
+        inside its stream, where what its client already sent (up to the stream's flow-control window, often the
+        whole update) waits in the coordinator's receive buffers: ~300 MB at 1,000 workers (BENCHMARKS.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WaitRound(self, request, context):
         """Long poll: returns once the coordinator's round is past `after_round`, the run finished, or the
         server-side wait timeout elapsed (then the worker reads the returned info and asks again).
@@ -188,6 +203,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.PushUpdate,
                     request_deserializer=protocols_dot_wire_dot_lowband__pb2.PushMessage.FromString,
                     response_serializer=protocols_dot_wire_dot_lowband__pb2.PushReply.SerializeToString,
+            ),
+            'ReservePush': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReservePush,
+                    request_deserializer=protocols_dot_wire_dot_lowband__pb2.ReserveRequest.FromString,
+                    response_serializer=protocols_dot_wire_dot_lowband__pb2.ReserveReply.SerializeToString,
             ),
             'WaitRound': grpc.unary_unary_rpc_method_handler(
                     servicer.WaitRound,
@@ -368,6 +388,33 @@ class Coordinator:
             '/lowband.v1.Coordinator/PushUpdate',
             protocols_dot_wire_dot_lowband__pb2.PushMessage.SerializeToString,
             protocols_dot_wire_dot_lowband__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReservePush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lowband.v1.Coordinator/ReservePush',
+            protocols_dot_wire_dot_lowband__pb2.ReserveRequest.SerializeToString,
+            protocols_dot_wire_dot_lowband__pb2.ReserveReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -65,6 +65,12 @@ class CoordinatorStub:
     """
     PushUpdate: _grpc.StreamUnaryMultiCallable[_lowband_pb2.PushMessage, _lowband_pb2.PushReply]
     """Client stream of one update (or of the initial parameters): one PushMessage with the header, then chunks."""
+    ReservePush: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.ReserveRequest, _lowband_pb2.ReserveReply]
+    """Waits (up to max_wait_s) for room to receive this worker's next push, then keeps that room for it for
+    ReserveReply.hold_s seconds: a push sent within them is read at once. A push sent without one waits for room
+    inside its stream, where what its client already sent (up to the stream's flow-control window, often the
+    whole update) waits in the coordinator's receive buffers: ~300 MB at 1,000 workers (BENCHMARKS.md).
+    """
     WaitRound: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.WaitRequest, _lowband_pb2.RoundInfo]
     """Long poll: returns once the coordinator's round is past `after_round`, the run finished, or the
     server-side wait timeout elapsed (then the worker reads the returned info and asks again).
@@ -101,6 +107,12 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """
     PushUpdate: _aio.StreamUnaryMultiCallable[_lowband_pb2.PushMessage, _lowband_pb2.PushReply]  # type: ignore[assignment]
     """Client stream of one update (or of the initial parameters): one PushMessage with the header, then chunks."""
+    ReservePush: _aio.UnaryUnaryMultiCallable[_lowband_pb2.ReserveRequest, _lowband_pb2.ReserveReply]  # type: ignore[assignment]
+    """Waits (up to max_wait_s) for room to receive this worker's next push, then keeps that room for it for
+    ReserveReply.hold_s seconds: a push sent within them is read at once. A push sent without one waits for room
+    inside its stream, where what its client already sent (up to the stream's flow-control window, often the
+    whole update) waits in the coordinator's receive buffers: ~300 MB at 1,000 workers (BENCHMARKS.md).
+    """
     WaitRound: _aio.UnaryUnaryMultiCallable[_lowband_pb2.WaitRequest, _lowband_pb2.RoundInfo]  # type: ignore[assignment]
     """Long poll: returns once the coordinator's round is past `after_round`, the run finished, or the
     server-side wait timeout elapsed (then the worker reads the returned info and asks again).
@@ -170,6 +182,18 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_lowband_pb2.PushReply, _abc.Awaitable[_lowband_pb2.PushReply]]:
         """Client stream of one update (or of the initial parameters): one PushMessage with the header, then chunks."""
+
+    @_abc_1.abstractmethod
+    def ReservePush(
+        self,
+        request: _lowband_pb2.ReserveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_lowband_pb2.ReserveReply, _abc.Awaitable[_lowband_pb2.ReserveReply]]:
+        """Waits (up to max_wait_s) for room to receive this worker's next push, then keeps that room for it for
+        ReserveReply.hold_s seconds: a push sent within them is read at once. A push sent without one waits for room
+        inside its stream, where what its client already sent (up to the stream's flow-control window, often the
+        whole update) waits in the coordinator's receive buffers: ~300 MB at 1,000 workers (BENCHMARKS.md).
+        """
 
     @_abc_1.abstractmethod
     def WaitRound(

@@ -206,6 +206,20 @@ class PushReply:
 
 
 @dataclass(frozen=True)
+class ReserveRequest:
+    """Room for this worker's next push, waiting up to `max_wait_s` (0 = the server's default)."""
+
+    envelope: Envelope
+    max_wait_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReserveReply:
+    reserved: bool
+    hold_s: float
+
+
+@dataclass(frozen=True)
 class WaitRequest:
     """Wait until the coordinator's round exceeds `after_round` (0 wait = the server's default)."""
 
@@ -358,6 +372,8 @@ Message = (
     | AggregateHeader
     | PushHeader
     | PushReply
+    | ReserveRequest
+    | ReserveReply
     | WaitRequest
     | RoundInfo
     | StatusRequest

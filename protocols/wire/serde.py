@@ -79,6 +79,7 @@ __all__ = [
 _MESSAGE_TYPES: tuple[type, ...] = (
     m.Envelope, m.JoinRequest, m.JoinReply, m.HeartbeatRequest, m.HeartbeatReply, m.LeaveRequest,
     m.LeaveReply, m.AttestRequest, m.AttestReply, m.PullRequest, m.StateHeader, m.PushHeader, m.PushReply,
+    m.ReserveRequest, m.ReserveReply,
     m.WaitRequest, m.RoundInfo, m.StatusRequest, m.WorkerStatus, m.StatusReply,
     m.AggregateRequest, m.AggregateHeader, m.EnrollRequest, m.EnrollReply, m.RosterRequest, m.RosterReply,
     m.ReportRequest, m.ReportReply, m.PeerHeader, m.PeerAck,

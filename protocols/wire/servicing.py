@@ -179,6 +179,14 @@ class Slots:
     @contextmanager
     def hold(self, wait_s: float | None = 0.0) -> Iterator[None]:
         """Hold a slot while inside; `wait_s` None: wait for one however long it takes."""
+        self.acquire(wait_s)
+        try:
+            yield
+        finally:
+            self.release()
+
+    def acquire(self, wait_s: float | None = 0.0) -> None:
+        """Take a slot (as `hold` does) that the caller gives back with `release`: for a slot held across calls."""
         with self._cond:
             if (wait_s is None or wait_s > 0) and (self.in_use >= self.limit or self.waiting):
                 self.waiting += 1
@@ -190,12 +198,11 @@ class Slots:
                 raise Rejected(Code.RESOURCE_EXHAUSTED, f"{BUSY_PREFIXES[0]} too many {self.what} in flight (at "
                                                         f"most {self.limit}); retry later")
             self.in_use += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.in_use -= 1
-                self._cond.notify()
+
+    def release(self) -> None:
+        with self._cond:
+            self.in_use -= 1
+            self._cond.notify()
 
 
 class GuardedStream:

@@ -202,9 +202,11 @@ def test_pushes_past_the_admitted_ones_queue_and_get_through_once_one_is_done(
     """Only a few pushes per core are read and decoded at once (coordinator/servicer.py admission): with one
     admitted, held by a member whose header came and then its stream stalled, the other member's push waits
     for admission, though stream slots are free; past ADMISSION_WAIT_S it is refused as busy (not wrong) and
-    its client retries with backoff. Either way it folds once the slot is free again."""
+    its client retries with backoff. Either way it folds once the slot is free again. The member pushes without
+    reserving a slot first, as a push whose reservation lapsed does (a reserved push: test_push_reservations)."""
     monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted push, whatever the cores
     monkeypatch.setattr("coordinator.servicer.ADMISSION_WAIT_S", wait_s)
+    monkeypatch.setattr(CoordinatorClient, "_reserve", lambda self, round_: None)
     release = threading.Event()
     with running(stream_idle_s=600.0) as (server, (first, second)), \
             grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:

@@ -30,8 +30,8 @@ def test_grpc_stub_imports_the_package_module() -> None:
     assert getattr(lowband_pb2_grpc, "protocols_dot_wire_dot_lowband__pb2") is lowband_pb2  # noqa: B009
     assert lowband_pb2.DESCRIPTOR.package == "lowband.v1"
     methods = set(lowband_pb2.DESCRIPTOR.services_by_name["Coordinator"].methods_by_name)
-    assert methods == {"Join", "Heartbeat", "Leave", "PullState", "PullAggregate", "PushUpdate", "WaitRound",
-                       "AttestBase", "Status"}
+    assert methods == {"Join", "Heartbeat", "Leave", "PullState", "PullAggregate", "PushUpdate", "ReservePush",
+                       "WaitRound", "AttestBase", "Status"}
     pull_aggregate = lowband_pb2.DESCRIPTOR.services_by_name["Coordinator"].methods_by_name["PullAggregate"]
     assert (pull_aggregate.input_type.name, pull_aggregate.output_type.name) == ("AggregateRequest", "AggregateChunk")
     assert not pull_aggregate.client_streaming and pull_aggregate.server_streaming

@@ -20,6 +20,9 @@ from worker.client import CoordinatorClient, EarlyRound, StaleRound
 from worker.traffic import Traffic
 from worker.transports.star import PushOutcome, StarTransport
 
+# How long closing waits for a beat in flight to end (a beat's own call is bounded by 10 s).
+BEAT_JOIN_S = 12.0
+
 
 class _Heartbeat(threading.Thread):
     def __init__(self, client: CoordinatorClient, interval: float) -> None:
@@ -32,7 +35,7 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(self.interval):
             with contextlib.suppress(Exception):  # a missed beat is retried at the next interval
-                self.client.heartbeat(self.step, self.loss, None)
+                self.client.heartbeat(self.step, self.loss, None, retry=False)
 
 
 class GrpcTransport(StarTransport):
@@ -100,6 +103,7 @@ class GrpcTransport(StarTransport):
 
     def close(self) -> None:
         self._beat.stop.set()
+        self._beat.join(timeout=BEAT_JOIN_S)  # not left inside a call when the process exits
         super().close()
         with contextlib.suppress(Exception):  # leaving is best effort: the coordinator times a silent worker out
             self.client.leave()
