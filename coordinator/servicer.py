@@ -103,10 +103,11 @@ class CallLimits:
         self.admitted = min(self.pushes, max(1, READS_PER_CORE * _cores()))
         self.decodes = min(self.admitted, max(1, DECODES_PER_CORE * _cores()))
         self.waits = 2 * workers + 2
+        self.reserves = 2 * workers + 2  # ReservePush long polls: one per worker, and room for retries
         self.pulls = 2 * workers + 2
         quick = 8  # joins, heartbeats, leaves, attests: they never block, so a few threads serve them all
         self.readers = 8  # calls whose request is still arriving (server.py: UnaryRequestGuard)
-        self.threads = self.pushes + self.waits + self.pulls + quick + self.readers
+        self.threads = self.pushes + self.waits + self.reserves + self.pulls + quick + self.readers
         # Calls past the pool queue for a thread; past this bound gRPC refuses them with RESOURCE_EXHAUSTED.
         self.max_concurrent_rpcs = self.threads + 4 * workers + 16
 
@@ -150,6 +151,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         self.reservations = Reservations(self.admitted, RESERVATION_HOLD_S)
         self.sending = Slots("pulls being sent", limits.admitted)
         self.wait_slots = Slots("WaitRound calls", limits.waits)
+        self.reserve_slots = Slots("ReservePush calls", limits.reserves)
         self.pull_slots = Slots("state or aggregate pulls", limits.pulls)
         self.watchdog = StreamWatchdog()
         self.aggregates = EncodedAggregates(chunk_bytes)
@@ -249,7 +251,9 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         env = req.envelope
         self._check_run(env)
         self.state.check_push(env.worker_id, env.token, env.round, False, "")  # as the push's header will be
-        reserved = self.reservations.reserve(env.worker_id, _wait_s(req.max_wait_s))
+        wait = _wait_s(req.max_wait_s)
+        with self.reserve_slots.hold():
+            reserved = self.reservations.reserve(env.worker_id, wait)
         return serde.to_pb(m.ReserveReply(reserved=reserved, hold_s=RESERVATION_HOLD_S))
 
     @answered

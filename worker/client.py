@@ -13,9 +13,11 @@ updates and aggregates are protocol bytes, the initial state and whole-replica p
 call (and the small requests and replies around the streams) control bytes.
 
 A coordinator restarted with `--resume` continues from its last checkpoint: an update it acknowledged
-after that checkpoint is gone with the process. So after any transient failure (`reconnects` counts
-them) the update this worker is waiting on is pushed again before the wait goes on; push is idempotent
-per (worker, round), so a coordinator that still has it acknowledges it without folding it twice.
+after that checkpoint is gone with the process. So after a failure that could hide a restart (unreachable or
+too slow: `reconnects` counts them) the update this worker is waiting on is pushed again before the wait goes
+on; push is idempotent per (worker, round), so a coordinator that still has it acknowledges it without folding it
+twice. A busy refusal, or a call dropped in the server's queue, is retried (`retries` counts every retry) without
+that: the coordinator that refused it is the one that holds the update.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ class CoordinatorClient:
         self.traffic = Traffic()
         self.last_state_hash = ""
         self.config_hash = ""  # the run's, from the first join (protocols/handshake.py)
-        self.reconnects = 0  # transient failures seen (a restart of the coordinator shows up as some)
+        self.retries = 0  # transient failures retried
+        self.reconnects = 0  # of those, the coordinator unreachable or too slow (a restart shows up as some)
         # The last update pushed: (round, its push arguments, `reconnects` when it was last acknowledged).
         self._pending: tuple[int, tuple[Any, ...], int] | None = None
         self._connect()
@@ -140,8 +143,10 @@ class CoordinatorClient:
                     continue
                 if not transient(err) or time.monotonic() > deadline:
                     raise
-                self.reconnects += 1
-                log.info("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
+                self.retries += 1
+                if code in _TRANSIENT:
+                    self.reconnects += 1
+                log.info("coordinator unreachable or busy (%s); retrying in %.1fs", code.name, delay)
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
 

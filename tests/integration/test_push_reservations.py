@@ -78,3 +78,31 @@ def test_a_reservation_is_judged_as_its_push_would_be() -> None:
         assert server.servicer.admitted.in_use == 1  # kept for its push
         first.push(0, Update(good_entries()), {"tokens": 10.0})  # its own reservation again, then this push's
         assert server.servicer.reservations.held() == 0 and server.servicer.admitted.in_use == 0
+
+
+def test_reservations_waiting_at_once_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each waiting ReservePush holds a server thread, so only so many may wait (CallLimits.reserves); one more
+    is refused as busy at once, and none of them keeps a slot once the wait is over."""
+    monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted push, whatever the cores
+    release = threading.Event()
+    with running(stream_idle_s=600.0) as (server, (first, second)), \
+            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        stub = lowband_pb2_grpc.CoordinatorStub(channel)
+        held = stub.PushUpdate.future(stalled(release, header(member_envelope(first), good_entries())), timeout=300)
+        limit = server.servicer.reserve_slots.limit
+        request = serde.to_pb(m.ReserveRequest(envelope=member_envelope(second), max_wait_s=2.0))
+        try:
+            wait_for(lambda: server.servicer.admitted.in_use == 1, 60, "the stalled push to be admitted")
+            waiting = [stub.ReservePush.future(request, timeout=30) for _ in range(limit)]
+            wait_for(lambda: server.servicer.reserve_slots.in_use == limit, 60, "every reservation to wait")
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ReservePush(request, timeout=30)
+            replies = [serde.from_pb(f.result()) for f in waiting]
+        finally:
+            release.set()
+        wait_for(held.done, 60, "the stalled push to end")
+    assert code_of(held) == grpc.StatusCode.INVALID_ARGUMENT  # ended without its payload
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (refused.value.details() or "").startswith(m.BUSY_PREFIXES)
+    assert [r.reserved for r in replies] == [False] * limit  # the one slot stayed the stalled push's
+    assert server.servicer.reserve_slots.in_use == 0 and server.servicer.reservations.held() == 0
