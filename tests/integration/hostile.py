@@ -4,6 +4,7 @@ request must leave as it was."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,6 +19,8 @@ from protocols.wire import lowband_pb2 as pb
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
 from tests.conftest import tiny_config
+from tests.integration.procs import wait_for
+from tests.integration.stalling import stalled
 from worker.client import CoordinatorClient
 
 STATE = {"w": torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), "b": torch.zeros(3)}
@@ -97,3 +100,20 @@ def push(address: str, messages: Iterable[pb.PushMessage], timeout: float = 30,
 
 def chunks(entries: dict[str, Payload]) -> list[pb.PushMessage]:
     return [pb.PushMessage(chunk=c) for c in serde.encode_entries(entries, 64)]
+
+
+@contextmanager
+def admission_held(server: CoordinatorServer, member: CoordinatorClient) -> Iterator[Any]:
+    """The coordinator's one admitted slot (the test sets READS_PER_CORE to 0) held by `member`'s push whose header
+    came and whose stream then stalled; yields that call's future, which ends (INVALID_ARGUMENT: no payload) once
+    the block is left."""
+    release = threading.Event()
+    with grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+        held = lowband_pb2_grpc.CoordinatorStub(channel).PushUpdate.future(
+            stalled(release, header(member_envelope(member), good_entries())), timeout=300)
+        try:
+            wait_for(lambda: server.servicer.admitted.in_use == 1, 60, "the stalled push to be admitted")
+            yield held
+        finally:
+            release.set()
+            wait_for(held.done, 60, "the stalled push to end")

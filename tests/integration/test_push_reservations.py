@@ -15,9 +15,9 @@ import pytest
 from protocols.base import Update
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
-from tests.integration.hostile import envelope, good_entries, header, member_envelope, running
+from tests.integration.hostile import admission_held, envelope, good_entries, member_envelope, running
 from tests.integration.procs import wait_for
-from tests.integration.stalling import code_of, stalled
+from tests.integration.stalling import code_of
 from worker.client import CoordinatorClient
 
 
@@ -27,23 +27,16 @@ def test_a_reserved_push_sends_nothing_until_its_slot_is_free(reserving: bool,
     monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted push, whatever the cores
     if not reserving:
         monkeypatch.setattr(CoordinatorClient, "_reserve", lambda self, round_: None)
-    release = threading.Event()
-    with running(stream_idle_s=600.0) as (server, (first, second)), \
-            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+    with running(stream_idle_s=600.0) as (server, (first, second)):
         admitted = server.servicer.admitted
-        held = lowband_pb2_grpc.CoordinatorStub(channel).PushUpdate.future(
-            stalled(release, header(member_envelope(first), good_entries())), timeout=300)
         result: list[Any] = []
-        try:
-            wait_for(lambda: admitted.in_use == 1, 60, "the stalled push to be admitted")
+        with admission_held(server, first) as held:
             pusher = threading.Thread(target=lambda: result.append(
                 second.push(0, Update(good_entries()), {"tokens": 10.0})))
             pusher.start()
             wait_for(lambda: admitted.waiting == 1, 60, "the member's push to wait for the slot")
             time.sleep(0.5)  # time for a stream that was opened to send what it can
             sent_while_waiting = second.traffic.protocol_sent
-        finally:
-            release.set()  # the stalled push ends without its payload: refused, and the slot is free
         pusher.join(timeout=60)
     assert code_of(held) == grpc.StatusCode.INVALID_ARGUMENT
     assert result and result[0].accepted
@@ -84,23 +77,17 @@ def test_reservations_waiting_at_once_are_bounded(monkeypatch: pytest.MonkeyPatc
     """Each waiting ReservePush holds a server thread, so only so many may wait (CallLimits.reserves); one more
     is refused as busy at once, and none of them keeps a slot once the wait is over."""
     monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted push, whatever the cores
-    release = threading.Event()
     with running(stream_idle_s=600.0) as (server, (first, second)), \
             grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
         stub = lowband_pb2_grpc.CoordinatorStub(channel)
-        held = stub.PushUpdate.future(stalled(release, header(member_envelope(first), good_entries())), timeout=300)
         limit = server.servicer.reserve_slots.limit
         request = serde.to_pb(m.ReserveRequest(envelope=member_envelope(second), max_wait_s=2.0))
-        try:
-            wait_for(lambda: server.servicer.admitted.in_use == 1, 60, "the stalled push to be admitted")
+        with admission_held(server, first) as held:
             waiting = [stub.ReservePush.future(request, timeout=30) for _ in range(limit)]
             wait_for(lambda: server.servicer.reserve_slots.in_use == limit, 60, "every reservation to wait")
             with pytest.raises(grpc.RpcError) as refused:
                 stub.ReservePush(request, timeout=30)
             replies = [serde.from_pb(f.result()) for f in waiting]
-        finally:
-            release.set()
-        wait_for(held.done, 60, "the stalled push to end")
     assert code_of(held) == grpc.StatusCode.INVALID_ARGUMENT  # ended without its payload
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert (refused.value.details() or "").startswith(m.BUSY_PREFIXES)

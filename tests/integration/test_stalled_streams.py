@@ -21,7 +21,15 @@ from protocols.wire import lowband_pb2 as pb
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
 from tests.conftest import tiny_config
-from tests.integration.hostile import TOKEN, fingerprint, good_entries, header, member_envelope, running
+from tests.integration.hostile import (
+    TOKEN,
+    admission_held,
+    fingerprint,
+    good_entries,
+    header,
+    member_envelope,
+    running,
+)
 from tests.integration.procs import wait_for
 from tests.integration.stalling import STALLED, code_of, stalled
 from worker.client import CoordinatorClient
@@ -207,17 +215,11 @@ def test_pushes_past_the_admitted_ones_queue_and_get_through_once_one_is_done(
     monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted push, whatever the cores
     monkeypatch.setattr("coordinator.servicer.ADMISSION_WAIT_S", wait_s)
     monkeypatch.setattr(CoordinatorClient, "_reserve", lambda self, round_: None)
-    release = threading.Event()
-    with running(stream_idle_s=600.0) as (server, (first, second)), \
-            grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
+    with running(stream_idle_s=600.0) as (server, (first, second)):
         admitted = server.servicer.admitted
         assert admitted.limit == 1 < server.servicer.push_slots.limit
-        member_header = header(member_envelope(first), good_entries())
-        held = lowband_pb2_grpc.CoordinatorStub(channel).PushUpdate.future(stalled(release, member_header),
-                                                                          timeout=300)
         result: list[Any] = []
-        try:
-            wait_for(lambda: admitted.in_use == 1, 60, "the stalled member push to be admitted")
+        with admission_held(server, first) as held:
             pusher = threading.Thread(target=lambda: result.append(
                 second.push(0, Update(good_entries()), {"tokens": 10.0})))
             pusher.start()
@@ -228,8 +230,6 @@ def test_pushes_past_the_admitted_ones_queue_and_get_through_once_one_is_done(
                          120, "the member's push to be refused as busy")
             assert server.state.aggregator is not None and server.state.aggregator.senders == []
             assert server.servicer.push_slots.in_use <= 2  # stream slots were free: admission held it back
-        finally:
-            release.set()  # the stalled stream ends without its payload: refused, and its slot is free
         pusher.join(timeout=120)
         assert code_of(held) == grpc.StatusCode.INVALID_ARGUMENT
         assert result and result[0].accepted
