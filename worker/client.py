@@ -44,6 +44,9 @@ from worker.traffic import Traffic
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# One heartbeat call's limit; closing a transport waits this and a little more for a beat in flight to end.
+HEARTBEAT_TIMEOUT_S = 10.0
+BEAT_JOIN_S = HEARTBEAT_TIMEOUT_S + 2.0
 # One ReservePush long poll: the coordinator answers "not yet" after at most this, and the worker asks again.
 RESERVE_WAIT_S = 30.0
 # gRPC's details for a call this process ended itself (its channel closed, the call cancelled). Any other
@@ -185,7 +188,7 @@ class CoordinatorClient:
             return m.HeartbeatRequest(envelope=self._envelope(), inner_step=step, last_loss=known(loss),
                                       bytes_sent=self.bytes_sent, eval_loss=known(eval_loss))
 
-        reply = self._call(lambda: self._unary(self.stub.Heartbeat, req(), timeout=10.0), retry=retry)
+        reply = self._call(lambda: self._unary(self.stub.Heartbeat, req(), timeout=HEARTBEAT_TIMEOUT_S), retry=retry)
         assert isinstance(reply, m.HeartbeatReply)
         return reply
 

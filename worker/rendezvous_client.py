@@ -23,7 +23,7 @@ import grpc
 from protocols.config import PROTOCOL_VERSION
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
-from worker.client import transient
+from worker.client import HEARTBEAT_TIMEOUT_S, transient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,8 +47,8 @@ class RendezvousClient:
     def _envelope(self, round_: int = 0) -> m.Envelope:
         return m.Envelope(self.run_id, self.worker_id, round_, PROTOCOL_VERSION, self.session)
 
-    def _call(self, fn: Callable[[], T]) -> T:
-        delay, deadline = 0.1, time.monotonic() + self.retry_for_s
+    def _call(self, fn: Callable[[], T], retry: bool = True) -> T:
+        delay, deadline = 0.1, time.monotonic() + (self.retry_for_s if retry else 0.0)
         while True:
             try:
                 return fn()
@@ -88,9 +88,10 @@ class RendezvousClient:
         request = m.ReportRequest(envelope=self._envelope(round_), metrics=dict(metrics))
         self._call(lambda: self._unary(self.stub.Report, request))
 
-    def heartbeat(self, round_: int = 0) -> m.HeartbeatReply:
+    def heartbeat(self, round_: int = 0, retry: bool = True) -> m.HeartbeatReply:
+        """A periodic beat passes `retry=False`: the next beat is its retry (worker.client, `heartbeat`)."""
         request = m.HeartbeatRequest(envelope=self._envelope(round_))
-        reply = self._call(lambda: self._unary(self.stub.Heartbeat, request, timeout=10.0))
+        reply = self._call(lambda: self._unary(self.stub.Heartbeat, request, timeout=HEARTBEAT_TIMEOUT_S), retry=retry)
         assert isinstance(reply, m.HeartbeatReply)
         return reply
 

@@ -16,12 +16,9 @@ import grpc
 from protocols.base import Aggregate, Update
 from protocols.replica import Params, Replica
 from protocols.wire.messages import JoinReply
-from worker.client import CoordinatorClient, EarlyRound, StaleRound
+from worker.client import BEAT_JOIN_S, CoordinatorClient, EarlyRound, StaleRound
 from worker.traffic import Traffic
 from worker.transports.star import PushOutcome, StarTransport
-
-# How long closing waits for a beat in flight to end (a beat's own call is bounded by 10 s).
-BEAT_JOIN_S = 12.0
 
 
 class _Heartbeat(threading.Thread):

@@ -44,6 +44,7 @@ from protocols.replica import Params
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
 from protocols.wire.servicing import SERVER_OPTIONS, listen
+from worker.client import BEAT_JOIN_S
 from worker.rendezvous_client import RendezvousClient
 from worker.transports.base import Handle
 from worker.transports.peer_check import PeerExpectation, gossip_codecs
@@ -71,7 +72,7 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(self.interval):
             with contextlib.suppress(Exception):
-                self.client.heartbeat(self.round)
+                self.client.heartbeat(self.round, retry=False)
 
 
 def _advertised(bind: str, port: int, advertise: str | None) -> str:
@@ -272,6 +273,7 @@ class P2PTransport(PeerTransport):
         self._closing.set()
         if self._beat is not None:
             self._beat.stop.set()
+            self._beat.join(timeout=BEAT_JOIN_S)  # not left inside a call when the process exits
         # The last step's messages may still be streaming: let them finish (a hung peer for CLOSE_GRACE_S at
         # most), then cancel what is left by closing the channels; retries see `_closing` and give up.
         with self._lock:
