@@ -60,16 +60,18 @@ class PushHandling:
     def _wake_waiters(self) -> None:
         raise NotImplementedError  # CoordinatorState's: wake the round's long polls if the round or phase moved
 
-    def check_push(self, worker_id: str, token: str, round_: int, initial_state: bool, base: str = "") -> None:
+    def check_push(self, worker_id: str, token: str, round_: int, initial_state: bool, base: str = "",
+                   record_late: bool = True) -> None:
         """Refuse a push from its header alone (bad token, unknown worker, stale round or base, a second update
-        or initial state), before its payload is read. `submit` checks all of it again under the lock."""
+        or initial state), before its payload is read. `submit` checks all of it again under the lock.
+        `record_late` False: a judgement ahead of the push (ReservePush), which counts no late update of its own."""
         with self._cond:
             if initial_state:
                 self._member(worker_id, token)
                 if self.aggregator is not None:
                     raise Rejected(Code.ALREADY_EXISTS, "the coordinator already holds the global state")
             else:
-                self._open_round_for(worker_id, token, round_)
+                self._open_round_for(worker_id, token, round_, record_late)
                 self._check_base(round_, base)
 
     def _check_base(self, round_: int, base: str) -> None:
@@ -90,7 +92,8 @@ class PushHandling:
         """Whether this worker's update for `round_` was folded (a retry after a lost reply)."""
         return worker_id in self.folded.get(round_, ())
 
-    def _open_round_for(self, worker_id: str, token: str, round_: int) -> tuple[Member, OpenRound]:
+    def _open_round_for(self, worker_id: str, token: str, round_: int,
+                        record_late: bool = True) -> tuple[Member, OpenRound]:
         member = self._member(worker_id, token)
         if self.already_folded(worker_id, round_):
             raise AlreadyFolded(worker_id, round_)
@@ -112,7 +115,8 @@ class PushHandling:
         if round_ < current.number:
             if self.cfg.cluster.late == "stale":
                 return member, current  # folded into the open round, weighted down (`submit`)
-            current.late_dropped.append(worker_id)  # counted, nothing else changes
+            if record_late:
+                current.late_dropped.append(worker_id)  # counted, nothing else changes
             raise Rejected(
                 Code.FAILED_PRECONDITION,
                 f"stale round: update is for round {round_}, the coordinator is at round {current.number}",

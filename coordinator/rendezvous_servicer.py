@@ -28,7 +28,7 @@ from coordinator.rendezvous import Rendezvous
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
-from protocols.wire.servicing import Slots, answered
+from protocols.wire.servicing import Slots, answered, request_readers
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class RendezvousLimits:
     def __init__(self, workers: int) -> None:
         self.rosters = 2 * workers + 2  # each worker waits in one at a time; the rest is for retries
         quick = 8
-        self.readers = 8  # calls whose request is still arriving (rendezvous_server.py: UnaryRequestGuard)
+        self.readers = request_readers(workers)  # requests still arriving (rendezvous_server.py: UnaryRequestGuard)
         self.threads = self.rosters + quick + self.readers
         # Calls past the pool queue for a thread; past this bound gRPC refuses them with RESOURCE_EXHAUSTED.
         self.max_concurrent_rpcs = self.threads + 4 * workers + 16

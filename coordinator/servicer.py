@@ -44,7 +44,14 @@ from protocols.base import Aggregate, Update
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
-from protocols.wire.servicing import CountingIterator, Slots, StreamWatchdog, answered, answered_stream
+from protocols.wire.servicing import (
+    CountingIterator,
+    Slots,
+    StreamWatchdog,
+    answered,
+    answered_stream,
+    request_readers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +113,7 @@ class CallLimits:
         self.reserves = 2 * workers + 2  # ReservePush long polls: one per worker, and room for retries
         self.pulls = 2 * workers + 2
         quick = 8  # joins, heartbeats, leaves, attests: they never block, so a few threads serve them all
-        self.readers = 8  # calls whose request is still arriving (server.py: UnaryRequestGuard)
+        self.readers = request_readers(workers)  # calls whose request is still arriving (server.py: UnaryRequestGuard)
         self.threads = self.pushes + self.waits + self.reserves + self.pulls + quick + self.readers
         # Calls past the pool queue for a thread; past this bound gRPC refuses them with RESOURCE_EXHAUSTED.
         self.max_concurrent_rpcs = self.threads + 4 * workers + 16
@@ -250,8 +257,11 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         req = serde.from_pb(request, m.ReserveRequest)
         env = req.envelope
         self._check_run(env)
-        self.state.check_push(env.worker_id, env.token, env.round, False, "")  # as the push's header will be
         wait = _wait_s(req.max_wait_s)
+        try:
+            self.state.check_push(env.worker_id, env.token, env.round, False, record_late=False)  # as its push's
+        except AlreadyFolded:  # a retry whose update is in: its push is answered from the header, no slot needed
+            return serde.to_pb(m.ReserveReply(reserved=True, hold_s=0.0))
         with self.reserve_slots.hold():
             reserved = self.reservations.reserve(env.worker_id, wait)
         return serde.to_pb(m.ReserveReply(reserved=reserved, hold_s=RESERVATION_HOLD_S))

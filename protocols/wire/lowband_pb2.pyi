@@ -830,6 +830,8 @@ Global___ReserveRequest: _TypeAlias = ReserveRequest  # noqa: Y015
 
 @_typing.final
 class ReserveReply(_message.Message):
+    """ReservePush's answer."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVED_FIELD_NUMBER: _builtins.int

@@ -301,6 +301,14 @@ def _cancel(context: grpc.ServicerContext, why: str) -> None:
         context.cancel()
 
 
+def request_readers(workers: int) -> int:
+    """How many unary calls may be reading their request at once (`UnaryRequestGuard`): at least 8, and one per 8
+    workers. A fixed 8 refused as busy hundreds of a 1,000-worker run's heartbeats and long polls, each then retried
+    at the cost of another whole call, though a request of ~100 bytes takes no time to arrive. Calls that never
+    send theirs still hold at most this many threads, each for the guard's wait."""
+    return max(8, workers // 8)
+
+
 class UnaryRequestGuard:
     """Keeps clients that never finish sending a unary request from holding the server's threads.
 

@@ -71,6 +71,12 @@ def test_a_reservation_is_judged_as_its_push_would_be() -> None:
         assert server.servicer.admitted.in_use == 1  # kept for its push
         first.push(0, Update(good_entries()), {"tokens": 10.0})  # its own reservation again, then this push's
         assert server.servicer.reservations.held() == 0 and server.servicer.admitted.in_use == 0
+        # A retry of a push already folded (its reply lost) is answered from its header: reserved, nothing kept.
+        reply = serde.from_pb(stub.ReservePush(serde.to_pb(m.ReserveRequest(envelope=member_envelope(first),
+                                                                            max_wait_s=1.0)), timeout=10))
+        assert reply.reserved and server.servicer.reservations.held() == 0
+        assert first.push(0, Update(good_entries()), {"tokens": 10.0}).accepted  # folded once
+        assert server.state.aggregator is not None and server.state.aggregator.senders == [first.worker_id]
 
 
 def test_reservations_waiting_at_once_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:

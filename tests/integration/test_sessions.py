@@ -152,8 +152,8 @@ def test_no_request_after_the_handshake_carries_the_runs_secret() -> None:
             client.leave()
         for client, recorder in zip(clients, recorders, strict=True):
             methods = {method for method, _, _ in recorder.sent}
-            assert methods == {"Join", "PushUpdate", "AttestBase", "Heartbeat", "WaitRound", "PullAggregate",
-                               "PullState", "Leave"}
+            assert methods == {"Join", "ReservePush", "PushUpdate", "AttestBase", "Heartbeat", "WaitRound",
+                               "PullAggregate", "PullState", "Leave"}
             for method, message, wire in recorder.sent:
                 if method == "Join":
                     assert _token_of(message) == TOKEN  # the handshake: the only place the secret travels

@@ -69,6 +69,8 @@ EXAMPLES: list[m.Message] = [
         base_state_hash="ab" * 32,
     ),
     m.PushReply(accepted=True, round=13, bytes_received=123456),
+    m.ReserveRequest(ENV, max_wait_s=30.0),
+    m.ReserveReply(reserved=True, hold_s=10.0),
     m.WaitRequest(ENV, after_round=12, max_wait_s=30.0),
     m.RoundInfo(round=13, phase=m.Phase.FINISHED, state_hash="cd" * 32, rounds_total=20, target_round_s=1.5),
     m.StatusRequest(m.Envelope(run_id="", worker_id="", round=0, protocol_version=1, token="t")),
