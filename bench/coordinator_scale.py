@@ -67,7 +67,7 @@ COLUMNS = ["contender", "seconds_per_round", "seconds_per_round_per_worker", "co
            "coordinator_cpu_s_per_round_per_worker", "clients_cpu_s", "peak_rss_bytes", "rss_over_model",
            "rss_growth_over_model", "max_heartbeat_delay_s", "p99_heartbeat_s", "bytes_sent_per_worker",
            "bytes_received_per_worker", "bytes_total_per_worker", "update_bytes", "protocol_sent_per_worker",
-           "protocol_received_per_worker", "wall_s"]
+           "protocol_received_per_worker", "heartbeats_sent", "heartbeats_skipped", "wall_s"]
 FULL_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}  # 10.7M parameters
 QUICK_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}  # 0.1M parameters
 HEARTBEAT_INTERVAL_S = 2.0
@@ -122,13 +122,13 @@ def _split(workers: int, procs: int) -> list[int]:
 
 def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs: int, work: Path,
                   timeout: float, malloc_tuning: bool = True,
-                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S) -> dict[str, Any]:
+                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S, beat_always: bool = False) -> dict[str, Any]:
     """One contender's row. A run still going after `timeout` seconds is measured as far as it got (rounds
     closed, the coordinator's peak RSS so far, the probe's heartbeats) and stopped: `finished` False."""
     work.mkdir(parents=True)
     config = bench_config(workers, rounds, model, heartbeat_interval_s)
     spec: dict[str, Any] = {"config": config, "timeout_s": timeout, "clients": _split(workers, client_procs),
-                            "malloc_tuning": malloc_tuning}
+                            "malloc_tuning": malloc_tuning, "beat_always": beat_always}
     (work / "spec.json").write_text(json.dumps(spec))
     coordinator = _spawn(work, "coordinator")
     procs = [coordinator]
@@ -193,7 +193,9 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
                 "control_sent_per_worker": traffic["control_sent"],
                 "control_received_per_worker": traffic["control_received"],
                 "median_push_s": statistics.median(s for c in clients for s in c["push_s"]),
-                "clients_cpu_s": sum(c["cpu_s"] for c in clients)}
+                "clients_cpu_s": sum(c["cpu_s"] for c in clients),
+                "heartbeats_sent": sum(c["heartbeats"] for c in clients),
+                "heartbeats_skipped": sum(c.get("heartbeats_skipped", 0) for c in clients)}
     return row
 
 
@@ -240,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heartbeat-interval", type=float, default=HEARTBEAT_INTERVAL_S,
                         help="seconds between each worker's heartbeats (the probe's are still judged against "
                              f"{HEARTBEAT_INTERVAL_S:g} s): a longer one shows what the heartbeats cost a round")
+    parser.add_argument("--beat-always", action="store_true",
+                        help="every worker beats every interval, even while a long poll, pull or push of its is "
+                             "open (which the coordinator counts as proof of life): as workers did before")
     parser.add_argument("--out", default="coordinator_scale", help="result name in bench/results")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.client_procs < 1 or not args.heartbeat_interval > 0:
@@ -247,10 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     workers, rounds, model = (([4, 8], 2, QUICK_MODEL) if args.quick else (args.workers, args.rounds, FULL_MODEL))
     with tempfile.TemporaryDirectory(prefix="lowband-scale-") as tmp:
         rows = [run_contender(n, rounds, model, args.client_procs, Path(tmp) / f"workers-{n}", args.timeout,
-                              not args.no_malloc_tuning, args.heartbeat_interval) for n in workers]
+                              not args.no_malloc_tuning, args.heartbeat_interval, args.beat_always) for n in workers]
     write_result(args.out, command_line("bench.coordinator_scale"), rows, COLUMNS,
                  config={"rounds": rounds, "model": model, "client_procs": args.client_procs,
-                         "heartbeat_interval_s": args.heartbeat_interval,
+                         "heartbeat_interval_s": args.heartbeat_interval, "beat_always": args.beat_always,
                          "probe_judged_against_s": HEARTBEAT_INTERVAL_S, "malloc_tuning": not args.no_malloc_tuning},
                  targets=verdicts(rows))
 

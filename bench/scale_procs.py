@@ -6,7 +6,9 @@
   `CoordinatorClient` (its own gRPC channel): join, then per round push the process's SparseLoCo update (built
   once by the protocol's `make_update` on a perturbed copy of the parameters, reused under every worker id),
   long-poll `WaitRound` until the round closed and pull the aggregate. A heartbeat thread sends each worker's
-  heartbeat every `heartbeat_interval_s`, as real workers do.
+  heartbeat every `heartbeat_interval_s`, as real workers do: skipped while the worker has a call open that
+  the coordinator counts as proof of life, as the workers' own heartbeat thread does (their step never changes
+  here); `--beat-always` beats regardless, as workers did before.
 - `probe SPEC`: a dedicated client sending a heartbeat (as worker w0) every 0.1 s and timing each call.
 
 SPEC is a JSON file written by bench/coordinator_scale.py; results are JSON files next to it.
@@ -203,7 +205,7 @@ def run_clients(spec: dict[str, Any], index: int, work: Path) -> None:
         if not reply.has_global_state:
             c.offer_state(params)
     done = threading.Event()
-    beats = {"sent": 0}
+    beats = {"sent": 0, "skipped": 0}
 
     def heartbeats() -> None:  # each worker's heartbeat every interval, spread over the interval
         period = cfg.cluster.heartbeat_interval_s / max(count, 1)
@@ -211,6 +213,9 @@ def run_clients(spec: dict[str, Any], index: int, work: Path) -> None:
             for c in clients:
                 if done.wait(period):
                     return
+                if c.attended and not spec.get("beat_always"):
+                    beats["skipped"] += 1
+                    continue
                 c.heartbeat(0, None, None)
                 beats["sent"] += 1
 
@@ -251,7 +256,7 @@ def run_clients(spec: dict[str, Any], index: int, work: Path) -> None:
     _write(work / f"clients{index}.json", {
         "started": started, "ended": time.time(), "push_s": push_s, "update_bytes": update.nbytes(),
         "traffic": {k: sum(t[k] for t in traffic) for k in traffic[0]}, "workers": count,
-        "heartbeats": beats["sent"], "cpu_s": sum(os.times()[:2])})
+        "heartbeats": beats["sent"], "heartbeats_skipped": beats["skipped"], "cpu_s": sum(os.times()[:2])})
 
 
 def run_probe(spec: dict[str, Any], work: Path) -> None:

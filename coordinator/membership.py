@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from coordinator.errors import Code, Rejected
 
 # What a checkpoint keeps of a member: everything but liveness, which a restarted coordinator learns anew.
-TRANSIENT_MEMBER_FIELDS = ("alive", "last_seen")
+TRANSIENT_MEMBER_FIELDS = ("alive", "last_seen", "calls_open")
 
 
 def refuse_past_limit(alive: Mapping[str, bool], limit: int, requested_id: str, elastic: bool = False) -> None:
@@ -63,3 +63,6 @@ class Member:
     pulls: int = 0  # whole replicas pulled in all (joins and rejoins included)
     joins: int = 0  # joins under this id: the first, then one per rejoin (a restarted process, a NOT_FOUND)
     session_digest: str = ""  # SHA-256 of its session credential (coordinator/sessions.py), never the credential
+    # Its calls being served now that prove it alive while they last (`CoordinatorState.attend`): a worker in a
+    # long poll or a stream need not beat, and is not dropped as silent until the last of them ended.
+    calls_open: int = 0

@@ -41,8 +41,11 @@ class CoordinatorServer(CoordinatorRun):
         tune_malloc()  # before the server's threads exist: each would otherwise get an arena (coordinator/malloc.py)
         super().__init__(cfg, run_dir, resume, worker_tokens)
         limits = CallLimits.of(cfg)  # room for every bounded long call plus the quick ones (coordinator/servicer.py)
+        # An open call proves its worker alive (CoordinatorState.attend); a silent link is found by keepalive
+        # pings within 3/4 of the heartbeat timeout, and the worker dropped a heartbeat timeout after that.
+        keepalive_s = (cfg.cluster.heartbeat_timeout_s / 4, cfg.cluster.heartbeat_timeout_s / 2)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.threads),
-                                  options=server_options(limits.max_concurrent_rpcs),
+                                  options=server_options(limits.max_concurrent_rpcs, keepalive_s=keepalive_s),
                                   maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
                                   interceptors=[ControlTraffic(self.state)])
         self.servicer = CoordinatorServicer(self.state)

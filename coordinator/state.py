@@ -219,6 +219,27 @@ class CoordinatorState(PushHandling):
         if eval_loss is not None:
             member.eval_loss = eval_loss
 
+    def attend(self, worker_id: str, token: str) -> Callable[[], None]:
+        """One of this worker's calls is being served (a long poll, a pull, a push): checked as any call is, it
+        proves the worker alive until it ends, so a worker waiting in it need not beat meanwhile. Returns the
+        call's end, to be called once when it ends however it ends (the servicer hangs it on the call's
+        termination: a killed worker's connection closes and ends its calls at once, a silent one is ended by
+        the server's keepalive, `protocols.wire.servicing.server_options`); the silence counts from there."""
+        with self._tally:
+            member = self._member_tallied(worker_id, token)
+            member.calls_open += 1
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            with self._tally:
+                if not ended:
+                    ended = True
+                    member.calls_open -= 1
+                    member.last_seen = self.clock()
+
+        return end
+
     def leave(self, worker_id: str, token: str) -> None:
         with self._cond:
             member = self._member(worker_id, token)
@@ -344,7 +365,8 @@ class CoordinatorState(PushHandling):
             with self._tally:
                 now = self.clock()
                 for member in self.members.values():
-                    if member.alive and now - member.last_seen > self.cfg.cluster.heartbeat_timeout_s:
+                    if (member.alive and not member.calls_open
+                            and now - member.last_seen > self.cfg.cluster.heartbeat_timeout_s):
                         member.alive = False
             self._maybe_close()
             self._wake_waiters()

@@ -22,6 +22,7 @@ that: the coordinator that refused it is the one that holds the update.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -99,6 +100,10 @@ class CoordinatorClient:
         self.reconnects = 0  # of those, the coordinator unreachable or too slow (a restart shows up as some)
         # The last update pushed: (round, its push arguments, `reconnects` when it was last acknowledged).
         self._pending: tuple[int, tuple[Any, ...], int] | None = None
+        # Calls in progress that the coordinator counts as proof of life while they last (its `attend`): long
+        # polls, pulls and pushes. While one is open a periodic heartbeat with nothing new to say is skipped.
+        self._open_calls = 0
+        self._open_lock = threading.Lock()
         self._connect()
 
     def _connect(self) -> None:
@@ -112,6 +117,21 @@ class CoordinatorClient:
 
     def close(self) -> None:
         self.channel.close()
+
+    @property
+    def attended(self) -> bool:
+        """Whether a call the coordinator counts as proof of life is in progress."""
+        return self._open_calls > 0
+
+    @contextlib.contextmanager
+    def _attending(self) -> Iterator[None]:
+        with self._open_lock:
+            self._open_calls += 1
+        try:
+            yield
+        finally:
+            with self._open_lock:
+                self._open_calls -= 1
 
     @property
     def bytes_sent(self) -> int:
@@ -206,7 +226,8 @@ class CoordinatorClient:
         def once() -> Any:
             wait = max_wait_s if self._repush_if_reconnected(after_round) else min(max_wait_s, 1.0)
             req = m.WaitRequest(envelope=self._envelope(), after_round=after_round, max_wait_s=wait)
-            return self._unary(self.stub.WaitRound, req, timeout=wait + 30.0)
+            with self._attending():
+                return self._unary(self.stub.WaitRound, req, timeout=wait + 30.0)
 
         info = self._call(once)
         assert isinstance(info, m.RoundInfo)
@@ -238,9 +259,10 @@ class CoordinatorClient:
         def once() -> Replica:
             req = serde.to_pb(m.PullRequest(envelope=self._envelope(), resync=resync))
             self.traffic.add("control", sent=req.ByteSize())
-            stream = self.stub.PullState(req, timeout=600.0)
-            # read_pull recomputes the digest of what arrived and refuses a mismatch.
-            header, entries = serde.read_pull(self._count_in(stream, "state"), max_total_bytes=1 << 40)
+            with self._attending():
+                stream = self.stub.PullState(req, timeout=600.0)
+                # read_pull recomputes the digest of what arrived and refuses a mismatch.
+                header, entries = serde.read_pull(self._count_in(stream, "state"), max_total_bytes=1 << 40)
             replica = Replica.from_tensors({name: dense_values(p) for name, p in entries.items()})
             self.round, self.last_state_hash = header.round, header.state_hash
             return replica
@@ -254,8 +276,9 @@ class CoordinatorClient:
         def once() -> tuple[m.AggregateHeader, Aggregate]:
             req = serde.to_pb(m.AggregateRequest(envelope=self._envelope(), round=round_))
             self.traffic.add("control", sent=req.ByteSize())
-            stream = self.stub.PullAggregate(req, timeout=600.0)
-            return serde.read_aggregate(self._count_in(stream, "protocol"), 1 << 40, own_update)
+            with self._attending():
+                stream = self.stub.PullAggregate(req, timeout=600.0)
+                return serde.read_aggregate(self._count_in(stream, "protocol"), 1 << 40, own_update)
 
         return self._call(once)
 
@@ -296,10 +319,11 @@ class CoordinatorClient:
         counted_as = "state" if kind is m.PushKind.INITIAL_STATE else "protocol"
 
         def once() -> m.PushReply:
-            if kind is m.PushKind.UPDATE:
-                self._reserve(round_)
-            stream = self._count_out(serde.push_stream(header(), entries, self.chunk_bytes), counted_as)
-            pb_reply = self.stub.PushUpdate(stream, timeout=600.0)
+            with self._attending():
+                if kind is m.PushKind.UPDATE:
+                    self._reserve(round_)
+                stream = self._count_out(serde.push_stream(header(), entries, self.chunk_bytes), counted_as)
+                pb_reply = self.stub.PushUpdate(stream, timeout=600.0)
             self.traffic.add("control", received=pb_reply.ByteSize())
             reply = serde.from_pb(pb_reply)
             assert isinstance(reply, m.PushReply)

@@ -99,7 +99,9 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Periodic liveness signal with the worker's progress; a worker that stops sending them is dropped.
+        """Periodic liveness signal with the worker's progress; a worker that stops sending them is dropped. While a
+        worker's WaitRound, ReservePush, pull or push is open, that call is its proof of life (the coordinator pings
+        its connection), so a beat with no new step or loss may be skipped.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

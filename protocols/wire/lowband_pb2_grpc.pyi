@@ -52,7 +52,10 @@ class CoordinatorStub:
     Join: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.JoinRequest, _lowband_pb2.JoinReply]
     """A worker announces itself and learns the run it joined. First call of every worker."""
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.HeartbeatRequest, _lowband_pb2.HeartbeatReply]
-    """Periodic liveness signal with the worker's progress; a worker that stops sending them is dropped."""
+    """Periodic liveness signal with the worker's progress; a worker that stops sending them is dropped. While a
+    worker's WaitRound, ReservePush, pull or push is open, that call is its proof of life (the coordinator pings
+    its connection), so a beat with no new step or loss may be skipped.
+    """
     Leave: _grpc.UnaryUnaryMultiCallable[_lowband_pb2.LeaveRequest, _lowband_pb2.LeaveReply]
     """A worker leaves the run for good (shutdown, preemption); the coordinator stops waiting for it."""
     PullState: _grpc.UnaryStreamMultiCallable[_lowband_pb2.PullRequest, _lowband_pb2.StateChunk]
@@ -94,7 +97,10 @@ class CoordinatorAsyncStub(CoordinatorStub):
     Join: _aio.UnaryUnaryMultiCallable[_lowband_pb2.JoinRequest, _lowband_pb2.JoinReply]  # type: ignore[assignment]
     """A worker announces itself and learns the run it joined. First call of every worker."""
     Heartbeat: _aio.UnaryUnaryMultiCallable[_lowband_pb2.HeartbeatRequest, _lowband_pb2.HeartbeatReply]  # type: ignore[assignment]
-    """Periodic liveness signal with the worker's progress; a worker that stops sending them is dropped."""
+    """Periodic liveness signal with the worker's progress; a worker that stops sending them is dropped. While a
+    worker's WaitRound, ReservePush, pull or push is open, that call is its proof of life (the coordinator pings
+    its connection), so a beat with no new step or loss may be skipped.
+    """
     Leave: _aio.UnaryUnaryMultiCallable[_lowband_pb2.LeaveRequest, _lowband_pb2.LeaveReply]  # type: ignore[assignment]
     """A worker leaves the run for good (shutdown, preemption); the coordinator stops waiting for it."""
     PullState: _aio.UnaryStreamMultiCallable[_lowband_pb2.PullRequest, _lowband_pb2.StateChunk]  # type: ignore[assignment]
@@ -145,7 +151,10 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         request: _lowband_pb2.HeartbeatRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_lowband_pb2.HeartbeatReply, _abc.Awaitable[_lowband_pb2.HeartbeatReply]]:
-        """Periodic liveness signal with the worker's progress; a worker that stops sending them is dropped."""
+        """Periodic liveness signal with the worker's progress; a worker that stops sending them is dropped. While a
+        worker's WaitRound, ReservePush, pull or push is open, that call is its proof of life (the coordinator pings
+        its connection), so a beat with no new step or loss may be skipped.
+        """
 
     @_abc_1.abstractmethod
     def Leave(

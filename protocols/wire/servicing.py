@@ -53,12 +53,26 @@ PENDING_CALL_WAIT_S = 3600
 DEFAULT_MAX_PENDING_CALLS = 1000
 
 
-def server_options(max_pending_calls: int, pending_wait_s: int = PENDING_CALL_WAIT_S) -> list[tuple[str, int]]:
+def server_options(max_pending_calls: int, pending_wait_s: int = PENDING_CALL_WAIT_S,
+                   keepalive_s: tuple[float, float] | None = None) -> list[tuple[str, int]]:
     """SERVER_OPTIONS for a server that may see `max_pending_calls` calls arrive at once: they wait to be taken
-    (up to `pending_wait_s`) instead of being killed or refused while the server catches up."""
+    (up to `pending_wait_s`) instead of being killed or refused while the server catches up.
+
+    `keepalive_s` (every, within): while a connection has calls open, ping the client every `every` seconds and
+    close the connection, ending its calls, when a ping goes unanswered `within` seconds. A server that counts
+    an open call as proof of life (the coordinator's long polls) needs it: a client killed outright closes its
+    connection, but one behind a dead link or a frozen machine says nothing, and its calls would stay open."""
     soft = max(DEFAULT_MAX_PENDING_CALLS, max_pending_calls)
-    return [*SERVER_OPTIONS, ("grpc.server_max_unrequested_time_in_server", pending_wait_s),
-            ("grpc.server.max_pending_requests", soft), ("grpc.server.max_pending_requests_hard_limit", 3 * soft)]
+    options = [*SERVER_OPTIONS, ("grpc.server_max_unrequested_time_in_server", pending_wait_s),
+               ("grpc.server.max_pending_requests", soft), ("grpc.server.max_pending_requests_hard_limit", 3 * soft)]
+    if keepalive_s is not None:
+        every, within = (max(1, round(s * 1000)) for s in keepalive_s)
+        # Core stops pinging after 2 pings with no data between them unless told 0 (no limit): a long poll sends
+        # no data while it waits. It waits for a keepalive ping's answer as for any ping, `ping_timeout_ms`
+        # (60 s by default), whatever `keepalive_timeout_ms` says.
+        options += [("grpc.keepalive_time_ms", every), ("grpc.keepalive_timeout_ms", within),
+                    ("grpc.http2.ping_timeout_ms", within), ("grpc.http2.max_pings_without_data", 0)]
+    return options
 
 
 def listen(server: grpc.Server, bind: str, what: str, credentials: grpc.ServerCredentials | None = None) -> int:

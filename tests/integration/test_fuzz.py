@@ -58,6 +58,16 @@ class RecordingContext:
     def __init__(self) -> None:
         self.code: grpc.StatusCode | None = None
         self.details = ""
+        self.callbacks: list[Callable[[], None]] = []
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+    def terminate(self) -> None:
+        """What gRPC does when the call ends, however it ends: run its callbacks."""
+        for callback in self.callbacks:
+            callback()
 
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.code, self.details = code, details
@@ -89,6 +99,9 @@ def _call(servicer: CoordinatorServicer, rpc: str, request: Any) -> grpc.StatusC
         assert context.code is not None
         assert context.code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), (rpc, context.details)
         return context.code
+    finally:
+        context.terminate()
+        assert all(m.calls_open == 0 for m in servicer.state.members.values()), (rpc, "a call left open")
     return grpc.StatusCode.OK
 
 

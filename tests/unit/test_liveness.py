@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from coordinator.errors import Rejected
 from coordinator.state import CoordinatorState
 from protocols.config import PROTOCOL_VERSION, ConfigError, RunConfig, parse_config
 from protocols.registry import build_protocol
@@ -44,3 +45,37 @@ def test_a_silent_worker_is_detected_within_five_seconds_by_default_and_a_beatin
 def test_a_heartbeat_timeout_not_above_the_interval_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"heartbeat_timeout_s \(2\.0\) must exceed heartbeat_interval_s \(2\.0\)"):
         parse_config({"cluster": {"heartbeat_interval_s": 2.0, "heartbeat_timeout_s": 2.0}})
+
+
+def test_an_open_call_keeps_a_silent_worker_alive_and_its_silence_counts_from_the_call_s_end() -> None:
+    """`attend`: a worker waiting in a long poll sends no heartbeat; the call speaks for it while it is open, and
+    the timeout runs from when it ended, not from when it began."""
+    cfg = RunConfig()
+    clock = Clock()
+    state = CoordinatorState(cfg, build_protocol(cfg), clock=clock)
+    waiting = state.join("host", "", PROTOCOL_VERSION).worker_id
+    end = state.attend(waiting, "")
+    clock.now = 10 * cfg.cluster.heartbeat_timeout_s
+    state.tick()
+    assert [m.alive for m in state.members_copy()] == [True], "dropped while its call was open"
+    end()
+    end()  # a second end (the handler and the termination callback both) counts once
+    assert [m.calls_open for m in state.members_copy()] == [0]
+    clock.now += cfg.cluster.heartbeat_timeout_s - TICK_S
+    state.tick()
+    assert [m.alive for m in state.members_copy()] == [True], "its silence was counted from the call's start"
+    clock.now += 2 * TICK_S
+    state.tick()
+    assert [m.alive for m in state.members_copy()] == [False], "still alive a timeout after its call ended"
+
+
+def test_attending_checks_the_caller_as_any_call_does() -> None:
+    cfg = parse_config({"cluster": {"token": "secret"}})
+    state = CoordinatorState(cfg, build_protocol(cfg), clock=Clock())
+    member, session = state.join_session("host", "secret", PROTOCOL_VERSION)
+    for who, token in (("nobody", session), (member.worker_id, "secret"), (member.worker_id, "forged")):
+        with pytest.raises(Rejected, match="bad token"):
+            state.attend(who, token)
+    assert [m.calls_open for m in state.members_copy()] == [0]
+    state.attend(member.worker_id, session)
+    assert [m.calls_open for m in state.members_copy()] == [1]

@@ -2,7 +2,8 @@
 out (NAT is fine). `exchange` pushes and pulls on a background thread, so the caller may keep computing.
 
 A heartbeat thread keeps the coordinator from declaring a slow-but-alive worker dead during long inner
-loops; `report` feeds it the latest step and loss.
+loops; `report` feeds it the latest step and loss. While a long poll, pull or push is open, the coordinator
+counts that call as proof of life (`CoordinatorState.attend`), and a beat with no new step or loss is skipped.
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ class _Heartbeat(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
+        said: tuple[int, float | None] | None = None
         while not self.stop.wait(self.interval):
+            news = (self.step, self.loss)
+            if news == said and self.client.attended:  # the open call speaks for this worker
+                continue
             with contextlib.suppress(Exception):  # a missed beat is retried at the next interval
-                self.client.heartbeat(self.step, self.loss, None, retry=False)
+                self.client.heartbeat(*news, None, retry=False)
+                said = news
 
 
 class GrpcTransport(StarTransport):
