@@ -170,7 +170,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
 
     def _attend(self, env: m.Envelope, context: grpc.ServicerContext) -> None:
         """Check the caller, and count it alive until this call ends (`CoordinatorState.attend`): at a thousand
-        workers the heartbeats of workers waiting in long polls were a fifth of the coordinator's CPU."""
+        workers, the heartbeats it spares the workers waiting in long polls were 13% of the coordinator's CPU."""
         end = self.state.attend(env.worker_id, env.token)
         if not context.add_callback(end):  # the call already ended
             end()
