@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -40,6 +39,7 @@ from protocols.handshake import LOWBAND_VERSION
 from protocols.replica import Params, Replica
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
+from worker.backoff import Backoff
 from worker.traffic import Traffic
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class CoordinatorClient:
     def _call(self, fn: Callable[[], T], rejoin: bool = True, retry: bool = True) -> T:
         """`fn`, re-joining once if the coordinator forgot this member, and (with `retry`) tried again with backoff
         after a transient failure for up to `retry_for_s`."""
-        delay, deadline = 0.1, time.monotonic() + (self.retry_for_s if retry else 0.0)
+        backoff, deadline = Backoff(), time.monotonic() + (self.retry_for_s if retry else 0.0)
         while True:
             session = self.session
             try:
@@ -169,9 +169,8 @@ class CoordinatorClient:
                 self.retries += 1
                 if code in _TRANSIENT:
                     self.reconnects += 1
-                log.info("coordinator unreachable or busy (%s); retrying in %.1fs", code.name, delay)
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+                log.info("coordinator unreachable or busy (%s); retrying in about %.1fs", code.name, backoff.delay)
+                backoff.wait()
 
     def _unary(self, method: Callable[..., Any], msg: Any, timeout: float = 60.0) -> Any:
         pb = serde.to_pb(msg)

@@ -12,7 +12,6 @@ the wire.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import grpc
 from protocols.config import PROTOCOL_VERSION
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
+from worker.backoff import Backoff
 from worker.client import HEARTBEAT_TIMEOUT_S, transient
 
 log = logging.getLogger(__name__)
@@ -48,16 +48,15 @@ class RendezvousClient:
         return m.Envelope(self.run_id, self.worker_id, round_, PROTOCOL_VERSION, self.session)
 
     def _call(self, fn: Callable[[], T], retry: bool = True) -> T:
-        delay, deadline = 0.1, time.monotonic() + (self.retry_for_s if retry else 0.0)
+        backoff, deadline = Backoff(), time.monotonic() + (self.retry_for_s if retry else 0.0)
         while True:
             try:
                 return fn()
             except grpc.RpcError as err:
                 if not transient(err) or time.monotonic() > deadline:
                     raise
-                log.info("rendezvous unreachable (%s); retrying in %.1fs", err.code().name, delay)
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+                log.info("rendezvous unreachable (%s); retrying in about %.1fs", err.code().name, backoff.delay)
+                backoff.wait()
 
     def _unary(self, method: Callable[..., Any], msg: m.Message, timeout: float = 60.0) -> m.Message:
         request = serde.to_pb(msg)

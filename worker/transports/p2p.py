@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import re
 import socket
 import threading
@@ -44,6 +43,7 @@ from protocols.replica import Params
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
 from protocols.wire.servicing import SERVER_OPTIONS, listen
+from worker.backoff import Backoff
 from worker.client import BEAT_JOIN_S
 from worker.rendezvous_client import RendezvousClient
 from worker.transports.base import Handle
@@ -232,7 +232,7 @@ class P2PTransport(PeerTransport):
         if stub is None:
             log.info("transport closed: gossip step %d not sent to node %d", message.step, to)
             return False
-        delay, started = 0.1, time.monotonic()
+        backoff, started = Backoff(cap_s=_BACKOFF_MAX_S), time.monotonic()
         while True:
             try:
                 stream = self._count_out(serde.peer_stream(header, message.payloads, self.chunk_bytes))
@@ -248,8 +248,7 @@ class P2PTransport(PeerTransport):
                     elif to not in self._reached:
                         window = min(CONNECT_RETRY_S, self.retry_for_s)
                 if time.monotonic() - started < window and not self._closing.is_set():
-                    time.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, _BACKOFF_MAX_S)
+                    backoff.wait()
                     continue
                 why = f"gossip step {message.step} to node {to} at {address} not delivered: {code.name}: {details}"
                 log.warning("%s", why)
