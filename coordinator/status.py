@@ -80,7 +80,7 @@ def worker_status(member: Member, now: float) -> m.WorkerStatus:
         tokens_per_s=_or_nan(speed if speed is not None and math.isfinite(speed) else None),
         link=link_name(member.last_metrics),
         resyncs=member.resyncs,
-        last_seen_s=max(0.0, now - member.last_seen),
+        last_seen_s=0.0 if member.calls_open else max(0.0, now - member.last_seen),  # a call open: heard now
         protocol_sent=member.protocol_sent,
         protocol_received=member.protocol_received,
         control_sent=member.control_sent,

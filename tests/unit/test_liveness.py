@@ -8,6 +8,7 @@ import pytest
 
 from coordinator.errors import Rejected
 from coordinator.state import CoordinatorState
+from coordinator.status import worker_status
 from protocols.config import PROTOCOL_VERSION, ConfigError, RunConfig, parse_config
 from protocols.registry import build_protocol
 
@@ -58,12 +59,14 @@ def test_an_open_call_keeps_a_silent_worker_alive_and_its_silence_counts_from_th
     clock.now = 10 * cfg.cluster.heartbeat_timeout_s
     state.tick()
     assert [m.alive for m in state.members_copy()] == [True], "dropped while its call was open"
+    assert worker_status(state.members_copy()[0], clock.now).last_seen_s == 0.0  # `lowband status`: heard now
     end()
     end()  # a second end (the handler and the termination callback both) counts once
     assert [m.calls_open for m in state.members_copy()] == [0]
     clock.now += cfg.cluster.heartbeat_timeout_s - TICK_S
     state.tick()
     assert [m.alive for m in state.members_copy()] == [True], "its silence was counted from the call's start"
+    assert worker_status(state.members_copy()[0], clock.now).last_seen_s == cfg.cluster.heartbeat_timeout_s - TICK_S
     clock.now += 2 * TICK_S
     state.tick()
     assert [m.alive for m in state.members_copy()] == [False], "still alive a timeout after its call ended"
