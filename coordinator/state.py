@@ -228,6 +228,9 @@ class CoordinatorState(PushHandling):
         with self._tally:
             member = self._member_tallied(worker_id, token)
             member.calls_open += 1
+        if self.phase is Phase.WAITING:  # rare: only then does proof of life take the state lock, as `_member`
+            with self._cond:
+                self._maybe_back()
         ended = False
 
         def end() -> None:
@@ -418,10 +421,14 @@ class CoordinatorState(PushHandling):
         UNAUTHENTICATED, telling a stranger nothing); any authenticated call is proof of life."""
         with self._tally:
             member = self._member_tallied(worker_id, token)
+        self._maybe_back()
+        return member
+
+    def _maybe_back(self) -> None:
+        """After a member proved itself alive (under `_cond`): a resumed run may now have its quorum."""
         if self.phase is Phase.WAITING and self.resumed:  # a restored member is back: maybe the quorum too
             self._maybe_start()
             self._wake_waiters()
-        return member
 
     def _member_tallied(self, worker_id: str, token: str) -> Member:
         """`_member`'s checks and proof of life, under `_tally` (a member only ever leaves under it)."""

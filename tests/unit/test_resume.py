@@ -243,3 +243,17 @@ def test_join_is_refused_past_cluster_workers_but_a_known_id_rejoins(tmp_path: P
     assert (again.worker_id, again.index, again.joins) == ("w1", 1, 2)
     joins = [r for r in rows(tmp_path / "runs" / "tiny") if r["event"] == "join"]
     assert [(r["worker"], r["index"], r["joins"]) for r in joins] == [("w0", 0, 1), ("w1", 1, 1), ("w1", 1, 2)]
+
+
+def test_a_resumed_run_starts_when_its_restored_workers_wait_for_it_without_beating(tmp_path: Path) -> None:
+    """Restored members come back through any call: a worker waiting in WaitRound (`attend`, which spares its
+    heartbeats) counts toward the resumed run's quorum as a heartbeat would."""
+    cfg = config(tmp_path)
+    run, ids = started_run(tmp_path, cfg)
+    run_rounds(run, ids, 1)
+    resumed = CoordinatorRun(cfg, resume=tmp_path / "runs" / "tiny" / "checkpoint.pt")
+    assert resumed.state.phase is Phase.WAITING
+    ends = [resumed.state.attend(w, "") for w in ids]
+    assert resumed.state.phase is Phase.TRAINING and resumed.state.round == 1
+    for end in ends:
+        end()
