@@ -6,9 +6,9 @@
   `CoordinatorClient` (its own gRPC channel): join, then per round push the process's SparseLoCo update (built
   once by the protocol's `make_update` on a perturbed copy of the parameters, reused under every worker id),
   long-poll `WaitRound` until the round closed and pull the aggregate. A heartbeat thread sends each worker's
-  heartbeat every `heartbeat_interval_s`, as real workers do: skipped while the worker has a call open that
-  the coordinator counts as proof of life, as the workers' own heartbeat thread does (their step never changes
-  here); `--beat-always` beats regardless, as workers did before.
+  heartbeat every `heartbeat_interval_s`, as real workers do: `CoordinatorClient.beat`, skipped while the
+  worker has a call open that the coordinator counts as proof of life and nothing new to say (here its step
+  never changes); `--beat-always` beats regardless, as workers did before.
 - `probe SPEC`: a dedicated client sending a heartbeat (as worker w0) every 0.1 s and timing each call.
 
 SPEC is a JSON file written by bench/coordinator_scale.py; results are JSON files next to it.
@@ -213,11 +213,13 @@ def run_clients(spec: dict[str, Any], index: int, work: Path) -> None:
             for c in clients:
                 if done.wait(period):
                     return
-                if c.attended and not spec.get("beat_always"):
+                if spec.get("beat_always"):
+                    c.heartbeat(0, None, None)
+                    beats["sent"] += 1
+                elif c.beat(0, None, retry=True):  # the workers' own rule (their step never changes here)
+                    beats["sent"] += 1
+                else:
                     beats["skipped"] += 1
-                    continue
-                c.heartbeat(0, None, None)
-                beats["sent"] += 1
 
     def worker(c: CoordinatorClient) -> list[float]:
         try:

@@ -104,6 +104,7 @@ class CoordinatorClient:
         # polls, pulls and pushes. While one is open a periodic heartbeat with nothing new to say is skipped.
         self._open_calls = 0
         self._open_lock = threading.Lock()
+        self._said: tuple[int, float | None] | None = None  # (step, loss) of the last periodic beat sent
         self._connect()
 
     def _connect(self) -> None:
@@ -210,6 +211,17 @@ class CoordinatorClient:
         reply = self._call(lambda: self._unary(self.stub.Heartbeat, req(), timeout=HEARTBEAT_TIMEOUT_S), retry=retry)
         assert isinstance(reply, m.HeartbeatReply)
         return reply
+
+    def beat(self, step: int, loss: float | None, retry: bool = False) -> bool:
+        """A periodic heartbeat, skipped while a call the coordinator counts as proof of life is open and `step`
+        and `loss` are as the last beat said; True when it was sent. Periodic beats do not retry by default:
+        the next beat is their retry (`heartbeat`)."""
+        news = (step, loss)
+        if news == self._said and self.attended:  # the open call speaks for this worker
+            return False
+        self.heartbeat(step, loss, None, retry=retry)
+        self._said = news
+        return True
 
     def attest_base(self, digest: str) -> str:
         """State the digest of this worker's frozen base weights; the run's digest (a mismatch is refused)."""

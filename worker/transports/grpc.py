@@ -31,14 +31,9 @@ class _Heartbeat(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        said: tuple[int, float | None] | None = None
         while not self.stop.wait(self.interval):
-            news = (self.step, self.loss)
-            if news == said and self.client.attended:  # the open call speaks for this worker
-                continue
             with contextlib.suppress(Exception):  # a missed beat is retried at the next interval
-                self.client.heartbeat(*news, None, retry=False)
-                said = news
+                self.client.beat(self.step, self.loss)  # skipped while an open call speaks for this worker
 
 
 class GrpcTransport(StarTransport):
