@@ -3,7 +3,7 @@
 The same model and codec as bench/coordinator_scale.py (a 10.75M-parameter GPT, SparseLoCo's paper codec) at
 `--workers` workers (default 10), without gRPC's threads: the initial state and every update go through the
 wire encoding (`serde.push_stream` -> `serde.read_push`, what `PushUpdate` runs) and then the state machine
-(`CoordinatorState.offer_initial_state` / `submit`), each round's aggregate is encoded and serialized as its
+(`CoordinatorState.offer_initial_state` / `submit`), each round's aggregate is encoded and serialized once, as its
 pulls would be, and each closed round's checkpoint is written to a run directory, synchronously here (the
 recording thread does it concurrently in a server).
 
@@ -231,10 +231,10 @@ def _measure(tmp: Path, cfg: Any, workers: int, rounds: int, account: bool, trim
                     state.submit(member.worker_id, "", r, update, {"tokens": 0.0}, 0)
                 del update
         aggregate, digest_after = state.aggregates[r]
-        with profiler.phase("pulls: encode once, serialize per pull"):
-            for _ in members:
-                for msg in aggregates.of(aggregate).stream(digest_after):
-                    msg.SerializeToString()
+        with profiler.phase("pulls: encode once, stream per pull"):
+            for _ in members:  # serialized once: a pull only names the shared bytes (gRPC's core copies them)
+                for _ in aggregates.of(aggregate).stream(digest_after):
+                    pass
         if libc is not None:
             libc.malloc_trim(0)
     status = proc_status()

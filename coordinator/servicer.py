@@ -124,9 +124,9 @@ class CallLimits:
 
 
 class EncodedAggregates:
-    """The aggregates workers pull, each encoded once (`serde.EncodedAggregate`) and shared by all its pulls,
-    instead of once per pull: a round's pulls come all at once, one per worker. Keeps the last `keep` rounds'
-    (pulls of older ones encode again)."""
+    """The aggregates workers pull, each encoded and serialized once (`serde.EncodedAggregate`) and shared by all
+    its pulls, instead of once per pull: a round's pulls come all at once, one per worker. Keeps the last `keep`
+    rounds' (pulls of older ones encode again)."""
 
     def __init__(self, chunk_bytes: int, keep: int = 2) -> None:
         self.chunk_bytes, self.keep = chunk_bytes, keep
@@ -250,12 +250,12 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         self.state.count_download(req.envelope.worker_id, sent)
 
     def _send(self, messages: Iterator[Any], context: grpc.ServicerContext) -> Generator[Any, None, int]:
-        """Yield a response stream under the watchdog (a client that stops reading is ended after the idle
-        limit, freeing its thread); returns the bytes sent."""
+        """Yield a response stream (messages, or bytes serialized ahead) under the watchdog (a client that stops
+        reading is ended after the idle limit, freeing its thread); returns the bytes sent."""
         sent = 0
         with self.watchdog.guard(iter(()), context, self.idle_s) as stream:
             for msg in messages:
-                sent += msg.ByteSize()
+                sent += len(msg) if isinstance(msg, bytes) else msg.ByteSize()
                 with stream.waiting():
                     yield msg
         return sent

@@ -252,24 +252,27 @@ def _sender_groups(entries: Mapping[str, Payload], relayed: bool) -> list[dict[s
 
 @dataclasses.dataclass(frozen=True)
 class EncodedAggregate:
-    """An aggregate's PullAggregate stream encoded once (`of`), for every pull of it to share: per group of
-    entries (`_sender_groups`: one per relayed sender, keyed by its index, or one keyed None) its entry count,
-    its bytes and its chunk messages. `stream` gives exactly the messages `aggregate_stream` would for the same
-    header, without encoding anything again. The messages are only read (serialized) by the pulls, never changed,
-    so any number of pulls may send them at once."""
+    """An aggregate's PullAggregate stream encoded and serialized once (`of`), for every pull of it to share: per
+    group of entries (`_sender_groups`: one per relayed sender, keyed by its index, or one keyed None) its entry
+    count, its bytes and its chunk messages, serialized. `stream` gives exactly the bytes of the messages
+    `aggregate_stream` would for the same header, without encoding or serializing anything again but the header:
+    the coordinator's server sends bytes as they are (`protocols.wire.servicing.serialized_as_is`). Serializing
+    per pull cost every pull a fresh copy of the aggregate, paged in and unmapped again (BENCHMARKS.md, "One
+    pull's CPU"). Bytes never change, so any number of pulls may send them at once."""
 
     round: int
     weights: tuple[float, ...]
-    groups: dict[int | None, tuple[int, int, tuple[pb.AggregateChunk, ...]]]
+    groups: dict[int | None, tuple[int, int, tuple[bytes, ...]]]
 
     @classmethod
     def of(cls, aggregate: Aggregate, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> EncodedAggregate:
         entries, weights = aggregate_entries(aggregate)
-        groups: dict[int | None, tuple[int, int, tuple[pb.AggregateChunk, ...]]] = {}
+        groups: dict[int | None, tuple[int, int, tuple[bytes, ...]]] = {}
         for group in _sender_groups(entries, bool(weights)):
             key = int(next(iter(group)).partition("/")[0]) if weights else None
             groups[key] = (len(group), sum(p.nbytes() for p in group.values()),
-                           tuple(_chunk_messages(pb.AggregateChunk, group, chunk_bytes)))
+                           tuple(msg.SerializeToString() for msg in _chunk_messages(pb.AggregateChunk, group,
+                                                                                    chunk_bytes)))
         return cls(aggregate.round, weights, groups)
 
     def header(self, state_hash: str, omit: int | None = None) -> m.AggregateHeader:
@@ -280,12 +283,13 @@ class EncodedAggregate:
                                  relayed_weights=self.weights,
                                  own_slot=0 if omit is None or not self.weights else omit + 1)
 
-    def stream(self, state_hash: str, omit: int | None = None) -> Iterator[pb.AggregateChunk]:
-        yield pb.AggregateChunk(header=to_pb(self.header(state_hash, omit)))
+    def stream(self, state_hash: str, omit: int | None = None) -> Iterator[bytes]:
+        """The serialized PullAggregate messages for this requester: its header, then the chunks it lacks."""
+        yield pb.AggregateChunk(header=to_pb(self.header(state_hash, omit))).SerializeToString()
         for _, _, messages in self._kept(omit):
             yield from messages
 
-    def _kept(self, omit: int | None) -> list[tuple[int, int, tuple[pb.AggregateChunk, ...]]]:
+    def _kept(self, omit: int | None) -> list[tuple[int, int, tuple[bytes, ...]]]:
         if omit is None or not self.weights:
             return list(self.groups.values())
         return [group for key, group in self.groups.items() if key != omit]

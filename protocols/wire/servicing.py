@@ -370,7 +370,22 @@ class UnaryRequestGuard:
                 refuse(context, err)
             return method(request, context)
 
-        make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else \
-            grpc.stream_unary_rpc_method_handler
-        return make(read, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(read, request_deserializer=handler.request_deserializer,
+                                                         response_serializer=serialized_as_is(
+                                                             handler.response_serializer))
+        return grpc.stream_unary_rpc_method_handler(read, request_deserializer=handler.request_deserializer,
+                                                    response_serializer=handler.response_serializer)
+
+
+def serialized_as_is(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    """A response stream's serializer that sends `bytes` as they are: a message serialized once ahead and shared
+    by many calls (a round's aggregate, `serde.EncodedAggregate`), which serializing again per call would copy.
+    Messages go through `serialize` as before."""
+    if serialize is None:
+        raise ValueError("a response stream without a serializer")
+
+    def serialized(msg: Any) -> bytes:
+        return msg if isinstance(msg, bytes) else serialize(msg)
+
+    return serialized

@@ -1,0 +1,137 @@
+"""One aggregate pull's CPU on the coordinator, over gRPC: what the downlink of bench/coordinator_scale.py costs.
+
+The model and codec of bench/coordinator_scale.py (a 10.75M-parameter GPT, SparseLoCo's paper codec). A
+`CoordinatorServer` runs in this process; a client process joins `--workers` members, offers the initial state and
+pushes an update from each, 8 distinct ones in turn (as the scale bench's 8 client processes do; more senders
+than fit relayed make the downlink send their union), which closes round 0. Then, on "go", it pulls round 0's
+aggregate `--pulls` times, one after another, from its members in turn, so nothing else runs meanwhile. Rows:
+
+- `server_cpu`: this process's CPU time (every thread: gRPC's core included) over the pulls, per pull;
+- `encode_once`: encoding the aggregate into the messages every pull of the round shares, once per round
+  (`serde.EncodedAggregate.of`; not part of `server_cpu`: the first pull's, before the pulls measured);
+- `wall`: the pulls' wall time, per pull (the client decodes each aggregate meanwhile).
+
+Beside them, `bytes_per_pull` as the clients counted it and `coordinator_counted_per_pull` as the coordinator did.
+
+Run it inside deploy/loopback.sh:
+
+    deploy/loopback.sh python -m bench.pull_cost --pulls 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from bench.common import command_line, write_result
+from bench.coordinator_scale import FULL_MODEL, QUICK_MODEL, bench_config
+from bench.scale_procs import initial_params, one_update
+from protocols.config import parse_config
+from protocols.wire import serde
+
+COLUMNS = ["phase", "per_pull_ms"]
+DISTINCT = 8  # distinct updates, pushed in turn: the scale bench's 8 client processes each push one
+
+
+def measure(workers: int, pulls: int, model: dict[str, int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from coordinator.server import CoordinatorServer
+
+    cfg = parse_config(bench_config(workers, 2, model))
+    server = CoordinatorServer(cfg).start()
+    quick = ["--quick"] if model == QUICK_MODEL else []
+    client = subprocess.Popen([sys.executable, "-m", "bench.pull_cost", "--client", server.address, "--pulls",
+                               str(pulls), "--workers", str(workers), *quick], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        if client.stdout.readline().strip() != "ready":
+            raise RuntimeError("the client process failed before pulling")
+        counted0 = _counted(server)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        received = client.stdout.readline().strip()
+        if not received.startswith("done"):
+            raise RuntimeError("the client process failed while pulling")
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+        counted = _counted(server) - counted0
+        aggregate, encoded = server.servicer.aggregates._by_round[0]
+        messages = list(encoded.stream(""))
+        t0 = time.process_time()
+        serde.EncodedAggregate.of(aggregate, server.servicer.chunk_bytes)
+        encode = time.process_time() - t0
+    finally:
+        client.kill()
+        client.wait()
+        server.stop()
+    rows = [{"phase": "server_cpu", "per_pull_ms": 1e3 * cpu / pulls},
+            {"phase": "encode_once", "per_pull_ms": 1e3 * encode},
+            {"phase": "wall", "per_pull_ms": 1e3 * wall / pulls}]
+    info = {"server_cpu_s": cpu, "wall_s": wall, "messages_per_pull": len(messages),
+            "bytes_per_pull": int(received.split()[1]) // pulls, "coordinator_counted_per_pull": counted // pulls}
+    return rows, info
+
+
+def _counted(server: Any) -> int:
+    """The aggregate bytes the coordinator counted as sent, over all members."""
+    return sum(member.protocol_received for member in server.state.members.values())
+
+
+def run_client(address: str, workers: int, pulls: int, model: dict[str, int]) -> None:
+    """The client process: join, offer the state, push one update per member (closing round 0); on "go" pull."""
+    import threading
+
+    from worker.client import CoordinatorClient
+
+    cfg = parse_config(bench_config(workers, 2, model))
+    params = initial_params(cfg)
+    clients = [CoordinatorClient(address) for _ in range(workers)]
+    for c in clients:
+        c.join("pull-cost")
+    clients[0].offer_state(params)
+    distinct = [one_update(cfg, params, seed=1 + k) for k in range(min(workers, DISTINCT))]
+    updates = [distinct[k % len(distinct)] for k in range(workers)]
+    pushes = [threading.Thread(target=c.push, args=(0, u, {"tokens": 0.0}))
+              for c, u in zip(clients, updates, strict=True)]
+    for t in pushes:
+        t.start()
+    for t in pushes:
+        t.join()
+    clients[0].wait_round(0)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    before = sum(c.bytes_received for c in clients)
+    for i in range(pulls):
+        clients[i % workers].pull_aggregate(0, updates[i % workers])
+    print("done", sum(c.bytes_received for c in clients) - before, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pulls", type=int, default=40)
+    parser.add_argument("--workers", type=int, default=40, help="members pushing into round 0 (8 distinct updates)")
+    parser.add_argument("--quick", action="store_true", help="a 0.1M-parameter model (tests)")
+    parser.add_argument("--client", help=argparse.SUPPRESS)  # the client process: the server's address
+    parser.add_argument("--out", default="pull_cost", help="result name in bench/results")
+    args = parser.parse_args(argv)
+    if args.pulls < 1 or args.workers < 1:
+        parser.error("--pulls and --workers must be >= 1")
+    torch.set_num_threads(1)
+    model = QUICK_MODEL if args.quick else FULL_MODEL
+    if args.client:
+        run_client(args.client, args.workers, args.pulls, model)
+        return
+    rows, info = measure(args.workers, args.pulls, model)
+    for row in rows:
+        print(row)
+    write_result(args.out, command_line("bench.pull_cost"), rows, COLUMNS,
+                 config={"pulls": args.pulls, "workers": args.workers, "model": model}, **info)
+
+
+if __name__ == "__main__":
+    main()
