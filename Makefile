@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 LOOPBACK := deploy/loopback.sh
 RECIPE ?= deploy/recipes/diloco.yaml
 ARGS ?=
-# The whole suite takes about 2 minutes on 2 cores; past this limit it is stuck, and fails instead of waiting.
+# The whole suite takes 13-17 minutes on 2 cores; past this limit it is stuck, and fails instead of waiting.
 TEST_LIMIT_S ?= 2400
 
 .PHONY: install run test lint proto bench clean docker-test

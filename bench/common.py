@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -32,6 +33,30 @@ def comma_list(text: str, kind: Callable[[str], T], valid: Callable[[list[T]], b
     if not values or not valid(values):
         raise argparse.ArgumentTypeError(f"expected {example}, got {text!r}")
     return values
+
+
+def client_process(module: str, address: str, *args: str) -> subprocess.Popen[str]:
+    """A bench's client process, `python -m module --client ADDRESS ARGS`, once it printed "ready" (its set-up
+    done); it makes its calls on `go`."""
+    client = subprocess.Popen([sys.executable, "-m", module, "--client", address, *args], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert client.stdout is not None
+    if client.stdout.readline().strip() != "ready":
+        client.kill()
+        client.wait()
+        raise RuntimeError(f"{module}'s client process failed before its calls")
+    return client
+
+
+def go(client: subprocess.Popen[str]) -> str:
+    """Start a `client_process`'s calls and wait for them: its "done ..." line."""
+    assert client.stdin is not None and client.stdout is not None
+    client.stdin.write("go\n")
+    client.stdin.flush()
+    done = client.stdout.readline().strip()
+    if not done.startswith("done"):
+        raise RuntimeError(f"{client.args!r} failed during its calls")
+    return done
 
 
 def machine() -> dict[str, Any]:

@@ -21,14 +21,13 @@ Run it inside deploy/loopback.sh:
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from typing import Any
 
 import torch
 
-from bench.common import command_line, write_result
+from bench.common import client_process, command_line, go, write_result
 from bench.coordinator_scale import FULL_MODEL, QUICK_MODEL, bench_config
 from bench.scale_procs import initial_params, one_update
 from protocols.config import parse_config
@@ -44,20 +43,13 @@ def measure(workers: int, pulls: int, model: dict[str, int]) -> tuple[list[dict[
     cfg = parse_config(bench_config(workers, 2, model))
     server = CoordinatorServer(cfg).start()
     quick = ["--quick"] if model == QUICK_MODEL else []
-    client = subprocess.Popen([sys.executable, "-m", "bench.pull_cost", "--client", server.address, "--pulls",
-                               str(pulls), "--workers", str(workers), *quick], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert client.stdin is not None and client.stdout is not None
+    client = None
     try:
-        if client.stdout.readline().strip() != "ready":
-            raise RuntimeError("the client process failed before pulling")
+        client = client_process("bench.pull_cost", server.address, "--pulls", str(pulls), "--workers", str(workers),
+                                *quick)
         counted0 = _counted(server)
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        received = client.stdout.readline().strip()
-        if not received.startswith("done"):
-            raise RuntimeError("the client process failed while pulling")
+        received = go(client)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         counted = _counted(server) - counted0
         aggregate, encoded = server.servicer.aggregates._by_round[0]
@@ -66,8 +58,9 @@ def measure(workers: int, pulls: int, model: dict[str, int]) -> tuple[list[dict[
         serde.EncodedAggregate.of(aggregate, server.servicer.chunk_bytes)
         encode = time.process_time() - t0
     finally:
-        client.kill()
-        client.wait()
+        if client is not None:
+            client.kill()
+            client.wait()
         server.stop()
     rows = [{"phase": "server_cpu", "per_pull_ms": 1e3 * cpu / pulls},
             {"phase": "encode_once", "per_pull_ms": 1e3 * encode},

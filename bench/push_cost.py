@@ -39,7 +39,6 @@ import cProfile
 import functools
 import pstats
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -47,7 +46,7 @@ from typing import Any
 
 import torch
 
-from bench.common import command_line, write_result
+from bench.common import client_process, command_line, go, write_result
 from bench.coordinator_scale import FULL_MODEL, QUICK_MODEL, bench_config
 from bench.scale_procs import initial_params, one_update
 from compression.payload import dense
@@ -142,26 +141,21 @@ def measure_grpc(pushes: int, distinct: int, model: dict[str, int] = FULL_MODEL
         setattr(owner, name, _timed(getattr(owner, name), seconds[key]))
     server = CoordinatorServer(cfg).start()
     quick = ["--quick"] if model == QUICK_MODEL else []
-    client = subprocess.Popen([sys.executable, "-m", "bench.push_cost", "--client", server.address, "--pushes",
-                               str(pushes), "--distinct", str(distinct), *quick], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert client.stdin is not None and client.stdout is not None
+    client = None
     try:
-        if client.stdout.readline().strip() != "ready":
-            raise RuntimeError("the client process failed before pushing")
+        client = client_process("bench.push_cost", server.address, "--pushes", str(pushes), "--distinct",
+                                str(distinct), *quick)
         for key in seconds:
             seconds[key].clear()  # the initial state's read_push
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        client.stdin.write("go\n")
-        client.stdin.flush()
-        if client.stdout.readline().strip() != "done":
-            raise RuntimeError("the client process failed while pushing")
+        go(client)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         assert server.state.aggregator is not None
         folded = len(server.state.aggregator.senders)
     finally:
-        client.kill()
-        client.wait()
+        if client is not None:
+            client.kill()
+            client.wait()
         server.stop()
         for owner, name, _ in originals:
             setattr(owner, name, getattr(owner, name).__wrapped__)
