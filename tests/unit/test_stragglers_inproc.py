@@ -56,12 +56,12 @@ def test_adaptive_inner_steps_keep_the_straggler_in_every_round_with_fewer_steps
 @pytest.mark.parametrize("name", sorted(PROTOCOLS))
 def test_late_updates_are_folded_with_their_staleness_weight(tmp_path: Path, name: str) -> None:
     cluster = {"min_workers": 2, "round_deadline_s": 0.05, "late": "stale", "stale_weight": 0.5}
-    # A round closes once the two fast workers have reported: the 3x slower one's updates come in late, in
-    # a run long enough that (at least) the first of them finds a round open to be folded into. (At 8 rounds
-    # the fast workers sometimes finished every round before the slow one's first push: all of them dropped.)
-    records, results = run(tmp_path, PROTOCOLS[name], cluster, [3, 1, 1], rounds=LATE_ROUNDS)
+    # A round closes once the two fast workers have reported: the 1.5x slower one's updates come in about half
+    # a round late, while a later round is open to fold them into. (3x slower, they came in so late that often
+    # only the first was folded, and with CO2 in 1 run of 8 none was; at 1.5x, 3 or more were in each of 16 runs.)
+    records, results = run(tmp_path, PROTOCOLS[name], cluster, [1.5, 1, 1], rounds=LATE_ROUNDS)
     assert [rec["round"] for rec in records] == list(range(LATE_ROUNDS))
-    assert next(r for r in results if r.slowdown == 3.0).late_folded >= 1
+    assert next(r for r in results if r.slowdown == 1.5).late_folded >= 1
     folded = [(sender, rec["round"], weight) for rec in records for sender, weight in rec["late_folded"].items()]
     for r in results:
         assert sum(sender.startswith(f"{r.worker_id}@") for sender, _, _ in folded) == r.late_folded
