@@ -11,7 +11,10 @@ aggregate `--pulls` times, one after another, from its members in turn, so nothi
   (`serde.EncodedAggregate.of`; not part of `server_cpu`: the first pull's, before the pulls measured);
 - `wall`: the pulls' wall time, per pull (the client decodes each aggregate meanwhile).
 
-Beside them, `bytes_per_pull` as the clients counted it and `coordinator_counted_per_pull` as the coordinator did.
+Beside them, the bytes of the pulls, both ways: `bytes_sent_per_worker`, `bytes_received_per_worker` and
+`bytes_total_per_worker` (each member's requests and the aggregates it received, over all its pulls, as the
+clients counted them), the same per pull, and `coordinator_counted` (sent, received: what the coordinator counted
+for those calls, over all members).
 
 Run it inside deploy/loopback.sh:
 
@@ -49,11 +52,11 @@ def measure(workers: int, pulls: int, model: dict[str, int]) -> tuple[list[dict[
                                 *quick)
         counted0 = _counted(server)
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        received = go(client)
+        sent, received = (int(n) for n in go(client).split()[1:])
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-        counted = _counted(server) - counted0
-        aggregate, encoded = server.servicer.aggregates._by_round[0]
-        messages = list(encoded.stream(""))
+        counted = tuple(after - before for after, before in zip(_counted(server), counted0, strict=True))
+        aggregate, _ = server.state.aggregates[0]
+        messages = sum(1 for _ in server.servicer.aggregates.of(aggregate).stream(""))
         t0 = time.process_time()
         serde.EncodedAggregate.of(aggregate, server.servicer.chunk_bytes)
         encode = time.process_time() - t0
@@ -65,14 +68,20 @@ def measure(workers: int, pulls: int, model: dict[str, int]) -> tuple[list[dict[
     rows = [{"phase": "server_cpu", "per_pull_ms": 1e3 * cpu / pulls},
             {"phase": "encode_once", "per_pull_ms": 1e3 * encode},
             {"phase": "wall", "per_pull_ms": 1e3 * wall / pulls}]
-    info = {"server_cpu_s": cpu, "wall_s": wall, "messages_per_pull": len(messages),
-            "bytes_per_pull": int(received.split()[1]) // pulls, "coordinator_counted_per_pull": counted // pulls}
+    pullers = min(workers, pulls)
+    info = {"server_cpu_s": cpu, "wall_s": wall, "messages_per_pull": messages, "pullers": pullers,
+            "bytes_sent_per_worker": sent / pullers, "bytes_received_per_worker": received / pullers,
+            "bytes_total_per_worker": (sent + received) / pullers, "bytes_sent_per_pull": sent / pulls,
+            "bytes_received_per_pull": received / pulls, "bytes_total_per_pull": (sent + received) / pulls,
+            "clients_counted": {"sent": sent, "received": received},
+            "coordinator_counted": {"sent": counted[0], "received": counted[1]}}
     return rows, info
 
 
-def _counted(server: Any) -> int:
-    """The aggregate bytes the coordinator counted as sent, over all members."""
-    return sum(member.protocol_received for member in server.state.members.values())
+def _counted(server: Any) -> tuple[int, int]:
+    """The bytes the coordinator counted as sent by the members and received by them, over all members."""
+    members = server.state.members_copy()
+    return sum(member.bytes_sent for member in members), sum(member.bytes_received for member in members)
 
 
 def run_client(address: str, workers: int, pulls: int, model: dict[str, int]) -> None:
@@ -98,10 +107,11 @@ def run_client(address: str, workers: int, pulls: int, model: dict[str, int]) ->
     clients[0].wait_round(0)
     print("ready", flush=True)
     sys.stdin.readline()
-    before = sum(c.bytes_received for c in clients)
+    sent, received = sum(c.bytes_sent for c in clients), sum(c.bytes_received for c in clients)
     for i in range(pulls):
         clients[i % workers].pull_aggregate(0, updates[i % workers])
-    print("done", sum(c.bytes_received for c in clients) - before, flush=True)
+    print("done", sum(c.bytes_sent for c in clients) - sent, sum(c.bytes_received for c in clients) - received,
+          flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
