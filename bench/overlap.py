@@ -31,6 +31,12 @@ training seconds, evaluation excluded) over compute-only's; `eval_loss_vs_diloco
 synchronous DiLoCo's on the same H and link (ddp: H=32's); bytes are per worker, both directions;
 `blocked_fraction` is the slowest worker's share of round time spent waiting for an exchange, and
 `compute_fraction` its share computing (a utilization that needs no ceiling, so others' load moves it less).
+Where the CPU went: `worker_cpu_s` is a worker process's CPU seconds over its job (session built, trained,
+evaluated; in a coordinated run also joining, the protocol and the transport), the mean over the 4, beside
+compute-only's around it (`ceiling_worker_cpu_s`), and `coordinator_cpu_s` the coordinator process's while it
+served the run; `cpu_bound_utilization` is 4 x compute-only's over (4 x the run's + the coordinator's): the
+utilization if the shared cores were all that limited the run. Where it is near `compute_utilization`, what
+the run lost is CPU the protocol, the transport and the coordinator took from the training.
 
 Extras (unless --no-extras; they need H=32 in the grid): the link speed at which synchronous DiLoCo at H=32
 is at 50% utilization, interpolated between the two grid speeds that bracket it in log(1/u - 1) against
@@ -83,7 +89,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 DDP_MIN_STEPS = 16
 COLUMNS = ["contender", "point", "inner_steps", "link_mbps", "compute_utilization", "compute_fraction",
            "blocked_fraction", "tokens_per_s", "seconds", "eval_loss", "eval_loss_vs_diloco_sync",
-           "bytes_total_per_worker", "steps"]
+           "bytes_total_per_worker", "steps", "worker_cpu_s", "coordinator_cpu_s", "cpu_bound_utilization"]
 HETERO_COLUMNS = ["contender", "inner_steps", "worker_link_mbps", "compute_utilization", "worker_utilization",
                   "worker_blocked_fraction", "eval_loss", "eval_loss_vs_diloco_sync", "bytes_total_per_worker"]
 
@@ -202,9 +208,24 @@ class Runner:
         near = self.ceilings[max(slot, 0):slot + 2]
         return sum(c.tokens_per_s for c in near) / len(near)
 
+    def ceiling_cpu_around(self, slot: int) -> float | None:
+        """Compute-only's CPU seconds per worker around a run, as `ceiling_around`."""
+        near = [c.worker_cpu_s for c in self.ceilings[max(slot, 0):slot + 2] if c.worker_cpu_s is not None]
+        return sum(near) / len(near) if near else None
 
-def make_row(e: Entry, ceiling: float, budget_steps: int) -> dict[str, Any]:
-    """A table row of one run (`ceiling`: compute-only tokens/s around it)."""
+
+def cpu_bound_utilization(m: Measurement, ceiling_cpu_s: float | None) -> float | None:
+    """The utilization a run would have if the shared cores were all that limited it: the CPU the workers'
+    jobs took in compute-only over the CPU they and the coordinator took in this run (same steps). Below the
+    measured utilization's shortfall, the rest is time the cores were idle (waiting on the link or on others)."""
+    if ceiling_cpu_s is None or m.worker_cpu_s is None or m.coordinator_cpu_s is None:
+        return None
+    return WORKERS * ceiling_cpu_s / (WORKERS * m.worker_cpu_s + m.coordinator_cpu_s)
+
+
+def make_row(e: Entry, ceiling: float, budget_steps: int, ceiling_cpu_s: float | None = None) -> dict[str, Any]:
+    """A table row of one run (`ceiling`: compute-only tokens/s around it; `ceiling_cpu_s`: compute-only's CPU
+    seconds per worker around it)."""
     m = e.m
     partial = m.steps < budget_steps  # a rate from fewer steps: loss not comparable, bytes scaled to the budget
     scale = budget_steps / m.steps if partial else 1.0
@@ -226,6 +247,10 @@ def make_row(e: Entry, ceiling: float, budget_steps: int) -> dict[str, Any]:
         "bytes_total_per_worker": m.bytes_total_per_worker * scale,
         "steps": m.steps,
         "time_source": m.time_source,
+        "worker_cpu_s": m.worker_cpu_s,
+        "ceiling_worker_cpu_s": ceiling_cpu_s,
+        "coordinator_cpu_s": m.coordinator_cpu_s,
+        "cpu_bound_utilization": None if partial else cpu_bound_utilization(m, ceiling_cpu_s),
     }
 
 
@@ -299,10 +324,11 @@ def collect(grid: Grid, log: Callable[[str], None] = print) -> dict[str, Any]:
         "ceiling_tokens_per_s": ceiling, "seconds": sum(c.seconds for c in runner.ceilings) / len(runner.ceilings),
         "eval_loss": runner.ceilings[0].eval_loss, "eval_loss_vs_diloco_sync": None, "bytes_sent_per_worker": 0.0,
         "bytes_received_per_worker": 0.0, "bytes_total_per_worker": 0.0, "steps": grid.steps,
-        "time_source": "step loop",
+        "time_source": "step loop", "worker_cpu_s": runner.ceiling_cpu_around(0), "coordinator_cpu_s": 0.0,
+        "cpu_bound_utilization": 1.0,
     }]
-    rows += [make_row(e, runner.ceiling_around(e.slot), grid.steps) for e in runner.entries
-             if e.point != "heterogeneous"]
+    rows += [make_row(e, runner.ceiling_around(e.slot), grid.steps, runner.ceiling_cpu_around(e.slot))
+             for e in runner.entries if e.point != "heterogeneous"]
     add_loss_ratios(rows)
     hetero = [heterogeneous_row(e, runner.ceiling_around(e.slot)) for e in runner.entries
               if e.point == "heterogeneous"]

@@ -86,6 +86,12 @@ class Measurement:
     # ceiling, so load from other jobs on the machine moves it less.
     compute_fraction: float | None = None
     per_worker: list[dict[str, Any]] = field(default_factory=list)
+    # CPU seconds of a worker's process over its whole job (its session built, trained, evaluated; for a
+    # coordinated run also joining, the protocol and the transport), the mean over the workers; and the
+    # coordinator process's while it served the run. Set against compute-only's, they say where the CPU that
+    # the run's throughput lost on these shared cores went.
+    worker_cpu_s: float | None = None
+    coordinator_cpu_s: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -183,23 +189,27 @@ def _pool_job(index: int, job: tuple[Any, ...], barrier: Any) -> Any:
         from worker.client import CoordinatorClient
         from worker.runners import run_grpc_worker
 
+        began = time.process_time()
         client = CoordinatorClient(job[1])
         try:
-            return run_grpc_worker(client, threads=1)
+            result = run_grpc_worker(client, threads=1)
         finally:
             client.close()
+        return result, time.process_time() - began
     if kind == "compute":  # a worker's session and its steps, no exchange, timed from a common start
         from worker.session import Session
 
         cfg: RunConfig = job[1]
+        cpu_began = time.process_time()
         session = Session.build(cfg, index, WORKERS, evaluates=index == 0)
         barrier.wait()  # every process built and ready: they share the cores from the first step on
         began = time.perf_counter()
         for _ in range(cfg.train.steps):
             session.trainer.step()
         seconds = time.perf_counter() - began
+        eval_loss = session.evaluate() if session.eval_batches else None
         return {"rank": index, "tokens": cfg.train.steps * session.tokens_per_step, "seconds": seconds,
-                "eval_loss": session.evaluate() if session.eval_batches else None}
+                "eval_loss": eval_loss, "cpu_s": time.process_time() - cpu_began}
     raise ValueError(f"unknown pool job {kind!r}")
 
 
@@ -284,29 +294,48 @@ class Pool:
         self.procs = []
 
 
+@dataclass
+class CoordinatedRun:
+    """What `run_coordinated_measured` returns: each worker's result and the CPU seconds its process took over
+    its job (pool index order), and the coordinator's CPU seconds while serving (None if it did not say)."""
+
+    results: list[WorkerResult]
+    worker_cpu_s: list[float]
+    coordinator_cpu_s: float | None
+
+
 def run_coordinated(pool: Pool, cfg: RunConfig) -> list[WorkerResult]:
     """A fresh coordinator process (`bench.transport._serve`) on loopback and the pool's 4 workers, to the end;
     each worker's result."""
+    return run_coordinated_measured(pool, cfg).results
+
+
+def run_coordinated_measured(pool: Pool, cfg: RunConfig) -> CoordinatedRun:
+    """`run_coordinated`, with what each process's CPU cost."""
     from bench.transport import _finish, _serve
 
     ctx = mp.get_context("spawn")
     ours, theirs = ctx.Pipe()
     server = ctx.Process(target=_serve, args=(cfg.model_dump(), theirs), name="coordinator", daemon=True)
     server.start()
+    coordinator_cpu_s = None
     try:
         if not ours.poll(120):
             raise RuntimeError(f"the coordinator process reported no address (exit code {server.exitcode})")
-        results: list[WorkerResult] = pool.run(("grpc", ours.recv()), watch=[server])
+        jobs: list[tuple[WorkerResult, float]] = pool.run(("grpc", ours.recv()), watch=[server])
     finally:
-        with contextlib.suppress(OSError):  # a coordinator that already died has no pipe to read
+        with contextlib.suppress(OSError, EOFError):  # a coordinator that already died has no pipe to read
             ours.send("stop")
+            if ours.poll(30):
+                coordinator_cpu_s = float(ours.recv()["cpu_s"])
         _finish([server])
-    return results
+    return CoordinatedRun([r for r, _ in jobs], [cpu for _, cpu in jobs], coordinator_cpu_s)
 
 
 def measure_coordinated(pool: Pool, cfg: RunConfig) -> Measurement:
     """`run_coordinated`, measured."""
-    results = run_coordinated(pool, cfg)
+    run = run_coordinated_measured(pool, cfg)
+    results = run.results
     timed = [train_seconds(r) for r in results]
     slowest = max(range(len(results)), key=lambda i: timed[i][0])
     per_worker = []
@@ -329,6 +358,8 @@ def measure_coordinated(pool: Pool, cfg: RunConfig) -> Measurement:
         compute_fraction=span_fractions(results[slowest])[0],
         blocked_fraction=span_fractions(results[slowest])[1],
         per_worker=per_worker,
+        worker_cpu_s=sum(run.worker_cpu_s) / len(run.worker_cpu_s),
+        coordinator_cpu_s=run.coordinator_cpu_s,
     )
 
 
@@ -370,6 +401,8 @@ def measure_compute_only(pool: Pool, cfg: RunConfig) -> Measurement:
         compute_fraction=1.0,
         per_worker=[{"worker": f"p{r['rank']}", "index": r["rank"], "tokens": r["tokens"], "train_s": r["seconds"],
                      "tokens_per_s": r["tokens"] / r["seconds"]} for r in ranks],
+        worker_cpu_s=sum(r["cpu_s"] for r in ranks) / len(ranks),
+        coordinator_cpu_s=0.0,
     )
 
 

@@ -116,11 +116,16 @@ def bench_config(rounds: int) -> RunConfig:
 
 
 def _serve(cfg_data: dict[str, Any], conn: Connection) -> None:
-    """Spawned: a CoordinatorServer on 127.0.0.1:0; sends its address, serves until told to stop."""
+    """Spawned: a CoordinatorServer on 127.0.0.1:0; sends its address, serves until told to stop, then sends
+    {"cpu_s": this process's CPU seconds from the address sent to the stop} for a bench that reads it."""
     server = CoordinatorServer(parse_config(cfg_data)).start()
+    serving = time.process_time()
     conn.send(server.address)
     conn.recv()
+    cpu_s = time.process_time() - serving
     server.stop(grace=0.0)
+    with contextlib.suppress(OSError):  # a bench that does not read it may have closed its end already
+        conn.send({"cpu_s": cpu_s})
 
 
 def _drive(address: str, megabytes: int, rounds: int, chunk_bytes: int, results: Any) -> None:

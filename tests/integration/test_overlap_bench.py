@@ -66,6 +66,12 @@ def test_tiny_grid_rows_through_real_processes(tmp_path: Path) -> None:
         assert r["compute_utilization"] == pytest.approx(r["tokens_per_s"] / r["ceiling_tokens_per_s"])
         assert 0 < r["compute_utilization"] and 0 <= r["blocked_fraction"] < 1
         assert r["bytes_total_per_worker"] > 0
+        # Every process said what it cost: each worker's job and the coordinator's serving took CPU, and the
+        # CPU-bound utilization is compute-only's CPU over all of it.
+        assert r["worker_cpu_s"] > 0 and r["ceiling_worker_cpu_s"] > 0 and r["coordinator_cpu_s"] > 0
+        assert r["cpu_bound_utilization"] == pytest.approx(
+            4 * r["ceiling_worker_cpu_s"] / (4 * r["worker_cpu_s"] + r["coordinator_cpu_s"]))
+    assert ceiling["coordinator_cpu_s"] == 0 and ceiling["worker_cpu_s"] > 0
     sync = {r["link_mbps"]: r for r in runs if r["contender"] == "diloco-sync"}
     co2 = {r["link_mbps"]: r for r in runs if r["contender"] == "diloco-co2"}
     assert sync[20.0]["compute_utilization"] < sync[1000.0]["compute_utilization"]
