@@ -14,7 +14,9 @@ paired comparison the claim's "on the same seeds" asks for:
 - `fedsvd_wins`: on how many of the seeds FedSVD is ahead, and the two-sided sign test's `sign_p` for that count.
 
 `paired_holds`: FedSVD ahead of both baselines on the mean with p < 0.05 in the paired t-test against each.
-Writes bench/results/<out>.json (the joined rows, their per-method means, `claim` and `paired`).
+Writes bench/results/<out>.json (the joined rows, their per-method means, `claim`, `paired`, and
+`paired_script_eval`: the same on the simulator's script eval) and <out>.png (bench.fedsvd's plot over every
+seed).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import argparse
 import json
 import math
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, write_result
-from bench.fedsvd import COLUMNS, METHODS, aggregate, claim
+from bench import common
+from bench.fedsvd import COLUMNS, METHODS, Hyper, aggregate, claim, plot
 
 # What every joined result must hold the same: anything that differs makes the seeds not comparable.
 SHARED = ("base_eval_loss", "base_script_eval_loss", "hp", "clients", "per_round", "model", "lowrank", "dp",
@@ -37,11 +40,21 @@ ALPHA = 0.05  # the paired tests' level for `paired_holds`
 
 def load(name: str) -> dict[str, Any]:
     """A bench.fedsvd result by its name in bench/results (or a path to its JSON)."""
-    path = Path(name) if name.endswith(".json") else RESULTS / f"{name}.json"
+    path = Path(name) if name.endswith(".json") else common.RESULTS / f"{name}.json"
     doc: dict[str, Any] = json.loads(path.read_text())
     if "rows" not in doc or "claim" not in doc:
         raise ValueError(f"{path} is not a bench.fedsvd result (no rows and claim)")
     return doc
+
+
+def shared(doc: dict[str, Any], key: str) -> Any:
+    """`doc`'s `key` as the seeds share it; a result written before a hyperparameter existed (`hp` without
+    `rank`, from before `--rank`) ran at that hyperparameter's default, so it is compared as having it."""
+    value = doc.get(key)
+    if key == "hp" and isinstance(value, dict):
+        defaults = asdict(Hyper())
+        return {**{k: defaults[k] for k in defaults.keys() - value.keys()}, **value}
+    return value
 
 
 def join(docs: list[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], list[int]]:
@@ -50,9 +63,9 @@ def join(docs: list[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], 
     (first_name, first), *rest = docs
     for name, doc in rest:
         for key in SHARED:
-            if doc.get(key) != first.get(key):
-                raise ValueError(f"{name} and {first_name} differ in {key!r} ({doc.get(key)!r} vs "
-                                 f"{first.get(key)!r}): their seeds are not comparable")
+            if shared(doc, key) != shared(first, key):
+                raise ValueError(f"{name} and {first_name} differ in {key!r} ({shared(doc, key)!r} vs "
+                                 f"{shared(first, key)!r}): their seeds are not comparable")
     rows: list[dict[str, Any]] = []
     seeds: list[int] = []
     for name, doc in docs:
@@ -110,9 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     first = docs[0][1]
     verdict = claim(rows + aggregate(rows), seeds)
     test = paired(rows, seeds)
-    write_result(args.out, "python -m bench.fedsvd_seeds " + " ".join(args.results), rows + aggregate(rows),
+    setup = {key: shared(first, key) for key in SHARED}
+    common.write_result(args.out, "python -m bench.fedsvd_seeds " + " ".join(args.results), rows + aggregate(rows),
                  COLUMNS, joined=args.results, seeds=seeds, claim=verdict, paired=test,
-                 **{key: first.get(key) for key in SHARED})
+                 paired_script_eval=paired(rows, seeds, "final_script_eval_loss"), **setup)
+    print(f"wrote {plot({**setup, 'rows': rows}, common.RESULTS / f'{args.out}.png')}")
     for kind in METHODS[1:]:
         t = test[kind]
         print(f"{kind} - fedsvd: mean {t['mean']:+.5f} (std {t['std']:.5f}) over {len(seeds)} seeds, paired t "

@@ -49,6 +49,15 @@ def test_join_refuses_results_whose_shared_setup_differs(field: str) -> None:
         fedsvd_seeds.join([("a", a), ("b", b)])
 
 
+def test_a_result_from_before_a_hyperparameter_existed_is_compared_at_its_default() -> None:
+    older = result({0: losses(2.16, 2.17, 2.165)}, hp={"rounds": 2})  # written before `rank` was recorded
+    newer = result({1: losses(2.15, 2.16, 2.152)}, hp={"rounds": 2, "rank": 8})
+    assert fedsvd_seeds.join([("older", older), ("newer", newer)])[1] == [0, 1]
+    other_rank = result({1: losses(2.15, 2.16, 2.152)}, hp={"rounds": 2, "rank": 32})
+    with pytest.raises(ValueError, match="differ in 'hp'"):
+        fedsvd_seeds.join([("older", older), ("other", other_rank)])
+
+
 def test_join_refuses_a_seed_run_twice() -> None:
     a = result({0: losses(2.16, 2.17, 2.165)})
     b = result({0: losses(2.15, 2.16, 2.152)})
@@ -97,6 +106,8 @@ def test_main_writes_the_joined_verdict(tmp_path: Path, monkeypatch: pytest.Monk
     means = {r["method"]: r["final_eval_loss"] for r in doc["rows"] if r["seed"] == "mean"}
     assert means["fedsvd"] == pytest.approx(2.1515)
     assert not math.isnan(doc["paired"]["ffa-lora"]["t"])
+    assert doc["paired_script_eval"]["metric"] == "final_script_eval_loss"
+    assert (tmp_path / "joined.png").stat().st_size > 0
 
 
 def test_main_names_a_result_that_is_not_a_fedsvd_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
