@@ -80,6 +80,7 @@ LOWRANK: dict[str, Any] = {"method": "lora", "target_modules": ["qkv", "proj", "
 DP: dict[str, Any] = {"epsilon": 6.0, "delta": 1e-5, "max_grad_norm": 1.0}
 CLIENTS = 125  # the romances' speaking roles with more than one context of training text (module docstring)
 EVAL_WINDOWS = 256  # windows of 64 characters, evenly spaced over the held-out text (both evals)
+EVAL_BATCH = 16  # windows per batch of the simulator's eval (`data.batch_size`; the windows are the same at any)
 EVAL_BATCH = 64  # windows per forward pass of the bench's own eval
 PRETRAIN_EVAL_BATCHES = 16  # 16 x 16 windows of the pretraining plays' eval text
 PRETRAIN_WORKERS = 2
@@ -193,8 +194,8 @@ def finetune_config(kind: str, seed: int, hp: Hyper, init_from: str, dp: bool, m
     """`kind` fine-tuning the base at `init_from` on the romances under the simulator, `seed` for everything."""
     return parse_config({
         "name": f"fedsvd-bench-{kind}-s{seed}{'' if dp else '-nodp'}", "seed": seed, "init_from": init_from,
-        "model": MODEL, "data": {"plays": "finetune", "max_chars": max_chars},
-        "train": {"eval_batches": max(1, EVAL_WINDOWS // hp.batch_size)}, "lowrank": lowrank(hp.rank),
+        "model": MODEL, "data": {"plays": "finetune", "max_chars": max_chars, "batch_size": EVAL_BATCH},
+        "train": {"eval_batches": max(1, EVAL_WINDOWS // EVAL_BATCH)}, "lowrank": lowrank(hp.rank),
         "protocol": {"kind": kind},
         "simulation": {
             "task": "shakespeare", "partition": "by_role", "clients": clients, "fraction": hp.fraction,

@@ -24,7 +24,6 @@ from worker.federated.dp import (
     epsilon_for,
     plan,
     sample_rate,
-    shuffled_batches,
 )
 from worker.models import build_model
 
@@ -305,13 +304,3 @@ def test_a_batch_larger_than_expected_is_refused_and_the_model_is_still_cleaned(
         dp_local_steps(model, sgd(model), [(x, y)], 1.0, 1.0, 4)
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
     assert all(not hasattr(p, "grad_sample") for p in model.parameters())
-
-
-def test_shuffled_batches_are_fixed_size_uniform_passes() -> None:
-    x = torch.arange(10).float().unsqueeze(1)
-    y = torch.arange(10)
-    batches = list(shuffled_batches(x, y, 3, 7, torch.Generator().manual_seed(0)))
-    assert len(batches) == 7 and all(len(bx) == 3 for bx, _ in batches)
-    assert all(torch.equal(bx.squeeze(1).long(), by) for bx, by in batches)
-    first_pass = torch.cat([by for _, by in batches[:3]])
-    assert len(set(first_pass.tolist())) == 9  # a pass draws without replacement (one example left over)

@@ -131,6 +131,16 @@ def lora_shakespeare(**simulation: Any) -> RunConfig:
                          "simulation": {**base, **simulation}})
 
 
+def test_the_shakespeare_eval_set_does_not_depend_on_the_clients_batch() -> None:
+    from worker.federated.tasks import ShakespeareTask
+
+    small, large = (ShakespeareTask(lora_shakespeare(batch_size=b)) for b in (2, 16))
+    assert len(small.eval_batches) == len(large.eval_batches) == 1
+    for (x_small, y_small), (x_large, y_large) in zip(small.eval_batches, large.eval_batches, strict=True):
+        assert torch.equal(x_small, x_large) and torch.equal(y_small, y_large)
+        assert x_small.shape[0] == lora_shakespeare().data.batch_size
+
+
 def test_a_client_update_of_the_wrong_rank_or_modules_is_refused_and_not_aggregated() -> None:
     sim = Simulation(lora_shakespeare())
     worker, replica = sim.workers[0], sim.aggregator.replica

@@ -8,10 +8,12 @@ every coordinate and divides by the expected batch size (opacus `DPOptimizer`); 
 steps on that gradient. The guarantee is example-level (epsilon, delta)-DP of a client's own data, against
 everything computed from its updates (the server, other clients, whoever reads the model).
 
-Sampling. Batches are uniformly shuffled, fixed-size (`shuffled_batches`), not Poisson-sampled; the
-accountant is given the sampling rate q = batch_size / client examples, the standard approximation (Opacus's
-own accountant does the same when `poisson_sampling=False`). A batch larger than the expected size would
-break it and is refused; a smaller one (a short last batch) only spends less.
+Sampling. Each task draws a client's batches (`worker/federated/tasks.py`): digits as shuffled passes over the
+client's samples cut into batches (the last of a pass may be short), Shakespeare as windows at uniformly random
+starts in the client's text, `batch_size` of them (fewer for a client with fewer windows). Neither is Poisson
+sampling; the accountant is given the sampling rate q = batch_size / client examples, the standard approximation
+(Opacus's own accountant does the same when `poisson_sampling=False`). A batch larger than the expected size
+would break it and is refused; a smaller one only spends less.
 
 Accounting. `epsilon_for` / `ClientAccountant.epsilon` run a fresh Opacus accountant (`rdp`: Renyi DP,
 Mironov 2017; `prv`: privacy random variables, Gopi et al. 2021) over a history of (sigma, q, steps).
@@ -45,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -229,27 +231,6 @@ class ClientAccountant:
     def epsilon(self, delta: float, accountant: Accountant = "rdp") -> float:
         """Epsilon spent so far at `delta`."""
         return epsilon_of(self.history, delta, accountant)
-
-
-def shuffled_batches(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, generator: torch.Generator | None = None
-) -> Iterator[Batch]:
-    """`steps` fixed-size batches of a client's examples (x, y share dim 0): each pass over the data is a fresh
-    uniform permutation cut into batches of `batch_size` (a remainder is dropped), so every batch is a uniform
-    random subset; the accountant's sampling rate is `sample_rate(batch_size, len(x))`."""
-    n = len(x)
-    b = min(batch_size, n)
-    if n < 1 or b < 1:
-        raise ValueError(f"need at least one example and batch_size >= 1, got {n} examples, batch_size {batch_size}")
-    taken = 0
-    while taken < steps:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n - b + 1, b):
-            if taken == steps:
-                return
-            idx = perm[start : start + b]
-            yield x[idx], y[idx]
-            taken += 1
 
 
 def _scrub(model: nn.Module, had: dict[int, set[str]]) -> None:

@@ -100,7 +100,9 @@ class ShakespeareTask:
             raise ConfigError(f"simulation.partition {sim.partition!r}: the shakespeare task takes by_role, by_play "
                               "or iid")
         self.clients = [t for t in self.clients if t.numel() > self.block]
-        self.eval_batches = corpus.eval_batches(sim.batch_size, self.block, cfg.train.eval_batches)
+        # The eval set is the run's (`data.batch_size` x `train.eval_batches` windows, as `lowband run` evaluates),
+        # not shaped by the clients' batch: a simulation at another client batch scores the same text.
+        self.eval_batches = corpus.eval_batches(cfg.data.batch_size, self.block, cfg.train.eval_batches)
 
     def _role_pieces(self, wanted: int, seed: int) -> list[Role]:
         # Per play, the lines of its eval tail (the corpus's own cut): role lines there do not train.
