@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -324,7 +325,8 @@ def collect(grid: Grid, log: Callable[[str], None] = print) -> dict[str, Any]:
         "ceiling_tokens_per_s": ceiling, "seconds": sum(c.seconds for c in runner.ceilings) / len(runner.ceilings),
         "eval_loss": runner.ceilings[0].eval_loss, "eval_loss_vs_diloco_sync": None, "bytes_sent_per_worker": 0.0,
         "bytes_received_per_worker": 0.0, "bytes_total_per_worker": 0.0, "steps": grid.steps,
-        "time_source": "step loop", "worker_cpu_s": runner.ceiling_cpu_around(0), "coordinator_cpu_s": 0.0,
+        "time_source": "step loop", "coordinator_cpu_s": 0.0,
+        "worker_cpu_s": statistics.fmean(c.worker_cpu_s for c in runner.ceilings if c.worker_cpu_s is not None),
         "cpu_bound_utilization": 1.0,
     }]
     rows += [make_row(e, runner.ceiling_around(e.slot), grid.steps, runner.ceiling_cpu_around(e.slot))
