@@ -121,10 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         parser.error(f"the joined results lack the DP runs {missing}")
     first = docs[0][1]
-    verdict = claim(rows + aggregate(rows), seeds)
+    rows_and_means = rows + aggregate(rows)
+    verdict = claim(rows_and_means, seeds)
     test = paired(rows, seeds)
     setup = {key: shared(first, key) for key in SHARED}
-    common.write_result(args.out, "python -m bench.fedsvd_seeds " + " ".join(args.results), rows + aggregate(rows),
+    common.write_result(args.out, "python -m bench.fedsvd_seeds " + " ".join(args.results), rows_and_means,
                  COLUMNS, joined=args.results, seeds=seeds, claim=verdict, paired=test,
                  paired_script_eval=paired(rows, seeds, "final_script_eval_loss"), **setup)
     print(f"wrote {plot({**setup, 'rows': rows}, common.RESULTS / f'{args.out}.png')}")

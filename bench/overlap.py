@@ -204,14 +204,18 @@ class Runner:
             self.entries.append(Entry(name or contender, point, inner_steps, link, m, len(self.ceilings) - 1))
         return m
 
+    def _around(self, slot: int) -> list[Measurement]:
+        """The compute-only measurements just before and after a run."""
+        return self.ceilings[max(slot, 0):slot + 2]
+
     def ceiling_around(self, slot: int) -> float:
         """Compute-only tokens/s around a run: the mean of the measurements just before and after it."""
-        near = self.ceilings[max(slot, 0):slot + 2]
+        near = self._around(slot)
         return sum(c.tokens_per_s for c in near) / len(near)
 
     def ceiling_cpu_around(self, slot: int) -> float | None:
         """Compute-only's CPU seconds per worker around a run, as `ceiling_around`."""
-        near = [c.worker_cpu_s for c in self.ceilings[max(slot, 0):slot + 2] if c.worker_cpu_s is not None]
+        near = [c.worker_cpu_s for c in self._around(slot) if c.worker_cpu_s is not None]
         return sum(near) / len(near) if near else None
 
 
