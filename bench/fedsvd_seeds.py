@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from bench import common
 from bench.fedsvd import COLUMNS, METHODS, Hyper, aggregate, claim, plot
+from bench.paired import ALPHA, ahead, compare
 
 # What every joined result must hold the same: anything that differs makes the seeds not comparable.
 SHARED = ("base_eval_loss", "base_script_eval_loss", "hp", "clients", "per_round", "model", "lowrank", "dp",
           "max_chars")
-ALPHA = 0.05  # the paired tests' level for `paired_holds`
 
 
 def load(name: str) -> dict[str, Any]:
@@ -78,30 +76,16 @@ def join(docs: list[tuple[str, dict[str, Any]]]) -> tuple[list[dict[str, Any]], 
     return rows, seeds
 
 
-def sign_test_p(wins: int, n: int) -> float:
-    """Two-sided exact sign test: the chance of a split at least this uneven among n fair coin flips."""
-    extreme = min(wins, n - wins)
-    tail = sum(math.comb(n, k) for k in range(extreme + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
 def paired(rows: list[dict[str, Any]], seeds: list[int], key: str = "final_eval_loss") -> dict[str, Any]:
     """Per baseline: FedSVD against it on the same seeds (see the module docstring)."""
-    from scipy.stats import ttest_rel
-
     loss = {(r["method"], r["seed"]): float(r[key]) for r in rows}
     svd = [loss[("fedsvd", s)] for s in seeds]
     out: dict[str, Any] = {"metric": key, "seeds": seeds, "alpha": ALPHA}
     for kind in METHODS[1:]:
-        other = [loss[(kind, s)] for s in seeds]
-        diffs = [o - f for o, f in zip(other, svd, strict=True)]
-        wins = sum(d > 0 for d in diffs)
-        test = ttest_rel(other, svd)
-        out[kind] = {"differences": diffs, "mean": statistics.fmean(diffs),
-                     "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                     "t": float(test.statistic), "p": float(test.pvalue),
-                     "fedsvd_wins": wins, "sign_p": sign_test_p(wins, len(diffs))}
-    out["paired_holds"] = all(out[k]["mean"] > 0 and out[k]["p"] < ALPHA for k in METHODS[1:])
+        result = compare([loss[(kind, s)] for s in seeds], svd)
+        result["fedsvd_wins"] = result.pop("wins")
+        out[kind] = result
+    out["paired_holds"] = all(ahead(out[k]) for k in METHODS[1:])
     return out
 
 
