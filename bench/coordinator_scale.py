@@ -70,6 +70,7 @@ COLUMNS = ["contender", "seconds_per_round", "seconds_per_round_per_worker", "co
            "protocol_received_per_worker", "heartbeats_sent", "heartbeats_skipped", "wall_s"]
 FULL_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}  # 10.7M parameters
 QUICK_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}  # 0.1M parameters
+MODELS = {"full": FULL_MODEL, "quick": QUICK_MODEL}
 HEARTBEAT_INTERVAL_S = 2.0
 _LOGS: dict[int, str] = {}  # pid -> its log file, quoted when it fails
 
@@ -245,11 +246,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beat-always", action="store_true",
                         help="every worker beats every interval, even while a long poll, pull or push of its is "
                              "open (which the coordinator counts as proof of life): as workers did before")
+    parser.add_argument("--model", choices=sorted(MODELS), default="full",
+                        help="the model pushed: full (10.7M parameters, the target's) or quick (0.1M): with the "
+                             "quick one, what the coordinator holds above start-up is what it holds per connection "
+                             "and call, not per model")
     parser.add_argument("--out", default="coordinator_scale", help="result name in bench/results")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.client_procs < 1 or not args.heartbeat_interval > 0:
         parser.error("need --rounds >= 1, --client-procs >= 1 and --heartbeat-interval > 0")
-    workers, rounds, model = (([4, 8], 2, QUICK_MODEL) if args.quick else (args.workers, args.rounds, FULL_MODEL))
+    workers, rounds, model = ([4, 8], 2, QUICK_MODEL) if args.quick else (args.workers, args.rounds,
+                                                                         MODELS[args.model])
     with tempfile.TemporaryDirectory(prefix="lowband-scale-") as tmp:
         rows = [run_contender(n, rounds, model, args.client_procs, Path(tmp) / f"workers-{n}", args.timeout,
                               not args.no_malloc_tuning, args.heartbeat_interval, args.beat_always) for n in workers]
