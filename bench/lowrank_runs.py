@@ -78,10 +78,15 @@ def pretrain_config(steps: int, max_chars: int, model: dict[str, Any] | None = N
 
 def finetune_config(contender: str, steps: int, init_from: str | Path, lr: float, max_chars: int,
                     eval_every: int, weight_decay: float | None = None, model: dict[str, Any] | None = None,
-                    seed: int = 0) -> RunConfig:
+                    seed: int = 0, alpha: int | None = None) -> RunConfig:
     """`contender` fine-tuning the base at `init_from` on the fine-tuning plays: 4 all-gather ranks (inner AdamW
-    weight decay `weight_decay`, or the default's). `model` must be the base's shape."""
+    weight decay `weight_decay`, or the default's; adapter alpha `alpha`, or the contender's). `model` must be the
+    base's shape."""
     kind, lowrank = CONTENDERS[contender]
+    if alpha is not None:
+        if lowrank is None or "alpha" not in lowrank:
+            raise ValueError(f"{contender} has no adapters, so no alpha to set")
+        lowrank = {**lowrank, "alpha": alpha}
     data = _common(f"lowrank-{contender}", "finetune", steps, lr, max_chars, eval_every, model, seed)
     if weight_decay is not None:
         data["train"]["weight_decay"] = weight_decay
