@@ -163,10 +163,13 @@ def main(argv: list[str] | None = None) -> None:
         if not base.is_file():
             parser.error(f"--base {base}: no such checkpoint file")
         rows = run_all(base, lrs, seeds, plan.steps, plan.eval_every, plan.max_chars)
+    starts = sorted({p["eval_loss"] for r in rows for p in r["curve"] if p["step"] == 0})
     doc = {"seeds": seeds, "lrs": lrs, "rank": RANK, "alpha": ALPHA, "steps_per_worker": plan.steps,
            "max_chars": plan.max_chars,
-           "base": str(args.base) if made is None else {"pretrained_steps": made.steps, "seed": args.base_seed,
-                                                         "base_eval_loss": made.base_eval_loss},
+           "base": str(args.base) if made is None else {"pretrained_steps": made.steps, "seed": args.base_seed},
+           # Every run's eval at step 0, before any step: the base's own loss on the fine-tuning plays (one value
+           # when both methods start from the base's exact outputs), whichever way the base came.
+           "base_eval_loss_at_step_0": starts,
            **judge(rows, lrs, seeds)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(doc, RESULTS / f"{out}.png")
