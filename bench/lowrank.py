@@ -68,7 +68,8 @@ sweep is stored as `lr_sweep` when given by `--lr-sweep-json`.
 Ratios against full: `bytes_vs_full`, `optimizer_state_vs_full`, `eval_loss_vs_full` (contender / full).
 Targets (issue): pissa-r8's eval loss within 3% of full's, at least 10x fewer total bytes per worker, at least
 5x less optimizer state; pissa-r8 ahead of lora-r8 (lower eval loss) at equal steps. Stored as `targets`
-with pass/fail (None where a row is missing).
+with pass/fail (None where a row is missing). Here that last one compares each at its own best lr and LoRA at
+alpha 16; bench.lowrank_equal makes the PiSSA paper's own comparison, both at alpha = rank and one lr, over seeds.
 
 Writes bench/results/<out>.json and <out>.png (eval loss against fine-tuning tokens per contender; bytes per
 worker and optimizer state per contender, log scale). `--quick` is a smoke run (tiny corpus via

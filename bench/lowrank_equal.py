@@ -127,7 +127,7 @@ def plot(doc: dict[str, Any], path: Path) -> Path:
             ax.plot([p["tokens"] for p in points], [p["eval_loss"] for p in points], marker="o", markersize=3,
                     label=f"{method} (final {one['mean_final'][method]:.4f})")
         p = one["paired"]["p"]
-        ax.set(title=f"lr {one['lr']:g}: PiSSA ahead by {one['paired']['mean']:+.4f}, p {p:.3g}",
+        ax.set(title=f"lr {one['lr']:g}: LoRA minus PiSSA {one['paired']['mean']:+.4f}, paired p {p:.2g}",
                xlabel="fine-tuning tokens, all workers", ylabel="eval loss, mean over seeds")
         ax.legend(fontsize=8)
     fig.suptitle(f"rank {RANK}, alpha {ALPHA}, identical settings, seeds {doc['seeds']}", fontsize=10)
