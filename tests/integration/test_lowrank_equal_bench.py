@@ -1,9 +1,10 @@
 """bench.lowrank_equal on a tiny plan: a pretrained base (4 all-gather processes), then LoRA and PiSSA at rank 8 and
-alpha 8 from it, at one lr and two seeds, each in 4 fresh processes.
+alpha 8 from it, at one lr and one seed, each in 4 fresh processes (the verdict over several seeds is
+tests/unit/test_lowrank_equal.py's).
 
 What the comparison rests on is checked, not its outcome: both methods start from the same model (LoRA's B is 0,
-PiSSA's residual plus its factors is the base weight), so every run's eval at step 0 is the base's; the seed
-changes the fine-tuning; the verdict is computed from these rows.
+PiSSA's residual plus its factors is the base weight), so every run's eval at step 0 is the base's; both train;
+the verdict is computed from these rows, and one seed never makes it hold.
 """
 
 from __future__ import annotations
@@ -21,19 +22,18 @@ STEPS, MAX_CHARS = 30, 200_000
 
 def test_lora_and_pissa_start_from_the_same_base_and_are_judged(tmp_path: Path) -> None:
     base = pretrain(STEPS, MAX_CHARS, tmp_path / "base")
-    rows = run_all(base.checkpoint, [1e-3], [0, 1], STEPS, STEPS, MAX_CHARS, log=lambda _: None)
-    assert sorted((r["method"], r["seed"]) for r in rows) == [("lora", 0), ("lora", 1), ("pissa", 0), ("pissa", 1)]
+    rows = run_all(base.checkpoint, [1e-3], [0], STEPS, STEPS, MAX_CHARS, log=lambda _: None)
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("lora", 0), ("pissa", 0)]
     for r in rows:
         steps = [p["step"] for p in r["curve"]]
         assert steps == [0, STEPS], r
         assert r["curve"][0]["eval_loss"] == pytest.approx(base.base_eval_loss, abs=1e-4), r
         assert math.isfinite(r["final_eval_loss"]) and r["final_eval_loss"] == r["curve"][-1]["eval_loss"]
         assert r["final_eval_loss"] != pytest.approx(base.base_eval_loss, abs=1e-4)  # it trained
-    finals = {(r["method"], r["seed"]): r["final_eval_loss"] for r in rows}
-    assert finals[("lora", 0)] != finals[("lora", 1)] and finals[("pissa", 0)] != finals[("pissa", 1)]
-    out = judge(rows, [1e-3], [0, 1])
+    finals = {r["method"]: r["final_eval_loss"] for r in rows}
+    assert finals["lora"] != finals["pissa"]
+    out = judge(rows, [1e-3], [0])
     one = out["by_lr"]["0.001"]
-    assert one["mean_final"]["pissa"] == pytest.approx((finals[("pissa", 0)] + finals[("pissa", 1)]) / 2)
-    assert one["paired"]["differences"] == pytest.approx(
-        [finals[("lora", s)] - finals[("pissa", s)] for s in (0, 1)])
-    assert out["claim"]["holds"] == (one["pissa_ahead"] and one["pissa_below_at_every_point"])
+    assert one["mean_final"] == pytest.approx(finals)
+    assert one["paired"]["differences"] == pytest.approx([finals["lora"] - finals["pissa"]])
+    assert math.isnan(one["paired"]["p"]) and not out["claim"]["holds"]  # one seed cannot show it
