@@ -43,7 +43,12 @@ not grow from row to row), coordinator memory at most 3x the model at 1,000 work
 its interval (2 s) by a round close.
 
     python -m bench.coordinator_scale --workers 10,100,1000 --rounds 3
+    python -m bench.coordinator_scale --workers 10,100,1000 --rounds 2 --model quick   # per connection, not model
     python -m bench.coordinator_scale --quick
+
+`--model quick` pushes the 0.1M-parameter model at the workers given: what the coordinator then holds above start-up
+is what it holds per connection and per call. Its ratios and memory verdict are against that small model, so they
+say nothing of the target, which is about the 10.7M one (BENCHMARKS.md compares the bytes).
 """
 
 from __future__ import annotations
