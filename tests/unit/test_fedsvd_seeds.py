@@ -11,7 +11,7 @@ import pytest
 from scipy.stats import ttest_rel
 
 import bench.common
-from bench import fedsvd_seeds, paired
+from bench import fedsvd_seeds
 from bench.fedsvd import METHODS
 
 SHARED_VALUES: dict[str, Any] = {"base_eval_loss": 2.18, "base_script_eval_loss": 2.19, "hp": {"rounds": 2},
@@ -63,13 +63,6 @@ def test_join_refuses_a_seed_run_twice() -> None:
     b = result({0: losses(2.15, 2.16, 2.152)})
     with pytest.raises(ValueError, match=r"repeats seed\(s\) \[0\]"):
         fedsvd_seeds.join([("a", a), ("b", b)])
-
-
-def test_sign_test_is_the_exact_binomial_tail() -> None:
-    assert paired.sign_test_p(8, 8) == pytest.approx(2 / 256)
-    assert paired.sign_test_p(0, 8) == pytest.approx(2 / 256)
-    assert paired.sign_test_p(6, 8) == pytest.approx(2 * (1 + 8 + 28) / 256)
-    assert paired.sign_test_p(4, 8) == 1.0
 
 
 def test_paired_differences_are_baseline_minus_fedsvd_on_the_same_seed() -> None:
