@@ -100,6 +100,7 @@ from bench.lowrank_runs import (
     WORKERS,
     ContenderRun,
     as_dict,
+    bytes_per_worker,
     finetune_config,
     pretrain,
     run_contender,
@@ -136,7 +137,6 @@ QUICK = Plan(pretrain_steps=60, steps=60, max_chars=200_000, eval_every=30)
 def make_row(run: ContenderRun, lr: float) -> dict[str, Any]:
     """A table row of one contender (ratios against full are added by `add_ratios`)."""
     ranks = run.ranks
-    n = len(ranks)
     evaluated = [r for r in ranks if r["final_eval_loss"] is not None]
     peaks = [int(r["peak_rss_bytes"]) for r in ranks]
     starts = [int(r["rss_at_start_bytes"]) for r in ranks]
@@ -151,9 +151,7 @@ def make_row(run: ContenderRun, lr: float) -> dict[str, Any]:
         "weight_decay": run.cfg.train.weight_decay,
         "eval_loss": evaluated[0]["final_eval_loss"] if evaluated else None,
         "eval_loss_vs_full": None,
-        "bytes_sent_per_worker": sum(r["bytes_sent"] for r in ranks) / n,
-        "bytes_received_per_worker": sum(r["bytes_received"] for r in ranks) / n,
-        "bytes_total_per_worker": sum(r["bytes_total"] for r in ranks) / n,
+        **bytes_per_worker(ranks),
         "bytes_vs_full": None,
         "optimizer_state_bytes": max(int(r["optimizer_state_bytes"]) for r in ranks),
         "optimizer_state_vs_full": None,

@@ -40,12 +40,13 @@ from typing import Any
 
 from bench.common import RESULTS, comma_list, command_line, write_result
 from bench.lowrank import curve
-from bench.lowrank_runs import RANK, finetune_config, pretrain, run_contender
+from bench.lowrank_runs import RANK, bytes_per_worker, finetune_config, pretrain, run_contender
 from bench.paired import ahead, compare
 
 METHODS = {"lora": "lora-r8", "pissa": "pissa-r8"}  # method -> bench.lowrank contender (its adapters, at ALPHA)
 ALPHA = RANK  # the paper's alpha = rank, for both
-COLUMNS = ["method", "lr", "seed", "final_eval_loss", "wall_s"]
+COLUMNS = ["method", "lr", "seed", "final_eval_loss", "bytes_sent_per_worker", "bytes_received_per_worker",
+           "bytes_total_per_worker", "wall_s"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def run_all(base: Path, lrs: list[float], seeds: list[int], steps: int, eval_eve
                 if not losses:
                     raise RuntimeError(f"{method} at lr {lr:g}, seed {seed}: no rank reported an eval loss")
                 rows.append({"method": method, "lr": lr, "seed": seed, "final_eval_loss": losses[0],
-                             "curve": curve(run), "wall_s": run.wall_s})
+                             **bytes_per_worker(run.ranks), "curve": curve(run), "wall_s": run.wall_s})
                 log(f"{method} lr {lr:g} seed {seed}: eval {losses[0]:.4f} ({run.wall_s:.0f} s)")
     return rows
 

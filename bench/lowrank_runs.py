@@ -235,6 +235,13 @@ def run_contender(contender: str, cfg: RunConfig) -> ContenderRun:
     return ContenderRun(contender, cfg, ranks, time.perf_counter() - began)
 
 
+def bytes_per_worker(ranks: list[dict[str, Any]]) -> dict[str, float]:
+    """What a contender's ranks moved, both ways, as the mean per worker."""
+    n = len(ranks)
+    return {f"bytes_{way}_per_worker": sum(r[f"bytes_{way}"] for r in ranks) / n
+            for way in ("sent", "received", "total")}
+
+
 def as_dict(p: Pretrained) -> dict[str, Any]:
     d = asdict(p)
     d["checkpoint"] = str(p.checkpoint)

@@ -30,6 +30,8 @@ def test_lora_and_pissa_start_from_the_same_base_and_are_judged(tmp_path: Path) 
         assert r["curve"][0]["eval_loss"] == pytest.approx(base.base_eval_loss, abs=1e-4), r
         assert math.isfinite(r["final_eval_loss"]) and r["final_eval_loss"] == r["curve"][-1]["eval_loss"]
         assert r["final_eval_loss"] != pytest.approx(base.base_eval_loss, abs=1e-4)  # it trained
+        assert r["bytes_sent_per_worker"] > 0 and r["bytes_received_per_worker"] > 0
+        assert r["bytes_total_per_worker"] == pytest.approx(r["bytes_sent_per_worker"] + r["bytes_received_per_worker"])
     finals = {r["method"]: r["final_eval_loss"] for r in rows}
     assert finals["lora"] != finals["pissa"]
     out = judge(rows, [1e-3], [0])
