@@ -28,6 +28,9 @@ Columns:
   coordinator's own timing of decoding and checking an update (off its state lock), of what it does under that
   lock (fold, close), of the checkpoint (recording thread) and of taking the lock (bench/scale_procs.py
   `Sections`).
+- `memory_by_kind`, `memory_growth_by_kind`: the coordinator's resident bytes by kind as the run ends (thread
+  stacks and their count, malloc's arenas and main heap, other anonymous and file-backed pages; glibc's bytes in
+  use, free but kept, and mapped: bench/proc_memory.py) and their growth over start-up.
 - `running_at_peak`, `max_rise_over_model`: the coordinator's resident set sampled every 10 ms: the calls
   running at the sampled peak, and per kind of call (the ones above, plus `read_push`, `initial_state`, `apply`,
   `encode_pull`) the most it rose during one call, in model sizes (bench/scale_procs.py `Sections`).
@@ -182,6 +185,10 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
         **done["sections"],  # max/mean seconds of check, fold, close, checkpoint, waiting for the state lock
         **done.get("memory", {}),  # the sampled peak, what ran at it, each call kind's largest rise
     }
+    if "memory_by_kind" in done:  # resident bytes by kind at the end, and their growth over start-up
+        end, start = done["memory_by_kind"], ready.get("baseline_by_kind", {})
+        row["memory_by_kind"] = end
+        row["memory_growth_by_kind"] = {k: v - start[k] for k, v in end.items() if k in start}
     if seconds:
         row["seconds_per_round"] = statistics.median(seconds)
         row["seconds_per_round_per_worker"] = row["seconds_per_round"] / workers

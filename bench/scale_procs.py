@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from bench import proc_memory
 from coordinator.server import CoordinatorServer
 from protocols.config import PROTOCOL_VERSION, RunConfig, parse_config
 from protocols.registry import build_protocol
@@ -176,11 +177,13 @@ def run_coordinator(spec: dict[str, Any], work: Path) -> None:
     threading.Thread(target=sections.watch_lock, args=(server.state._cond, stop), daemon=True).start()
     threading.Thread(target=sections.watch_memory, args=(stop,), daemon=True).start()
     _write(work / "coordinator.json", {"address": server.address, "pid": os.getpid(),
-                                       "baseline": proc_status()})
+                                       "baseline": proc_status(), "baseline_by_kind": proc_memory.breakdown()})
     try:
         finished = server.wait_finished(timeout=spec["timeout_s"])
         server.wait_departed(spec["timeout_s"])  # 1,000 final pulls can take past a minute on this machine
         summary = server.summary()
+        # While the server still stands: its pool's threads, once started, stay until it stops.
+        by_kind = proc_memory.breakdown()
     finally:
         stop.set()
         server.stop()
@@ -188,6 +191,7 @@ def run_coordinator(spec: dict[str, Any], work: Path) -> None:
     replica = server.state.aggregator.replica.params if server.state.aggregator is not None else {}
     model_bytes = sum(t.numel() * 4 for t in replica.values()) or 1
     _write(work / "coordinator_done.json", {"finished": finished, "summary": summary, "status": status,
+                                            "memory_by_kind": by_kind,
                                             "sections": sections.report(),
                                             "memory": sections.memory_report(model_bytes)})
 

@@ -82,6 +82,10 @@ def test_quick_run_writes_a_row_per_contender(tmp_path: Path, monkeypatch: pytes
         # One round after the first: the coordinator's CPU from round 0's close to round 1's, and the clients'.
         assert r["coordinator_cpu_s_by_round"] == [r["coordinator_cpu_s_per_round"]]
         assert r["coordinator_cpu_s_per_round"] > 0 and r["clients_cpu_s"] > 0
+        # The server's pool threads are still up as the run ends, each with its stack.
+        kinds = r["memory_by_kind"]
+        assert kinds["threads"] > r["workers"] and kinds["thread_stack_count"] >= r["workers"]
+        assert r["memory_growth_by_kind"]["thread_stack_count"] > 0
     assert set(doc["targets"]) == {"round_time_at_most_linear", "memory_at_most_3x_model",
                                    "heartbeat_within_interval", "coordinator_cpu_at_most_linear"}
     assert isinstance(doc["targets"]["heartbeat_within_interval"]["met"], bool)
