@@ -78,3 +78,4 @@ class CoordinatorServer(CoordinatorRun):
     def stop(self, grace: float = 1.0) -> None:
         self.stop_ticker()
         self.server.stop(grace).wait()
+        self.servicer.close()

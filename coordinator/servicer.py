@@ -21,7 +21,11 @@ that waits inside its stream has already sent what the stream's window lets thro
 that waits in the coordinator's buffers. A push's deadline, PUSH_BASE_S plus its declared bytes at
 MIN_PUSH_RATE, starts once it is admitted; it must finish by then however it paces its messages. Pulls (an
 aggregate, a whole replica) are admitted alike, READS_PER_CORE per core at once, before their stream starts:
-a round's pulls all come at once, and each pull in flight holds a serialized chunk (1 MiB) in gRPC's buffers."""
+a round's pulls all come at once, and each pull in flight holds a serialized chunk (1 MiB) in gRPC's buffers.
+
+Threads: gRPC's pool serves each open call on a thread of its own, about 1,000 at 1,000 workers. A push is read,
+decoded and folded on one of the servicer's push threads instead (`push_work`), as many as pushes are read at
+once: torch keeps per-thread state in every thread that ran it (bench/call_memory.py, BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
+from concurrent import futures
 from contextlib import ExitStack
 from typing import Any
 
@@ -163,6 +168,16 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         self.watchdog = StreamWatchdog()
         self.aggregates = EncodedAggregates(chunk_bytes)
         self.idle_s = state.cfg.cluster.stream_idle_s
+        # A push's payload is read into tensors and decoded with torch, and a thread that ran torch once keeps
+        # ~35 KB of torch's per-thread state for as long as it lives (bench/call_memory.py). gRPC's pool has a
+        # thread per call open at once (about 1,000 at 1,000 workers) and any of them may take a push, so pushes
+        # are read on these threads instead: as many as are reading at once (`admitted`, plus the rare push
+        # still waiting for its header or for admission), created only as needed.
+        self.push_work = futures.ThreadPoolExecutor(max_workers=limits.pushes, thread_name_prefix="lowband-push")
+
+    def close(self) -> None:
+        """Stop taking pushes (the server has stopped): the push threads end once their pushes have."""
+        self.push_work.shutdown(wait=False, cancel_futures=True)
 
     def _check_run(self, env: m.Envelope) -> None:
         if env.run_id and env.run_id != self.state.run_id:
@@ -310,11 +325,15 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
                 stream.set_deadline(PUSH_BASE_S + header.total_bytes / MIN_PUSH_RATE)
 
             try:
-                header, entries = serde.read_push(counted, self.state.max_push_bytes, refuse_early)
-                with self.decoding.hold(None):  # it waits its turn, however long: its payload is here
-                    return self._apply_push(header, entries, counted.nbytes)
+                return self.push_work.submit(self._read_and_apply, counted, refuse_early).result()
             except AlreadyFolded as done:  # a retry after a lost reply: the same answer, nothing folded twice
                 return serde.to_pb(m.PushReply(accepted=True, round=done.round, bytes_received=counted.nbytes))
+
+    def _read_and_apply(self, counted: CountingIterator, refuse_early: Callable[[m.PushHeader], None]) -> Any:
+        """On a push thread: the whole stream read (its header judged first), decoded, checked and folded."""
+        header, entries = serde.read_push(counted, self.state.max_push_bytes, refuse_early)
+        with self.decoding.hold(None):  # it waits its turn, however long: its payload is here
+            return self._apply_push(header, entries, counted.nbytes)
 
     def _apply_push(self, header: m.PushHeader, entries: dict[str, Any], nbytes: int) -> Any:
         env = header.envelope
