@@ -43,7 +43,7 @@ def test_each_mapping_counts_once_under_its_kind() -> None:
                      "main_heap": 12000 << 10, "other_anonymous": (2048 + 64) << 10, "file_backed": 900 << 10}
 
 
-def test_threads_started_show_as_stacks_and_in_the_count() -> None:
+def test_threads_started_show_in_the_count_and_have_stacks() -> None:
     before = proc_memory.breakdown()
     release = threading.Event()
     started = [threading.Thread(target=release.wait) for _ in range(5)]
@@ -56,6 +56,7 @@ def test_threads_started_show_as_stacks_and_in_the_count() -> None:
         for thread in started:
             thread.join()
     assert during["threads"] == before["threads"] + 5
-    assert during["thread_stack_count"] >= before["thread_stack_count"] + 5
-    assert during["thread_stacks"] > before["thread_stacks"]
+    # Their stacks may be ones glibc kept from threads that ended earlier (already counted before), so the
+    # stacks' growth is checked in fresh processes (tests/integration/test_call_memory_bench.py).
+    assert during["thread_stack_count"] >= 5 and during["thread_stacks"] > 0
     assert during["malloc_in_use"] > 0
