@@ -7,9 +7,9 @@ alone as the growth of a fresh process over `--count` units:
 
 - `idle-connection`: a server process; a client process opens `--count` channels, makes one small unary call on
   each and keeps them open. What an open connection costs.
-- `held-call`: the same, but the calls are all open at once (the handler holds each for HOLD_S seconds) on a
-  thread pool with room for all: what a long poll costs a synchronous server, measured once they have ended (the
-  pool's threads stay).
+- `held-call`: the same, but the calls are all open at once (the handler holds each until every one has
+  arrived) on a thread pool with room for all: what a long poll costs a synchronous server, measured once they
+  have ended (the pool's threads stay).
 - `thread`: `--count` plain Python threads, parked (in a fresh process with torch imported).
 - `thread-after-torch`: the same, each having run one small torch op first (torch keeps per-thread state for the
   thread's lifetime).
@@ -35,7 +35,7 @@ import torch
 from bench import proc_memory
 from bench.common import command_line, write_result
 
-HOLD_S = 2.0
+HOLD_LIMIT_S = 60.0  # a held call is let go after this even if not every call arrived (the client failed)
 SERVICE, METHOD = "lowband.bench.CallMemory", "Echo"
 KINDS = ["thread_stacks", "malloc_arenas", "main_heap", "other_anonymous", "file_backed", "malloc_in_use",
          "malloc_free_kept"]
@@ -90,13 +90,21 @@ def in_fresh_process(count: int, with_torch: bool) -> dict[str, int]:
     return dict(json.loads(out.stdout.splitlines()[-1]))
 
 
-def serve(pool: int, hold_s: float) -> None:
-    """Server role: echo calls (holding each `hold_s`); prints its port, then on a line from stdin the growth of
-    its resident set since it started serving, as JSON."""
+def serve(pool: int, hold_until: int) -> None:
+    """Server role: echo calls (with `hold_until` > 0, each held until that many have arrived, so all are open at
+    once); prints its port, then on a line from stdin the growth of its resident set since it started serving,
+    as JSON."""
     import grpc
 
+    arrived = threading.Condition()
+    calls = [0]
+
     def echo(request: bytes, context: Any) -> bytes:
-        time.sleep(hold_s)
+        if hold_until > 0:
+            with arrived:
+                calls[0] += 1
+                arrived.notify_all()
+                arrived.wait_for(lambda: calls[0] >= hold_until, timeout=HOLD_LIMIT_S)
         return request
 
     handler = grpc.method_handlers_generic_handler(SERVICE, {METHOD: grpc.unary_unary_rpc_method_handler(echo)})
@@ -120,7 +128,7 @@ def call(port: int, count: int, at_once: bool) -> None:
     calls = [c.unary_unary(f"/{SERVICE}/{METHOD}") for c in channels]
     if at_once:
         with futures.ThreadPoolExecutor(max_workers=count) as pool:
-            list(pool.map(lambda stub: stub(b"x", timeout=60 + HOLD_S), calls))
+            list(pool.map(lambda stub: stub(b"x", timeout=60 + HOLD_LIMIT_S), calls))
     else:
         for stub in calls:
             stub(b"x", timeout=60)
@@ -130,7 +138,7 @@ def call(port: int, count: int, at_once: bool) -> None:
 
 def over_grpc(count: int, held: bool) -> dict[str, int]:
     me = [sys.executable, "-m", "bench.call_memory"]
-    pool, hold = (count + 8, HOLD_S) if held else (8, 0.0)
+    pool, hold = (count + 8, count) if held else (8, 0)
     server = subprocess.Popen([*me, "--role", "server", "--pool", str(pool), "--hold", str(hold)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert server.stdin is not None and server.stdout is not None
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--pool", type=int, default=8, help=argparse.SUPPRESS)
-    parser.add_argument("--hold", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--hold", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--at-once", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--torch", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -184,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(parked_threads(args.count, _torch_op if args.torch else None)))
     else:
         write_result(args.out, command_line("bench.call_memory"), collect(args.count), COLUMNS,
-                     config={"count": args.count, "hold_s": HOLD_S})
+                     config={"count": args.count, "held_calls_all_open_at_once": True})
 
 
 if __name__ == "__main__":
