@@ -43,10 +43,6 @@ COLUMNS = ["contender", "count", "rss_kb_per_unit", *[f"{k}_kb_per_unit" for k i
 RSS_KINDS = ["thread_stacks", "malloc_arenas", "main_heap", "other_anonymous", "file_backed"]
 
 
-def _growth(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {k: after[k] - before[k] for k in after if k in before}
-
-
 def per_unit(contender: str, count: int, growth: dict[str, int]) -> dict[str, Any]:
     """A row: the growth of each kind, and of the resident set (the kinds that are resident pages), per unit."""
     row: dict[str, Any] = {"contender": contender, "count": count}
@@ -75,7 +71,7 @@ def parked_threads(count: int, work: Callable[[], Any] | None) -> dict[str, int]
     release.set()
     for thread in started:
         thread.join()
-    return _growth(before, after)
+    return proc_memory.growth(before, after)
 
 
 def _torch_op() -> None:
@@ -115,7 +111,7 @@ def serve(pool: int, hold_until: int) -> None:
     before = proc_memory.breakdown()
     print(port, flush=True)
     sys.stdin.readline()
-    print(json.dumps(_growth(before, proc_memory.breakdown())), flush=True)
+    print(json.dumps(proc_memory.growth(before, proc_memory.breakdown())), flush=True)
     server.stop(0)
 
 

@@ -43,7 +43,8 @@ import torch
 
 from bench.common import command_line, write_result
 from bench.coordinator_scale import FULL_MODEL, bench_config
-from bench.scale_procs import initial_params, one_update, proc_status
+from bench.proc_memory import proc_status
+from bench.scale_procs import initial_params, one_update
 from compression.payload import dense
 from protocols.config import PROTOCOL_VERSION, parse_config
 from protocols.wire import lowband_pb2 as pb

@@ -67,8 +67,10 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from bench import proc_memory
 from bench.common import comma_list, command_line, write_result
-from bench.scale_procs import initial_params, proc_status
+from bench.proc_memory import proc_status
+from bench.scale_procs import initial_params
 from protocols.config import parse_config
 
 COLUMNS = ["contender", "seconds_per_round", "seconds_per_round_per_worker", "coordinator_cpu_s_per_round",
@@ -188,7 +190,7 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
     if "memory_by_kind" in done:  # resident bytes by kind at the end, and their growth over start-up
         end, start = done["memory_by_kind"], ready.get("baseline_by_kind", {})
         row["memory_by_kind"] = end
-        row["memory_growth_by_kind"] = {k: v - start[k] for k, v in end.items() if k in start}
+        row["memory_growth_by_kind"] = proc_memory.growth(start, end)
     if seconds:
         row["seconds_per_round"] = statistics.median(seconds)
         row["seconds_per_round_per_worker"] = row["seconds_per_round"] / workers

@@ -82,15 +82,25 @@ def malloc_info() -> dict[str, int]:
     return {"malloc_in_use": info.uordblks, "malloc_free_kept": info.fordblks, "malloc_mapped": info.hblkhd}
 
 
-def threads(pid: int | str = "self") -> int:
+def proc_status(pid: int | str = "self", keys: tuple[str, ...] = ("VmRSS", "VmHWM")) -> dict[str, int]:
+    """Fields of /proc/PID/status: sizes (kB there) in bytes, counts (`Threads`) as they are. By default VmRSS and
+    VmHWM (the peak resident set)."""
+    out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Threads:"):
-            return int(line.split()[1])
-    raise ValueError(f"/proc/{pid}/status has no Threads line")
+        key, _, value = line.partition(":")
+        if key in keys:
+            fields = value.split()
+            out[key] = int(fields[0]) * (1024 if fields[-1] == "kB" else 1)
+    return out
+
+
+def growth(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """What each kind grew by from `before` to `after` (kinds in both)."""
+    return {k: v - before[k] for k, v in after.items() if k in before}
 
 
 def breakdown(pid: int | str = "self") -> dict[str, int]:
     """This process's (or `pid`'s) resident set by kind, its thread count, and (for this process) glibc's
     account of its heaps."""
-    out = classify(Path(f"/proc/{pid}/smaps").read_text()) | {"threads": threads(pid)}
+    out = classify(Path(f"/proc/{pid}/smaps").read_text()) | {"threads": proc_status(pid, ("Threads",))["Threads"]}
     return out | (malloc_info() if pid == "self" else {})

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from bench import proc_memory
+from bench.proc_memory import proc_status
 from coordinator.server import CoordinatorServer
 from protocols.config import PROTOCOL_VERSION, RunConfig, parse_config
 from protocols.registry import build_protocol
@@ -43,16 +44,6 @@ from worker.model import GPT
 VOCAB = 65  # the Shakespeare character vocabulary: the model is the default GPT at that size
 PROBE_PERIOD_S = 0.1
 MEMORY_PERIOD_S = 0.01
-
-
-def proc_status(pid: int | str = "self") -> dict[str, int]:
-    """VmRSS and VmHWM (peak resident set) of a process, in bytes."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def initial_params(cfg: RunConfig) -> Params:

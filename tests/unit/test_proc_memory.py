@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 from bench import proc_memory
@@ -60,3 +61,11 @@ def test_threads_started_show_in_the_count_and_have_stacks() -> None:
     # stacks' growth is checked in fresh processes (tests/integration/test_call_memory_bench.py).
     assert during["thread_stack_count"] >= 5 and during["thread_stacks"] > 0
     assert during["malloc_in_use"] > 0
+
+
+def test_status_sizes_come_in_bytes_and_counts_as_they_are() -> None:
+    tasks_before = len(os.listdir("/proc/self/task"))  # the kernel's own list of this process's threads
+    status = proc_memory.proc_status("self", ("VmRSS", "VmHWM", "Threads"))
+    tasks_after = len(os.listdir("/proc/self/task"))
+    assert status["VmHWM"] >= status["VmRSS"] > 1 << 20  # an interpreter is past a MiB
+    assert min(tasks_before, tasks_after) <= status["Threads"] <= max(tasks_before, tasks_after)
