@@ -25,6 +25,10 @@ transport really moved; `link.bandwidth_mbps`). Contenders:
   downlink, error feedback decay 0.8: `bench.overlap_runs.SPARSELOCO_COMPRESSION` says why), synchronous,
   CO2, and CO2 with eager starts (`protocol.overlap.eager`, each worker from the replica moved by its own
   fresh update: `eager_proxy: update`).
+- diloco-arrival / sparseloco-arrival: the synchronous protocol (DiLoCo's outer step with momentum 0.5), each
+  round's aggregate merged after exactly 4 of the next round's inner steps (`overlap.mode: on_arrival`,
+  `delay_steps` 4: `bench.overlap_runs.ARRIVAL_DELAY` says why a fixed delay); `merged_after_steps` is the
+  mean step a worker merged at.
 
 Columns: `compute_utilization` is the contender's tokens/s (all workers' tokens over the slowest worker's
 training seconds, evaluation excluded) over compute-only's; `eval_loss_vs_diloco_sync` its eval loss over
@@ -90,7 +94,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 DDP_MIN_STEPS = 16
 COLUMNS = ["contender", "point", "inner_steps", "link_mbps", "compute_utilization", "compute_fraction",
            "blocked_fraction", "tokens_per_s", "seconds", "eval_loss", "eval_loss_vs_diloco_sync",
-           "bytes_total_per_worker", "steps", "worker_cpu_s", "coordinator_cpu_s", "cpu_bound_utilization"]
+           "bytes_total_per_worker", "steps", "worker_cpu_s", "coordinator_cpu_s", "cpu_bound_utilization",
+           "merged_after_steps"]
 HETERO_COLUMNS = ["contender", "inner_steps", "worker_link_mbps", "compute_utilization", "worker_utilization",
                   "worker_blocked_fraction", "eval_loss", "eval_loss_vs_diloco_sync", "bytes_total_per_worker"]
 
@@ -256,6 +261,7 @@ def make_row(e: Entry, ceiling: float, budget_steps: int, ceiling_cpu_s: float |
         "ceiling_worker_cpu_s": ceiling_cpu_s,
         "coordinator_cpu_s": m.coordinator_cpu_s,
         "cpu_bound_utilization": None if partial else cpu_bound_utilization(m, ceiling_cpu_s),
+        "merged_after_steps": m.merged_after_steps,
     }
 
 

@@ -60,6 +60,14 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
        {"compression": {"decay": 0.8, "density": d}, **UPDATE_PROXY}) for d in (0.03, 0.06, 0.12)],
     ("sparseloco-eager update decay 0.65 density 0.06", "sparseloco-eager",
      {"compression": {"decay": 0.65, "density": 0.06}, **UPDATE_PROXY}),
+    # On arrival (protocols/arrival.py): the synchronous step, merged after exactly `delay_steps` of the next
+    # round's 32 inner steps (in process the aggregate is there at once; on a link, when it arrives).
+    *[(f"diloco-arrival delay {k}", "diloco-arrival", {"overlap": {"delay_steps": k}}) for k in (4, 8, 16)],
+    *[(f"sparseloco-arrival decay 0.8 delay {k}", "sparseloco-arrival", {**SHORT, "overlap": {"delay_steps": k}})
+      for k in (2, 4, 8, 16, 31)],
+    *[(f"sparseloco-arrival decay 0.8 density {d} delay {k}", "sparseloco-arrival",
+       {"compression": {"decay": 0.8, "density": d}, "overlap": {"delay_steps": k}})
+      for d in (0.03, 0.06) for k in (4, 8)],
 ]
 
 

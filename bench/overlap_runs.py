@@ -58,7 +58,14 @@ CONTENDERS = (
     "sparseloco-sync",
     "sparseloco-co2",
     "sparseloco-eager",
+    "diloco-arrival",
+    "sparseloco-arrival",
 )
+# On arrival, the aggregate is merged after exactly this many of the next round's 32 inner steps (the workers wait
+# there for it if it is late). Merged whenever it arrived instead, it came ~21 steps late on average at the 50%
+# point: with the rounds no longer starting together, every worker's round closes with the slowest worker's push
+# (BENCHMARKS.md, CO2 section).
+ARRIVAL_DELAY = 4
 # Contender -> (protocol kind, overlap section or None).
 COORDINATED: dict[str, tuple[str, dict[str, Any] | None]] = {
     "diloco-sync": ("diloco", None),
@@ -67,6 +74,9 @@ COORDINATED: dict[str, tuple[str, dict[str, Any] | None]] = {
     "sparseloco-co2": ("sparseloco", {"enabled": True}),
     # The eager worker starts from the replica moved by its own whole fresh update (protocols/co2_kernels.py).
     "sparseloco-eager": ("sparseloco", {"enabled": True, "eager": True, "eager_proxy": "update"}),
+    # The synchronous step, applied by each worker as soon as the aggregate arrives (protocols/arrival.py).
+    "diloco-arrival": ("diloco", {"enabled": True, "mode": "on_arrival", "delay_steps": ARRIVAL_DELAY}),
+    "sparseloco-arrival": ("sparseloco", {"enabled": True, "mode": "on_arrival", "delay_steps": ARRIVAL_DELAY}),
 }
 
 
@@ -92,6 +102,9 @@ class Measurement:
     # the run's throughput lost on these shared cores went.
     worker_cpu_s: float | None = None
     coordinator_cpu_s: float | None = None
+    # On arrival: after how many of a round's inner steps the previous round's aggregate was merged, the mean
+    # over every worker's rounds (the delay the link and the round's close came to, in steps).
+    merged_after_steps: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -125,7 +138,8 @@ def run_config(
         kind, section = COORDINATED[contender]
         protocol: dict[str, Any] = {"kind": kind, "inner_steps": inner_steps}
         if kind == "diloco":
-            protocol.update(DILOCO_OUTER if section is None else CO2_OUTER)
+            stale = section is not None and section.get("mode", "co2") == "co2"  # CO2's one-round-stale step
+            protocol.update(CO2_OUTER if stale else DILOCO_OUTER)
         else:
             protocol["compression"] = dict(SPARSELOCO_COMPRESSION)
         changes = dict(overlap or {})
@@ -360,7 +374,12 @@ def measure_coordinated(pool: Pool, cfg: RunConfig) -> Measurement:
         per_worker=per_worker,
         worker_cpu_s=sum(run.worker_cpu_s) / len(run.worker_cpu_s),
         coordinator_cpu_s=run.coordinator_cpu_s,
+        merged_after_steps=_mean([s for r in results for s in r.merged_after_steps]),
     )
+
+
+def _mean(values: list[int]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def measure_ddp(pool: Pool, cfg: RunConfig) -> Measurement:

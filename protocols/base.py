@@ -195,6 +195,17 @@ class Protocol(ABC, Generic[WorkerState, AggregatorState]):
         """Whether the round loop overlaps each round's exchange with the next round's training (CO2)."""
         return False
 
+    @property
+    def merges_on_arrival(self) -> bool:
+        """Whether the round loop overlaps each round's exchange with the next round's first inner steps and
+        applies the (synchronous) aggregate when it arrives (`overlap.mode: on_arrival`, worker/arrival.py)."""
+        return False
+
+    @property
+    def arrival_delay_steps(self) -> int | None:
+        """On arrival: merge after exactly this many inner steps (None: after the step the aggregate arrived in)."""
+        return None
+
     def withdraw(self, update: Update, state: WorkerState) -> WorkerState:
         """The worker state after `update` (made from `state`'s successor) was refused: what the error
         feedback had counted as delivered goes back into it. Stateless protocols: `state` unchanged."""

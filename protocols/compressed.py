@@ -205,7 +205,7 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
         if self.robust.kind != "none" and compression.keeps_shift:
             raise ValueError(f"{name} robust.kind {self.robust.kind!r} needs an aggregate that averages the sent "
                              f"messages; with compression.shift the aggregate averages every worker's shift")
-        if self.overlap.eager and not self.overlap.enabled:
+        if self.overlap.eager and not self.overlap.co2:
             raise ValueError(f"{name} overlap.eager needs overlap.enabled: eager is a variant of the overlapped step")
         if self.overlap.eager and compression.keeps_shift:
             raise ValueError(f"{name} overlap.eager needs an aggregate that averages the sent messages; with "
@@ -242,7 +242,15 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
 
     @property
     def overlapped(self) -> bool:
-        return self.overlap.enabled
+        return self.overlap.co2
+
+    @property
+    def merges_on_arrival(self) -> bool:
+        return self.overlap.on_arrival
+
+    @property
+    def arrival_delay_steps(self) -> int | None:
+        return self.overlap.delay_steps
 
     @property
     def eager(self) -> bool:
@@ -263,7 +271,7 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
         taken against is the replica one outer step ago, theta + lr * m (m: the momentum that step applied),
         so the gap needs no extra state in the replica.
         """
-        if self.overlap.enabled:
+        if self.overlap.co2:
             stale_points = {n: torch.add(p, replica.momentum[n], alpha=self.outer_lr) if n in replica.momentum
                             else p for n, p in replica.params.items()}  # fmt: skip
             params, momentum, _ = co2_outer_step(

@@ -207,11 +207,22 @@ class LinkConfig(_Strict):
 
 
 class OverlapConfig(_Strict):
-    """CO2 (Sun et al., arXiv:2401.16265): round t's exchange runs while round t+1 trains, and the outer step
-    at the end of round t+1 applies round t's average with the staleness-gap penalty and clipped momentum
-    (protocols/co2_kernels.py). `penalty` / `clip` off are the paper's ablations."""
+    """Round t's exchange runs while round t+1 trains. Two ways to use the aggregate when it comes back:
+
+    - `mode: co2` (Sun et al., arXiv:2401.16265): the outer step at the end of round t+1 applies round t's
+      average, one round stale, with the staleness-gap penalty and clipped momentum (protocols/co2_kernels.py).
+      `penalty` / `clip` off are the paper's ablations.
+    - `mode: on_arrival` (the overlap of Streaming DiLoCo, Douillard et al., arXiv:2501.18512): the outer step
+      is the synchronous protocol's, and the worker applies it mid-round, as soon as the aggregate arrives (or
+      after exactly `delay_steps` inner steps), moving its local weights by the replica's change
+      (protocols/arrival.py). The aggregator runs the synchronous protocol unchanged."""
 
     enabled: bool = False
+    mode: Literal["co2", "on_arrival"] = "co2"
+    # on_arrival only: apply round t's aggregate after exactly this many of round t+1's inner steps, waiting for
+    # it there if it is late (0: before the first one, which is the synchronous protocol); None: after whichever
+    # inner step it arrived during (the fastest, but the trajectory then depends on the link's timing).
+    delay_steps: int | None = Field(None, ge=0)
     penalty: bool = True
     # phi: every element of the outer momentum is clipped to [-phi, phi]; a loose guard by default (the
     # pseudo-gradients of the shipped recipes stay well below it), None to switch clipping off.
@@ -223,6 +234,24 @@ class OverlapConfig(_Strict):
     # Kale et al.'s own fresh share in place of its stale one; "update", its whole fresh update (our choice,
     # measured better with SparseLoCo: protocols/co2_kernels.py `eager_start` says why).
     eager_proxy: Literal["share", "update"] = "share"
+
+    @model_validator(mode="after")
+    def _mode_settings(self) -> OverlapConfig:
+        if self.eager and self.mode != "co2":
+            raise ValueError("overlap.eager is a variant of CO2's stale step: it needs overlap.mode co2")
+        if self.delay_steps is not None and self.mode != "on_arrival":
+            raise ValueError("overlap.delay_steps is the on_arrival mode's: set overlap.mode on_arrival")
+        return self
+
+    @property
+    def co2(self) -> bool:
+        """CO2's one-round-stale outer step (the aggregator's step and what it accepts change with it)."""
+        return self.enabled and self.mode == "co2"
+
+    @property
+    def on_arrival(self) -> bool:
+        """The synchronous step, applied by each worker mid-round when the aggregate arrives."""
+        return self.enabled and self.mode == "on_arrival"
 
 
 class RobustConfig(_Strict):

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from protocols.arrival import outer_shift
 from protocols.base import Protocol, Update
 from protocols.downlink import Downlink, apply_aggregate
 from protocols.local_updates import adapted_inner_steps
@@ -47,6 +48,8 @@ class WorkerResult:
     dropped_tokens: int = 0  # tokens trained for updates that were dropped (in no aggregate)
     slowdown: float = 1.0  # the straggler factor this worker ran under (faults.stragglers)
     steps_per_round: list[int] = field(default_factory=list)  # inner steps run each round (adaptive: fewer)
+    # On arrival: after how many of each round's inner steps the previous round's aggregate was merged.
+    merged_after_steps: list[int] = field(default_factory=list)
     # Elastic membership: {round, epoch, shard, shards, plays} each time this worker was dealt a new shard, and
     # the rounds it sat out (it joined while they were open).
     deals: list[dict[str, Any]] = field(default_factory=list)
@@ -93,6 +96,27 @@ class _Pending:
     round: int
     handle: Handle[RoundResult]
     update: Update
+
+
+@dataclass
+class _Arriving:
+    """On arrival (`overlap.mode: on_arrival`): the round whose exchange is in flight while the next one trains,
+    and the replica and worker state the next round's update will be made against once it is merged."""
+
+    pending: _Pending
+    replica: Replica
+    state: Any
+    delay_steps: int | None  # merge after exactly this many inner steps; None: after the step it arrived in
+    merged: bool = False
+    spent_s: float = 0.0  # waiting for it and merging it: neither compute nor the next round's training
+    blocked_s: float = 0.0
+
+    def due(self, steps_done: int) -> bool:
+        if self.merged:
+            return False
+        if self.delay_steps is None:
+            return self.pending.handle.done()
+        return steps_done >= self.delay_steps
 
 
 class RoundLoop:
@@ -152,6 +176,8 @@ class RoundLoop:
         self._span_began = began = time.perf_counter()
         if protocol.overlapped:
             replica, status = self._run_overlapped(replica, state)
+        elif protocol.merges_on_arrival:
+            replica, status = self._run_on_arrival(replica, state)
         else:
             replica, status = self._run_synchronous(replica, state)
         result.train_s = time.perf_counter() - began - self._evaluating_s
@@ -245,6 +271,51 @@ class RoundLoop:
             replica, state = self._absorb_withdrawing(pending, replica, state)
         return replica, self.transport.status(replica.round - 1)
 
+    def _run_on_arrival(self, replica: Replica, state: Any) -> tuple[Replica, RoundStatus]:
+        """On arrival (Streaming DiLoCo's overlap, protocols/arrival.py): round t's exchange runs while round t+1
+        takes its first inner steps from the replica of round t; when round t's aggregate arrives (or after
+        exactly `overlap.delay_steps` steps, waiting for it there if late) the replica steps as in a synchronous
+        round and the local weights move by the same step, and round t+1's update is made against that replica.
+        So the aggregator sees a synchronous worker; only the last round's wait is not hidden."""
+        status = self.transport.status(replica.round - 1)
+        if status.round != replica.round and not status.finished:
+            replica = self._resync(f"the run is at round {status.round}, the replica at {replica.round}")
+        round_ = replica.round
+        delay = self.protocol.arrival_delay_steps
+        arriving: _Arriving | None = None
+        while round_ < self.session.cfg.rounds:
+            began = time.perf_counter()
+            handle, state, compute_s, update = self._train(round_, replica, replica.params, state, arriving)
+            blocked = 0.0
+            if arriving is not None:
+                replica, blocked = arriving.replica, arriving.blocked_s
+            self._account(began, compute_s, blocked)
+            arriving = _Arriving(_Pending(round_, handle, update), replica, state, delay)
+            round_ = max(round_ + 1, replica.round)  # a resync past its rounds: on at the open round
+        if arriving is not None:
+            self._merge(arriving, into="none")
+            replica = arriving.replica
+        return replica, self.transport.status(replica.round - 1)
+
+    def _merge(self, arriving: _Arriving, into: str = "shift") -> None:
+        """Wait for the round in flight, apply its aggregate to the replica and move the local weights by the
+        replica's step (`into` "shift"; "load": no inner step taken yet, so the weights simply become the new
+        replica's, bit for bit as in a synchronous round; "none": after the last round); a refused update goes
+        back into the worker state."""
+        began = time.perf_counter()
+        outcome = self._await(arriving.pending.handle)
+        arriving.blocked_s = time.perf_counter() - began
+        if not (outcome.accepted or outcome.folded_late):
+            arriving.state = self.protocol.withdraw(arriving.pending.update, arriving.state)
+        before = arriving.replica
+        arriving.replica = self._absorb(arriving.pending.round, outcome, before)
+        if into == "load":
+            self.session.trainer.load_params(arriving.replica.params)
+        elif into == "shift" and arriving.replica is not before:
+            self.session.trainer.shift_params(outer_shift(before.params, arriving.replica.params))
+        arriving.merged = True
+        arriving.spent_s += time.perf_counter() - began
+
     def _absorb_withdrawing(self, pending: _Pending, replica: Replica,
                             state: Any) -> tuple[Replica, Any]:
         """Absorb an overlapped round's outcome; a refused update goes back into the worker state."""
@@ -274,10 +345,12 @@ class RoundLoop:
         self._span_began, self._span_blocked, self._span_comm = now, 0.0, 0.0
         return span
 
-    def _train(self, round_: int, replica: Replica, start: Params, state: Any
+    def _train(self, round_: int, replica: Replica, start: Params, state: Any, arriving: _Arriving | None = None
                ) -> tuple[Handle[RoundResult], Any, float, Update]:
         """Round `round_`'s inner steps from `start` (the replica's parameters, or eager's nudge of them);
-        its update handed to the transport. (handle, the worker's next state, seconds of compute, update)."""
+        its update handed to the transport. (handle, the worker's next state, seconds of compute, update).
+        With the previous round `arriving`, its aggregate is merged between two inner steps, and the update made
+        against the replica and state it leaves (`arriving.replica`, `arriving.state`)."""
         session, transport, result = self.session, self.transport, self.result
         began = time.perf_counter()
         session.trainer.load_params(start)
@@ -294,12 +367,22 @@ class RoundLoop:
             steps = adapted_inner_steps(steps, transport.target_round_s, self.step_s)
         losses = []
         stepping = time.perf_counter()
-        for _ in range(steps):
+        for done in range(steps):
+            if arriving is not None and arriving.due(done):
+                self._merge(arriving, into="load" if done == 0 else "shift")
+                result.merged_after_steps.append(done)
             self.faults.before_step(session.trainer.step_count)
             step_began = time.perf_counter()
             losses.append(session.trainer.step())
             self.faults.after_step(time.perf_counter() - step_began)
             transport.report(session.trainer.step_count, losses[-1], None)
+        if arriving is not None:
+            if not arriving.merged:  # not there by the round's end: the only wait
+                self._merge(arriving, into="load" if steps == 0 else "shift")
+                result.merged_after_steps.append(steps)
+            replica, start, state = arriving.replica, arriving.replica.params, arriving.state
+            began += arriving.spent_s
+            stepping += arriving.spent_s
         if steps:  # smoothed over rounds (half each): a noisy round moves this worker's step count less
             measured = (time.perf_counter() - stepping) / steps
             self.step_s = measured if self.step_s <= 0 else (self.step_s + measured) / 2

@@ -151,6 +151,20 @@ class InnerTrainer:
         CPU tensors, so this is where parameters leave the device (and `load_params` where they return)."""
         return {name: p.detach().cpu().clone() for name, p in trainable(self.module).items()}
 
+    @torch.no_grad()
+    def shift_params(self, shift: dict[str, torch.Tensor]) -> None:
+        """Add `shift` (CPU tensors, e.g. protocols/arrival.py `outer_shift`) to the trainable parameters in place,
+        keeping the inner optimizer's state: the on-arrival merge of an outer step mid-round."""
+        own = trainable(self.module)
+        if own.keys() != shift.keys():
+            raise ValueError(f"shift_params: names differ from the model's: {sorted(own.keys() ^ shift.keys())[:5]}")
+        for name, p in own.items():
+            if shift[name].shape != p.shape:
+                raise ValueError(f"shift_params: {name} has shape {tuple(shift[name].shape)}, "
+                                 f"model has {tuple(p.shape)}")
+        for name, p in own.items():
+            p.add_(shift[name].to(p.device))
+
     def load_params(self, params: dict[str, torch.Tensor]) -> None:
         """Copy `params` (CPU tensors: the replica) into the trainable parameters in place, onto the model's
         device; names and shapes must match exactly."""

@@ -69,3 +69,34 @@ def test_four_worker_co2_run_on_an_emulated_slow_link_completes_and_learns(tmp_p
             hidden += span["comm_s"] > 0 and outlasted == 0.0
     assert hidden > 0  # some exchange ran entirely under compute, and nobody waited for it
     assert (run_dir / "utilization.png").stat().st_size > 0
+
+
+def test_on_arrival_over_grpc_merges_each_aggregate_mid_round_and_keeps_every_replica_the_coordinators(
+        tmp_path: Path) -> None:
+    """`overlap.mode: on_arrival` (protocols/arrival.py) between real processes: each round after the first
+    merges its predecessor's aggregate after exactly `delay_steps` inner steps (waiting there if it is late), and
+    the aggregator runs the synchronous protocol, so every worker's replica is its digest, round by round."""
+    rounds, inner, delay = 3, 16, 4
+    cfg = tiny_config(
+        name="arrival", run_dir=str(tmp_path / "runs"),
+        protocol={"kind": "sparseloco", "inner_steps": inner, "compression": {"chunk": 256, "density": 0.0625},
+                  "overlap": {"enabled": True, "mode": "on_arrival", "delay_steps": delay}},
+        train={"steps": inner * rounds, "lr": 1e-2, "warmup_steps": 1, "eval_batches": 2,
+               "eval_every_steps": inner},
+        cluster={"workers": 2, "round_deadline_s": 120, "heartbeat_interval_s": 0.5},
+        link={"bandwidth_mbps": 50, "latency_ms": 5},
+    )
+    coord, address = start_coordinator(write_recipe(cfg, tmp_path / "arrival.yaml"), tmp_path)
+    workers = [start_worker(address, tmp_path, i) for i in range(2)]
+    for i, w in enumerate(workers):
+        assert finish(w, 240, tmp_path / f"worker{i}.log") == 0, (tmp_path / f"worker{i}.log").read_text()
+    assert finish(coord, 240, tmp_path / "coordinator.log") == 0
+
+    summary = json.loads((tmp_path / "runs" / "arrival" / "summary.json").read_text())
+    results = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)]
+    assert summary["rounds"] == rounds
+    for r in results:
+        assert r["rounds"] == rounds and (r["resyncs"], r["stale_updates"]) == (0, 0)
+        assert r["merged_after_steps"] == [delay] * (rounds - 1)
+        assert r["state_hashes"] == results[0]["state_hashes"] and r["state_hashes"][-1] == summary["state_hash"]
+        assert r["final_eval_loss"] < r["evals"][0]["eval_loss"] - 0.1
