@@ -26,8 +26,8 @@ transport really moved; `link.bandwidth_mbps`). Contenders:
   CO2, and CO2 with eager starts (`protocol.overlap.eager`, each worker from the replica moved by its own
   fresh update: `eager_proxy: update`).
 - diloco-arrival / sparseloco-arrival: the synchronous protocol (DiLoCo's outer step with momentum 0.5), each
-  round's aggregate merged after exactly 4 of the next round's inner steps (`overlap.mode: on_arrival`,
-  `delay_steps` 4: `bench.overlap_runs.ARRIVAL_DELAY` says why a fixed delay); `merged_after_steps` is the
+  round's aggregate merged after exactly 8 of the next round's inner steps (`overlap.mode: on_arrival`,
+  `delay_steps` 8: `bench.overlap_runs.ARRIVAL_DELAY` says why a fixed delay); `merged_after_steps` is the
   mean step a worker merged at.
 
 Columns: `compute_utilization` is the contender's tokens/s (all workers' tokens over the slowest worker's
@@ -69,6 +69,7 @@ from typing import Any
 
 from bench.common import RESULTS, comma_list, command_line, format_table, write_result
 from bench.overlap_runs import (
+    ARRIVAL_DELAY,
     BATCH,
     CONTENDERS,
     COORDINATED,
@@ -91,6 +92,9 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-clip": {"clip": None},
     "momentum": {"outer_momentum": DILOCO_OUTER["outer_momentum"]},  # synchronous DiLoCo's outer momentum
 }
+# sparseloco-arrival's other delays at the 50% point: a later fixed merge, and merging whenever it arrives.
+ARRIVAL_VARIANTS: dict[str, dict[str, Any]] = {"delay-4": {"delay_steps": 4}, "delay-16": {"delay_steps": 16},
+                                               "when-it-arrives": {"delay_steps": None}}
 DDP_MIN_STEPS = 16
 COLUMNS = ["contender", "point", "inner_steps", "link_mbps", "compute_utilization", "compute_fraction",
            "blocked_fraction", "tokens_per_s", "seconds", "eval_loss", "eval_loss_vs_diloco_sync",
@@ -110,6 +114,14 @@ class Grid:
     contenders: list[str] = field(default_factory=lambda: list(CONTENDERS))
     extras: bool = True
     ddp_link_s: float = 30.0
+    # The *-arrival contenders' overlap.delay_steps (None: merge whenever the aggregate arrives).
+    arrival_delay: int | None = ARRIVAL_DELAY
+
+    def overlap_for(self, contender: str) -> dict[str, Any] | None:
+        """What this grid changes in `contender`'s overlap section: the arrival delay, if it is not the default."""
+        if contender.endswith("-arrival") and self.arrival_delay != ARRIVAL_DELAY:
+            return {"delay_steps": self.arrival_delay}
+        return None
 
 
 QUICK = Grid(steps=64, inner_steps=[8], bandwidths=[20.0, 1000.0],
@@ -324,7 +336,7 @@ def collect(grid: Grid, log: Callable[[str], None] = print) -> dict[str, Any]:
                 runner.run("ddp", "grid", None, mbps)
             for h in grid.inner_steps:
                 for contender in coordinated:
-                    runner.run(contender, "grid", h, mbps)
+                    runner.run(contender, "grid", h, mbps, grid.overlap_for(contender))
             runner.ceiling()
         if grid.extras:
             extras = _extras(runner, grid, notes)
@@ -387,10 +399,13 @@ def _extras(runner: Runner, grid: Grid, notes: list[str]) -> dict[str, Any]:
     b50 = float(f"{b50:.3g}")
     runner.log(f"synchronous DiLoCo H={REFERENCE_H} is at 50% utilization at {b50:g} Mbit/s ({how})")
     for contender in [c for c in grid.contenders if c != "compute-only"]:
-        runner.run(contender, "half", REFERENCE_H, b50)
+        runner.run(contender, "half", REFERENCE_H, b50, grid.overlap_for(contender))
     for base in [c for c in ("diloco-co2", "sparseloco-co2") if c in grid.contenders]:
         for name, overlap in ABLATIONS.items():
             runner.run(base, "ablation", REFERENCE_H, b50, overlap, name=f"{base}-{name}")
+    if "sparseloco-arrival" in grid.contenders:
+        for name, overlap in ARRIVAL_VARIANTS.items():
+            runner.run("sparseloco-arrival", "ablation", REFERENCE_H, b50, overlap, name=f"sparseloco-arrival-{name}")
     runner.ceiling()
     speeds = [float(f"{b50 * SPREAD ** (k / (WORKERS - 1) - 0.5):.3g}") for k in range(WORKERS)]
     for contender in [c for c in HETEROGENEOUS if c in grid.contenders]:
@@ -471,6 +486,18 @@ def _contenders(text: str) -> list[str]:
     return names
 
 
+def _delay(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = -1
+    if steps < 0:
+        raise argparse.ArgumentTypeError(f"an arrival delay is a number of inner steps >= 0 or 'none', got {text!r}")
+    return steps
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -487,6 +514,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip the 50%%-utilization runs, the ablations and the heterogeneous run")
     parser.add_argument("--ddp-link-s", type=float, default=30.0,
                         help="cap on DDP's emulated link seconds per run: fewer steps at slow links (default 30)")
+    parser.add_argument("--arrival-delay", type=_delay, default=ARRIVAL_DELAY,
+                        help=f"the *-arrival contenders' overlap.delay_steps: inner steps before the merge, or "
+                             f"'none' to merge whenever the aggregate arrives (default {ARRIVAL_DELAY})")
     parser.add_argument("--out", help="result name in bench/results (default overlap; overlap_quick with --quick)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else Grid()
@@ -497,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
         contenders=args.contenders or base.contenders,
         extras=base.extras and not args.no_extras,
         ddp_link_s=args.ddp_link_s,
+        arrival_delay=args.arrival_delay,
     )
     if grid.steps < 1:
         parser.error(f"--steps must be >= 1, got {grid.steps}")

@@ -63,9 +63,10 @@ CONTENDERS = (
 )
 # On arrival, the aggregate is merged after exactly this many of the next round's 32 inner steps (the workers wait
 # there for it if it is late). Merged whenever it arrived instead, it came ~21 steps late on average at the 50%
-# point: with the rounds no longer starting together, every worker's round closes with the slowest worker's push
-# (BENCHMARKS.md, CO2 section).
-ARRIVAL_DELAY = 4
+# point (the rounds no longer start together, every round closes with the slowest worker's push, and the close
+# shares the two cores with the training), and the later the merge the higher the loss; 8 kept the throughput of
+# merging whenever at a lower loss (BENCHMARKS.md, "Applying the aggregate on arrival").
+ARRIVAL_DELAY = 8
 # Contender -> (protocol kind, overlap section or None).
 COORDINATED: dict[str, tuple[str, dict[str, Any] | None]] = {
     "diloco-sync": ("diloco", None),

@@ -85,3 +85,25 @@ def test_tiny_grid_rows_through_real_processes(tmp_path: Path) -> None:
         assert co2[link]["bytes_total_per_worker"] == pytest.approx(sync[link]["bytes_total_per_worker"], rel=0.05)
     path = plot(doc, tmp_path / "overlap.png")
     assert path.stat().st_size > 0
+
+
+def test_an_arrival_contender_merges_at_the_grids_delay_and_says_so(tmp_path: Path) -> None:
+    grid = Grid(steps=32, inner_steps=[8], bandwidths=[1000.0], contenders=["compute-only", "sparseloco-arrival"],
+                extras=False, arrival_delay=2)
+    assert grid.overlap_for("sparseloco-arrival") == {"delay_steps": 2} and grid.overlap_for("sparseloco-co2") is None
+    doc = collect(grid, log=lambda _: None)
+    assert doc["failures"] == []
+    ceiling, arrival = doc["rows"]
+    assert ceiling.get("merged_after_steps") is None
+    # 4 rounds of 8 steps: each of the last 3 merged its predecessor's aggregate after exactly 2 steps.
+    assert arrival["contender"] == "sparseloco-arrival" and arrival["merged_after_steps"] == 2
+    assert arrival["eval_loss"] is not None and arrival["bytes_total_per_worker"] > 0
+
+
+def test_the_arrival_delay_flag_takes_steps_or_none() -> None:
+    from bench.overlap import _delay
+
+    assert _delay("8") == 8 and _delay("0") == 0 and _delay("None") is None
+    for bad in ("-1", "x", "2.5"):
+        with pytest.raises(Exception, match="an arrival delay is a number of inner steps >= 0 or 'none'"):
+            _delay(bad)
