@@ -159,3 +159,21 @@ def test_a_mid_round_merge_leaves_the_rounds_pseudo_gradient_exactly_its_inner_p
     arrival, results = _run("diloco", _on_arrival(2))
     assert arrival["rounds"] == ROUNDS and all(r.merged_after_steps == [2] * (ROUNDS - 1) for r in results)
     assert len(gaps) == 2 * ROUNDS and max(gaps) < 1e-5, gaps
+
+
+def test_a_replica_corrupted_by_a_mid_round_merge_resyncs_and_the_run_ends_where_a_clean_one_does() -> None:
+    from worker.faults import Faults
+
+    cfg = _config("diloco", _on_arrival(2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        clean_summary, clean = run_inproc(cfg)
+        summary, results = run_inproc(cfg, faults=[Faults(corrupt_replica_at_round=1), Faults()])
+    finally:
+        torch.set_num_threads(threads)
+    bad, good = sorted(results, key=lambda r: r.worker_id)
+    assert (bad.resyncs, good.resyncs) == (1, 0) and bad.stale_updates == 0
+    # The merge moved the weights by the step to the resynced (the aggregator's) replica: nothing else changed.
+    assert bad.state_hashes == good.state_hashes == sorted(clean, key=lambda r: r.worker_id)[0].state_hashes
+    assert summary["state_hash"] == clean_summary["state_hash"]
