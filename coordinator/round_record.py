@@ -40,6 +40,9 @@ class RoundRecord:
     # the weight applied (`cluster.late: stale`), and the workers whose late update was dropped.
     late_folded: dict[str, float] = field(default_factory=dict)
     late_dropped: list[str] = field(default_factory=list)
+    # On arrival (overlap.mode on_arrival): after how many of this round's inner steps the workers merged the
+    # previous round's aggregate, the mean over those that reported it.
+    merged_after_steps: float | None = None
 
 
 # A worker's span of the round (worker/loop.py `RoundLoop._span`), in seconds, and compute / wall.
@@ -98,4 +101,5 @@ def closed_record(current: OpenRound, members: list[Member], closed_by: str, dow
         deadline_s=deadline_s,
         late_folded=dict(current.late_folded),
         late_dropped=list(current.late_dropped),
+        merged_after_steps=mean("merged_after_steps"),
     )

@@ -396,6 +396,8 @@ class RoundLoop:
         metrics.update(train_loss=sum(losses) / max(len(losses), 1), tokens=float(tokens))
         if steps:
             metrics["step_s"] = self.step_s
+        if arriving is not None:  # on arrival: after how many of this round's steps the last aggregate came in
+            metrics["merged_after_steps"] = float(result.merged_after_steps[-1])
         span = self._span(round_, compute_s)
         result.spans.append(span)
         metrics.update({k: v for k, v in span.items() if k != "round"})

@@ -100,3 +100,7 @@ def test_on_arrival_over_grpc_merges_each_aggregate_mid_round_and_keeps_every_re
         assert r["merged_after_steps"] == [delay] * (rounds - 1)
         assert r["state_hashes"] == results[0]["state_hashes"] and r["state_hashes"][-1] == summary["state_hash"]
         assert r["final_eval_loss"] < r["evals"][0]["eval_loss"] - 0.1
+    # The coordinator's record of each round says when its workers merged the round before's aggregate.
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "arrival" / "metrics.jsonl").read_text().splitlines()]
+    merged = [row["merged_after_steps"] for row in rows if row["event"] == "round"]
+    assert merged == [None] + [float(delay)] * (rounds - 1)
