@@ -1,5 +1,5 @@
-"""Straggler controls in SparseLoCo and CO2 (DiLoCo with overlap), on the in-process transport: the
-coordinator's state machine and worker threads (no sockets), the tiny GPT, a worker slowed by
+"""Straggler controls in SparseLoCo, CO2 (DiLoCo with overlap) and on-arrival SparseLoCo, on the in-process
+transport: the coordinator's state machine and worker threads (no sockets), the tiny GPT, a worker slowed by
 `faults.stragglers`. Asserted on the recorded rounds and results, never on times."""
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ LATE_ROUNDS = 12
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "sparseloco": {"kind": "sparseloco", "inner_steps": H},
     "co2": {"kind": "diloco", "inner_steps": H, "outer_momentum": 0.0, "overlap": {"enabled": True}},
+    "arrival": {"kind": "sparseloco", "inner_steps": H,
+                "overlap": {"enabled": True, "mode": "on_arrival", "delay_steps": 2}},
 }
 
 
