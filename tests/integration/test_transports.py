@@ -45,9 +45,13 @@ CASES: dict[str, dict[str, Any]] = {
     "diloco-int8-downlink": {"kind": "diloco", "inner_steps": 2, "downlink": {"codec": "int8"}},
     # SparseLoCo's default sparse downlink (union of top-k coordinates, or the updates relayed).
     "sparseloco-sparse-downlink": {"kind": "sparseloco", "inner_steps": 2},
+    # On arrival: each round's aggregate merged after exactly one of the next round's inner steps, on every
+    # transport (the round's exchange runs while that step does).
+    "sparseloco-on-arrival": {"kind": "sparseloco", "inner_steps": 2,
+                              "overlap": {"enabled": True, "mode": "on_arrival", "delay_steps": 1}},
 }
 DOWNLINK_MODES = {"econtrol-dense-downlink": "dense", "diloco-int8-downlink": "codec",
-                  "sparseloco-sparse-downlink": "sparse"}
+                  "sparseloco-sparse-downlink": "sparse", "sparseloco-on-arrival": "sparse"}
 # Per rank: (first, second, third) all-gather inputs. Trailing zero bytes must survive the padding.
 BUFFERS = [(b"", b"\x00\x07\x00\x00", b""), (bytes(range(200, 256)) * 20, b"\x09", b"")]
 
@@ -205,6 +209,9 @@ def test_every_transport_reaches_the_same_global_state_bit_for_bit(
     assert summary["state_hash"] == want[-1] and summary["resyncs"] == 0
     assert [r.state_hashes for r in results] == [want] * WORLD
     assert replica.digest() == want[-1]
+    if cfg.protocol.overlap.on_arrival:  # every round after the first merged the previous aggregate mid-round
+        assert all(r["merged_after_steps"] == [1] * (ROUNDS - 1) for r in grpc.results)
+        assert all(r.merged_after_steps == [1] * (ROUNDS - 1) for r in results)
     _assert_replicas_equal(replica, grpc.replicas[-1], case)
     first, last = grpc.replicas[0].params, grpc.replicas[-1].params
     assert any(not torch.equal(first[n], last[n]) for n in first)  # the rounds really moved the parameters
