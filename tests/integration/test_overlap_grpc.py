@@ -8,31 +8,42 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+from protocols.config import RunConfig
 from tests.conftest import tiny_config
 from tests.integration.procs import finish, start_coordinator, start_worker, write_recipe
 
 
-def test_four_worker_co2_run_on_an_emulated_slow_link_completes_and_learns(tmp_path: Path) -> None:
-    rounds, inner = 4, 64
-    cfg = tiny_config(
-        name="co2", run_dir=str(tmp_path / "runs"),
-        # No outer momentum: a one-round-stale heavy-ball step oscillates (bench.overlap, "momentum" ablation).
-        protocol={"kind": "diloco", "inner_steps": inner, "outer_lr": 0.7, "outer_momentum": 0.0,
-                  "overlap": {"enabled": True}},
-        train={"steps": inner * rounds, "lr": 1e-2, "warmup_steps": 1, "eval_batches": 2,
-               "eval_every_steps": inner},
-        cluster={"workers": 4, "round_deadline_s": 120, "heartbeat_interval_s": 0.5},
+def _on_slow_link(name: str, protocol: dict[str, Any], rounds: int, inner: int, workers: int,
+                  tmp_path: Path) -> RunConfig:
+    """The tiny model's run of `rounds` rounds of `inner` steps, every worker behind a 50 Mbit/s, 5 ms link."""
+    return tiny_config(
+        name=name, run_dir=str(tmp_path / "runs"), protocol={**protocol, "inner_steps": inner},
+        train={"steps": inner * rounds, "lr": 1e-2, "warmup_steps": 1, "eval_batches": 2, "eval_every_steps": inner},
+        cluster={"workers": workers, "round_deadline_s": 120, "heartbeat_interval_s": 0.5},
         link={"bandwidth_mbps": 50, "latency_ms": 5},
     )
-    coord, address = start_coordinator(write_recipe(cfg, tmp_path / "co2.yaml"), tmp_path)
-    workers = [start_worker(address, tmp_path, i) for i in range(4)]
+
+
+def _run_cluster(cfg: RunConfig, tmp_path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A `lowband coordinator` process serving `cfg` and `cfg.cluster.workers` `lowband worker` processes, to the
+    end: the run's summary and each worker's result."""
+    coord, address = start_coordinator(write_recipe(cfg, tmp_path / f"{cfg.name}.yaml"), tmp_path)
+    workers = [start_worker(address, tmp_path, i) for i in range(cfg.cluster.workers)]
     for i, w in enumerate(workers):
         assert finish(w, 240, tmp_path / f"worker{i}.log") == 0, (tmp_path / f"worker{i}.log").read_text()
     assert finish(coord, 240, tmp_path / "coordinator.log") == 0
+    summary = json.loads((tmp_path / "runs" / cfg.name / "summary.json").read_text())
+    return summary, [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(cfg.cluster.workers)]
 
-    summary = json.loads((tmp_path / "runs" / "co2" / "summary.json").read_text())
-    results = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(4)]
+
+def test_four_worker_co2_run_on_an_emulated_slow_link_completes_and_learns(tmp_path: Path) -> None:
+    rounds, inner = 4, 64
+    # No outer momentum: a one-round-stale heavy-ball step oscillates (bench.overlap, "momentum" ablation).
+    cfg = _on_slow_link("co2", {"kind": "diloco", "outer_lr": 0.7, "outer_momentum": 0.0, "overlap": {"enabled": True}},
+                        rounds, inner, 4, tmp_path)
+    summary, results = _run_cluster(cfg, tmp_path)
     assert summary["rounds"] == rounds
     for r in results:
         assert r["rounds"] == rounds and (r["resyncs"], r["stale_updates"]) == (0, 0)
@@ -77,23 +88,10 @@ def test_on_arrival_over_grpc_merges_each_aggregate_mid_round_and_keeps_every_re
     merges its predecessor's aggregate after exactly `delay_steps` inner steps (waiting there if it is late), and
     the aggregator runs the synchronous protocol, so every worker's replica is its digest, round by round."""
     rounds, inner, delay = 3, 16, 4
-    cfg = tiny_config(
-        name="arrival", run_dir=str(tmp_path / "runs"),
-        protocol={"kind": "sparseloco", "inner_steps": inner, "compression": {"chunk": 256, "density": 0.0625},
-                  "overlap": {"enabled": True, "mode": "on_arrival", "delay_steps": delay}},
-        train={"steps": inner * rounds, "lr": 1e-2, "warmup_steps": 1, "eval_batches": 2,
-               "eval_every_steps": inner},
-        cluster={"workers": 2, "round_deadline_s": 120, "heartbeat_interval_s": 0.5},
-        link={"bandwidth_mbps": 50, "latency_ms": 5},
-    )
-    coord, address = start_coordinator(write_recipe(cfg, tmp_path / "arrival.yaml"), tmp_path)
-    workers = [start_worker(address, tmp_path, i) for i in range(2)]
-    for i, w in enumerate(workers):
-        assert finish(w, 240, tmp_path / f"worker{i}.log") == 0, (tmp_path / f"worker{i}.log").read_text()
-    assert finish(coord, 240, tmp_path / "coordinator.log") == 0
-
-    summary = json.loads((tmp_path / "runs" / "arrival" / "summary.json").read_text())
-    results = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)]
+    cfg = _on_slow_link("arrival", {"kind": "sparseloco", "compression": {"chunk": 256, "density": 0.0625},
+                                    "overlap": {"enabled": True, "mode": "on_arrival", "delay_steps": delay}},
+                        rounds, inner, 2, tmp_path)
+    summary, results = _run_cluster(cfg, tmp_path)
     assert summary["rounds"] == rounds
     for r in results:
         assert r["rounds"] == rounds and (r["resyncs"], r["stale_updates"]) == (0, 0)
