@@ -198,7 +198,8 @@ class Protocol(ABC, Generic[WorkerState, AggregatorState]):
     @property
     def merges_on_arrival(self) -> bool:
         """Whether the round loop overlaps each round's exchange with the next round's first inner steps and
-        applies the (synchronous) aggregate when it arrives (`overlap.mode: on_arrival`, worker/arrival.py)."""
+        applies the (synchronous) aggregate when it arrives (`overlap.mode: on_arrival`: protocols/arrival.py,
+        worker/loop.py `_run_on_arrival`)."""
         return False
 
     @property
