@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,7 @@ from bench import proc_memory
 from bench.common import comma_list, command_line, write_result
 from bench.proc_memory import proc_status
 from bench.scale_procs import initial_params
+from coordinator.malloc import coordinator_env
 from protocols.config import parse_config
 
 COLUMNS = ["contender", "seconds_per_round", "seconds_per_round_per_worker", "coordinator_cpu_s_per_round",
@@ -118,10 +120,11 @@ def _wait_path(path: Path, procs: list[subprocess.Popen[bytes]], timeout: float)
         time.sleep(0.05)
 
 
-def _spawn(work: Path, *args: str) -> subprocess.Popen[bytes]:
+def _spawn(work: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log = work / f"{'-'.join(args)}.log"
     proc = subprocess.Popen([sys.executable, "-m", "bench.scale_procs", *args[:1], str(work / "spec.json"),
-                             *args[1:]], stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                             *args[1:]], stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env=None if env is None else {**os.environ, **env})
     _LOGS[proc.pid] = str(log)
     return proc
 
@@ -141,7 +144,8 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
     spec: dict[str, Any] = {"config": config, "timeout_s": timeout, "clients": _split(workers, client_procs),
                             "malloc_tuning": malloc_tuning, "beat_always": beat_always}
     (work / "spec.json").write_text(json.dumps(spec))
-    coordinator = _spawn(work, "coordinator")
+    # Started as lowband's launchers start a coordinator: with its allocator's environment (coordinator/malloc.py).
+    coordinator = _spawn(work, "coordinator", env=coordinator_env() if malloc_tuning else None)
     procs = [coordinator]
     clients: list[dict[str, Any]] = []
     try:

@@ -19,6 +19,16 @@ start-up, in model sizes; BENCHMARKS.md "Coordinator scale"):
 
 malloc_trim after each round was measured too (bench/coordinator_memory.py --trim) and did not lower the peak.
 An operator's `MALLOC_ARENA_MAX` / `MALLOC_MMAP_THRESHOLD_` in the environment wins over either.
+
+A third setting can only be made as a process starts, so `coordinator_env` names it, with the two above, for the
+launchers that start a coordinator process (the Ray actor, `lowband coordinator`, which starts itself again with it):
+
+- The per-thread cache off (`GLIBC_TUNABLES=glibc.malloc.tcache_count=0`): glibc keeps up to 7 freed blocks of each
+  small size (up to ~1 KiB) in the thread that freed them, for that thread alone, and counts them in use. A thread
+  serving a long poll sits on its cache for as long as the call lasts, and the gRPC pool keeps a thread per call
+  open at once, about one per worker. At 1,000 workers (bench/coordinator_scale.py, the 0.1M model, so what is
+  left is per connection) the growth above start-up fell from 130 MB to 109 MB, malloc's bytes in use from 29 MB
+  to 8 MB, with rounds as fast (BENCHMARKS.md "Coordinator scale").
 """
 
 from __future__ import annotations
@@ -26,13 +36,19 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 # glibc's mallopt parameters (malloc.h)
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 ARENAS = 2
 MMAP_THRESHOLD = 128 << 10
+TCACHE_OFF = "glibc.malloc.tcache_count=0"
+# The trim threshold at glibc's own default (128 KiB) instead of the 1 GiB deploy/memory.py gives the processes that
+# stream tensors: a coordinator started inside a Ray job would otherwise inherit the job's, and keep up to 1 GiB of
+# freed heap.
+TRIM_THRESHOLD = 128 << 10
+ENV_NAMES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
 def _mallopt() -> Callable[[int, int], int] | None:
@@ -54,3 +70,22 @@ def tune_malloc(arenas: int = ARENAS, mmap_threshold: int = MMAP_THRESHOLD) -> d
     settings = {"MALLOC_ARENA_MAX": (M_ARENA_MAX, arenas), "MALLOC_MMAP_THRESHOLD_": (M_MMAP_THRESHOLD, mmap_threshold)}
     return {env: mallopt is not None and env not in os.environ and bool(mallopt(param, value))
             for env, (param, value) in settings.items()}
+
+
+def coordinator_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The variables a coordinator process should start with that `environ` does not set already: the arenas and
+    mmap threshold `tune_malloc` sets (as variables they also reach a process that never calls it), glibc's trim
+    threshold, and the per-thread cache off, added to any other `GLIBC_TUNABLES` given. An operator's own value
+    of any of them stands (a `GLIBC_TUNABLES` that sets `tcache_count` included). Empty: nothing to add."""
+    wanted = {"MALLOC_ARENA_MAX": str(ARENAS), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+              "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+    env = {name: value for name, value in wanted.items() if name not in environ}
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.tcache_count=" not in tunables:
+        env["GLIBC_TUNABLES"] = f"{tunables}:{TCACHE_OFF}" if tunables else TCACHE_OFF
+    return env
+
+
+def allocator_settings(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """This process's allocator variables as it started (`coordinator_env`'s names), for its run directory's log."""
+    return {name: environ[name] for name in ENV_NAMES if name in environ}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from coordinator.malloc import tune_malloc
+from coordinator.malloc import allocator_settings, tune_malloc
 from coordinator.run import CoordinatorRun
 from coordinator.servicer import CallLimits, CoordinatorServicer
 from coordinator.sessions import check_open_bind
@@ -71,7 +71,8 @@ class CoordinatorServer(CoordinatorRun):
         self.server.start()
         self.start_ticker()
         if self.run_dir is not None:
-            self.run_dir.log("start", run_id=self.state.run_id, address=self.address, rounds=self.state.total_rounds)
+            self.run_dir.log("start", run_id=self.state.run_id, address=self.address, rounds=self.state.total_rounds,
+                             allocator=allocator_settings())
         log.info("coordinator for run %s listening on %s", self.state.run_id, self.address)
         return self
 

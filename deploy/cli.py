@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pickle
+import platform
 import signal
 import sys
 from collections.abc import Callable
@@ -22,6 +24,7 @@ import grpc
 from rich.console import Console
 from rich.markup import escape
 
+from coordinator.malloc import coordinator_env
 from deploy.cli_args import (
     OneLineParser,
     bind_address,
@@ -516,9 +519,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _start_again_with_coordinator_env() -> None:
+    """Start this process again (same pid, arguments and descriptors) with the allocator environment a coordinator
+    can only take as it starts (coordinator/malloc.py `coordinator_env`); returns when there is nothing to add."""
+    missing = coordinator_env()
+    if not missing or platform.system() != "Linux":
+        return
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **missing})
+    except OSError as err:  # serve as we are: only the memory differs
+        logging.getLogger("lowband").warning("could not restart with %s (%s); going on without", missing, err)
+
+
 def main(argv: list[str] | None = None) -> int:
-    tune_this_process()  # before anything imports torch or allocates tensors
     args = build_parser().parse_args(argv)
+    if args.command != "coordinator":
+        tune_this_process()  # before anything allocates tensors (the coordinator tunes its own: coordinator/malloc.py)
+    elif argv is None:  # the command line, not a caller in this process
+        _start_again_with_coordinator_env()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     console = Console()

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from coordinator.malloc import coordinator_env
 from coordinator.rundir import RunDir
 from coordinator.sessions import new_run_token
 from coordinator.status import tokens_per_s
@@ -162,7 +163,9 @@ def run_coordinated(cfg: RunConfig, run_dir: Path, console: Console, faults: lis
         generated = new_run_token()
         cfg = with_cluster(cfg, token=generated)
     cfg_json = cfg.model_dump(mode="json")
-    coord = CoordinatorActor.options(num_cpus=0, max_concurrency=8).remote(cfg_json, str(run_dir))  # type: ignore[attr-defined]
+    # Its own allocator settings over the job's (coordinator/malloc.py): Ray merges an actor's env_vars into the job's.
+    coord = CoordinatorActor.options(num_cpus=0, max_concurrency=8,  # type: ignore[attr-defined]
+                                     runtime_env={"env_vars": coordinator_env()}).remote(cfg_json, str(run_dir))
     [address] = _await_started([coord.start.remote()], [coord], cfg, "coordinator actor")
     token = f" --token {generated or 'TOKEN'}"  # a token given in the recipe stays out of logs
     console.print(f"coordinator listening on {address} (see it with `lowband status {address}{token}`)",

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from coordinator.malloc import allocator_settings, coordinator_env
 from tests.conftest import tiny_config
 from tests.integration.procs import LOWBAND, write_recipe
 
@@ -52,6 +53,10 @@ def test_lowband_run_through_ray_writes_every_file(tmp_path: Path) -> None:
     assert summary["resyncs"] == 0 and all(r["resyncs"] == 0 for r in results)
     rounds = [r for r in _metrics(run_dir) if r["event"] == "round"]
     assert [r["round"] for r in rounds] == [0, 1]
+    # The coordinator actor ran with its own allocator settings over the job's (coordinator/malloc.py).
+    (start,) = [r for r in _metrics(run_dir) if r["event"] == "start"]
+    assert start["allocator"] == allocator_settings({**os.environ, **coordinator_env()}), start
+    assert start["allocator"]["GLIBC_TUNABLES"].endswith("glibc.malloc.tcache_count=0")
     for r in rounds:
         assert r["bytes_total_per_worker"] == r["bytes_sent_per_worker"] + r["bytes_received_per_worker"]
         assert r["bytes_sent_per_worker"] > 0

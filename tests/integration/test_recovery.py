@@ -7,6 +7,7 @@ checkpointed is pushed again to the resumed one."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import threading
@@ -18,6 +19,7 @@ import torch
 
 from compression.payload import dense
 from coordinator.checkpoint import load_checkpoint, state_digest
+from coordinator.malloc import allocator_settings, coordinator_env
 from coordinator.server import CoordinatorServer
 from protocols.base import Update
 from protocols.config import with_cluster
@@ -72,6 +74,10 @@ def test_a_coordinator_killed_after_round_k_resumes_and_the_same_workers_finish_
     # Every round exactly once, one run id throughout.
     assert rounds_logged(run_dir) == list(range(cfg.rounds))
     assert {r["run_id"] for r in logged if r["event"] in ("start", "round", "resume")} == {at_kill["run_id"]}
+    # `lowband coordinator` started itself again with the allocator settings only a starting process takes.
+    started_with = allocator_settings({**os.environ, **coordinator_env()})
+    assert started_with["GLIBC_TUNABLES"].endswith("glibc.malloc.tcache_count=0")
+    assert [r["allocator"] for r in logged if r["event"] == "start"] == [started_with] * 2
     # The resumed coordinator loaded exactly the state the killed one had checkpointed.
     (resume,) = [r for r in logged if r["event"] == "resume"]
     assert resume["round"] == k
