@@ -1,15 +1,17 @@
 """Coordinator scale: many workers per round against one coordinator, SparseLoCo updates of a ~10M-parameter GPT.
 
-Contenders `workers-N` (N = 10, 100, 1000 by default): a `CoordinatorServer` in its own process (a run directory, as
-`lowband coordinator` keeps one: a checkpoint and a metrics row per round; `cluster.workers` = `min_workers` = N, a
-long deadline, heartbeats every 2 s or `--heartbeat-interval`), N real gRPC `CoordinatorClient`s multiplexed over
-`--client-procs` processes (a thread and a channel each; see bench/scale_procs.py), and one heartbeat probe process.
-Every worker pushes a real SparseLoCo update (codec `sparseloco`: top-64 of every 4096 entries, 2-bit values, 12-bit
-indices), waits for the round to close and pulls the aggregate, for `--rounds` rounds. Each client process builds
-one update with the protocol's `make_update` on a perturbed copy of the parameters and pushes it under each of its
-workers' ids, so the downlink's union of coordinates covers `--client-procs` distinct updates, not N (N distinct
-top-k masks would make the sparse aggregate nearly dense). The one-time state pull at join is skipped: every byte
-counted below is per-round traffic plus the initial-state upload.
+Contenders `workers-N` (N = 10, 100, 1000 by default): a `CoordinatorServer` in its own process, started with the
+allocator environment lowband's launchers give a coordinator (coordinator/malloc.py `coordinator_env`; not with
+`--no-malloc-tuning`), with a run directory as `lowband coordinator` keeps one (a checkpoint and a metrics row per
+round; `cluster.workers` = `min_workers` = N, a long deadline, heartbeats every 2 s or `--heartbeat-interval`), N
+real gRPC `CoordinatorClient`s multiplexed over `--client-procs` processes (a thread and a channel each; see
+bench/scale_procs.py), and one heartbeat probe process. Every worker pushes a real SparseLoCo update (codec
+`sparseloco`: top-64 of every 4096 entries, 2-bit values, 12-bit indices), waits for the round to close and pulls
+the aggregate, for `--rounds` rounds. Each client process builds one update with the protocol's `make_update` on a
+perturbed copy of the parameters and pushes it under each of its workers' ids, so the downlink's union of
+coordinates covers `--client-procs` distinct updates, not N (N distinct top-k masks would make the sparse aggregate
+nearly dense). The one-time state pull at join is skipped: every byte counted below is per-round traffic plus the
+initial-state upload.
 
 Columns:
 - `seconds_per_round`: the median of the coordinator's metrics.jsonl `seconds` (round open to close, i.e.
