@@ -43,6 +43,11 @@ Columns:
 - `update_bytes`, `protocol_sent_per_worker`, `protocol_received_per_worker`, `control_*_per_worker`: bytes per
   worker as the clients counted them (per worker over the whole run).
 
+- `perf`, `perf_samples_per_worker_by_group` (with `--perf`): the coordinator's CPU samples from Linux perf, from its
+  start-up's end to the run's (bench/perf_profile.py): in all, by group of shared objects (kernel, python, libc,
+  torch, grpc, other), the top symbols, and per group over N: a group whose samples per worker grow from row to
+  row is what makes a round super-linear. Sampling slows the coordinator: such a run's times are not timings.
+
 Targets (issue 13): seconds per round grows at most linearly in workers (`seconds_per_round_per_worker` does
 not grow from row to row), coordinator memory at most 3x the model at 1,000 workers, no heartbeat delayed past
 its interval (2 s) by a round close.
@@ -70,7 +75,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from bench import proc_memory
+from bench import perf_profile, proc_memory
 from bench.common import comma_list, command_line, write_result
 from bench.proc_memory import proc_status
 from bench.scale_procs import initial_params
@@ -138,9 +143,11 @@ def _split(workers: int, procs: int) -> list[int]:
 
 def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs: int, work: Path,
                   timeout: float, malloc_tuning: bool = True,
-                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S, beat_always: bool = False) -> dict[str, Any]:
+                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S, beat_always: bool = False,
+                  perf: bool = False) -> dict[str, Any]:
     """One contender's row. A run still going after `timeout` seconds is measured as far as it got (rounds
-    closed, the coordinator's peak RSS so far, the probe's heartbeats) and stopped: `finished` False."""
+    closed, the coordinator's peak RSS so far, the probe's heartbeats) and stopped: `finished` False. With `perf`,
+    the coordinator is sampled by Linux perf from its start-up's end to the run's (bench/perf_profile.py)."""
     work.mkdir(parents=True)
     config = bench_config(workers, rounds, model, heartbeat_interval_s)
     spec: dict[str, Any] = {"config": config, "timeout_s": timeout, "clients": _split(workers, client_procs),
@@ -149,9 +156,12 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
     # Started as lowband's launchers start a coordinator: with its allocator's environment (coordinator/malloc.py).
     coordinator = _spawn(work, "coordinator", env=coordinator_env() if malloc_tuning else None)
     procs = [coordinator]
+    sampler: subprocess.Popen[bytes] | None = None
     clients: list[dict[str, Any]] = []
     try:
         ready = _wait_file(work / "coordinator.json", procs, 300)
+        if perf:
+            sampler = perf_profile.attach(ready["pid"], work / "perf.data")
         spec["address"] = ready["address"]
         (work / "spec.json").write_text(json.dumps(spec))
         procs.append(_spawn(work, "probe"))
@@ -171,6 +181,8 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
         (work / "stop_probe").touch()
         probe = _wait_file(work / "probe.json", procs[:2], 60)
     finally:
+        if sampler is not None:
+            perf_profile.detach(sampler)
         for p in procs:
             try:
                 p.wait(timeout=30 if clients else 1)
@@ -197,6 +209,10 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
         end, start = done["memory_by_kind"], ready.get("baseline_by_kind", {})
         row["memory_by_kind"] = end
         row["memory_growth_by_kind"] = proc_memory.growth(start, end)
+    if sampler is not None:  # where the coordinator's CPU went, per worker: what grows faster than the workers
+        row["perf"] = perf_profile.summary(work / "perf.data")
+        row["perf_samples_per_worker_by_group"] = {group: samples / workers for group, samples
+                                                   in row["perf"]["samples_by_group"].items()}
     if seconds:
         row["seconds_per_round"] = statistics.median(seconds)
         row["seconds_per_round_per_worker"] = row["seconds_per_round"] / workers
@@ -270,19 +286,26 @@ def main(argv: list[str] | None = None) -> None:
                         help="the model pushed: full (10.7M parameters, the target's) or quick (0.1M): with the "
                              "quick one, what the coordinator holds above start-up is what it holds per connection "
                              "and call, not per model")
+    parser.add_argument("--perf", action="store_true",
+                        help="sample the coordinator with Linux perf once started (kernel and C libraries too): "
+                             "each row gets `perf` and `perf_samples_per_worker_by_group`; the sampling slows it")
     parser.add_argument("--out", default="coordinator_scale", help="result name in bench/results")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.client_procs < 1 or not args.heartbeat_interval > 0:
         parser.error("need --rounds >= 1, --client-procs >= 1 and --heartbeat-interval > 0")
+    if args.perf and (why := perf_profile.available()):
+        parser.error(f"--perf: {why}")
     workers, rounds, model = ([4, 8], 2, QUICK_MODEL) if args.quick else (args.workers, args.rounds,
                                                                          MODELS[args.model])
     with tempfile.TemporaryDirectory(prefix="lowband-scale-") as tmp:
         rows = [run_contender(n, rounds, model, args.client_procs, Path(tmp) / f"workers-{n}", args.timeout,
-                              not args.no_malloc_tuning, args.heartbeat_interval, args.beat_always) for n in workers]
+                              not args.no_malloc_tuning, args.heartbeat_interval, args.beat_always, args.perf)
+                for n in workers]
     write_result(args.out, command_line("bench.coordinator_scale"), rows, COLUMNS,
                  config={"rounds": rounds, "model": model, "client_procs": args.client_procs,
                          "heartbeat_interval_s": args.heartbeat_interval, "beat_always": args.beat_always,
-                         "probe_judged_against_s": HEARTBEAT_INTERVAL_S, "malloc_tuning": not args.no_malloc_tuning},
+                         "probe_judged_against_s": HEARTBEAT_INTERVAL_S, "malloc_tuning": not args.no_malloc_tuning,
+                         "perf": args.perf},
                  targets=verdicts(rows))
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import bench.common
+from bench import perf_profile
 from bench.coordinator_scale import _split, main, verdicts
 
 
@@ -89,3 +90,17 @@ def test_quick_run_writes_a_row_per_contender(tmp_path: Path, monkeypatch: pytes
     assert set(doc["targets"]) == {"round_time_at_most_linear", "memory_at_most_3x_model",
                                    "heartbeat_within_interval", "coordinator_cpu_at_most_linear"}
     assert isinstance(doc["targets"]["heartbeat_within_interval"]["met"], bool)
+
+
+@pytest.mark.skipif(perf_profile.available() is not None, reason=f"{perf_profile.available()}")
+def test_perf_samples_the_coordinator_per_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    main(["--quick", "--perf", "--out", "scale"])
+    doc = json.loads((tmp_path / "scale.json").read_text())
+    assert doc["config"]["perf"] is True
+    for r in doc["rows"]:
+        groups = r["perf"]["samples_by_group"]
+        assert r["perf"]["samples"] == sum(groups.values()) > 0
+        assert groups.get("python", 0) > 0  # it sampled the interpreter serving the run, not an empty process
+        assert r["perf_samples_per_worker_by_group"] == {g: n / r["workers"] for g, n in groups.items()}
+        assert r["perf"]["top_symbols"] and all(n > 0 for _, n in r["perf"]["top_symbols"])
