@@ -49,7 +49,10 @@ TCACHE_OFF = "glibc.malloc.tcache_count=0"
 # stream tensors: a coordinator started inside a Ray job would otherwise inherit the job's, and keep up to 1 GiB of
 # freed heap.
 TRIM_THRESHOLD = 128 << 10
-ENV_NAMES = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+# What a coordinator process starts with (`coordinator_env`), besides the per-thread cache in GLIBC_TUNABLES.
+VARIABLES = {"MALLOC_ARENA_MAX": str(ARENAS), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+             "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+ENV_NAMES = (*VARIABLES, "GLIBC_TUNABLES")
 
 
 def _mallopt() -> Callable[[int, int], int] | None:
@@ -78,9 +81,7 @@ def coordinator_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     mmap threshold `tune_malloc` sets (as variables they also reach a process that never calls it), glibc's trim
     threshold, and the per-thread cache off, added to any other `GLIBC_TUNABLES` given. An operator's own value
     of any of them stands (a `GLIBC_TUNABLES` that sets `tcache_count` included). Empty: nothing to add."""
-    wanted = {"MALLOC_ARENA_MAX": str(ARENAS), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
-              "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
-    env = {name: value for name, value in wanted.items() if name not in environ}
+    env = {name: value for name, value in VARIABLES.items() if name not in environ}
     tunables = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.tcache_count=" not in tunables:
         env["GLIBC_TUNABLES"] = f"{tunables}:{TCACHE_OFF}" if tunables else TCACHE_OFF
