@@ -86,6 +86,7 @@ def summary(data: Path, top: int = 12) -> dict[str, object]:
     by_dso = report(data, "dso")
     groups: dict[str, int] = {}
     for dso, samples in by_dso:
-        groups[group_of(dso)] = groups.get(group_of(dso), 0) + samples
+        group = group_of(dso)
+        groups[group] = groups.get(group, 0) + samples
     return {"samples": sum(samples for _, samples in by_dso), "samples_by_group": groups,
             "top_symbols": report(data, "sym")[:top], "frequency_hz": FREQUENCY}
