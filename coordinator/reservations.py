@@ -33,14 +33,14 @@ class Reservations:
         self._sweeping = False
         self.lapsed = 0  # reservations that ran out unused (tests, logs)
 
-    def reserve(self, worker_id: str, wait_s: float) -> bool:
-        """Keep a slot for `worker_id`, waiting up to `wait_s` for one; False when none came free. A worker
-        that holds one already keeps it, for `hold_s` from now."""
+    async def reserve(self, worker_id: str, wait_s: float) -> bool:
+        """Keep a slot for `worker_id`, waiting up to `wait_s` for one (on the caller's event loop, holding no
+        thread); False when none came free. A worker that holds one already keeps it, for `hold_s` from now."""
         with self._cond:
             held = self._held.pop(worker_id, None) is not None
         if not held:
             try:
-                self.slots.acquire(wait_s)
+                await self.slots.acquire_async(wait_s)
             except Rejected as busy:
                 if busy.code is Code.RESOURCE_EXHAUSTED:
                     return False

@@ -3,7 +3,7 @@
 unexpected: INTERNAL, never UNKNOWN; see `protocols/wire/servicing.py`).
 
 No client can hold the coordinator: push streams, long polls and state pulls each have a bounded number of
-slots (`CallLimits`; one more is refused at once with RESOURCE_EXHAUSTED), the server's thread pool has
+slots (`CallLimits`; one more is refused at once with RESOURCE_EXHAUSTED), the server's bound on open calls has
 room for all of them plus the quick calls (heartbeats, joins), and a stream that waits longer than
 `cluster.stream_idle_s` for its client (a push's next message, its header: at most HEADER_WAIT_S; a pull's
 client taking the next one) is ended with DEADLINE_EXCEEDED. The token and round of a push are checked from
@@ -23,20 +23,25 @@ MIN_PUSH_RATE, starts once it is admitted; it must finish by then however it pac
 aggregate, a whole replica) are admitted alike, READS_PER_CORE per core at once, before their stream starts:
 a round's pulls all come at once, and each pull in flight holds a serialized chunk (1 MiB) in gRPC's buffers.
 
-Threads: gRPC's pool serves each open call on a thread of its own, about 1,000 at 1,000 workers. A push is read,
-decoded and folded on one of the servicer's push threads instead (`push_work`), as many as pushes are read at
-once: torch keeps per-thread state in every thread that ran it (bench/call_memory.py, BENCHMARKS.md)."""
+Threads: an open call is a coroutine on the server's event loop (coordinator/server.py), so a thousand workers
+waiting in long polls hold no thread each. Work runs on a few pools: a push is read, decoded and folded on one of the
+push threads (`push_work`), as many as pushes are read at once (torch keeps per-thread state in every thread that
+ran it: bench/call_memory.py, BENCHMARKS.md); calls that may wait on the state's lock on `calls`; heartbeats on
+`liveness`."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Generator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
-from contextlib import ExitStack
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import grpc
 
@@ -49,16 +54,11 @@ from protocols.base import Aggregate, Update
 from protocols.config import RunConfig
 from protocols.wire import lowband_pb2_grpc, serde
 from protocols.wire import messages as m
-from protocols.wire.servicing import (
-    CountingIterator,
-    Slots,
-    StreamWatchdog,
-    answered,
-    answered_stream,
-    request_readers,
-)
+from protocols.wire.aio_servicing import GuardedReader, answered_async, send_within
+from protocols.wire.servicing import Slots, request_readers
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _PHASE = {
     Phase.WAITING: m.Phase.WAITING_FOR_WORKERS,
@@ -88,6 +88,10 @@ ADMISSION_WAIT_S = 300.0
 # How long a slot kept by ReservePush waits for its worker's push (coordinator/reservations.py): the push follows
 # the reply at once, so this only bounds what a worker that reserved and vanished keeps from the others.
 RESERVATION_HOLD_S = 10.0
+# Threads for the calls that may wait on the state's lock (a fold or a round close holds it): they queue for these,
+# not for one each. Heartbeats and proof of life take the member tally alone, on threads of their own.
+CALL_THREADS = 8
+LIVENESS_THREADS = 4
 
 
 def _wait_s(asked: float) -> float:
@@ -105,8 +109,9 @@ def _cores() -> int:
 
 
 class CallLimits:
-    """How many calls of each long-running kind may be in flight at once, and the server's thread pool and
-    concurrency bound that make room for all of them plus the quick calls."""
+    """How many calls of each long-running kind may be in flight at once, and the server's bound on calls open at
+    once that makes room for all of them plus the quick calls. An open call is a coroutine, not a thread (the
+    asyncio server, coordinator/server.py): these bound the memory and work that calls in flight take."""
 
     def __init__(self, workers: int) -> None:
         self.pushes = 2 * workers + 4  # each worker pushes one at a time; the rest is for retries and strangers
@@ -117,11 +122,11 @@ class CallLimits:
         self.waits = 2 * workers + 2
         self.reserves = 2 * workers + 2  # ReservePush long polls: one per worker, and room for retries
         self.pulls = 2 * workers + 2
-        quick = 8  # joins, heartbeats, leaves, attests: they never block, so a few threads serve them all
-        self.readers = request_readers(workers)  # calls whose request is still arriving (server.py: UnaryRequestGuard)
-        self.threads = self.pushes + self.waits + self.reserves + self.pulls + quick + self.readers
-        # Calls past the pool queue for a thread; past this bound gRPC refuses them with RESOURCE_EXHAUSTED.
-        self.max_concurrent_rpcs = self.threads + 4 * workers + 16
+        quick = 8  # joins, heartbeats, leaves, attests: they never block
+        self.readers = request_readers(workers)  # calls whose request is still arriving (server.py: AsyncRequestGuard)
+        self.calls = self.pushes + self.waits + self.reserves + self.pulls + quick + self.readers
+        # Past this bound gRPC refuses calls with RESOURCE_EXHAUSTED.
+        self.max_concurrent_rpcs = self.calls + 4 * workers + 16
 
     @classmethod
     def of(cls, cfg: RunConfig) -> CallLimits:
@@ -153,6 +158,11 @@ class EncodedAggregates:
 
 
 class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
+    """The coordinator's RPCs as coroutines on the server's event loop (protocols/wire/aio_servicing.py): an open
+    call holds no thread. What may wait on the state's lock (taken by a fold or a round close) runs on `calls`'
+    threads, heartbeats and proof of life on `liveness`' (they take the member tally alone), and pushes are read,
+    decoded and folded on `push_work`'s."""
+
     def __init__(self, state: CoordinatorState, chunk_bytes: int = m.DEFAULT_CHUNK_BYTES) -> None:
         self.state = state
         self.chunk_bytes = chunk_bytes
@@ -165,33 +175,58 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         self.wait_slots = Slots("WaitRound calls", limits.waits)
         self.reserve_slots = Slots("ReservePush calls", limits.reserves)
         self.pull_slots = Slots("state or aggregate pulls", limits.pulls)
-        self.watchdog = StreamWatchdog()
         self.aggregates = EncodedAggregates(chunk_bytes)
         self.idle_s = state.cfg.cluster.stream_idle_s
+        self.calls = futures.ThreadPoolExecutor(max_workers=CALL_THREADS, thread_name_prefix="lowband-call")
+        self.liveness = futures.ThreadPoolExecutor(max_workers=LIVENESS_THREADS, thread_name_prefix="lowband-beat")
         # A push's payload is read into tensors and decoded with torch, and a thread that ran torch once keeps
-        # ~35 KB of torch's per-thread state for as long as it lives (bench/call_memory.py). gRPC's pool has a
-        # thread per call open at once (about 1,000 at 1,000 workers) and any of them may take a push, so pushes
-        # are read on these threads instead: as many as are reading at once (`admitted`, plus the rare push
-        # still waiting for its header or for admission), created only as needed.
+        # ~35 KB of torch's per-thread state for as long as it lives (bench/call_memory.py): as many push threads
+        # as pushes are read at once (`admitted`, plus the rare push still waiting for its header or for
+        # admission), created only as needed.
         self.push_work = futures.ThreadPoolExecutor(max_workers=limits.pushes, thread_name_prefix="lowband-push")
+        self.round_moved = RoundSignal()
+        state.round_listeners.append(self.round_moved.fire)
 
     def close(self) -> None:
-        """Stop taking pushes (the server has stopped): the push threads end once their pushes have."""
-        self.push_work.shutdown(wait=False, cancel_futures=True)
+        """Stop taking work (the server has stopped): the threads end once what they run has."""
+        self.state.round_listeners.remove(self.round_moved.fire)
+        for pool in (self.push_work, self.calls, self.liveness):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _on(self, pool: futures.Executor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        """A quick read under the state's lock: on the loop when the lock is free, else on `calls`, which may wait
+        for it. (With a hop to a thread and back for every such read, a round took 11% more of the coordinator's
+        CPU at 100 workers: BENCHMARKS.md "The coordinator on an asyncio server".)"""
+        done, result = self.state.if_unlocked(fn, *args)
+        return result if done else await self._on(self.calls, fn, *args)
+
+    def _training(self) -> bool:
+        """Once training started, proof of life and heartbeats take the member tally alone (never held long): they
+        run on the loop. Before, they may start the run, under the state's lock, on `liveness`."""
+        return self.state.phase is not Phase.WAITING
 
     def _check_run(self, env: m.Envelope) -> None:
         if env.run_id and env.run_id != self.state.run_id:
             raise Rejected(Code.FAILED_PRECONDITION, f"wrong run id {env.run_id!r} (this run is {self.state.run_id!r})")
 
-    def _attend(self, env: m.Envelope, context: grpc.ServicerContext) -> None:
+    async def _attend(self, env: m.Envelope, context: grpc.aio.ServicerContext) -> None:
         """Check the caller, and count it alive until this call ends (`CoordinatorState.attend`): at a thousand
         workers, the heartbeats it spares the workers waiting in long polls were 13% of the coordinator's CPU."""
-        end = self.state.attend(env.worker_id, env.token)
-        if not context.add_callback(end):  # the call already ended
+        attend = self.state.attend
+        end = attend(env.worker_id, env.token) if self._training() else await self._on(
+            self.liveness, attend, env.worker_id, env.token)
+        context.add_done_callback(lambda _: end())
+        if context.done():  # it ended meanwhile, perhaps before the callback was there (`end` counts once)
             end()
 
-    @answered
-    def Join(self, request: Any, context: grpc.ServicerContext) -> Any:
+    @answered_async
+    async def Join(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._on(self.calls, self._join, request)
+
+    def _join(self, request: Any) -> Any:
         req = serde.from_pb(request, m.JoinRequest)
         env = req.envelope
         self._check_run(env)
@@ -210,8 +245,12 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         )
         return serde.to_pb(reply)
 
-    @answered
-    def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
+    @answered_async
+    async def Heartbeat(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return self._heartbeat(request) if self._training() else await self._on(self.liveness, self._heartbeat,
+                                                                                 request)
+
+    def _heartbeat(self, request: Any) -> Any:
         req = serde.from_pb(request, m.HeartbeatRequest)
         self._check_run(req.envelope)
         loss = None if req.last_loss != req.last_loss else req.last_loss  # NaN means "no loss yet"
@@ -219,121 +258,143 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         self.state.heartbeat(req.envelope.worker_id, req.envelope.token, req.inner_step, loss, eval_loss)
         return serde.to_pb(m.HeartbeatReply(round=self.state.round, phase=_PHASE[self.state.phase]))
 
-    @answered
-    def AttestBase(self, request: Any, context: grpc.ServicerContext) -> Any:
+    @answered_async
+    async def AttestBase(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         req = serde.from_pb(request, m.AttestRequest)
         self._check_run(req.envelope)
-        digest = self.state.attest_base(req.envelope.worker_id, req.envelope.token, req.base_digest)
+        digest = await self._on(self.calls, self.state.attest_base, req.envelope.worker_id, req.envelope.token,
+                                req.base_digest)
         return serde.to_pb(m.AttestReply(run_base_digest=digest))
 
-    @answered
-    def Leave(self, request: Any, context: grpc.ServicerContext) -> Any:
+    @answered_async
+    async def Leave(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         req = serde.from_pb(request, m.LeaveRequest)
         self._check_run(req.envelope)
-        self.state.leave(req.envelope.worker_id, req.envelope.token)
+        await self._on(self.calls, self.state.leave, req.envelope.worker_id, req.envelope.token)
         return serde.to_pb(m.LeaveReply())
 
-    @answered_stream
-    def PullState(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    # The stream is written by the coroutine (`_send`), which the generated base's iterator signature does not know.
+    @answered_async
+    async def PullState(self, request: Any, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
         req = serde.from_pb(request, m.PullRequest)
         self._check_run(req.envelope)
-        self._attend(req.envelope, context)
-        # In turn for a sender; busy (retried) past the wait.
-        with self.pull_slots.hold(), self.sending.hold(ADMISSION_WAIT_S):
-            snap = self.state.snapshot(req.envelope.worker_id, req.envelope.token, req.resync)
-            entries = {name: dense(t) for name, t in snap.replica.to_tensors().items()}
-            header = m.StateHeader(
-                round=snap.round,
-                num_entries=len(entries),
-                total_bytes=sum(p.nbytes() for p in entries.values()),
-                state_hash=snap.state_hash,
-            )
-            sent = yield from self._send(serde.pull_stream(header, entries, self.chunk_bytes), context)
+        await self._attend(req.envelope, context)
+        with self.pull_slots.hold():
+            await self.sending.acquire_async(ADMISSION_WAIT_S)  # in turn for a sender; busy (retried) past the wait
+            try:
+                messages = await self._on(self.calls, self._state_stream, req)
+                # Each chunk is copied into its message on a thread: a whole replica is seconds of the loop's time.
+                sent = await self._send(request, context, messages, on=self.calls)
+            finally:
+                self.sending.release()
         self.state.count_download(req.envelope.worker_id, sent, "state")
 
-    @answered_stream
-    def PullAggregate(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def _state_stream(self, req: m.PullRequest) -> Iterator[Any]:
+        snap = self.state.snapshot(req.envelope.worker_id, req.envelope.token, req.resync)
+        entries = {name: dense(t) for name, t in snap.replica.to_tensors().items()}
+        header = m.StateHeader(
+            round=snap.round,
+            num_entries=len(entries),
+            total_bytes=sum(p.nbytes() for p in entries.values()),
+            state_hash=snap.state_hash,
+        )
+        return serde.pull_stream(header, entries, self.chunk_bytes)
+
+    @answered_async
+    async def PullAggregate(self, request: Any, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
         req = serde.from_pb(request, m.AggregateRequest)
         self._check_run(req.envelope)
-        self._attend(req.envelope, context)
+        await self._attend(req.envelope, context)
         with self.pull_slots.hold():
-            aggregate, state_hash, own = self.state.aggregate_for(req.envelope.worker_id, req.envelope.token,
-                                                                  req.round)
-            encoded = self.aggregates.of(aggregate)
-            with self.sending.hold(ADMISSION_WAIT_S):  # in turn; busy (retried) past the wait
-                sent = yield from self._send(encoded.stream(state_hash, omit=own), context)
+            aggregate, state_hash, own = await self._locked(self.state.aggregate_for, req.envelope.worker_id,
+                                                            req.envelope.token, req.round)
+            encoded = await self._on(self.calls, self.aggregates.of, aggregate)
+            await self.sending.acquire_async(ADMISSION_WAIT_S)  # in turn; busy (retried) past the wait
+            try:
+                sent = await self._send(request, context, encoded.stream(state_hash, omit=own))
+            finally:
+                self.sending.release()
         self.state.count_download(req.envelope.worker_id, sent)
 
-    def _send(self, messages: Iterator[Any], context: grpc.ServicerContext) -> Generator[Any, None, int]:
-        """Yield a response stream (messages, or bytes serialized ahead) under the watchdog (a client that stops
-        reading is ended after the idle limit, freeing its thread); returns the bytes sent."""
+    async def _send(self, request: Any, context: grpc.aio.ServicerContext, messages: Iterator[Any],
+                    on: futures.Executor | None = None) -> int:
+        """Write a response stream (messages, or bytes serialized ahead; each taken from `messages` on `on`'s
+        threads if given) that the client must keep reading (`send_within`); returns the bytes sent. The request
+        that opened it is control traffic, counted once the stream started (coordinator/traffic.py)."""
         sent = 0
-        with self.watchdog.guard(iter(()), context, self.idle_s) as stream:
-            for msg in messages:
-                sent += len(msg) if isinstance(msg, bytes) else msg.ByteSize()
-                with stream.waiting():
-                    yield msg
-        return sent
+        while True:
+            msg = next(messages, None) if on is None else await self._on(on, next, messages, None)
+            if msg is None:
+                return sent
+            await send_within(context, msg, self.idle_s)
+            if not sent:
+                self.state.count_control(request.envelope.worker_id, request.ByteSize(), 0)
+            sent += len(msg) if isinstance(msg, bytes) else msg.ByteSize()
 
-    @answered
-    def ReservePush(self, request: Any, context: grpc.ServicerContext) -> Any:
+    @answered_async
+    async def ReservePush(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         req = serde.from_pb(request, m.ReserveRequest)
         env = req.envelope
         self._check_run(env)
         wait = _wait_s(req.max_wait_s)
-        try:
-            self.state.check_push(env.worker_id, env.token, env.round, False, record_late=False)  # as its push's
+        try:  # judged as its push's header would be
+            await self._on(self.calls, partial(self.state.check_push, env.worker_id, env.token, env.round, False,
+                                               record_late=False))
         except AlreadyFolded:  # a retry whose update is in: its push is answered from the header, no slot needed
             return serde.to_pb(m.ReserveReply(reserved=True, hold_s=0.0))
-        self._attend(env, context)
+        await self._attend(env, context)
         with self.reserve_slots.hold():
-            reserved = self.reservations.reserve(env.worker_id, wait)
+            reserved = await self.reservations.reserve(env.worker_id, wait)
         return serde.to_pb(m.ReserveReply(reserved=reserved, hold_s=RESERVATION_HOLD_S))
 
-    @answered
-    def WaitRound(self, request: Any, context: grpc.ServicerContext) -> Any:
+    @answered_async
+    async def WaitRound(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         req = serde.from_pb(request, m.WaitRequest)
         self._check_run(req.envelope)
-        self._attend(req.envelope, context)
+        await self._attend(req.envelope, context)
         wait = _wait_s(req.max_wait_s)
         with self.wait_slots.hold():
-            round_, phase, state_hash, (epoch, shard, shards) = self.state.wait_for_round_dealt(
-                req.envelope.worker_id, req.after_round, wait)
+            await self.round_moved.wait_past(self.state, req.after_round, wait)
+            round_, phase, state_hash, (epoch, shard, shards) = await self._locked(
+                self.state.wait_for_round_dealt, req.envelope.worker_id, req.after_round, 0.0)
         info = m.RoundInfo(round_, _PHASE[phase], state_hash, self.state.total_rounds, self.state.target_round_s,
                            membership_epoch=epoch, shard_index=shard, shard_count=shards)
         return serde.to_pb(info)
 
-    @answered
-    def PushUpdate(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
-        with self.push_slots.hold(), ExitStack() as admission, \
-                self.watchdog.guard(request_iterator, context, min(self.idle_s, HEADER_WAIT_S)) as stream:
-            counted = CountingIterator(stream)
+    @answered_async
+    async def PushUpdate(self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        loop = asyncio.get_running_loop()
+        with self.push_slots.hold():
+            stream = GuardedReader(request_iterator, loop, min(self.idle_s, HEADER_WAIT_S))
+            admission: list[Callable[[], None]] = []  # the admitted slot's release, once it holds one
 
-            def refuse_early(header: m.PushHeader) -> None:
+            def refuse_early(header: m.PushHeader) -> None:  # on the push thread, before any payload is read
                 env = header.envelope
                 self._check_run(env)
                 initial = header.kind is m.PushKind.INITIAL_STATE
                 self.state.check_push(env.worker_id, env.token, env.round, initial, header.base_state_hash)
-                self._attend(env, context)
-                if self.reservations.take(env.worker_id):  # the slot its ReservePush kept: now this push's
-                    admission.callback(self.admitted.release)
-                else:
-                    admission.enter_context(self.admitted.hold(ADMISSION_WAIT_S))  # busy (retried) past the wait
-                # Authenticated and admitted: from now on the stream may pause up to the idle limit, and must
-                # end in time.
+                asyncio.run_coroutine_threadsafe(self._attend(env, context), loop).result()
+                if not self.reservations.take(env.worker_id):  # the slot its ReservePush kept is now this push's
+                    self.admitted.acquire(ADMISSION_WAIT_S)  # else in turn; busy (retried) past the wait
+                admission.append(self.admitted.release)
+                # Authenticated and admitted: from now on the stream may pause up to the idle limit, and must end
+                # in time.
                 stream.idle_s = self.idle_s
                 stream.set_deadline(PUSH_BASE_S + header.total_bytes / MIN_PUSH_RATE)
 
+            work = loop.run_in_executor(self.push_work, self._read_and_apply, stream, refuse_early)
+            # The admitted slot comes back when the push thread is done with it, also if this call ends first.
+            work.add_done_callback(lambda _: [release() for release in admission])
             try:
-                return self.push_work.submit(self._read_and_apply, counted, refuse_early).result()
+                return await asyncio.shield(work)
             except AlreadyFolded as done:  # a retry after a lost reply: the same answer, nothing folded twice
-                return serde.to_pb(m.PushReply(accepted=True, round=done.round, bytes_received=counted.nbytes))
+                return serde.to_pb(m.PushReply(accepted=True, round=done.round, bytes_received=stream.nbytes))
 
-    def _read_and_apply(self, counted: CountingIterator, refuse_early: Callable[[m.PushHeader], None]) -> Any:
+    def _read_and_apply(self, stream: GuardedReader, refuse_early: Callable[[m.PushHeader], None]) -> Any:
         """On a push thread: the whole stream read (its header judged first), decoded, checked and folded."""
-        header, entries = serde.read_push(counted, self.state.max_push_bytes, refuse_early)
+        header, entries = serde.read_push(stream, self.state.max_push_bytes, refuse_early)
         with self.decoding.hold(None):  # it waits its turn, however long: its payload is here
-            return self._apply_push(header, entries, counted.nbytes)
+            return self._apply_push(header, entries, stream.nbytes)
 
     def _apply_push(self, header: m.PushHeader, entries: dict[str, Any], nbytes: int) -> Any:
         env = header.envelope
@@ -350,6 +411,39 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             round_ = self.state.submit(env.worker_id, env.token, env.round, update, metrics, nbytes)
         return serde.to_pb(m.PushReply(accepted=True, round=round_, bytes_received=nbytes))
 
-    @answered
-    def Status(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return serde.to_pb(status_reply(self.state, serde.from_pb(request, m.StatusRequest)))
+    @answered_async
+    async def Status(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self._on(self.calls, lambda: serde.to_pb(status_reply(self.state, serde.from_pb(
+            request, m.StatusRequest))))
+
+
+class RoundSignal:
+    """Wakes the WaitRound coroutines when the round or the phase moved (`CoordinatorState.round_listeners`, called
+    from whichever thread moved it). A waiter also looks again every second, as the threads did."""
+
+    def __init__(self) -> None:
+        self._moved: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def fire(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._set)
+
+    def _set(self) -> None:
+        if self._moved is not None:
+            self._moved.set()
+            self._moved = None  # the next waiters wait for the next move
+
+    async def wait_past(self, state: CoordinatorState, after_round: int, timeout: float) -> None:
+        """Return once the round is past `after_round` or the run finished (read without the state's lock: the
+        caller reads the answer under it), or after `timeout`."""
+        self._loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + timeout
+        while not (state.phase is Phase.FINISHED or (state.phase is Phase.TRAINING and state.round > after_round)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if self._moved is None:
+                self._moved = asyncio.Event()
+            with contextlib.suppress(TimeoutError):  # a look every second, as the threads took
+                await asyncio.wait_for(self._moved.wait(), min(left, 1.0))

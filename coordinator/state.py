@@ -114,6 +114,8 @@ class CoordinatorState(PushHandling):
         self._cond = threading.Condition()
         # The (round, phase) the WaitRound long polls were last woken at: they wait for nothing else.
         self._woken_at: tuple[int, Phase] | None = None
+        # Called (under `_cond`, so quick and never blocking) when that moved: the server's waiters on its event loop.
+        self.round_listeners: list[Callable[[], None]] = []
         # Guards each member's liveness (alive, left, last_seen), its heartbeat fields and its byte counters,
         # alone: heartbeats and byte counts take only this, so a fold or a round close holding `_cond` never
         # delays them. Taken after `_cond` where both are needed, never the other way round, never held long.
@@ -396,6 +398,17 @@ class CoordinatorState(PushHandling):
         with self._cond:
             return (*self.wait_for_round(after_round, timeout), self.shard_for(worker_id))
 
+    def if_unlocked(self, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+        """(True, fn(*args)) when the state lock is free this instant, taken without waiting; else (False, None).
+        For a caller that must never wait for a fold or a round close (the server's event loop): it then runs `fn`
+        where waiting is allowed. `fn` is one of this class's quick reads, which take the lock again (reentrant)."""
+        if not self._cond.acquire(blocking=False):
+            return False, None
+        try:
+            return True, fn(*args)
+        finally:
+            self._cond.release()
+
     def members_copy(self) -> list[Member]:
         """A consistent copy of the member table, for progress displays and summaries."""
         with self._cond, self._tally:
@@ -415,6 +428,8 @@ class CoordinatorState(PushHandling):
         if now != self._woken_at:
             self._woken_at = now
             self._cond.notify_all()
+            for listener in self.round_listeners:
+                listener()
 
     def _member(self, worker_id: str, token: str) -> Member:
         """The calling worker, `token` its session (a run that authenticates refuses an unknown id as

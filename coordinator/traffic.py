@@ -3,110 +3,68 @@
 The servicer counts what it streams or receives as payload (updates and aggregates: protocol bytes; the initial
 state and whole-replica pulls: state bytes). Everything else a worker's call moves is control traffic, counted
 here from the serialized messages: the whole request and reply of the unary calls (Join, Heartbeat, Leave,
-WaitRound, AttestBase, ReservePush), the request that opens a PullState or PullAggregate stream, and the reply
-that closes a PushUpdate. A refused call is not counted (its error status carries no message), nor are Status
-calls, which come from an operator rather than a worker.
+WaitRound, AttestBase, ReservePush), the request that opens a PullState or PullAggregate stream (counted by the
+servicer), and the reply that closes a PushUpdate. A refused call is not counted (its error status carries no
+message), nor are Status calls, which come from an operator rather than a worker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
+import grpc.aio
 
 SERVICE_PREFIX = "/lowband.v1.Coordinator/"
 UNCOUNTED = {"Status"}
-# Single-request calls the server's UnaryRequestGuard (protocols/wire/servicing.py) registers as client streams
+# Single-request calls the server's AsyncRequestGuard (protocols/wire/aio_servicing.py) registers as client streams
 # of one message: counted as the unary calls they are.
 UNARY = {"Join", "Heartbeat", "Leave", "WaitRound", "AttestBase", "ReservePush"}
-OPENING = {"PullState", "PullAggregate"}
+# The request that opens a PullState or PullAggregate stream is counted by the servicer once the stream started
+# (coordinator/servicer.py `_send`): its coroutine writes the stream itself, which an interceptor does not see.
+
+Behavior = Callable[[AsyncIterator[Any], Any], Awaitable[Any]]
 
 
 class ControlCounter(Protocol):
     def count_control(self, worker_id: str, sent: int, received: int) -> None: ...
 
 
-class ControlTraffic(grpc.ServerInterceptor):
+class ControlTraffic(grpc.aio.ServerInterceptor):
     def __init__(self, counter: ControlCounter) -> None:
         self.counter = counter
 
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = continuation(details)
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]], details: Any) -> Any:
+        handler = await continuation(details)
         method: str = details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX) or method[len(SERVICE_PREFIX):] in UNCOUNTED:
+        if handler is None or not method.startswith(SERVICE_PREFIX) or handler.stream_unary is None:
             return handler
         name = method[len(SERVICE_PREFIX):]
-        if handler.stream_unary is not None and name in UNARY:
-            return grpc.stream_unary_rpc_method_handler(self._guarded_unary(handler.stream_unary),
-                                                        handler.request_deserializer, handler.response_serializer)
-        if handler.stream_stream is not None and name in OPENING:
-            return grpc.stream_stream_rpc_method_handler(self._guarded_opening(handler.stream_stream),
-                                                         handler.request_deserializer, handler.response_serializer)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary),
-                                                       handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(self._opening(handler.unary_stream),
-                                                        handler.request_deserializer, handler.response_serializer)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(self._closing(handler.stream_unary),
-                                                        handler.request_deserializer, handler.response_serializer)
-        return handler
+        if name in UNCOUNTED:
+            return handler
+        counted = self._unary(handler.stream_unary) if name in UNARY else self._closing(handler.stream_unary)
+        return grpc.stream_unary_rpc_method_handler(counted, handler.request_deserializer,
+                                                    handler.response_serializer)
 
-    def _unary(self, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-        def counted(request: Any, context: Any) -> Any:
-            reply = behavior(request, context)
-            # A Join names its worker in the reply (the request may leave the id to the coordinator).
-            worker_id = getattr(reply, "worker_id", "") or request.envelope.worker_id
-            if reply is not None:
-                self.counter.count_control(worker_id, request.ByteSize(), reply.ByteSize())
-            return reply
-
-        return counted
-
-    def _opening(self, behavior: Callable[[Any, Any], Iterator[Any]]) -> Callable[[Any, Any], Iterator[Any]]:
-        def counted(request: Any, context: Any) -> Iterator[Any]:
-            stream = behavior(request, context)
-            first = True
-            for msg in stream:
-                if first:  # the request was accepted: the stream started
-                    self.counter.count_control(request.envelope.worker_id, request.ByteSize(), 0)
-                    first = False
-                yield msg
-
-        return counted
-
-    # The guarded forms read their one request themselves (under the guard's deadline): the stream is passed
+    # The guarded unary calls read their one request themselves (under the guard's deadline): the stream is passed
     # through, and its first message counted once the call answered.
-    def _guarded_unary(self, behavior: Callable[[Iterator[Any], Any], Any]) -> Callable[[Iterator[Any], Any], Any]:
-        def counted(requests: Iterator[Any], context: Any) -> Any:
+    def _unary(self, behavior: Behavior) -> Behavior:
+        async def counted(requests: AsyncIterator[Any], context: Any) -> Any:
             recorded = _Recorded(requests)
-            reply = behavior(recorded, context)
+            reply = await behavior(recorded, context)
             if reply is not None and recorded.first is not None:
+                # A Join names its worker in the reply (the request may leave the id to the coordinator).
                 worker_id = getattr(reply, "worker_id", "") or recorded.first.envelope.worker_id
                 self.counter.count_control(worker_id, recorded.first.ByteSize(), reply.ByteSize())
             return reply
 
         return counted
 
-    def _guarded_opening(self, behavior: Callable[[Iterator[Any], Any], Iterator[Any]]
-                         ) -> Callable[[Iterator[Any], Any], Iterator[Any]]:
-        def counted(requests: Iterator[Any], context: Any) -> Iterator[Any]:
-            recorded = _Recorded(requests)
-            first = True
-            for msg in behavior(recorded, context):
-                if first and recorded.first is not None:
-                    self.counter.count_control(recorded.first.envelope.worker_id, recorded.first.ByteSize(), 0)
-                    first = False
-                yield msg
-
-        return counted
-
-    def _closing(self, behavior: Callable[[Iterator[Any], Any], Any]) -> Callable[[Iterator[Any], Any], Any]:
-        def counted(requests: Iterator[Any], context: Any) -> Any:
+    def _closing(self, behavior: Behavior) -> Behavior:
+        async def counted(requests: AsyncIterator[Any], context: Any) -> Any:
             sender = _Sender(requests)
-            reply = behavior(sender, context)
+            reply = await behavior(sender, context)
             if reply is not None and sender.worker_id:
                 self.counter.count_control(sender.worker_id, 0, reply.ByteSize())
             return reply
@@ -117,15 +75,15 @@ class ControlTraffic(grpc.ServerInterceptor):
 class _Recorded:
     """A client stream passed through unchanged, keeping its first message."""
 
-    def __init__(self, inner: Iterator[Any]) -> None:
-        self.inner: Iterator[Any] = inner
+    def __init__(self, inner: AsyncIterator[Any]) -> None:
+        self.inner = inner
         self.first: Any = None
 
-    def __iter__(self) -> _Recorded:
+    def __aiter__(self) -> _Recorded:
         return self
 
-    def __next__(self) -> Any:
-        msg = next(self.inner)
+    async def __anext__(self) -> Any:
+        msg = await anext(self.inner)
         if self.first is None:
             self.first = msg
         return msg
@@ -134,14 +92,14 @@ class _Recorded:
 class _Sender:
     """A client stream passed through unchanged, noting the worker its header names."""
 
-    def __init__(self, inner: Iterator[Any]) -> None:
+    def __init__(self, inner: AsyncIterator[Any]) -> None:
         self.inner, self.worker_id = inner, ""
 
-    def __iter__(self) -> _Sender:
+    def __aiter__(self) -> _Sender:
         return self
 
-    def __next__(self) -> Any:
-        msg = next(self.inner)
+    async def __anext__(self) -> Any:
+        msg = await anext(self.inner)
         if not self.worker_id and msg.HasField("header"):
             self.worker_id = msg.header.envelope.worker_id
         return msg

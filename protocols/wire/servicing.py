@@ -15,9 +15,11 @@ the next message, or ran past its overall deadline.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -180,7 +182,8 @@ class CountingIterator:
 class Slots:
     """At most `limit` calls of one kind at a time. One more waits up to `wait_s` (`hold`) for a slot, in turn
     behind those already waiting, and is then refused with RESOURCE_EXHAUSTED "server busy"; with no wait,
-    at once."""
+    at once. A coroutine waits with `acquire_async`, holding no thread: a freed slot goes to a waiting thread
+    first (its call's payload is already buffered), then to the coroutines in the order they came."""
 
     def __init__(self, what: str, limit: int) -> None:
         if limit < 1:
@@ -188,7 +191,9 @@ class Slots:
         self.what, self.limit = what, limit
         self._cond = threading.Condition()
         self.in_use = 0
-        self.waiting = 0  # calls waiting for a slot now
+        self.waiting = 0  # calls waiting for a slot now, threads and coroutines
+        self._threads_waiting = 0
+        self._coroutines: deque[_SlotWaiter] = deque()
 
     @contextmanager
     def hold(self, wait_s: float | None = 0.0) -> Iterator[None]:
@@ -199,24 +204,90 @@ class Slots:
         finally:
             self.release()
 
+    def busy(self) -> Rejected:
+        return Rejected(Code.RESOURCE_EXHAUSTED, f"{BUSY_PREFIXES[0]} too many {self.what} in flight (at most "
+                                                 f"{self.limit}); retry later")
+
     def acquire(self, wait_s: float | None = 0.0) -> None:
         """Take a slot (as `hold` does) that the caller gives back with `release`: for a slot held across calls."""
         with self._cond:
             if (wait_s is None or wait_s > 0) and (self.in_use >= self.limit or self.waiting):
                 self.waiting += 1
+                self._threads_waiting += 1
                 try:  # Condition.notify wakes the longest waiting first
                     self._cond.wait_for(lambda: self.in_use < self.limit, wait_s)
                 finally:
                     self.waiting -= 1
+                    self._threads_waiting -= 1
             if self.in_use >= self.limit:
-                raise Rejected(Code.RESOURCE_EXHAUSTED, f"{BUSY_PREFIXES[0]} too many {self.what} in flight (at "
-                                                        f"most {self.limit}); retry later")
+                raise self.busy()
             self.in_use += 1
+
+    async def acquire_async(self, wait_s: float | None = 0.0) -> None:
+        """`acquire` for a coroutine: it waits on its event loop, not on a thread."""
+        with self._cond:
+            if self.in_use < self.limit and not self.waiting:
+                self.in_use += 1
+                return
+            if wait_s is not None and wait_s <= 0:
+                raise self.busy()
+            waiter = _SlotWaiter(asyncio.get_running_loop())
+            self._coroutines.append(waiter)
+            self.waiting += 1
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.granted), wait_s)
+        except BaseException as err:  # timed out or cancelled: the slot may have been handed over meanwhile
+            with self._cond:
+                handed = waiter.handed
+                if not handed:
+                    self._coroutines.remove(waiter)
+            if handed and isinstance(err, asyncio.TimeoutError):
+                return  # it came as the wait ended: take it
+            if handed:
+                self.release()
+            if isinstance(err, asyncio.TimeoutError):
+                raise self.busy() from None
+            raise
+        finally:
+            with self._cond:
+                self.waiting -= 1
 
     def release(self) -> None:
         with self._cond:
             self.in_use -= 1
-            self._cond.notify()
+            if self._threads_waiting:
+                self._cond.notify()
+                return
+            handed = self._hand_over()
+        self._grant(handed)
+
+    def _hand_over(self) -> list[_SlotWaiter]:
+        """(Under the lock.) Free slots to the coroutines waiting, in the order they came: each stays in use, now
+        the waiter's."""
+        handed = []
+        while self._coroutines and self.in_use < self.limit:
+            waiter = self._coroutines.popleft()
+            waiter.handed = True
+            self.in_use += 1
+            handed.append(waiter)
+        return handed
+
+    @staticmethod
+    def _grant(handed: list[_SlotWaiter]) -> None:
+        for waiter in handed:
+            waiter.loop.call_soon_threadsafe(waiter.grant)
+
+
+class _SlotWaiter:
+    """A coroutine waiting in `Slots.acquire_async`: `handed` (under the slots' lock) once a slot is its own."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.handed = loop, False
+        self.granted: asyncio.Future[None] = loop.create_future()
+
+    def grant(self) -> None:
+        if not self.granted.done():
+            self.granted.set_result(None)
 
 
 class GuardedStream:

@@ -1,9 +1,13 @@
-"""Shared by the fuzz tests: protobuf messages made of random bytes, and valid messages with bytes flipped."""
+"""Shared by the fuzz tests: protobuf messages made of random bytes, valid messages with bytes flipped, and the
+servicer context that records how a call fed in process ended."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
+
+import grpc
 
 
 def random_message(rng: random.Random, cls: Any) -> Any | None:
@@ -24,3 +28,35 @@ def mutated(rng: random.Random, message: Any) -> Any | None:
         return type(message).FromString(bytes(data))
     except Exception:
         return None
+
+
+class Ended(Exception):
+    """The servicer ended the call (context.abort)."""
+
+
+class RecordingContext:  # for the synchronous servicers (rendezvous, peers)
+    """The part of grpc.ServicerContext the servicer uses: abort records the status and ends the call."""
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        self.callbacks: list[Callable[[], None]] = []
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+    def terminate(self) -> None:
+        """What gRPC does when the call ends, however it ends: run its callbacks."""
+        for callback in self.callbacks:
+            callback()
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+        raise Ended(details)
+
+    def is_active(self) -> bool:
+        return True
+
+    def cancel(self) -> None:
+        raise AssertionError("nothing in this test stalls: the watchdog must not cancel")

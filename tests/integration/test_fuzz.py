@@ -4,16 +4,17 @@ header: huge chunk sizes and shapes, NaN/Inf, 3e38, duplicate sparse indices, mi
 counts). The coordinator never crashes (no UNKNOWN, and no INTERNAL from lowband's own handlers: every
 refusal is one it names) and never changes its global state (the fingerprint of `hostile.fingerprint`).
 
-The bulk calls the servicer in this process (a real servicer over the real coordinator state; the context
-only records the status the servicer ends a call with); a slice of random bytes goes over real gRPC on
-loopback, where undecodable bytes are gRPC's own to refuse.
+The bulk calls the servicer in this process (a real servicer over the real coordinator state, its coroutines on
+an event loop of this module; the context only records the status the servicer ends a call with); a slice of
+random bytes goes over real gRPC on loopback, where undecodable bytes are gRPC's own to refuse.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -29,7 +30,7 @@ from coordinator.servicer import CoordinatorServicer
 from protocols.wire import lowband_pb2 as pb
 from protocols.wire import messages as m
 from protocols.wire import serde
-from tests.integration.fuzzing import mutated, random_message
+from tests.integration.fuzzing import Ended, mutated, random_message
 from tests.integration.hostile import (
     UPDATE,
     chunks,
@@ -46,58 +47,61 @@ UNARY = {"Join": pb.JoinRequest, "Heartbeat": pb.HeartbeatRequest, "Leave": pb.L
 SERVER_STREAMING = {"PullState": pb.PullRequest, "PullAggregate": pb.AggregateRequest}
 EVERY_RPC = [*UNARY, *SERVER_STREAMING, "PushUpdate"]
 SENT = {"messages": 0}  # messages fed to the coordinator by every test of this module
+LOOP = asyncio.new_event_loop()  # the servicer's coroutines run here, as on the server's loop
 
 
-class Ended(Exception):
-    """The servicer ended the call (context.abort)."""
-
-
-class RecordingContext:
-    """The part of grpc.ServicerContext the servicer uses: abort records the status and ends the call."""
+class AioRecordingContext:
+    """The part of grpc.aio.ServicerContext the servicer uses: abort records the status and ends the call."""
 
     def __init__(self) -> None:
         self.code: grpc.StatusCode | None = None
         self.details = ""
-        self.callbacks: list[Callable[[], None]] = []
+        self.callbacks: list[Callable[[Any], None]] = []
+        self.written = 0
 
-    def add_callback(self, callback: Callable[[], None]) -> bool:
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         self.callbacks.append(callback)
-        return True
+
+    def done(self) -> bool:
+        return False
 
     def terminate(self) -> None:
         """What gRPC does when the call ends, however it ends: run its callbacks."""
         for callback in self.callbacks:
-            callback()
+            callback(self)
 
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.code, self.details = code, details
         raise Ended(details)
 
-    def is_active(self) -> bool:
-        return True
+    async def write(self, message: Any) -> None:
+        self.written += 1
 
-    def cancel(self) -> None:
-        raise AssertionError("nothing in this test stalls: the watchdog must not cancel")
+
+async def _messages(request: list[Any]) -> AsyncIterator[Any]:
+    for message in request:
+        yield message
 
 
 @pytest.fixture(scope="module")
 def coordinator() -> Iterator[tuple[CoordinatorServer, CoordinatorServicer, list[CoordinatorClient]]]:
     protocol = {"kind": "diloco", "inner_steps": 5, "compression": {"codec": "topk_global", "density": 0.5}}
-    with running(protocol=protocol) as (server, clients):
+    # Members stay alive through the module: an authenticated push, even one refused, is proof of life, so a member
+    # that lapsed during a slow stretch of the fuzz (4 s) would be revived by the next one, a change not the fuzz's.
+    with running(protocol=protocol, heartbeat_timeout_s=600.0) as (server, clients):
         yield server, CoordinatorServicer(server.state), clients
 
 
 def _call(servicer: CoordinatorServicer, rpc: str, request: Any) -> grpc.StatusCode:
     """Feed one request (a list of messages for PushUpdate) in process; the status it ended with."""
-    context = RecordingContext()
+    context = AioRecordingContext()
     SENT["messages"] += len(request) if isinstance(request, list) else 1
     # The fixture's real calls end on gRPC's own thread, after their clients had the reply: one of them may still
     # be counted open here, and end meanwhile. This call must leave none of its own open.
     open_before = _calls_open(servicer)
     try:
-        result = getattr(servicer, rpc)(iter(request) if isinstance(request, list) else request, context)
-        if rpc in SERVER_STREAMING:
-            list(result)
+        LOOP.run_until_complete(getattr(servicer, rpc)(
+            _messages(request) if isinstance(request, list) else request, context))
     except Ended:
         assert context.code is not None
         assert context.code not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), (rpc, context.details)

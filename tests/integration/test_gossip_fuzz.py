@@ -25,7 +25,7 @@ from protocols.replica import Params
 from protocols.wire import lowband_pb2 as pb
 from protocols.wire import messages as m
 from protocols.wire import serde
-from tests.integration.fuzzing import mutated, random_message
+from tests.integration.fuzzing import Ended, RecordingContext, mutated, random_message
 from tests.integration.gossip_hostile import (
     gossip_messages,
     gossip_run,
@@ -33,7 +33,6 @@ from tests.integration.gossip_hostile import (
     peer_fingerprint,
     rendezvous_fingerprint,
 )
-from tests.integration.test_fuzz import Ended, RecordingContext
 from worker.transports.p2p import P2PTransport
 
 RENDEZVOUS = {"Enroll": pb.EnrollRequest, "Roster": pb.RosterRequest, "Report": pb.ReportRequest,

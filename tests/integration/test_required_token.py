@@ -68,4 +68,4 @@ def test_a_server_without_a_token_listens_on_loopback_only(tmp_path: Path) -> No
     check_open_bind("0.0.0.0:0", True, "coordinator")  # with a token, any address
     server = CoordinatorServer(tiny_config(run_dir=str(tmp_path / "runs"), cluster={"token": "t0k3n"}),
                                bind="0.0.0.0:0")
-    server.server.stop(0)
+    server.stop(0)

@@ -8,12 +8,12 @@ from coordinator.servicer import CallLimits
 from protocols.wire.servicing import request_readers
 
 
-def test_every_long_call_kind_has_its_threads() -> None:
+def test_every_long_call_kind_has_its_room() -> None:
     for workers in (1, 10, 1000):
         limits = CallLimits(workers)
-        assert limits.threads > limits.pushes + limits.waits + limits.reserves + limits.pulls + limits.readers
+        assert limits.calls > limits.pushes + limits.waits + limits.reserves + limits.pulls + limits.readers
         assert limits.reserves >= workers and limits.waits >= workers  # one long poll of each per worker at once
-        assert limits.max_concurrent_rpcs > limits.threads
+        assert limits.max_concurrent_rpcs > limits.calls
 
 
 def test_requests_being_read_at_once_scale_with_the_workers() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -12,11 +13,16 @@ from coordinator.reservations import Reservations
 from protocols.wire.servicing import Slots
 
 
+def reserve(kept: Reservations, worker_id: str, wait_s: float) -> bool:
+    """A ReservePush's reservation, awaited on an event loop of its own as the server's coroutine awaits it."""
+    return asyncio.run(kept.reserve(worker_id, wait_s))
+
+
 def test_a_reservation_keeps_a_slot_until_its_push_takes_it() -> None:
     slots = Slots("pushes", 2)
     kept = Reservations(slots, hold_s=60.0)
-    assert kept.reserve("w1", wait_s=0.0) and slots.in_use == 1
-    assert kept.reserve("w1", wait_s=0.0) and slots.in_use == 1  # one per worker: kept again, not twice
+    assert reserve(kept, "w1", wait_s=0.0) and slots.in_use == 1
+    assert reserve(kept, "w1", wait_s=0.0) and slots.in_use == 1  # one per worker: kept again, not twice
     assert kept.take("w1") and kept.held() == 0
     assert slots.in_use == 1  # now the push's, until it releases it
     assert not kept.take("w1")  # taken once
@@ -27,9 +33,9 @@ def test_a_reservation_keeps_a_slot_until_its_push_takes_it() -> None:
 def test_a_reservation_not_taken_in_time_lapses_and_frees_its_slot() -> None:
     slots = Slots("pushes", 1)
     kept = Reservations(slots, hold_s=0.1)
-    assert kept.reserve("w1", wait_s=0.0)
-    assert not kept.reserve("w2", wait_s=0.0)  # the only slot is w1's
-    assert kept.reserve("w2", wait_s=5.0)  # w1's lapses within the wait
+    assert reserve(kept, "w1", wait_s=0.0)
+    assert not reserve(kept, "w2", wait_s=0.0)  # the only slot is w1's
+    assert reserve(kept, "w2", wait_s=5.0)  # w1's lapses within the wait
     assert kept.lapsed == 1 and not kept.take("w1") and kept.take("w2")
     slots.release()
 
@@ -37,9 +43,9 @@ def test_a_reservation_not_taken_in_time_lapses_and_frees_its_slot() -> None:
 def test_a_reservation_kept_again_restarts_its_hold() -> None:
     slots = Slots("pushes", 1)
     kept = Reservations(slots, hold_s=0.3)
-    assert kept.reserve("w1", wait_s=0.0)
+    assert reserve(kept, "w1", wait_s=0.0)
     time.sleep(0.2)
-    assert kept.reserve("w1", wait_s=0.0)  # before it lapsed: held 0.3 s from now
+    assert reserve(kept, "w1", wait_s=0.0)  # before it lapsed: held 0.3 s from now
     time.sleep(0.2)
     assert kept.take("w1") and kept.lapsed == 0
     slots.release()
@@ -50,11 +56,11 @@ def test_one_workers_concurrent_reservations_keep_one_slot() -> None:
     kept = Reservations(slots, hold_s=60.0)
     go = threading.Barrier(8)
 
-    def reserve() -> None:
+    def reserve_at_once() -> None:
         go.wait()
-        assert kept.reserve("w1", wait_s=1.0)
+        assert reserve(kept, "w1", wait_s=1.0)
 
-    threads = [threading.Thread(target=reserve) for _ in range(8)]
+    threads = [threading.Thread(target=reserve_at_once) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -86,7 +92,7 @@ def _until(done: Callable[[], bool], within_s: float = 5.0) -> bool:
 def test_a_lapse_frees_its_slot_with_no_later_call() -> None:
     slots = Slots("pushes", 1)
     kept = Reservations(slots, hold_s=0.05)
-    assert kept.reserve("w1", wait_s=0.0) and slots.in_use == 1
+    assert reserve(kept, "w1", wait_s=0.0) and slots.in_use == 1
     assert _until(lambda: slots.in_use == 0)  # nobody asked: the sweeper lapsed it
     assert kept.lapsed == 1 and kept.held() == 0
 
@@ -95,13 +101,13 @@ def test_one_sweeper_serves_every_reservation_and_ends_with_the_last() -> None:
     slots = Slots("many pushes", 64)
     kept = Reservations(slots, hold_s=0.3)
     for k in range(50):
-        assert kept.reserve(f"w{k}", wait_s=0.0)
+        assert reserve(kept, f"w{k}", wait_s=0.0)
     assert kept.held() == 50 and _sweepers("many pushes") == 1  # one thread, not one per reservation
     for k in range(25):
         assert kept.take(f"w{k}")
     assert _until(lambda: kept.held() == 0) and kept.lapsed == 25 and slots.in_use == 25  # the taken ones stay
     assert _until(lambda: _sweepers("many pushes") == 0)
-    assert kept.reserve("w0", wait_s=0.0) and _sweepers("many pushes") == 1  # started again on demand
+    assert reserve(kept, "w0", wait_s=0.0) and _sweepers("many pushes") == 1  # started again on demand
     assert kept.take("w0")
 
 
@@ -110,9 +116,9 @@ def test_reservations_lapse_oldest_first_and_a_kept_again_one_moves_last() -> No
     slots = Slots("pushes", 3)
     kept = Reservations(slots, hold_s=10.0, clock=lambda: now[0])  # its sweeper waits real seconds: we sweep
     for worker in ("w1", "w2", "w3"):
-        assert kept.reserve(worker, wait_s=0.0)
+        assert reserve(kept, worker, wait_s=0.0)
         now[0] += 1.0
-    assert kept.reserve("w1", wait_s=0.0)  # at t=3: lapses at 13, after w2 (11) and w3 (12)
+    assert reserve(kept, "w1", wait_s=0.0)  # at t=3: lapses at 13, after w2 (11) and w3 (12)
     assert slots.in_use == 3
     now[0] = 11.5
     assert kept.lapse_due() == 0.5 and kept.lapsed == 1 and not kept.take("w2") and slots.in_use == 2
