@@ -25,11 +25,12 @@ launchers that start a coordinator process (the Ray actor, `lowband coordinator`
 
 - The per-thread cache off (`GLIBC_TUNABLES=glibc.malloc.tcache_count=0`): glibc keeps up to 7 freed blocks of each
   small size (up to ~1 KiB) in the thread that freed them, for that thread alone, and counts them in use. A thread
-  serving a long poll sits on its cache for as long as the call lasts, and the gRPC pool keeps a thread per call
-  open at once, about one per worker. At 1,000 workers (bench/coordinator_scale.py, the 0.1M model, so what is
-  left is per connection) the growth above start-up fell from 130 MB to 108 MB, malloc's bytes in use from 29 MB
-  to 8 MB, with rounds as fast; with the 10.75M model, from 8.68x to 7.93x the model (BENCHMARKS.md "Coordinator
-  scale").
+  serving a long poll sat on its cache for as long as the call lasted, and the synchronous gRPC server the
+  coordinator ran until 2026-12-02 kept a thread per call open at once, about one per worker (the asyncio server
+  since keeps about a hundred threads at any size; the setting stays for them). At 1,000 workers
+  (bench/coordinator_scale.py, the 0.1M model, so what is left is per connection) the growth above start-up fell
+  from 130 MB to 108 MB, malloc's bytes in use from 29 MB to 8 MB, with rounds as fast; with the 10.75M model, from
+  8.68x to 7.93x the model (BENCHMARKS.md "Coordinator scale").
 """
 
 from __future__ import annotations

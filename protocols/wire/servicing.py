@@ -6,11 +6,12 @@ with the status its code names, an oversized message or stream (`WireTooLarge`) 
 anything else a malformed message sent them with INVALID_ARGUMENT, and an unexpected exception with INTERNAL
 (logged with its traceback), never gRPC's bare UNKNOWN.
 
-Guards (`Slots`, `StreamWatchdog`): a sync gRPC server runs each call on a pool thread, so a client that
-opens a stream and stalls holds that thread. `Slots` bounds how many calls of one kind run at once (past it:
-RESOURCE_EXHAUSTED at once, no thread kept; or after a bounded wait, in turn, where the caller allows one),
-and `StreamWatchdog` ends, with DEADLINE_EXCEEDED, a client stream that waited longer than its idle limit for
-the next message, or ran past its overall deadline.
+Guards (`Slots`, `StreamWatchdog`): a sync gRPC server (the rendezvous', the peers') runs each call on a pool
+thread, so a client that opens a stream and stalls holds that thread (the coordinator's asyncio server awaits the
+same `Slots` and reads its streams under timeouts instead: protocols/wire/aio_servicing.py). `Slots` bounds how many
+calls of one kind run at once (past it: RESOURCE_EXHAUSTED at once, no thread kept; or after a bounded wait, in
+turn, where the caller allows one), and `StreamWatchdog` ends, with DEADLINE_EXCEEDED, a client stream that waited
+longer than its idle limit for the next message, or ran past its overall deadline.
 """
 
 from __future__ import annotations
