@@ -27,7 +27,7 @@ import grpc
 import grpc.aio
 
 from protocols.refusals import Code, Rejected
-from protocols.wire.servicing import Slots, refusal_status, serialized_as_is
+from protocols.wire.servicing import Slots, add_guarded, as_client_stream, refusal_status
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -156,20 +156,7 @@ class AsyncRequestGuard:
 
     def add(self, add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server) -> None:
         """Register `servicer` on `server` through `add_to_server` (a generated add_*Servicer_to_server)."""
-        captured: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
-
-        class Capture:
-            def add_generic_rpc_handlers(self, handlers: Any) -> None:
-                pass  # the registered handlers below carry the same methods
-
-            def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-                captured[service] = handlers
-
-        add_to_server(servicer, Capture())
-        for service, handlers in captured.items():
-            guarded = {name: self._guarded(h) if not h.request_streaming else h for name, h in handlers.items()}
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
-            server.add_registered_method_handlers(service, guarded)
+        add_guarded(add_to_server, servicer, server, self._guarded)
 
     def _guarded(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         method = handler.unary_stream if handler.response_streaming else handler.unary_unary
@@ -186,9 +173,4 @@ class AsyncRequestGuard:
                 await refuse_async(context, err)
             return await method(request, context)
 
-        if handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(read, request_deserializer=handler.request_deserializer,
-                                                         response_serializer=serialized_as_is(
-                                                             handler.response_serializer))
-        return grpc.stream_unary_rpc_method_handler(read, request_deserializer=handler.request_deserializer,
-                                                    response_serializer=handler.response_serializer)
+        return as_client_stream(handler, read)

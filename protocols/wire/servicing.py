@@ -412,20 +412,7 @@ class UnaryRequestGuard:
 
     def add(self, add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.Server) -> None:
         """Register `servicer` on `server` through `add_to_server` (a generated add_*Servicer_to_server)."""
-        captured: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
-
-        class Capture:
-            def add_generic_rpc_handlers(self, handlers: Any) -> None:
-                pass  # the registered handlers below carry the same methods
-
-            def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-                captured[service] = handlers
-
-        add_to_server(servicer, Capture())
-        for service, handlers in captured.items():
-            guarded = {name: self._guarded(h) if not h.request_streaming else h for name, h in handlers.items()}
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
-            server.add_registered_method_handlers(service, guarded)
+        add_guarded(add_to_server, servicer, server, self._guarded)
 
     def _guarded(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         method = handler.unary_stream if handler.response_streaming else handler.unary_unary
@@ -442,12 +429,38 @@ class UnaryRequestGuard:
                 refuse(context, err)
             return method(request, context)
 
-        if handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(read, request_deserializer=handler.request_deserializer,
-                                                         response_serializer=serialized_as_is(
-                                                             handler.response_serializer))
-        return grpc.stream_unary_rpc_method_handler(read, request_deserializer=handler.request_deserializer,
-                                                    response_serializer=handler.response_serializer)
+        return as_client_stream(handler, read)
+
+
+def add_guarded(add_to_server: Callable[[Any, Any], None], servicer: Any, server: Any,
+                guarded: Callable[[grpc.RpcMethodHandler], grpc.RpcMethodHandler]) -> None:
+    """Register `servicer` on `server` (sync or asyncio) through `add_to_server` (a generated
+    add_*Servicer_to_server), each method that takes a single request replaced by `guarded(its handler)`."""
+    captured: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    class Capture:
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass  # the registered handlers below carry the same methods
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+            captured[service] = handlers
+
+    add_to_server(servicer, Capture())
+    for service, handlers in captured.items():
+        replaced = {name: guarded(h) if not h.request_streaming else h for name, h in handlers.items()}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, replaced),))
+        server.add_registered_method_handlers(service, replaced)
+
+
+def as_client_stream(handler: grpc.RpcMethodHandler, read: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """`read` (given the request stream and the context) as the handler of `handler`'s single-request method: a
+    client stream of one message, the same bytes on the wire; its responses serialized as before, or sent as they
+    are when already bytes (`serialized_as_is`)."""
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(read, request_deserializer=handler.request_deserializer,
+                                                     response_serializer=serialized_as_is(handler.response_serializer))
+    return grpc.stream_unary_rpc_method_handler(read, request_deserializer=handler.request_deserializer,
+                                                response_serializer=handler.response_serializer)
 
 
 def serialized_as_is(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
