@@ -203,10 +203,12 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         done, result = self.state.if_unlocked(fn, *args)
         return result if done else await self._on(self.calls, fn, *args)
 
-    def _training(self) -> bool:
-        """Once training started, proof of life and heartbeats take the member tally alone (never held long): they
-        run on the loop. Before, they may start the run, under the state's lock, on `liveness`."""
-        return self.state.phase is not Phase.WAITING
+    async def _liveness(self, fn: Callable[..., T], *args: Any) -> T:
+        """Proof of life or a heartbeat: once training started they take the member tally alone (never held long),
+        on the loop. Before, they may start the run, under the state's lock, on `liveness`."""
+        if self.state.phase is not Phase.WAITING:
+            return fn(*args)
+        return await self._on(self.liveness, fn, *args)
 
     def _check_run(self, env: m.Envelope) -> None:
         if env.run_id and env.run_id != self.state.run_id:
@@ -215,9 +217,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
     async def _attend(self, env: m.Envelope, context: grpc.aio.ServicerContext) -> None:
         """Check the caller, and count it alive until this call ends (`CoordinatorState.attend`): at a thousand
         workers, the heartbeats it spares the workers waiting in long polls were 13% of the coordinator's CPU."""
-        attend = self.state.attend
-        end = attend(env.worker_id, env.token) if self._training() else await self._on(
-            self.liveness, attend, env.worker_id, env.token)
+        end = await self._liveness(self.state.attend, env.worker_id, env.token)
         context.add_done_callback(lambda _: end())
         if context.done():  # it ended meanwhile, perhaps before the callback was there (`end` counts once)
             end()
@@ -247,8 +247,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
 
     @answered_async
     async def Heartbeat(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return self._heartbeat(request) if self._training() else await self._on(self.liveness, self._heartbeat,
-                                                                                 request)
+        return await self._liveness(self._heartbeat, request)
 
     def _heartbeat(self, request: Any) -> Any:
         req = serde.from_pb(request, m.HeartbeatRequest)

@@ -27,7 +27,14 @@ import grpc
 import grpc.aio
 
 from protocols.refusals import Code, Rejected
-from protocols.wire.servicing import Slots, add_guarded, as_client_stream, refusal_status
+from protocols.wire.servicing import (
+    DEADLINE_MESSAGE,
+    Slots,
+    add_guarded,
+    as_client_stream,
+    idle_message,
+    logged_refusal,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,11 +61,7 @@ class LoopThread:
 
 async def refuse_async(context: grpc.aio.ServicerContext, err: Exception) -> None:
     """End the call with the status that answers `err` (an unexpected one: INTERNAL, traceback logged)."""
-    status, message = refusal_status(err)
-    if status is grpc.StatusCode.INTERNAL:
-        log.error("internal error answering a call", exc_info=err)
-    log.warning("rejected: %s", message)
-    await context.abort(status, message)
+    await context.abort(*logged_refusal(err))
 
 
 def answered_async(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -82,11 +85,6 @@ def _ending(why: str) -> Rejected:
     return Rejected(Code.DEADLINE_EXCEEDED, why)
 
 
-def idle_message(idle_s: float) -> str:
-    return f"the stream sent nothing for {idle_s:g} s (server-side idle limit); call ended"
-
-
-DEADLINE_MESSAGE = "the stream ran past its server-side deadline; call ended"
 # How much longer than its idle limit a thread waits for a read the loop should have ended.
 LOOP_GONE_S = 30.0
 

@@ -118,12 +118,19 @@ def abort(context: grpc.ServicerContext, status: grpc.StatusCode, message: str, 
     raise AssertionError("unreachable: context.abort raises")
 
 
-def refuse(context: grpc.ServicerContext, err: Exception) -> NoReturn:
-    """End the call with the status that answers `err` (an unexpected one: INTERNAL, traceback logged)."""
+def logged_refusal(err: Exception) -> tuple[grpc.StatusCode, str]:
+    """`refusal_status`, logged: an unexpected error (INTERNAL) with its traceback, every refusal as rejected."""
     status, message = refusal_status(err)
     if status is grpc.StatusCode.INTERNAL:
         log.error("internal error answering a call", exc_info=err)
-    abort(context, status, message)
+    log.warning("rejected: %s", message)
+    return status, message
+
+
+def refuse(context: grpc.ServicerContext, err: Exception) -> NoReturn:
+    """End the call with the status that answers `err` (an unexpected one: INTERNAL, traceback logged)."""
+    context.abort(*logged_refusal(err))
+    raise AssertionError("unreachable: context.abort raises")
 
 
 def answered(handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -134,21 +141,6 @@ def answered(handler: Callable[..., Any]) -> Callable[..., Any]:
     def call(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return handler(self, request, context)
-        except Exception as err:
-            if _ended(context):
-                raise
-            refuse(context, err)
-
-    call.__name__, call.__doc__ = handler.__name__, handler.__doc__
-    return call
-
-
-def answered_stream(handler: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-    """`answered` for an RPC that streams its response (a generator)."""
-
-    def call(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from handler(self, request, context)
         except Exception as err:
             if _ended(context):
                 raise
@@ -319,8 +311,7 @@ class GuardedStream:
 
     @contextmanager
     def waiting(self) -> Iterator[None]:
-        """Time inside counts as the client's: a read of its next message, or (a response stream) the
-        client taking the message just yielded."""
+        """Time inside counts as the client's: a read of its next message."""
         self.waiting_since = time.monotonic()
         try:
             yield
@@ -330,10 +321,18 @@ class GuardedStream:
     def overdue(self, now: float) -> str | None:
         """Why the watchdog must end this stream now, or None."""
         if self.waiting_since is not None and now - self.waiting_since > self.idle_s:
-            return f"the stream sent nothing for {self.idle_s:g} s (server-side idle limit); call ended"
+            return idle_message(self.idle_s)
         if now > self.deadline:
-            return "the stream ran past its server-side deadline; call ended"
+            return DEADLINE_MESSAGE
         return None
+
+
+def idle_message(idle_s: float) -> str:
+    """Why a stream whose client kept the server waiting past `idle_s` was ended."""
+    return f"the stream sent nothing for {idle_s:g} s (server-side idle limit); call ended"
+
+
+DEADLINE_MESSAGE = "the stream ran past its server-side deadline; call ended"
 
 
 class StreamWatchdog:
