@@ -83,10 +83,11 @@ from coordinator.malloc import coordinator_env
 from protocols.config import parse_config
 
 COLUMNS = ["contender", "seconds_per_round", "seconds_per_round_per_worker", "coordinator_cpu_s_per_round",
-           "coordinator_cpu_s_per_round_per_worker", "clients_cpu_s", "peak_rss_bytes", "rss_over_model",
-           "rss_growth_over_model", "max_heartbeat_delay_s", "p99_heartbeat_s", "bytes_sent_per_worker",
-           "bytes_received_per_worker", "bytes_total_per_worker", "update_bytes", "protocol_sent_per_worker",
-           "protocol_received_per_worker", "heartbeats_sent", "heartbeats_skipped", "wall_s"]
+           "coordinator_cpu_s_per_round_per_worker", "gc_s", "clients_cpu_s", "peak_rss_bytes", "rss_over_model",
+           "rss_growth_over_model", "max_heartbeat_delay_s", "p99_heartbeat_s", "max_loop_lag_s",
+           "bytes_sent_per_worker", "bytes_received_per_worker", "bytes_total_per_worker", "update_bytes",
+           "protocol_sent_per_worker", "protocol_received_per_worker", "heartbeats_sent", "heartbeats_skipped",
+           "wall_s"]
 FULL_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}  # 10.7M parameters
 QUICK_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}  # 0.1M parameters
 MODELS = {"full": FULL_MODEL, "quick": QUICK_MODEL}

@@ -16,7 +16,9 @@ SPEC is a JSON file written by bench/coordinator_scale.py; results are JSON file
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import gc
 import json
 import os
 import sys
@@ -44,6 +46,8 @@ from worker.model import GPT
 VOCAB = 65  # the Shakespeare character vocabulary: the model is the default GPT at that size
 PROBE_PERIOD_S = 0.1
 MEMORY_PERIOD_S = 0.01
+LOOP_PERIOD_S = 0.05
+LOOP_STALL_S = 0.5  # a quarter of the heartbeat interval
 
 
 def initial_params(cfg: RunConfig) -> Params:
@@ -76,7 +80,10 @@ class Sections:
     Memory, likewise from outside: the process's resident set sampled every MEMORY_PERIOD_S, and each wrapped
     call's interval, so the peak is attributed to what was running then (`memory_report`): the sections above,
     plus reading a push's payload (`read_push`), installing the initial state (`initial_state`), applying an
-    aggregate to the replica (`apply`) and encoding an aggregate for its pulls (`encode_pull`)."""
+    aggregate to the replica (`apply`) and encoding an aggregate for its pulls (`encode_pull`).
+
+    And the seconds the process spends in Python's garbage collections, per generation (`time_collections`, a
+    `gc.callbacks` entry; a collection holds the interpreter throughout)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, list[float]] = {"check": [], "fold": [], "close": [], "checkpoint": [],
@@ -84,6 +91,20 @@ class Sections:
         self.intervals: list[tuple[str, float, float]] = []
         self.rss: list[tuple[float, int]] = []
         self.cpu_at_close: list[float] = []  # the process's CPU seconds (every thread) as each round closed
+        self.loop_lag: list[float] = []
+        self.gc: dict[int, list[float]] = {}  # per generation: collections, seconds, objects collected
+        self._gc_started = 0.0
+
+    def time_collections(self, phase: str, info: dict[str, int]) -> None:  # a gc.callbacks entry
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+            return
+        if time.perf_counter() - self._gc_started > LOOP_STALL_S:
+            self.intervals.append((f"gc{info['generation']}", self._gc_started, time.perf_counter()))
+        tally = self.gc.setdefault(info["generation"], [0, 0.0, 0])
+        tally[0] += 1
+        tally[1] += time.perf_counter() - self._gc_started
+        tally[2] += info["collected"]
 
     def wrap(self, owner: Any, method: str, key: str) -> None:  # a class or a module
         original = getattr(owner, method)
@@ -108,6 +129,18 @@ class Sections:
             with lock:
                 self.seconds["lock_wait"].append(time.perf_counter() - t0)
 
+    async def watch_loop(self, stop: threading.Event) -> None:
+        """On the server's event loop: how late each LOOP_PERIOD_S sleep wakes is how long a call that came in
+        then (a heartbeat) waited for the loop before its first line ran. Stalls past LOOP_STALL_S are kept."""
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            await asyncio.sleep(LOOP_PERIOD_S)
+            t1 = time.perf_counter()
+            late = t1 - t0 - LOOP_PERIOD_S
+            self.loop_lag.append(late)
+            if late > LOOP_STALL_S:
+                self.intervals.append(("loop_stall", t0 + LOOP_PERIOD_S, t1))
+
     def watch_memory(self, stop: threading.Event) -> None:
         while not stop.wait(MEMORY_PERIOD_S):
             self.rss.append((time.perf_counter(), proc_status()["VmRSS"]))
@@ -117,7 +150,23 @@ class Sections:
         (close to close: that round's pulls of the previous aggregate, pushes, checks, folds and close)."""
         return {f"max_{k}_s": max(v, default=0.0) for k, v in self.seconds.items()} | {
             f"mean_{k}_s": sum(v) / len(v) if v else 0.0 for k, v in self.seconds.items()} | {
-            "coordinator_cpu_s_by_round": [b - a for a, b in pairwise(self.cpu_at_close)]}
+            "coordinator_cpu_s_by_round": [b - a for a, b in pairwise(self.cpu_at_close)],
+            "gc_by_generation": {str(g): {"collections": n, "seconds": sec, "collected": int(got)}
+                                 for g, (n, sec, got) in sorted(self.gc.items())},
+            "gc_s": sum(sec for _, sec, _ in self.gc.values())} | self.stall_report()
+
+    def stall_report(self) -> dict[str, Any]:
+        """The event loop's lateness (max, 99th percentile) and, for its stalls past LOOP_STALL_S, how many there
+        were and how often each kind of wrapped call (or a garbage collection) overlapped one."""
+        stalls = [(t0, t1) for key, t0, t1 in self.intervals if key == "loop_stall"]
+        during: dict[str, int] = {}
+        for key, t0, t1 in self.intervals:
+            if key != "loop_stall" and any(t0 < s1 and s0 < t1 for s0, s1 in stalls):
+                during[key] = during.get(key, 0) + 1
+        lag = sorted(self.loop_lag)
+        return {"max_loop_lag_s": lag[-1] if lag else 0.0,
+                "p99_loop_lag_s": lag[int(0.99 * (len(lag) - 1))] if lag else 0.0,
+                "loop_stalls": len(stalls), "calls_overlapping_stalls": during}
 
     def memory_report(self, model_bytes: int) -> dict[str, Any]:
         """The sampled peak and what was running at it (how many calls of each kind), and per kind of call the
@@ -132,7 +181,10 @@ class Sections:
             if t0 <= peak_t <= t1:
                 active[key] = active.get(key, 0) + 1
             before = bisect.bisect_right(times, t0) - 1
-            during = [r for t, r in self.rss[max(before, 0):] if t <= t1 + MEMORY_PERIOD_S]
+            # The call's own samples only: scanning every later sample made this quadratic in the run's length
+            # (a minute of the coordinator's CPU at 1,000 workers, inside what `--perf` sampled).
+            end = bisect.bisect_right(times, t1 + MEMORY_PERIOD_S)
+            during = [r for _, r in self.rss[max(before, 0):end]]
             if before >= 0 and during:
                 rise[key] = max(rise.get(key, 0.0), (max(during) - self.rss[before][1]) / model_bytes)
         return {"sampled_peak_rss_bytes": peak, "running_at_peak": active, "max_rise_over_model": rise,
@@ -163,10 +215,12 @@ def run_coordinator(spec: dict[str, Any], work: Path) -> None:
             return {}
 
         coordinator.server.tune_malloc = untuned  # type: ignore[assignment]
+    gc.callbacks.append(sections.time_collections)
     server = CoordinatorServer(cfg, run_dir=work / "run").start()
     stop = threading.Event()
     threading.Thread(target=sections.watch_lock, args=(server.state._cond, stop), daemon=True).start()
     threading.Thread(target=sections.watch_memory, args=(stop,), daemon=True).start()
+    asyncio.run_coroutine_threadsafe(sections.watch_loop(stop), server.loop_thread.loop)
     _write(work / "coordinator.json", {"address": server.address, "pid": os.getpid(),
                                        "baseline": proc_status(), "baseline_by_kind": proc_memory.breakdown()})
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc.aio
 
+from coordinator.collector import freeze_startup
 from coordinator.malloc import allocator_settings, tune_malloc
 from coordinator.run import CoordinatorRun
 from coordinator.servicer import CallLimits, CoordinatorServicer
@@ -41,6 +42,7 @@ class CoordinatorServer(CoordinatorRun):
         tune_malloc()  # before the server's threads exist: each would otherwise get an arena (coordinator/malloc.py)
         super().__init__(cfg, run_dir, resume, worker_tokens)
         self.servicer = CoordinatorServicer(self.state)
+        freeze_startup()  # out of every later garbage collection (coordinator/collector.py)
         limits = CallLimits.of(cfg)  # room for every bounded long call plus the quick ones (coordinator/servicer.py)
         # A client that opens a call and never sends its request is ended after the wait, at most `limits.readers`
         # such calls at once.

@@ -418,7 +418,13 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
 
 class RoundSignal:
     """Wakes the WaitRound coroutines when the round or the phase moved (`CoordinatorState.round_listeners`, called
-    from whichever thread moved it). A waiter also looks again every second, as the threads did."""
+    from whichever thread moved it, under the state's lock, after every change of either).
+
+    A waiter waits for that alone, with one timer for its whole wait. It used to look again every second besides,
+    as the threads did: a timer and a task per waiter per second, which at 1,000 workers and 40-s rounds was
+    40,000 wake-ups a round, a cost growing as the square of the workers (BENCHMARKS.md "Coordinator scale").
+    Nothing is missed without it: the check and the wait for the event are one step of the loop, and `fire` sets
+    the event on the loop, so a move after the check sets the event being waited on."""
 
     def __init__(self) -> None:
         self._moved: asyncio.Event | None = None
@@ -444,5 +450,5 @@ class RoundSignal:
                 return
             if self._moved is None:
                 self._moved = asyncio.Event()
-            with contextlib.suppress(TimeoutError):  # a look every second, as the threads took
-                await asyncio.wait_for(self._moved.wait(), min(left, 1.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._moved.wait(), left)

@@ -486,9 +486,12 @@ class CoordinatorState(PushHandling):
                 return 0, 0, 0
             return deal.since, deal.shard_of(worker_id), len(deal.members)
 
-    def _dealt(self, worker_ids: set[str]) -> set[str]:
-        """Those of `worker_ids` the open round was dealt to (all of them with a fixed membership)."""
-        return worker_ids if self.deal is None else {w for w in worker_ids if w in self.deal}
+    def _live_reported(self, reported: Mapping[str, Any]) -> bool:
+        """Whether every live member the open round was dealt to has reported. Called after every fold: it stops at
+        the first live member still to report, where building the sets of both (as it did) cost every push a pass
+        over all the members, the square of the workers a round."""
+        return all(m.worker_id in reported for m in self.members.values()
+                   if m.alive and (self.deal is None or m.worker_id in self.deal))
 
     def _maybe_start(self) -> None:
         if self.phase is not Phase.WAITING or self.aggregator is None:
@@ -506,15 +509,13 @@ class CoordinatorState(PushHandling):
         current = self._current
         if self.phase is not Phase.TRAINING or current is None or self.aggregator is None:
             return
-        live = self._dealt({m.worker_id for m in self.members.values() if m.alive})
-        reported = set(current.reported)
-        if reported and live <= reported and len(reported) >= self.cfg.cluster.quorum:
+        reported = current.reported
+        if not reported or len(reported) < self.cfg.cluster.quorum:
+            return  # neither way closes a round short of its quorum
+        if self._live_reported(reported):
             # Every live worker dealt into the round, and at least the quorum: lapsed heartbeats cannot bypass it.
             closed_by = "all"
-        elif (
-            self.clock() - current.started >= self.deadline.deadline_s()
-            and len(reported) >= self.cfg.cluster.quorum
-        ):
+        elif self.clock() - current.started >= self.deadline.deadline_s():
             closed_by = "deadline"
         else:
             return
