@@ -32,12 +32,10 @@ ran it: bench/call_memory.py, BENCHMARKS.md); calls that may wait on the state's
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from functools import partial
@@ -48,6 +46,7 @@ import grpc
 from compression.payload import dense
 from coordinator.errors import Code, Rejected
 from coordinator.reservations import Reservations
+from coordinator.round_signal import RoundSignal
 from coordinator.state import AlreadyFolded, CoordinatorState, Phase
 from coordinator.status import status_reply
 from protocols.base import Aggregate, Update
@@ -414,41 +413,3 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
     async def Status(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._on(self.calls, lambda: serde.to_pb(status_reply(self.state, serde.from_pb(
             request, m.StatusRequest))))
-
-
-class RoundSignal:
-    """Wakes the WaitRound coroutines when the round or the phase moved (`CoordinatorState.round_listeners`, called
-    from whichever thread moved it, under the state's lock, after every change of either).
-
-    A waiter waits for that alone, with one timer for its whole wait. It used to look again every second besides,
-    as the threads did: a timer and a task per waiter per second, which at 1,000 workers and 40-s rounds was
-    40,000 wake-ups a round, a cost growing as the square of the workers (BENCHMARKS.md "Coordinator scale").
-    Nothing is missed without it: the check and the wait for the event are one step of the loop, and `fire` sets
-    the event on the loop, so a move after the check sets the event being waited on."""
-
-    def __init__(self) -> None:
-        self._moved: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def fire(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._set)
-
-    def _set(self) -> None:
-        if self._moved is not None:
-            self._moved.set()
-            self._moved = None  # the next waiters wait for the next move
-
-    async def wait_past(self, state: CoordinatorState, after_round: int, timeout: float) -> None:
-        """Return once the round is past `after_round` or the run finished (read without the state's lock: the
-        caller reads the answer under it), or after `timeout`."""
-        self._loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + timeout
-        while not (state.phase is Phase.FINISHED or (state.phase is Phase.TRAINING and state.round > after_round)):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            if self._moved is None:
-                self._moved = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._moved.wait(), left)

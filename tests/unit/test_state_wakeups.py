@@ -11,7 +11,7 @@ import time
 import torch
 
 from compression.payload import dense
-from coordinator.servicer import RoundSignal
+from coordinator.round_signal import RoundSignal
 from coordinator.state import CoordinatorState, Phase
 from protocols.base import Update
 from protocols.config import PROTOCOL_VERSION
@@ -111,3 +111,39 @@ def test_a_round_waiter_is_woken_by_a_move_made_on_another_thread() -> None:
 
     assert asyncio.run(wait()) < 30.0  # returned on the move, long before its 60 s
     assert state._round == 1 and state.looks == 2
+
+
+def test_waiters_are_woken_a_slice_at_a_time_and_what_came_meanwhile_runs_between_slices() -> None:
+    """At a round's close every worker's long poll is waiting; woken at once they were one burst of callbacks on the
+    loop that serves every call, and a heartbeat that came in meanwhile waited behind all of them."""
+    state, signal = LookCountingState(), RoundSignal(wake_slice=8)
+    order: list[str] = []
+
+    async def waiter(i: int) -> None:
+        await signal.wait_past(state, 0, 60.0)  # type: ignore[arg-type]
+        if not order:  # a heartbeat comes in as the first answer goes out
+            asyncio.get_running_loop().call_soon(order.append, "heartbeat")
+        order.append(f"w{i}")
+
+    async def run() -> None:
+        waiters = [asyncio.create_task(waiter(i)) for i in range(40)]
+        await asyncio.sleep(0.05)  # all 40 waiting
+        state.move()
+        signal.fire()
+        await asyncio.wait_for(asyncio.gather(*waiters), 30)
+
+    asyncio.run(run())
+    assert sorted(order) == sorted(["heartbeat"] + [f"w{i}" for i in range(40)])  # every waiter woke, once
+    assert order.index("heartbeat") == 8  # right after the first slice, not behind all 40 (woken at once: 40)
+    assert [w for w in order if w != "heartbeat"] == [f"w{i}" for i in range(40)]  # in the order they came
+
+
+def test_waits_that_timed_out_do_not_pile_up_in_the_signal() -> None:
+    state, signal = LookCountingState(), RoundSignal()
+
+    async def run() -> int:
+        for _ in range(500):
+            await signal.wait_past(state, 0, 0.0001)  # type: ignore[arg-type]
+        return len(signal._waiters)
+
+    assert asyncio.run(run()) <= 2 * 64 + 1
