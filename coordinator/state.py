@@ -423,7 +423,9 @@ class CoordinatorState(PushHandling):
         """Wake the `wait_for_round` callers (under `_cond`) if what they wait for moved: the round or the phase.
         Waking them on every change instead (each fold, join, tick) woke every worker already waiting for the
         round to close at each later push, N^2/2 wakeups a round, each taking this lock in turn: at 1,000
-        workers that convoy, not the pushes' own work, set the pace. A waiter also looks again every second."""
+        workers that convoy, not the pushes' own work, set the pace. A thread waiting in `wait_for_round` also
+        looks again every second; the server's WaitRound coroutines wait for `round_listeners` alone
+        (coordinator/round_signal.py)."""
         now = (self.round, self.phase)
         if now != self._woken_at:
             self._woken_at = now
