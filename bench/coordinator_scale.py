@@ -25,7 +25,9 @@ Columns:
   cores with the coordinator, so on a small machine a round's wall time carries their work too (verdict
   `coordinator_cpu_at_most_linear`, beside the issue's targets).
 - `max_heartbeat_delay_s`: the slowest heartbeat call of the probe (every 0.1 s, its own process) while
-  rounds ran; `p99_heartbeat_s` the 99th percentile.
+  rounds ran; `p99_heartbeat_s` the 99th percentile. `heartbeat_split`: for the slowest of them and summed over
+  those past 0.5 s, the parts spent before the coordinator's interceptor saw the call, on the loop before the
+  handler ran, in the handler, and after it (bench/heartbeat_split.py).
 - `max_check_s`, `max_fold_s`, `max_close_s`, `max_checkpoint_s`, `max_lock_wait_s` (and `mean_*`): the
   coordinator's own timing of decoding and checking an update (off its state lock), of what it does under that
   lock (fold, close), of the checkpoint (recording thread) and of taking the lock (bench/scale_procs.py
@@ -55,6 +57,7 @@ its interval (2 s) by a round close.
     python -m bench.coordinator_scale --workers 10,100,1000 --rounds 3
     python -m bench.coordinator_scale --workers 10,100,1000 --rounds 2 --model quick   # per connection, not model
     python -m bench.coordinator_scale --quick
+    python -m bench.coordinator_scale --workers 100,1000 --repeats 3   # each row the median of 3 interleaved runs
 
 `--model quick` pushes the 0.1M-parameter model at the workers given: what the coordinator then holds above start-up
 is what it holds per connection and per call. Its ratios and memory verdict are against that small model, so they
@@ -65,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -77,6 +81,7 @@ from typing import Any
 
 from bench import perf_profile, proc_memory
 from bench.common import comma_list, command_line, write_result
+from bench.heartbeat_split import heartbeat_split
 from bench.proc_memory import proc_status
 from bench.scale_procs import initial_params
 from coordinator.malloc import coordinator_env
@@ -92,6 +97,7 @@ FULL_MODEL = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256}  # 10
 QUICK_MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64}  # 0.1M parameters
 MODELS = {"full": FULL_MODEL, "quick": QUICK_MODEL}
 HEARTBEAT_INTERVAL_S = 2.0
+SLOW_HEARTBEAT_S = 0.5  # a quarter of the interval: the samples `heartbeat_split` takes apart
 _LOGS: dict[int, str] = {}  # pid -> its log file, quoted when it fails
 
 
@@ -206,6 +212,9 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
         **done["sections"],  # max/mean seconds of check, fold, close, checkpoint, waiting for the state lock
         **done.get("memory", {}),  # the sampled peak, what ran at it, each call kind's largest rise
     }
+    if "heartbeat_trace" in done:  # where the slow heartbeats waited: the probe's side or the coordinator's
+        during = [s for s in probe["samples"] if first <= s[0] <= last]
+        row["heartbeat_split"] = heartbeat_split(during, done["heartbeat_trace"], SLOW_HEARTBEAT_S)
     if "memory_by_kind" in done:  # resident bytes by kind at the end, and their growth over start-up
         end, start = done["memory_by_kind"], ready.get("baseline_by_kind", {})
         row["memory_by_kind"] = end
@@ -234,6 +243,32 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
                 "clients_cpu_s": sum(c["cpu_s"] for c in clients),
                 "heartbeats_sent": sum(c["heartbeats"] for c in clients),
                 "heartbeats_skipped": sum(c.get("heartbeats_skipped", 0) for c in clients)}
+    return row
+
+
+def combine_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One contender's row from its repeated runs: the run at the median seconds per round (the slower of the
+    two middle ones for an even count; a run that did not finish counts as the slowest), with every run's
+    seconds and coordinator CPU per round beside it, and the worst of the runs for the targets judged on a
+    worst case: the slowest heartbeat and the most memory."""
+    if len(runs) == 1:
+        return runs[0]
+    def pace(run: dict[str, Any]) -> float:
+        return run.get("seconds_per_round", math.inf) if run.get("finished", True) else math.inf
+
+    row = dict(sorted(runs, key=pace)[len(runs) // 2])
+    delays = [r["max_heartbeat_delay_s"] for r in runs if r.get("max_heartbeat_delay_s") is not None]
+    row |= {
+        "repeats": len(runs), "finished": all(r.get("finished", True) for r in runs),
+        "repeat_seconds_per_round": [r.get("seconds_per_round") for r in runs],
+        "repeat_coordinator_cpu_s_per_round": [r.get("coordinator_cpu_s_per_round") for r in runs],
+        "repeat_max_heartbeat_delay_s": [r.get("max_heartbeat_delay_s") for r in runs],
+        "repeat_rss_growth_over_model": [r["rss_growth_over_model"] for r in runs],
+        "max_heartbeat_delay_s": max(delays) if delays else None,
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+        "rss_over_model": max(r["rss_over_model"] for r in runs),
+        "rss_growth_over_model": max(r["rss_growth_over_model"] for r in runs),
+    }
     return row
 
 
@@ -290,23 +325,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--perf", action="store_true",
                         help="sample the coordinator with Linux perf once started (kernel and C libraries too): "
                              "each row gets `perf` and `perf_samples_per_worker_by_group`; the sampling slows it")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per contender, interleaved (every worker count once, then again): each row is "
+                             "the median run by seconds per round, with the worst heartbeat and memory of its runs")
     parser.add_argument("--out", default="coordinator_scale", help="result name in bench/results")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.client_procs < 1 or not args.heartbeat_interval > 0:
-        parser.error("need --rounds >= 1, --client-procs >= 1 and --heartbeat-interval > 0")
+    if args.rounds < 1 or args.client_procs < 1 or args.repeats < 1 or not args.heartbeat_interval > 0:
+        parser.error("need --rounds >= 1, --client-procs >= 1, --repeats >= 1 and --heartbeat-interval > 0")
+    if len(set(args.workers)) != len(args.workers):
+        parser.error("--workers: name each count once (--repeats runs each again)")
     if args.perf and (why := perf_profile.available()):
         parser.error(f"--perf: {why}")
     workers, rounds, model = ([4, 8], 2, QUICK_MODEL) if args.quick else (args.workers, args.rounds,
                                                                          MODELS[args.model])
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in workers}
     with tempfile.TemporaryDirectory(prefix="lowband-scale-") as tmp:
-        rows = [run_contender(n, rounds, model, args.client_procs, Path(tmp) / f"workers-{n}", args.timeout,
-                              not args.no_malloc_tuning, args.heartbeat_interval, args.beat_always, args.perf)
-                for n in workers]
+        for repeat in range(args.repeats):  # interleaved: a slow stretch of the machine hits every contender
+            for n in workers:
+                runs[n].append(run_contender(n, rounds, model, args.client_procs, Path(tmp) / f"workers-{n}-{repeat}",
+                                             args.timeout, not args.no_malloc_tuning, args.heartbeat_interval,
+                                             args.beat_always, args.perf))
+    rows = [combine_repeats(runs[n]) for n in workers]
     write_result(args.out, command_line("bench.coordinator_scale"), rows, COLUMNS,
                  config={"rounds": rounds, "model": model, "client_procs": args.client_procs,
                          "heartbeat_interval_s": args.heartbeat_interval, "beat_always": args.beat_always,
                          "probe_judged_against_s": HEARTBEAT_INTERVAL_S, "malloc_tuning": not args.no_malloc_tuning,
-                         "perf": args.perf},
+                         "perf": args.perf, "repeats": args.repeats},
                  targets=verdicts(rows))
 
 

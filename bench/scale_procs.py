@@ -94,6 +94,8 @@ class Sections:
         self.loop_lag: list[float] = []
         self.gc: dict[int, list[float]] = {}  # per generation: collections, seconds, objects collected
         self._gc_started = 0.0
+        self.beat_accepts: list[float] = []  # wall times a Heartbeat call reached the server's interceptor
+        self.probe_handled: list[tuple[float, float]] = []  # the probe's (w0's) heartbeats: handler began, ended
 
     def time_collections(self, phase: str, info: dict[str, int]) -> None:  # a gc.callbacks entry
         if phase == "start":
@@ -122,6 +124,27 @@ class Sections:
                 self.intervals.append((key, t0, t1))
 
         setattr(owner, method, timed)
+
+    def trace_heartbeats(self, interceptor: Any, servicer: Any) -> None:
+        """Where a probe's heartbeat spent its time inside the coordinator (`heartbeat_split` in
+        bench.coordinator_scale): when the call reached the server's interceptor, the first code of ours a call
+        runs on the loop, and when the handler's work began and ended. Wall clock, as the probe's."""
+        intercept, handle = interceptor.intercept_service, servicer._heartbeat
+
+        async def accepted(this: Any, continuation: Any, details: Any) -> Any:
+            if details.method.endswith("/Heartbeat"):
+                self.beat_accepts.append(time.time())
+            return await intercept(this, continuation, details)
+
+        def handled(this: Any, request: Any) -> Any:
+            t0 = time.time()
+            try:
+                return handle(this, request)
+            finally:
+                if request.envelope.worker_id == "w0":
+                    self.probe_handled.append((t0, time.time()))
+
+        interceptor.intercept_service, servicer._heartbeat = accepted, handled
 
     def watch_lock(self, lock: Any, stop: threading.Event) -> None:
         while not stop.wait(PROBE_PERIOD_S):
@@ -196,8 +219,9 @@ def run_coordinator(spec: dict[str, Any], work: Path) -> None:
     import coordinator.server
     import protocols.round
     from coordinator.rundir import RunDir
-    from coordinator.servicer import EncodedAggregates
+    from coordinator.servicer import CoordinatorServicer, EncodedAggregates
     from coordinator.state import CoordinatorState
+    from coordinator.traffic import ControlTraffic
     from protocols.round import RoundAggregator
 
     cfg = parse_config(spec["config"])
@@ -210,6 +234,7 @@ def run_coordinator(spec: dict[str, Any], work: Path) -> None:
     sections.wrap(CoordinatorState, "offer_initial_state", "initial_state")
     sections.wrap(protocols.round, "apply_aggregate", "apply")
     sections.wrap(EncodedAggregates, "of", "encode_pull")
+    sections.trace_heartbeats(ControlTraffic, CoordinatorServicer)
     if not spec.get("malloc_tuning", True):  # the comparison row: glibc's malloc as it comes
         def untuned() -> dict[str, bool]:
             return {}
@@ -238,6 +263,8 @@ def run_coordinator(spec: dict[str, Any], work: Path) -> None:
     _write(work / "coordinator_done.json", {"finished": finished, "summary": summary, "status": status,
                                             "memory_by_kind": by_kind,
                                             "sections": sections.report(),
+                                            "heartbeat_trace": {"accepts": sections.beat_accepts,
+                                                                "probe_handled": sections.probe_handled},
                                             "memory": sections.memory_report(model_bytes)})
 
 

@@ -15,7 +15,7 @@ It needs no checkpoint of its own: a resumed coordinator deals anew when it reop
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # shard_index of a member dealt no shard in the round (it joined while the round was open).
 NOT_DEALT = -1
@@ -25,13 +25,19 @@ NOT_DEALT = -1
 class Deal:
     since: int  # the round this deal took effect: the membership epoch
     members: tuple[str, ...]  # worker ids in shard order (join order)
+    # worker id -> shard: every push, WaitRound and round-close check asks, a scan of the tuple made each ask
+    # cost the number of workers.
+    shards: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shards", {worker_id: k for k, worker_id in enumerate(self.members)})
 
     def shard_of(self, worker_id: str) -> int:
         """The shard this worker trains on, or NOT_DEALT."""
-        return self.members.index(worker_id) if worker_id in self.members else NOT_DEALT
+        return self.shards.get(worker_id, NOT_DEALT)
 
     def __contains__(self, worker_id: object) -> bool:
-        return worker_id in self.members
+        return worker_id in self.shards
 
 
 def next_deal(previous: Deal | None, round_: int, eligible: Iterable[tuple[int, str]]) -> Deal:

@@ -87,6 +87,9 @@ def test_quick_run_writes_a_row_per_contender(tmp_path: Path, monkeypatch: pytes
         kinds = r["memory_by_kind"]
         assert kinds["threads"] > r["workers"] and kinds["thread_stack_count"] >= r["workers"]
         assert r["memory_growth_by_kind"]["thread_stack_count"] > 0
+        # The coordinator saw every heartbeat the probe timed while rounds ran (bench/heartbeat_split.py).
+        split = r["heartbeat_split"]
+        assert split["probe_beats_traced"] >= r["heartbeat_samples"] and split["matched"] <= split["slow_samples"]
     assert set(doc["targets"]) == {"round_time_at_most_linear", "memory_at_most_3x_model",
                                    "heartbeat_within_interval", "coordinator_cpu_at_most_linear"}
     assert isinstance(doc["targets"]["heartbeat_within_interval"]["met"], bool)

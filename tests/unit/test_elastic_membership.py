@@ -60,6 +60,14 @@ def test_the_deal_keeps_its_epoch_while_the_members_stay_and_moves_when_they_cha
     assert next_deal(grown, 6, [(0, "w0"), (2, "w2")]) == Deal(6, ("w0", "w2"))  # w2 moves to shard 1
 
 
+def test_a_deal_answers_every_member_its_join_order_shard_and_equals_by_its_members_alone() -> None:
+    ids = tuple(f"w{k}" for k in range(1000))
+    deal = Deal(2, ids)
+    assert [deal.shard_of(w) for w in ids] == list(range(1000))
+    assert "w1000" not in deal and deal.shard_of("w1000") == NOT_DEALT and all(w in deal for w in ids)
+    assert deal == Deal(2, ids) and hash(deal) == hash(Deal(2, ids)) and deal != Deal(3, ids)
+
+
 def test_a_fixed_membership_refuses_a_join_past_workers_and_deals_nothing() -> None:
     state = _state(elastic=False)
     ids = _started(state)
