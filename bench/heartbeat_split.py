@@ -44,5 +44,6 @@ def heartbeat_split(samples: list[tuple[float, float, bool]], trace: dict[str, A
     matched = [(lat, parts) for lat, parts in slow if parts is not None]
     totals = {part: sum(parts[part] for _, parts in matched) for part in PARTS}
     slowest = max(matched, key=lambda s: s[0], default=None)
-    return {"slow_s": slow_s, "probe_beats_traced": len(handled), "slow_samples": len(slow), "matched": len(matched), "summed_over_slow": totals,
+    return {"slow_s": slow_s, "probe_beats_traced": len(handled), "slow_samples": len(slow),
+            "matched": len(matched), "summed_over_slow": totals,
             "slowest": None if slowest is None else {"latency_s": slowest[0], **slowest[1]}}

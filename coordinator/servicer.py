@@ -143,6 +143,12 @@ class EncodedAggregates:
         self._by_round: dict[int, tuple[Aggregate, serde.EncodedAggregate]] = {}
         self.encoded = 0  # aggregates encoded so far (tests)
 
+    def kept(self, aggregate: Aggregate) -> serde.EncodedAggregate | None:
+        """This aggregate's encoding if it is kept, without waiting: every pull but a round's first finds it so,
+        and is served on the loop instead of a hop to a thread and back."""
+        kept = self._by_round.get(aggregate.round)  # one dict read: atomic, `of` replaces entries whole
+        return kept[1] if kept is not None and kept[0] is aggregate else None
+
     def of(self, aggregate: Aggregate) -> serde.EncodedAggregate:
         with self._lock:  # a round's first pull encodes; the ones arriving meanwhile wait for it, then share it
             kept = self._by_round.get(aggregate.round)
@@ -306,7 +312,9 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         with self.pull_slots.hold():
             aggregate, state_hash, own = await self._locked(self.state.aggregate_for, req.envelope.worker_id,
                                                             req.envelope.token, req.round)
-            encoded = await self._on(self.calls, self.aggregates.of, aggregate)
+            encoded = self.aggregates.kept(aggregate)
+            if encoded is None:  # the round's first pull encodes it, on a thread
+                encoded = await self._on(self.calls, self.aggregates.of, aggregate)
             await self.sending.acquire_async(ADMISSION_WAIT_S)  # in turn; busy (retried) past the wait
             try:
                 sent = await self._send(request, context, encoded.stream(state_hash, omit=own))
