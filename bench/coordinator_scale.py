@@ -264,6 +264,7 @@ def combine_repeats(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "repeat_coordinator_cpu_s_per_round": [r.get("coordinator_cpu_s_per_round") for r in runs],
         "repeat_max_heartbeat_delay_s": [r.get("max_heartbeat_delay_s") for r in runs],
         "repeat_rss_growth_over_model": [r["rss_growth_over_model"] for r in runs],
+        "repeat_heartbeat_split": [r.get("heartbeat_split") for r in runs],  # the row's own is its median run's
         "max_heartbeat_delay_s": max(delays) if delays else None,
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
         "rss_over_model": max(r["rss_over_model"] for r in runs),

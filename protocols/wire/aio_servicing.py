@@ -112,7 +112,10 @@ class GuardedReader:
         if left <= 0:
             raise _ending(DEADLINE_MESSAGE)
         try:
-            msg = await asyncio.wait_for(anext(self.messages), min(self.idle_s, left))
+            # Waited in this task: `asyncio.wait_for` would run the read as a task of its own, one more task and
+            # one more pass of the loop per message, behind everything else the loop has queued.
+            async with asyncio.timeout(min(self.idle_s, left)):
+                msg = await anext(self.messages)
         except StopAsyncIteration:
             return self._END
         except TimeoutError:
@@ -136,7 +139,8 @@ async def send_within(context: grpc.aio.ServicerContext, msg: Any, idle_s: float
     """Write one response message, which the client must take within `idle_s` (flow control holds a write while
     the client does not read): past it, DEADLINE_EXCEEDED."""
     try:
-        await asyncio.wait_for(context.write(msg), idle_s)
+        async with asyncio.timeout(idle_s):  # in this task, not one of its own (GuardedReader.next_message)
+            await context.write(msg)
     except TimeoutError:
         raise _ending(idle_message(idle_s)) from None
 
@@ -162,7 +166,8 @@ class AsyncRequestGuard:
         async def read(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             try:
                 with self.slots.hold():
-                    request = await asyncio.wait_for(anext(requests, None), self.wait_s)
+                    async with asyncio.timeout(self.wait_s):  # in this task (GuardedReader.next_message)
+                        request = await anext(requests, None)
                 if request is None:
                     raise Rejected(Code.INVALID_ARGUMENT, "the call carried no request message")
             except TimeoutError:

@@ -156,3 +156,21 @@ def test_a_thread_reads_the_stream_as_an_iterator() -> None:
         return await asyncio.to_thread(list, reader)
 
     assert asyncio.run(scenario()) == [b"abc"] * 3
+
+
+def test_reading_a_stream_on_the_loop_starts_no_task_per_message() -> None:
+    """Each read is awaited in the reader's own task: a task per message (as `asyncio.wait_for` would start) is one
+    more pass of the event loop each, behind everything else queued on it."""
+    started: list[object] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(lambda lp, coro: started.append(coro) or asyncio.Task(coro, loop=lp))
+        reader = GuardedReader(_stream([0.0] * 50), loop, idle_s=1.0)
+        while await reader.next_message() is not GuardedReader._END:
+            pass
+        loop.set_task_factory(None)
+        assert reader.nbytes == 150
+
+    asyncio.run(scenario())
+    assert started == []

@@ -8,7 +8,8 @@ from bench.coordinator_scale import combine_repeats, main
 def run(seconds: float, beat: float, growth: float, finished: bool = True) -> dict:
     return {"contender": "workers-10", "seconds_per_round": seconds, "coordinator_cpu_s_per_round": seconds / 2,
             "max_heartbeat_delay_s": beat, "peak_rss_bytes": int(growth * 100), "rss_over_model": growth + 1,
-            "rss_growth_over_model": growth, "finished": finished, "wall_s": seconds * 10}
+            "rss_growth_over_model": growth, "finished": finished, "wall_s": seconds * 10,
+            "heartbeat_split": {"slowest": {"latency_s": beat}}}
 
 
 def test_the_row_is_the_median_run_with_the_worst_heartbeat_and_memory() -> None:
@@ -16,6 +17,7 @@ def test_the_row_is_the_median_run_with_the_worst_heartbeat_and_memory() -> None
     assert row["seconds_per_round"] == 2.0 and row["wall_s"] == 20.0  # the median run's own fields
     assert row["max_heartbeat_delay_s"] == 1.9 and row["rss_growth_over_model"] == 7.0 and row["rss_over_model"] == 8.0
     assert row["repeat_seconds_per_round"] == [3.0, 1.0, 2.0] and row["repeats"] == 3
+    assert [s["slowest"]["latency_s"] for s in row["repeat_heartbeat_split"]] == [0.1, 1.9, 0.2]
 
 
 def test_an_even_count_takes_the_slower_middle_run_and_an_unfinished_one_counts_slowest() -> None:
