@@ -23,7 +23,9 @@ Columns:
   seconds (every thread) from one round's close to the next; `coordinator_cpu_s_per_round_per_worker` its ratio
   to N; `clients_cpu_s`: the client processes' CPU seconds over the whole run. The clients share the machine's
   cores with the coordinator, so on a small machine a round's wall time carries their work too (verdict
-  `coordinator_cpu_at_most_linear`, beside the issue's targets).
+  `coordinator_cpu_at_most_linear`, beside the issue's targets). `tracked_objects_by_round`: the objects Python's
+  garbage collector tracks in the coordinator (start-up's frozen ones apart) as each round closed: one that grows
+  from round to round is kept per round, and every full collection walks it.
 - `max_heartbeat_delay_s`: the slowest heartbeat call of the probe (every 0.1 s, its own process) while
   rounds ran; `p99_heartbeat_s` the 99th percentile. `heartbeat_split`: for the slowest of them and summed over
   those past 0.5 s, the parts spent before the coordinator's interceptor saw the call, on the loop before the

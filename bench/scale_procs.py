@@ -91,6 +91,9 @@ class Sections:
         self.intervals: list[tuple[str, float, float]] = []
         self.rss: list[tuple[float, int]] = []
         self.cpu_at_close: list[float] = []  # the process's CPU seconds (every thread) as each round closed
+        # Objects the garbage collector tracks (frozen ones apart), as each round closed: a count that grows from
+        # round to round is something kept per round, and every full collection walks it.
+        self.objects_at_close: list[int] = []
         self.loop_lag: list[float] = []
         self.gc: dict[int, list[float]] = {}  # per generation: collections, seconds, objects collected
         self._gc_started = 0.0
@@ -119,6 +122,7 @@ class Sections:
                 t1 = time.perf_counter()
                 if key == "close":
                     self.cpu_at_close.append(time.process_time())
+                    self.objects_at_close.append(len(gc.get_objects()))
                 if key in self.seconds:
                     self.seconds[key].append(t1 - t0)
                 self.intervals.append((key, t0, t1))
@@ -174,6 +178,7 @@ class Sections:
         return {f"max_{k}_s": max(v, default=0.0) for k, v in self.seconds.items()} | {
             f"mean_{k}_s": sum(v) / len(v) if v else 0.0 for k, v in self.seconds.items()} | {
             "coordinator_cpu_s_by_round": [b - a for a, b in pairwise(self.cpu_at_close)],
+            "tracked_objects_by_round": self.objects_at_close,
             "gc_by_generation": {str(g): {"collections": n, "seconds": sec, "collected": int(got)}
                                  for g, (n, sec, got) in sorted(self.gc.items())},
             "gc_s": sum(sec for _, sec, _ in self.gc.values())} | self.stall_report()

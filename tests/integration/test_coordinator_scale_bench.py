@@ -83,6 +83,7 @@ def test_quick_run_writes_a_row_per_contender(tmp_path: Path, monkeypatch: pytes
         # One round after the first: the coordinator's CPU from round 0's close to round 1's, and the clients'.
         assert r["coordinator_cpu_s_by_round"] == [r["coordinator_cpu_s_per_round"]]
         assert r["coordinator_cpu_s_per_round"] > 0 and r["clients_cpu_s"] > 0
+        assert len(r["tracked_objects_by_round"]) == r["rounds"] and min(r["tracked_objects_by_round"]) > 0
         # The server's pool threads are still up as the run ends, each with its stack.
         kinds = r["memory_by_kind"]
         assert kinds["threads"] > r["workers"] and kinds["thread_stack_count"] >= r["workers"]
