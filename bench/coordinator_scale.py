@@ -200,7 +200,8 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
     rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     seconds = [r["seconds"] for r in rows if r.get("event") == "round"]
     first, last = (min(c["started"] for c in clients), max(c["ended"] for c in clients)) if clients else (0, 1e18)
-    beats = [lat for wall_t, lat, ok in probe["samples"] if ok and first <= wall_t <= last]
+    during = [s for s in probe["samples"] if first <= s[0] <= last]  # the probe's samples while rounds ran
+    beats = [lat for _, lat, ok in during if ok]
     model_bytes = sum(t.numel() * 4 for t in initial_params(parse_config(config)).values())
     peak, baseline = done["status"]["VmHWM"], ready["baseline"]["VmRSS"]
     row: dict[str, Any] = {
@@ -215,7 +216,6 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
         **done.get("memory", {}),  # the sampled peak, what ran at it, each call kind's largest rise
     }
     if "heartbeat_trace" in done:  # where the slow heartbeats waited: the probe's side or the coordinator's
-        during = [s for s in probe["samples"] if first <= s[0] <= last]
         row["heartbeat_split"] = heartbeat_split(during, done["heartbeat_trace"], SLOW_HEARTBEAT_S)
     if "memory_by_kind" in done:  # resident bytes by kind at the end, and their growth over start-up
         end, start = done["memory_by_kind"], ready.get("baseline_by_kind", {})

@@ -151,9 +151,9 @@ class EncodedAggregates:
 
     def of(self, aggregate: Aggregate) -> serde.EncodedAggregate:
         with self._lock:  # a round's first pull encodes; the ones arriving meanwhile wait for it, then share it
-            kept = self._by_round.get(aggregate.round)
-            if kept is not None and kept[0] is aggregate:
-                return kept[1]
+            kept = self.kept(aggregate)
+            if kept is not None:
+                return kept
             encoded = serde.EncodedAggregate.of(aggregate, self.chunk_bytes)
             self.encoded += 1
             self._by_round[aggregate.round] = (aggregate, encoded)
