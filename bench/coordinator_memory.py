@@ -35,6 +35,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,14 @@ def instrument(profiler: PeakProfiler) -> None:
     profiler.wrap(RunDir, "save_checkpoint", "checkpoint: save")
 
 
+def _record_now(run: Any, closed: Any) -> None:
+    """The recorder's work, on the calling thread: the round written, then its replica's loan given back."""
+    try:
+        run._record(closed)
+    finally:
+        closed.release()
+
+
 def _write_stream(messages: Iterator[Any], path: Path) -> None:
     with path.open("wb") as f:
         for msg in messages:
@@ -206,7 +215,7 @@ def _measure(tmp: Path, cfg: Any, workers: int, rounds: int, account: bool, trim
     if malloc:
         tune_malloc()  # as CoordinatorServer does (coordinator/malloc.py)
     run = CoordinatorRun(cfg, run_dir=tmp / "run")
-    run.recorder.put = run._record  # type: ignore[method-assign]  # synchronous: its peak is measured alone
+    run.recorder.put = partial(_record_now, run)  # type: ignore[method-assign]  # synchronous: measured alone
     aggregates = EncodedAggregates(m.DEFAULT_CHUNK_BYTES)
     profiler = PeakProfiler(account)
     instrument(profiler)

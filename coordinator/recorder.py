@@ -2,9 +2,10 @@
 background thread, in round order, while the coordinator goes on serving heartbeats and pushes.
 
 The state machine hands over what a round closed with under its lock (`ClosedRound`: the record, and the
-replica and aggregator states it produced). Those are not copied: the protocols are pure, and a round's
-close builds new state objects instead of changing the old ones (protocols/round.py), so what is handed over
-stays as it was while it is written. `flush` waits until everything handed over is written (a summary, or a
+replica and aggregator states it produced). Those are not copied: a round's close builds new state objects
+instead of changing the old ones (protocols/round.py), and the replica, which the coordinator's closes step in
+place, is handed over lent (`RoundAggregator.lend`) until it is written, so what is handed over stays as it
+was while it is written. `flush` waits until everything handed over is written (a summary, or a
 test reading the run directory, calls it first); a failed write is logged, stops further recording, and is
 raised by `flush`.
 """
@@ -31,6 +32,7 @@ class ClosedRound:
     downlink_state: Any
     members: dict[str, Any]
     elapsed_s: float
+    release: Callable[[], None] = lambda: None  # gives back the replica's loan (RoundAggregator.lend) once written
 
 
 class RoundRecorder:
@@ -60,4 +62,5 @@ class RoundRecorder:
                 log.exception("could not record round %d", closed.record.round)
                 self.error = err
             finally:
+                closed.release()
                 self._queue.task_done()

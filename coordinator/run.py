@@ -164,7 +164,8 @@ class CoordinatorRun:
         """A round closed (called under the state lock): hand what it closed with to the recorder, which writes
         it off the lock, so a slow checkpoint holds up no heartbeat or push."""
         self.recorder.put(ClosedRound(record, aggregator.replica, aggregator.state, aggregator.downlink_state,
-                                      self.state.membership(), self.elapsed_before + time.monotonic() - self.started))
+                                      self.state.membership(), self.elapsed_before + time.monotonic() - self.started,
+                                      release=aggregator.lend()))
 
     def _record(self, closed: ClosedRound) -> None:
         """Record a closed round: the checkpoint first, then its metrics row (a crash between the two is

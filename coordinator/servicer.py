@@ -302,7 +302,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
             total_bytes=sum(p.nbytes() for p in entries.values()),
             state_hash=snap.state_hash,
         )
-        return serde.pull_stream(header, entries, self.chunk_bytes)
+        return _released_after(serde.pull_stream(header, entries, self.chunk_bytes), snap.release)
 
     @answered_async
     async def PullAggregate(self, request: Any, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
@@ -328,14 +328,19 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         threads if given) that the client must keep reading (`send_within`); returns the bytes sent. The request
         that opened it is control traffic, counted once the stream started (coordinator/traffic.py)."""
         sent = 0
-        while True:
-            msg = next(messages, None) if on is None else await self._on(on, next, messages, None)
-            if msg is None:
-                return sent
-            await send_within(context, msg, self.idle_s)
-            if not sent:
-                self.state.count_control(request.envelope.worker_id, request.ByteSize(), 0)
-            sent += len(msg) if isinstance(msg, bytes) else msg.ByteSize()
+        try:
+            while True:
+                msg = next(messages, None) if on is None else await self._on(on, next, messages, None)
+                if msg is None:
+                    return sent
+                await send_within(context, msg, self.idle_s)
+                if not sent:
+                    self.state.count_control(request.envelope.worker_id, request.ByteSize(), 0)
+                sent += len(msg) if isinstance(msg, bytes) else msg.ByteSize()
+        finally:  # a stream ended early gives back what it holds now (a lent replica), not when it is collected
+            close = getattr(messages, "close", None)
+            if close is not None:
+                close()
 
     @answered_async
     async def ReservePush(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -421,3 +426,12 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
     async def Status(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await self._on(self.calls, lambda: serde.to_pb(status_reply(self.state, serde.from_pb(
             request, m.StatusRequest))))
+
+
+def _released_after(messages: Iterator[Any], release: Callable[[], None]) -> Iterator[Any]:
+    """`messages`, then `release` once they are sent, or the stream ends early (or is dropped unfinished: a
+    generator closed by the garbage collector runs its `finally` too)."""
+    try:
+        yield from messages
+    finally:
+        release()

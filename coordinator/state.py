@@ -54,10 +54,14 @@ KEPT_AGGREGATES = 4
 
 @dataclass
 class Snapshot:
+    """The replica as of a round, lent (`RoundAggregator.lend`): whoever reads it calls `release` once done, and
+    until then the coordinator's closes step a new replica instead of this one in place."""
+
     round: int
     phase: Phase
     replica: Replica
     state_hash: str
+    release: Callable[[], None]
 
 
 class CoordinatorState(PushHandling):
@@ -270,7 +274,8 @@ class CoordinatorState(PushHandling):
         if not owned:  # the offerer's own tensors (in-process): the replica must not share them
             params = {name: t.clone() for name, t in params.items()}
         aggregator, digest = self._prepared(RoundAggregator(self.protocol, self.downlink, Replica(round_, params),
-                                                            fold_in_order=self.cfg.cluster.fold_order == "worker"))
+                                                            fold_in_order=self.cfg.cluster.fold_order == "worker",
+                                                            in_place=True))
         with self._cond:
             member = self._member(worker_id, token)
             if self.aggregator is not None:
@@ -293,7 +298,7 @@ class CoordinatorState(PushHandling):
             self.base_digest = base_digest
             self._install(*self._prepared(RoundAggregator(
                 self.protocol, self.downlink, replica, aggregator_state, downlink_state, fresh=False,
-                fold_in_order=self.cfg.cluster.fold_order == "worker")))
+                fold_in_order=self.cfg.cluster.fold_order == "worker", in_place=True)))
             self.round = replica.round
             self.resumed = True
             if run_id:
@@ -316,7 +321,7 @@ class CoordinatorState(PushHandling):
 
     def snapshot(self, worker_id: str, token: str, resync: bool = False) -> Snapshot:
         """The whole replica, for a worker that joins (`resync` False) or whose replica fell behind or
-        differed from the coordinator's (`resync` True, counted)."""
+        differed from the coordinator's (`resync` True, counted); lent: the caller releases it (`Snapshot`)."""
         with self._cond:
             self._member(worker_id, token)
             if self.aggregator is None:
@@ -324,7 +329,7 @@ class CoordinatorState(PushHandling):
             member = self.members[worker_id]
             member.resyncs += resync
             member.pulls += 1
-            return Snapshot(self.round, self.phase, self.aggregator.replica, self.state_hash)
+            return Snapshot(self.round, self.phase, self.aggregator.replica, self.state_hash, self.aggregator.lend())
 
     def aggregate_for(self, worker_id: str, token: str, round_: int) -> tuple[Aggregate, str, int | None]:
         """The aggregate that closed `round_`, the digest of the replica after it, and, for a relayed

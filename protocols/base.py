@@ -172,6 +172,12 @@ class Protocol(ABC, Generic[WorkerState, AggregatorState]):
     def apply(self, update: Mapping[str, torch.Tensor], replica: Replica) -> Replica:
         """The outer step every replica takes with the round's (decoded) aggregate update."""
 
+    def apply_in_place(self, update: Mapping[str, torch.Tensor], replica: Replica) -> Replica | None:
+        """`apply`'s replica, bit for bit, stepped in `replica`'s own tensors (the caller holds them alone), or
+        None where this protocol has no such step (the caller then uses `apply`). Everything that can refuse the
+        update is checked before a tensor changes. For the coordinator's close (protocols/round.py)."""
+        return None
+
     # ---- aggregator half ---------------------------------------------------------------------
     @property
     @abstractmethod
@@ -187,7 +193,7 @@ class Protocol(ABC, Generic[WorkerState, AggregatorState]):
         """An empty accumulator for one round."""
 
     @abstractmethod
-    def close(self, acc: Accumulator, state: AggregatorState) -> tuple[Params, AggregatorState]:
+    def close(self, acc: Accumulator, state: AggregatorState) -> tuple[Mapping[str, torch.Tensor], AggregatorState]:
         """The round's aggregate update (what `apply` steps with) and the next aggregator state."""
 
     @property

@@ -26,7 +26,7 @@ from compression.error_feedback import ErrorFeedback
 from compression.payload import dense
 from protocols.base import Accumulator, CheckedUpdate, MeanAccumulator, Protocol, Update
 from protocols.co2_kernels import co2_outer_step, eager_start
-from protocols.outer import nesterov_sgd
+from protocols.outer import nesterov_sgd, nesterov_sgd_in_place
 from protocols.replica import Params, Replica
 from protocols.robust import RobustAccumulator
 from protocols.settings import CompressionConfig, DownlinkConfig, OverlapConfig, ProtocolSettings, RobustConfig
@@ -286,6 +286,16 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
         return replace(replica, round=replica.round + 1, params=params, momentum=momentum,
                        outer_steps=replica.outer_steps + 1)
 
+    def apply_in_place(self, update: Mapping[str, torch.Tensor], replica: Replica) -> Replica | None:
+        """`apply`'s outer SGD step in the replica's tensors (outer.py `nesterov_sgd_in_place`); None for CO2's
+        step, and for a subclass with its own `apply`."""
+        if self.overlap.co2 or type(self).apply is not AveragingProtocol.apply:
+            return None
+        params, momentum = nesterov_sgd_in_place(replica.params, update, replica.momentum, lr=self.outer_lr,
+                                                 momentum=self.outer_momentum, nesterov=self.nesterov)
+        return replace(replica, round=replica.round + 1, params=params, momentum=momentum,
+                       outer_steps=replica.outer_steps + 1)
+
     # ---- aggregator half ---------------------------------------------------------------------
     @property
     def uplink_codec(self) -> str:
@@ -299,13 +309,14 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
             return ShiftAccumulator()
         return MeanAccumulator() if self.robust.kind == "none" else RobustAccumulator(self.robust)
 
-    def round_mean(self, acc: Accumulator) -> Params:
+    def round_mean(self, acc: Accumulator) -> Mapping[str, torch.Tensor]:
         """The mean decoded message of the round (subclasses with their own accumulator override)."""
         if not isinstance(acc, MeanAccumulator | RobustAccumulator):
             raise TypeError(f"{type(self).__name__} aggregates a MeanAccumulator, got {type(acc).__name__}")
         return acc.mean()
 
-    def close(self, acc: Accumulator, state: WorkerShifts | None) -> tuple[Params, WorkerShifts | None]:
+    def close(self, acc: Accumulator, state: WorkerShifts | None
+              ) -> tuple[Mapping[str, torch.Tensor], WorkerShifts | None]:
         """The round's update: the mean message, or with shifts the mean of every worker's h_i."""
         if not self.compression.keeps_shift:
             return self.round_mean(acc), state

@@ -18,7 +18,8 @@ Three modes, from a `downlink:` config block (codec "auto" = the protocol's pape
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ from protocols.check import check_update, expectation
 from protocols.compressed import NO_COMPRESSION, Compression
 from protocols.replica import Params, Replica
 from protocols.settings import DownlinkConfig
+from protocols.sparse_mean import SparseMean
 
 Mode = Literal["dense", "codec", "sparse"]
 
@@ -42,17 +44,34 @@ def union_payload(update: torch.Tensor) -> Payload:
     nonzero, which many senders' distinct top-k masks soon are. So a union is never larger than the dense
     update (`protocols.round.union_bound`), on the wire and in what a round keeps for relaying."""
     flat = update.detach().reshape(-1).contiguous()
-    if flat.numel() >= 1 << 31:
-        raise ValueError(f"a sparse downlink indexes with int32; tensor has {flat.numel()} elements")
     indices = torch.nonzero(flat, as_tuple=False).reshape(-1)
-    if indices.numel() * (4 + flat.element_size()) >= flat.numel() * flat.element_size():
-        return dense(update)
-    values = flat[indices]
+    return _union(tuple(update.shape), update.dtype, indices, lambda: flat[indices], lambda: update)
+
+
+def _union(shape: tuple[int, ...], dtype: torch.dtype, indices: torch.Tensor, values: Callable[[], torch.Tensor],
+           whole: Callable[[], torch.Tensor]) -> Payload:
+    """`union_payload` of a tensor given its nonzero entries' flat indices, their values and the whole tensor
+    (each asked for only when it is sent)."""
+    numel, itemsize = math.prod(shape), dtype.itemsize
+    if numel >= 1 << 31:
+        raise ValueError(f"a sparse downlink indexes with int32; tensor has {numel} elements")
+    if indices.numel() * (4 + itemsize) >= numel * itemsize:
+        return dense(whole())
     return Payload(
-        "topk_global", tuple(update.shape), update.dtype,
-        tensors={"indices": indices.to(torch.int32), "values": values},
-        meta={"k": int(indices.numel()), "value_dtype": str(update.dtype).removeprefix("torch.")},
+        "topk_global", shape, dtype,
+        tensors={"indices": indices.to(torch.int32), "values": values()},
+        meta={"k": int(indices.numel()), "value_dtype": str(dtype).removeprefix("torch.")},
     )
+
+
+def _union_of(update: Mapping[str, torch.Tensor], name: str) -> Payload:
+    """name's tensor of a round's update as `union_payload`; from a sparse mean's own entries, without building
+    the tensor dense, where it is one (the same payload: tests/unit/test_sparse_mean.py)."""
+    if not isinstance(update, SparseMean):
+        return union_payload(update[name])
+    indices, values = update.nonzero(name)
+    shape = update.shape(name)
+    return _union(shape, values.dtype, indices, lambda: values, lambda: update[name])
 
 
 @dataclass(frozen=True)
@@ -92,7 +111,8 @@ class Downlink:
         return self.compression.new_feedback() if self.mode == "codec" else None
 
     def encode(
-        self, round_: int, update: Params, relayed: tuple[Update, ...] | None, state: ErrorFeedback | None
+        self, round_: int, update: Mapping[str, torch.Tensor], relayed: tuple[Update, ...] | None,
+        state: ErrorFeedback | None,
     ) -> tuple[Aggregate, ErrorFeedback | None]:
         """The round's aggregate message and the next encoder state (`state` is not modified). `relayed`: the
         senders' updates a sparse downlink may relay instead of the union, or None when relaying them could
@@ -100,7 +120,7 @@ class Downlink:
         if self.mode == "dense":
             return Aggregate(round_, {n: dense(t) for n, t in update.items()}), state
         if self.mode == "sparse":
-            union = Aggregate(round_, {n: union_payload(t) for n, t in update.items()})
+            union = Aggregate(round_, {n: _union_of(update, n) for n in update})
             if relayed is None:
                 return union, state
             relay = Aggregate(round_, relayed=relayed)
@@ -124,7 +144,8 @@ class Downlink:
             for i, update in enumerate(aggregate.relayed):
                 acc.fold(f"relayed{i}", check_update(f"relayed{i}", update, expect))
             update_, _ = protocol.close(acc, protocol.init_aggregator_state(replica))
-            return update_, replica.downlink_shift
+            # Built once: a sparse mean builds each tensor anew as it is read, and the check and the step both read.
+            return dict(update_.items()), replica.downlink_shift
         unknown = sorted(set(aggregate.payloads) - set(replica.params))
         if unknown:
             raise ValueError(f"the aggregate names tensors the replica lacks: {unknown}")
@@ -137,17 +158,25 @@ class Downlink:
 
 
 def apply_aggregate(
-    protocol: Protocol[Any, Any], downlink: Downlink, aggregate: Aggregate, replica: Replica
+    protocol: Protocol[Any, Any], downlink: Downlink, aggregate: Aggregate, replica: Replica, in_place: bool = False
 ) -> Replica:
-    """The replica after `aggregate`: the same pure code on every worker and on the aggregator."""
+    """The replica after `aggregate`: the same pure code on every worker and on the aggregator.
+
+    `in_place`: the same bits, stepped in `replica`'s own tensors where the protocol has such a step
+    (`Protocol.apply_in_place`; else a new replica all the same). Only for a caller that holds those tensors
+    alone: the coordinator's close, which would otherwise hold the next replica beside the old one, 1x the model
+    (bench/coordinator_memory.py). A refusal still changes nothing: the step reads and checks every tensor of the
+    update (finite, names, shapes) before it changes one."""
     if aggregate.round != replica.round:
         raise ValueError(f"the aggregate of round {aggregate.round} cannot apply to a replica at round {replica.round}")
     update, shift = downlink.decode(protocol, aggregate, replica)
     if not isinstance(update, DecodedOnRead):  # which checks each tensor as it is read
         for name, value in update.items():
             _check_finite(name, value)
-    # The outer step builds new tensors and the replica is never changed: a refusal midway changes nothing.
-    return protocol.apply(update, replace(replica, downlink_shift=shift))
+    at = replace(replica, downlink_shift=shift)
+    stepped = protocol.apply_in_place(update, at) if in_place else None
+    # Else the outer step builds new tensors and the replica is never changed: a refusal midway changes nothing.
+    return protocol.apply(update, at) if stepped is None else stepped
 
 
 def _check_finite(name: str, value: torch.Tensor) -> torch.Tensor:

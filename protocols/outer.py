@@ -3,7 +3,8 @@
 The coordinator treats the averaged pseudo-gradient as a gradient and steps an outer optimizer on the
 global parameters (DiLoCo, Douillard et al., arXiv:2311.08105, Algorithm 1: outer SGD with Nesterov
 momentum). These kernels never mutate their inputs: they return new parameter and state dicts, so the
-coordinator can keep the previous global state (for checkpoints, or when a round is abandoned).
+coordinator can keep the previous global state (for checkpoints, or when a round is abandoned). The one
+exception, `nesterov_sgd_in_place`, is the same step in the given tensors, for a coordinator that holds them alone.
 """
 
 from __future__ import annotations
@@ -58,6 +59,30 @@ def nesterov_sgd(
         p   = p - lr * d
     With momentum 0 there is no buffer and the step is plain SGD (`nesterov` then changes nothing).
     """
+    return _sgd(params, grads, momentum_buf, lr, momentum, nesterov, in_place=False)
+
+
+def nesterov_sgd_in_place(
+    params: Params,
+    grads: Mapping[str, torch.Tensor],
+    momentum_buf: Params,
+    lr: float,
+    momentum: float,
+    nesterov: bool = True,
+) -> tuple[Params, Params]:
+    """`nesterov_sgd`, bit for bit, stepped in the given parameter and momentum tensors instead of new ones.
+
+    The one departure from this module's pure kernels, for the coordinator, which holds the only other copy of
+    the model a round's close would make (bench/coordinator_memory.py: 1x the model at its peak). The caller
+    must be the only holder of those tensors (protocols/round.py lends them out and steps anew while lent).
+    Every gradient is read and checked (names, shapes) before any tensor changes, so a refusal changes nothing.
+    Returns (params, momentum): new dicts over the stepped tensors (a buffer's first step is a new tensor).
+    """
+    return _sgd(params, grads, momentum_buf, lr, momentum, nesterov, in_place=True)
+
+
+def _sgd(params: Params, grads: Mapping[str, torch.Tensor], momentum_buf: Params, lr: float, momentum: float,
+         nesterov: bool, in_place: bool) -> tuple[Params, Params]:
     _check_hyperparameters(lr, momentum)
     _check_grads(params, grads)
     new_params: Params = {}
@@ -67,18 +92,29 @@ def nesterov_sgd(
         p = param.detach()
         grad = grads.get(name)
         if grad is None:
-            new_params[name] = p.clone()
+            new_params[name] = p if in_place else p.clone()
             continue
         work_dtype = torch.promote_types(p.dtype, torch.float32)
         g = grad.detach().to(device=p.device, dtype=work_dtype)
         if momentum != 0.0:
             prev = momentum_buf.get(name)
             # torch's first step sets the buffer to the gradient itself (a clone: no aliasing of grads).
-            buf = g.clone() if prev is None else prev.detach().to(g).mul(momentum).add(g)
+            if prev is None:
+                buf = g.clone()
+            elif in_place and prev.dtype == g.dtype and prev.device == g.device:
+                buf = prev.detach().mul_(momentum).add_(g)  # the same two ops as below, in place
+            else:
+                buf = prev.detach().to(g).mul(momentum).add(g)
             new_buf[name] = buf
             direction = g.add(buf, alpha=momentum) if nesterov else buf
         else:
             direction = g
-        # `torch.add(..., alpha=-lr)` mirrors torch.optim.SGD's `p.add_(d, alpha=-lr)` bit for bit.
-        new_params[name] = torch.add(p.to(work_dtype), direction, alpha=-lr).to(p.dtype)
+        # `torch.add(..., alpha=-lr)` mirrors torch.optim.SGD's `p.add_(d, alpha=-lr)` bit for bit (the same kernel
+        # in place: tests/unit/test_outer_in_place.py).
+        if not in_place:
+            new_params[name] = torch.add(p.to(work_dtype), direction, alpha=-lr).to(p.dtype)
+        elif p.dtype == work_dtype:
+            new_params[name] = p.add_(direction, alpha=-lr)
+        else:
+            new_params[name] = p.copy_(torch.add(p.to(work_dtype), direction, alpha=-lr).to(p.dtype))
     return new_params, new_buf

@@ -7,7 +7,11 @@ folded by the same code whatever carried it, and the aggregate goes back through
 
 from __future__ import annotations
 
+import itertools
 import math
+import threading
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +26,8 @@ __all__ = ["RoundAggregator", "UpdateRejected", "check_update", "union_bound"]
 
 class RoundAggregator:
     """The aggregator half of a run over rounds: the replica, the protocol's aggregator state and the
-    downlink's encoder state, plus the open round's accumulator. Pure: no threads, clocks or I/O.
+    downlink's encoder state, plus the open round's accumulator. Pure: no threads, clocks or I/O (one lock
+    guards the replica's loans, `lend`, which readers release from their own threads).
 
     `submit` checks and folds one update; `close` turns the round into the `Aggregate` every replica
     applies, and applies it to the aggregator's own replica with the same code the workers use. A caller that
@@ -44,8 +49,17 @@ class RoundAggregator:
         downlink_state: Any = None,
         fresh: bool = True,
         fold_in_order: bool = False,
+        in_place: bool = False,
     ) -> None:
         self.protocol, self.downlink, self.replica = protocol, downlink, replica
+        # Step the replica in its own tensors at a close while nobody borrowed it (`lend`): for a caller whose
+        # replica nobody else holds unlent (the coordinator), so a close never holds two replicas at once.
+        self.in_place = in_place
+        # loan -> the replica lent. Weakly: a replica that is no longer the current one is never stepped, so a loan
+        # never given back costs nothing once its replica is replaced (a close while it is lent builds a new one).
+        self._lent: dict[int, weakref.ref[Replica]] = {}
+        self._loans = itertools.count()
+        self._lending = threading.Lock()  # readers release from their own threads, the holder's lock not held
         # Fold at close in the senders' `order` instead of on arrival: the same senders give the same
         # floating-point sums whatever the arrival order (reproducible across transports), at the price of
         # keeping every checked update until the round closes.
@@ -67,6 +81,21 @@ class RoundAggregator:
         self.relayed: list[Update] | None = [] if self.downlink.may_relay else None
         self.relay_bytes = 0  # their bytes, as `Aggregate.nbytes` counts them; always below `relay_bound`
         self.relay_bound = union_bound(self.expect)
+
+    def lend(self) -> Callable[[], None]:
+        """Lend the current replica to a reader outside its holder's lock (a checkpoint being written, a state
+        pull being sent; called under the lock `close` runs under): until the returned release is called (once;
+        again is harmless), closes build the next replica anew instead of stepping this one in place. A release
+        never called costs one close a copy, not values: the close after it replaces the lent replica."""
+        with self._lending:
+            loan = next(self._loans)
+            self._lent[loan] = weakref.ref(self.replica)
+
+        def release() -> None:
+            with self._lending:
+                self._lent.pop(loan, None)
+
+        return release
 
     def bound_updates(self, max_update_ratio: float) -> None:
         """Refuse, from now on, updates holding a value above `max_update_ratio` times the largest parameter."""
@@ -137,7 +166,10 @@ class RoundAggregator:
         # The dense update is not needed past here (replicas apply the aggregate): dropped before the apply makes
         # the next replica, so the two are never held at once (a dense aggregate holds on to it anyway).
         del update
-        replica = apply_aggregate(self.protocol, self.downlink, aggregate, self.replica)
+        with self._lending:
+            in_place = self.in_place and not any(lent() is self.replica for lent in self._lent.values())
+            self._lent = {loan: lent for loan, lent in self._lent.items() if lent() is not None}
+        replica = apply_aggregate(self.protocol, self.downlink, aggregate, self.replica, in_place=in_place)
         self.state, self.downlink_state, self.replica = state, downlink_state, replica
         self.last_fold_order = order  # who sent the relayed updates, in order
         self._open()

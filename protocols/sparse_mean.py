@@ -10,6 +10,7 @@ weights and means are the same bits (tests/unit/test_sparse_mean.py pins it agai
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -177,14 +178,14 @@ class SparseMeanAccumulator(Accumulator):
             numel = int(torch.Size(self.shapes[name]).numel())
             self._sums[name], self._weights[name] = flat[0][at : at + numel], flat[1][at : at + numel]
 
-    def mean(self) -> Params:
+    def mean(self) -> Mapping[str, torch.Tensor]:
+        """name -> the mean tensor: while sparse a `SparseMean`, which builds each tensor as it is read (a dense
+        copy of the model is never held at once); else views of one flat dense tensor."""
         if not self.workers:
             raise ValueError("no updates were folded into this round")
         if self._sparse is not None:
             indices, sums, weights = self._sparse
-            flat = torch.zeros(self._numel, device=sums.device)
-            flat.index_copy_(0, indices, self._divide(sums, weights))
-            return self._split(flat)
+            return SparseMean(indices, self._divide(sums, weights), dict(self._offsets), dict(self.shapes))
         if self._flat is not None and len(self._offsets) == len(self._sums):  # every tensor in the flat layout
             return self._split(self._divide(*self._flat))
         return {name: self._divide(total, self._weights[name]).view(self.shapes[name])
@@ -206,6 +207,47 @@ class SparseMeanAccumulator(Accumulator):
     def _split(self, flat: torch.Tensor) -> Params:
         return {name: flat[at : at + int(torch.Size(self.shapes[name]).numel())].view(self.shapes[name])
                 for name, at in self._offsets.items()}
+
+
+class SparseMean(Mapping[str, torch.Tensor]):
+    """A sparse accumulator's mean: the coordinates sent (sorted flat indices over the accumulator's layout) and
+    their means. Reading a name builds that tensor dense, the same bits the dense form's mean has there (unsent
+    coordinates 0.0); `nonzero(name)` gives its nonzero entries without building it, which is what a sparse
+    downlink sends (protocols/downlink.py `union_payload`). So a round's close never holds a dense mean of the
+    whole model: one was 1x the model at the coordinator's peak (bench/coordinator_memory.py)."""
+
+    def __init__(self, indices: torch.Tensor, means: torch.Tensor, offsets: dict[str, int],
+                 shapes: dict[str, tuple[int, ...]]) -> None:
+        self._indices, self._means = indices, means  # [sent] int64 ascending, [sent] float32
+        self._offsets, self._shapes = offsets, shapes
+
+    def _span(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """name's sent coordinates (indices into the flat tensor, ascending), their means, and its numel."""
+        at, numel = self._offsets[name], int(torch.Size(self._shapes[name]).numel())
+        bounds = _search(self._indices, torch.tensor([at, at + numel], dtype=self._indices.dtype))
+        lo, hi = int(bounds[0]), int(bounds[1])
+        return self._indices[lo:hi] - at, self._means[lo:hi], numel
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def nonzero(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """([nnz] int64 ascending flat indices, [nnz] values) of name's nonzero means: exactly
+        `torch.nonzero(self[name].reshape(-1))` and the values there (a NaN counts as nonzero, as there)."""
+        local, means, _ = self._span(name)
+        keep = means != 0
+        return local[keep], means[keep]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        local, means, numel = self._span(name)
+        dense = torch.zeros(numel, dtype=means.dtype, device=means.device)
+        return dense.index_copy_(0, local, means).view(self._shapes[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._offsets)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
 
 
 def _search(sorted_: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ momentum: the decayed buffer stands in for DiLoCo's outer momentum.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -19,7 +20,6 @@ from pydantic import Field, PositiveFloat, PositiveInt
 
 from protocols.base import Accumulator, CheckedUpdate, View
 from protocols.compressed import AveragingProtocol, AveragingSettings, Compression
-from protocols.replica import Params
 from protocols.settings import Codec, CompressionConfig, OverlapConfig
 from protocols.sparse_mean import SparseMeanAccumulator
 
@@ -93,7 +93,7 @@ class MedianClipAccumulator(Accumulator):
         squares = torch.zeros(-(-numel // self.chunk), device=values.device)
         return squares.index_add_(0, indices // self.chunk, values.square()).sqrt()
 
-    def mean(self) -> Params:
+    def mean(self) -> Mapping[str, torch.Tensor]:
         if not self.updates:
             raise ValueError("no updates were folded into this round")
         out = SparseMeanAccumulator(
@@ -167,7 +167,7 @@ class SparseLoCo(AveragingProtocol):
             )
         return SparseMeanAccumulator(over_all_workers=self.over_all_workers)
 
-    def round_mean(self, acc: Accumulator) -> Params:
+    def round_mean(self, acc: Accumulator) -> Mapping[str, torch.Tensor]:
         if not isinstance(acc, SparseMeanAccumulator | MedianClipAccumulator):
             raise TypeError(f"SparseLoCo aggregates a SparseMeanAccumulator, got {type(acc).__name__}")
         return acc.mean()

@@ -74,7 +74,8 @@ class RecordingServer(CoordinatorServer):
         self.replicas: list[Replica] = []
 
     def _on_round(self, record: Any, aggregator: Any) -> None:  # the state machine's on_round hook
-        self.replicas.append(aggregator.replica)  # immutable: every apply makes a new Replica
+        # A copy: the coordinator steps its replica in place at the next close unless it is lent.
+        self.replicas.append(Replica.from_tensors({n: t.clone() for n, t in aggregator.replica.to_tensors().items()}))
         super()._on_round(record, aggregator)
 
 

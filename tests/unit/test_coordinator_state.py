@@ -12,6 +12,7 @@ from protocols.base import Update
 from protocols.config import PROTOCOL_VERSION
 from protocols.downlink import apply_aggregate
 from protocols.registry import build_protocol
+from protocols.replica import Replica
 from tests.conftest import tiny_config
 
 STATE = {"w": torch.ones(3, 2)}
@@ -147,7 +148,8 @@ def test_the_last_aggregates_are_kept_and_an_older_round_is_refused_naming_those
     replicas, hashes = [], []
     for r in range(rounds):
         assert state.aggregator is not None
-        replicas.append(state.aggregator.replica)
+        # A copy: the coordinator steps its replica in place at each close, unless lent (`RoundAggregator.lend`).
+        replicas.append(Replica.from_tensors({n: t.clone() for n, t in state.aggregator.replica.to_tensors().items()}))
         state.submit(wid, "", r, update(0.1 * (r + 1)), {}, 10)
         hashes.append(state.state_hash)
     assert state.phase is Phase.FINISHED and len(set(hashes)) == rounds
@@ -316,3 +318,19 @@ def test_a_weight_that_would_overflow_the_sum_is_refused() -> None:
         state.submit(ids[0], "", 0, Update({"w": dense(torch.ones(3, 2))}, weight=1e39), {}, 10)
     assert err.value.code is Code.INVALID_ARGUMENT and "weight" in str(err.value)
     assert state.aggregator is not None and state.aggregator.acc.count == 0
+
+
+def test_a_snapshot_is_lent_so_a_close_leaves_it_as_it_was_and_steps_in_place_once_it_is_back() -> None:
+    state, (wid,) = started(workers=1, steps=30)
+    assert state.aggregator is not None
+    snap = state.snapshot(wid, "")
+    digest = snap.replica.digest()
+    assert digest == state.state_hash
+    state.submit(wid, "", 0, update(0.1), {}, 10)  # closes round 0 while the snapshot is still being read
+    assert snap.replica.digest() == digest and state.state_hash != digest
+    snap.release()
+    replica = state.aggregator.replica
+    pointer = replica.params["w"].data_ptr()
+    state.submit(wid, "", 1, update(0.2), {}, 10)  # nobody holds round 1's replica: stepped in its own tensor
+    assert state.aggregator.replica.params["w"].data_ptr() == pointer and replica.digest() != digest
+    assert state.aggregator.replica.digest() == state.state_hash

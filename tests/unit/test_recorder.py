@@ -70,3 +70,37 @@ def test_a_failed_write_is_raised_by_flush_and_stops_recording(tmp_path: Path,
     with pytest.raises(RuntimeError, match="No space left on device"):
         run.recorder.flush()
     assert run.state.round == 1  # the run itself went on
+
+
+def test_the_replica_being_written_is_lent_so_a_close_meanwhile_leaves_it_as_it_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator steps its replica in place at a close (protocols/round.py), except while it is lent: the
+    recorder holds round 0's replica while round 1 closes, and writes round 0's values; once the loan is back,
+    the next close steps the replica in its own tensors."""
+    writing, release = threading.Event(), threading.Event()
+    save = RunDir.save_checkpoint
+    digests: list[tuple[str, str]] = []
+
+    def slow_save(self: RunDir, replica: Any, *args: Any, **kwargs: Any) -> Path:
+        at_entry = replica.digest()
+        writing.set()
+        assert release.wait(60)  # hang guard: the test releases it
+        digests.append((at_entry, replica.digest()))
+        return save(self, replica, *args, **kwargs)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", slow_save)
+    run, ids = _run(tmp_path)
+    _close(run, ids)
+    assert writing.wait(60)
+    closed_0 = run.state.state_hash
+    _close(run, ids)  # round 1 closes while round 0's replica is being written
+    assert run.state.state_hash != closed_0
+    release.set()
+    run.recorder.flush()
+    assert digests[0] == (closed_0, closed_0)  # round 0's replica, untouched by round 1's close
+    aggregator = run.state.aggregator
+    assert aggregator is not None and not aggregator._lent  # every loan back once written
+    pointer = aggregator.replica.params["w"].data_ptr()
+    _close(run, ids)
+    assert aggregator.replica.params["w"].data_ptr() == pointer  # stepped in place
+    run.recorder.flush()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from protocols.base import CheckedUpdate, Decoded, Update
-from protocols.sparse_mean import MEAN_SLICE, SPARSE_UP_TO, SparseMeanAccumulator
+from protocols.downlink import Downlink
+from protocols.sparse_mean import MEAN_SLICE, SPARSE_UP_TO, SparseMean, SparseMeanAccumulator
 
 SHAPES = {"a": (40, 50), "b": (3000,), "c": (7,)}
 
@@ -129,3 +130,40 @@ def test_updates_whose_coordinates_are_all_kept_already_add_in_place_with_the_sa
         acc.fold(f"w{k}", update)
     assert acc.sparse
     assert _same_bits(acc.mean(), _reference(updates, False)[2])
+
+
+def test_a_sparse_mean_is_built_tensor_by_tensor_and_sends_the_dense_means_union() -> None:
+    """While sparse, the mean is a `SparseMean`: no dense copy of the model until a tensor is read, and the sparse
+    downlink's union made from its entries is the very payload `union_payload` makes of the dense mean: the
+    same kinds, shapes, metadata, indices and value bits, with coordinates whose senders cancel out (mean 0.0)
+    left out as `torch.nonzero` leaves them, and a tensor past half nonzero sent dense."""
+    gen = torch.Generator().manual_seed(7)
+    updates = [_update(gen, 0.01, weight) for weight in (1.0, 0.5, 2.0)]
+    cancel = updates[0].tensors["a"]
+    # A fourth sender takes back exactly what the first sent to `a`: those means are 0.0 (or NaN-free 0/w).
+    updates.append(CheckedUpdate({"a": Decoded(SHAPES["a"], -cancel.values, cancel.indices)}, 1.0, Update({})))
+    # A fifth fills most of `c`: its union is sent dense.
+    updates.append(CheckedUpdate({"c": Decoded(SHAPES["c"], torch.arange(1.0, 7.0), torch.arange(6))}, 1.0,
+                                 Update({})))
+    acc = SparseMeanAccumulator()
+    for k, update in enumerate(updates):
+        acc.fold(f"w{k}", update)
+    assert acc.sparse
+    mean = acc.mean()
+    assert isinstance(mean, SparseMean) and not isinstance(mean, dict)
+    _, _, reference = _reference(updates, over_all_workers=False)
+    assert _same_bits(dict(mean.items()), reference)
+    sparse, _ = Downlink("sparse").encode(0, mean, None, None)
+    expected, _ = Downlink("sparse").encode(0, reference, None, None)
+    assert list(sparse.payloads) == list(expected.payloads) == ["a", "b", "c"]
+    assert sparse.payloads["c"].codec == "dense" and sparse.payloads["a"].codec == "topk_global"
+    assert sparse.payloads["a"].meta["k"] < int(torch.count_nonzero(torch.stack([
+        torch.zeros(2000).index_fill_(0, u.tensors["a"].indices, 1.0) for u in updates if "a" in u.tensors]).sum(0)))
+    for name, payload in sparse.payloads.items():
+        other = expected.payloads[name]
+        assert (payload.codec, payload.shape, payload.dtype, payload.meta) == (other.codec, other.shape, other.dtype,
+                                                                               other.meta)
+        assert payload.tensors.keys() == other.tensors.keys()
+        for key, tensor in payload.tensors.items():
+            assert tensor.dtype == other.tensors[key].dtype
+            assert torch.equal(tensor.contiguous().view(torch.uint8), other.tensors[key].contiguous().view(torch.uint8))

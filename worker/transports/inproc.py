@@ -96,7 +96,11 @@ class InprocTransport(StarTransport):
         self.state.attest_base(self.worker_id, self.token, base_digest)
 
     def _pull(self, resync: bool) -> Replica:
-        replica = self.state.snapshot(self.worker_id, self.token, resync).replica
+        snap = self.state.snapshot(self.worker_id, self.token, resync)
+        try:  # a copy: the coordinator steps its own replica in place once the loan is back
+            replica = Replica.from_tensors({name: t.clone() for name, t in snap.replica.to_tensors().items()})
+        finally:
+            snap.release()
         nbytes = sum(t.numel() * t.element_size() for t in replica.to_tensors().values())
         self._traffic.add("state", received=nbytes)
         self.state.count_download(self.worker_id, nbytes, "state")
