@@ -160,23 +160,31 @@ class Downlink:
 def apply_aggregate(
     protocol: Protocol[Any, Any], downlink: Downlink, aggregate: Aggregate, replica: Replica, in_place: bool = False
 ) -> Replica:
-    """The replica after `aggregate`: the same pure code on every worker and on the aggregator.
+    """The replica after `aggregate`: the same pure code on every worker and on the aggregator (`in_place`:
+    see `apply_update`)."""
+    if aggregate.round != replica.round:
+        raise ValueError(f"the aggregate of round {aggregate.round} cannot apply to a replica at round {replica.round}")
+    update, shift = downlink.decode(protocol, aggregate, replica)
+    return apply_update(protocol, update, replace(replica, downlink_shift=shift), in_place)
+
+
+def apply_update(
+    protocol: Protocol[Any, Any], update: Mapping[str, torch.Tensor], replica: Replica, in_place: bool = False
+) -> Replica:
+    """The outer step with an aggregate's decoded update, each tensor checked finite first (a `DecodedOnRead`
+    checks each as it is read).
 
     `in_place`: the same bits, stepped in `replica`'s own tensors where the protocol has such a step
     (`Protocol.apply_in_place`; else a new replica all the same). Only for a caller that holds those tensors
     alone: the coordinator's close, which would otherwise hold the next replica beside the old one, 1x the model
     (bench/coordinator_memory.py). A refusal still changes nothing: the step reads and checks every tensor of the
     update (finite, names, shapes) before it changes one."""
-    if aggregate.round != replica.round:
-        raise ValueError(f"the aggregate of round {aggregate.round} cannot apply to a replica at round {replica.round}")
-    update, shift = downlink.decode(protocol, aggregate, replica)
-    if not isinstance(update, DecodedOnRead):  # which checks each tensor as it is read
+    if not isinstance(update, DecodedOnRead):
         for name, value in update.items():
             _check_finite(name, value)
-    at = replace(replica, downlink_shift=shift)
-    stepped = protocol.apply_in_place(update, at) if in_place else None
+    stepped = protocol.apply_in_place(update, replica) if in_place else None
     # Else the outer step builds new tensors and the replica is never changed: a refusal midway changes nothing.
-    return protocol.apply(update, at) if stepped is None else stepped
+    return protocol.apply(update, replica) if stepped is None else stepped
 
 
 def _check_finite(name: str, value: torch.Tensor) -> torch.Tensor:

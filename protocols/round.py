@@ -18,7 +18,7 @@ import torch
 
 from protocols.base import Accumulator, Aggregate, CheckedUpdate, Protocol, Update
 from protocols.check import DEFAULT_MAX_UPDATE_RATIO, Expectation, UpdateRejected, check_update, expectation
-from protocols.downlink import Downlink, apply_aggregate
+from protocols.downlink import Downlink, apply_aggregate, apply_update
 from protocols.replica import Replica
 
 __all__ = ["RoundAggregator", "UpdateRejected", "check_update", "union_bound"]
@@ -163,13 +163,18 @@ class RoundAggregator:
         acc, order, relayed = self._folded_in_order()
         update, state = self.protocol.close(acc, self.state)
         aggregate, downlink_state = self.downlink.encode(self.round, update, relayed, self.downlink_state)
-        # The dense update is not needed past here (replicas apply the aggregate): dropped before the apply makes
-        # the next replica, so the two are never held at once (a dense aggregate holds on to it anyway).
-        del update
         with self._lending:
             in_place = self.in_place and not any(lent() is self.replica for lent in self._lent.values())
             self._lent = {loan: lent for loan, lent in self._lent.items() if lent() is not None}
-        replica = apply_aggregate(self.protocol, self.downlink, aggregate, self.replica, in_place=in_place)
+        if aggregate.relayed:
+            # Every replica folds the relayed updates again, in this fold order, to exactly `update` (bit for bit:
+            # tests/unit/test_downlink.py): the aggregator has it already, and skips the fold and its dense copy.
+            replica = apply_update(self.protocol, update, self.replica, in_place=in_place)
+        else:
+            # The update is not needed past here (replicas apply the aggregate): dropped before the apply, so the
+            # two are never held at once (a dense aggregate holds on to it anyway).
+            del update
+            replica = apply_aggregate(self.protocol, self.downlink, aggregate, self.replica, in_place=in_place)
         self.state, self.downlink_state, self.replica = state, downlink_state, replica
         self.last_fold_order = order  # who sent the relayed updates, in order
         self._open()

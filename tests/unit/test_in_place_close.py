@@ -148,3 +148,25 @@ def test_a_protocol_without_an_in_place_step_gets_a_new_replica() -> None:
     assert _pointers(stepped) != _pointers(replica)
     assert_replicas_equal(stepped, co2.apply(update, before))
 
+
+
+def test_a_relayed_round_applies_the_aggregators_own_update_which_is_what_every_replica_folds_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Relayed, every replica folds the senders' updates again; the aggregator has their fold already and steps
+    with it (no second fold, no dense copy of its mean), to the same bits as a worker's replica."""
+    protocol = SparseLoCo()
+    downlink = Downlink.from_config(DownlinkConfig(), protocol)
+    aggregator = RoundAggregator(protocol, downlink, Replica(0, _params()), in_place=True)
+    worker = _copy(aggregator.replica)
+    pointers = _pointers(aggregator.replica)
+    _sparseloco_round(aggregator, 0, senders=2)  # two small updates: relaying them is smaller than their union
+
+    def no_decode(*_: object) -> None:
+        raise AssertionError("the aggregator decoded its own relayed aggregate")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Downlink, "decode", no_decode)
+        aggregate = aggregator.close()
+    assert aggregate.relayed and not aggregate.payloads
+    assert _pointers(aggregator.replica) == pointers
+    assert_replicas_equal(apply_aggregate(protocol, downlink, aggregate, worker), aggregator.replica)
