@@ -26,7 +26,7 @@ from compression.error_feedback import ErrorFeedback
 from compression.payload import dense
 from protocols.base import Accumulator, CheckedUpdate, MeanAccumulator, Protocol, Update
 from protocols.co2_kernels import co2_outer_step, eager_start
-from protocols.outer import nesterov_sgd, nesterov_sgd_in_place
+from protocols.outer import nesterov_sgd
 from protocols.replica import Params, Replica
 from protocols.robust import RobustAccumulator
 from protocols.settings import CompressionConfig, DownlinkConfig, OverlapConfig, ProtocolSettings, RobustConfig
@@ -287,12 +287,12 @@ class AveragingProtocol(Protocol[ErrorFeedback | None, WorkerShifts | None]):
                        outer_steps=replica.outer_steps + 1)
 
     def apply_in_place(self, update: Mapping[str, torch.Tensor], replica: Replica) -> Replica | None:
-        """`apply`'s outer SGD step in the replica's tensors (outer.py `nesterov_sgd_in_place`); None for CO2's
+        """`apply`'s outer SGD step in the replica's tensors (outer.py `nesterov_sgd(in_place=True)`); None for CO2's
         step, and for a subclass with its own `apply`."""
         if self.overlap.co2 or type(self).apply is not AveragingProtocol.apply:
             return None
-        params, momentum = nesterov_sgd_in_place(replica.params, update, replica.momentum, lr=self.outer_lr,
-                                                 momentum=self.outer_momentum, nesterov=self.nesterov)
+        params, momentum = nesterov_sgd(replica.params, update, replica.momentum, lr=self.outer_lr,
+                                        momentum=self.outer_momentum, nesterov=self.nesterov, in_place=True)
         return replace(replica, round=replica.round + 1, params=params, momentum=momentum,
                        outer_steps=replica.outer_steps + 1)
 

@@ -4,7 +4,8 @@ The coordinator treats the averaged pseudo-gradient as a gradient and steps an o
 global parameters (DiLoCo, Douillard et al., arXiv:2311.08105, Algorithm 1: outer SGD with Nesterov
 momentum). These kernels never mutate their inputs: they return new parameter and state dicts, so the
 coordinator can keep the previous global state (for checkpoints, or when a round is abandoned). The one
-exception, `nesterov_sgd_in_place`, is the same step in the given tensors, for a coordinator that holds them alone.
+exception, `nesterov_sgd(in_place=True)`, is the same step in the given tensors, for a coordinator that holds
+them alone.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def nesterov_sgd(
     lr: float,
     momentum: float,
     nesterov: bool = True,
+    in_place: bool = False,
 ) -> tuple[Params, Params]:
     """One step of SGD with (Nesterov) momentum, exactly as `torch.optim.SGD(lr, momentum, nesterov)`.
 
@@ -58,27 +60,15 @@ def nesterov_sgd(
         d   = g + momentum * buf if nesterov,              else   d = buf
         p   = p - lr * d
     With momentum 0 there is no buffer and the step is plain SGD (`nesterov` then changes nothing).
+
+    `in_place`: the same bits, stepped in the given parameter and momentum tensors instead of new ones (returned in
+    new dicts; a buffer's first step is a new tensor). The one departure from this module's pure kernels, for the
+    coordinator, which would otherwise hold a second copy of the model at each round's close
+    (bench/coordinator_memory.py); the caller must be the only holder of those tensors (protocols/round.py lends
+    them out, and steps anew while they are lent). Every gradient is read and checked (names, shapes) before any
+    tensor changes, so a refusal changes nothing.
     """
-    return _sgd(params, grads, momentum_buf, lr, momentum, nesterov, in_place=False)
-
-
-def nesterov_sgd_in_place(
-    params: Params,
-    grads: Mapping[str, torch.Tensor],
-    momentum_buf: Params,
-    lr: float,
-    momentum: float,
-    nesterov: bool = True,
-) -> tuple[Params, Params]:
-    """`nesterov_sgd`, bit for bit, stepped in the given parameter and momentum tensors instead of new ones.
-
-    The one departure from this module's pure kernels, for the coordinator, which holds the only other copy of
-    the model a round's close would make (bench/coordinator_memory.py: 1x the model at its peak). The caller
-    must be the only holder of those tensors (protocols/round.py lends them out and steps anew while lent).
-    Every gradient is read and checked (names, shapes) before any tensor changes, so a refusal changes nothing.
-    Returns (params, momentum): new dicts over the stepped tensors (a buffer's first step is a new tensor).
-    """
-    return _sgd(params, grads, momentum_buf, lr, momentum, nesterov, in_place=True)
+    return _sgd(params, grads, momentum_buf, lr, momentum, nesterov, in_place)
 
 
 def _sgd(params: Params, grads: Mapping[str, torch.Tensor], momentum_buf: Params, lr: float, momentum: float,

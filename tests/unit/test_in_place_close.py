@@ -11,7 +11,7 @@ from compression.payload import dense
 from protocols.base import Aggregate
 from protocols.diloco import DiLoCo
 from protocols.downlink import Downlink, apply_aggregate
-from protocols.outer import nesterov_sgd, nesterov_sgd_in_place
+from protocols.outer import nesterov_sgd
 from protocols.replica import Params, Replica
 from protocols.round import RoundAggregator
 from protocols.settings import DownlinkConfig, OverlapConfig
@@ -42,9 +42,10 @@ def test_the_in_place_step_is_the_pure_steps_bits_in_the_same_tensors(momentum: 
         pure_params, pure_buffers = nesterov_sgd(pure_params, grads, pure_buffers, 0.7, momentum, nesterov)
     own, own_buffers = clone(params), clone(buffers)
     pointers = {name: t.data_ptr() for name, t in own.items()}
-    stepped, stepped_buffers = nesterov_sgd_in_place(own, grads, own_buffers, 0.7, momentum, nesterov)
+    stepped, stepped_buffers = nesterov_sgd(own, grads, own_buffers, 0.7, momentum, nesterov, in_place=True)
     for _ in range(2):
-        stepped, stepped_buffers = nesterov_sgd_in_place(stepped, grads, stepped_buffers, 0.7, momentum, nesterov)
+        stepped, stepped_buffers = nesterov_sgd(stepped, grads, stepped_buffers, 0.7, momentum, nesterov,
+                                                   in_place=True)
     assert {name: t.data_ptr() for name, t in stepped.items()} == pointers  # no new parameter tensor
     assert stepped["h"].dtype == torch.bfloat16
     for name in params:
@@ -61,9 +62,10 @@ def test_a_refused_gradient_changes_no_tensor() -> None:
     before, buffers_before = clone(params), clone(buffers)
     bad_shape = {"w": rand(4, (8, 512)), "b": rand(5, (301,))}
     with pytest.raises(ValueError, match="gradient for 'b' has shape"):
-        nesterov_sgd_in_place(params, bad_shape, buffers, lr=1.0, momentum=0.9)
+        nesterov_sgd(params, bad_shape, buffers, lr=1.0, momentum=0.9, in_place=True)
     with pytest.raises(ValueError, match="not parameters"):
-        nesterov_sgd_in_place(params, {"w": rand(4, (8, 512)), "x": rand(5, (3,))}, buffers, lr=1.0, momentum=0.9)
+        nesterov_sgd(params, {"w": rand(4, (8, 512)), "x": rand(5, (3,))}, buffers, lr=1.0, momentum=0.9,
+                     in_place=True)
     assert all(torch.equal(params[n], before[n]) for n in params)
     assert torch.equal(buffers["w"], buffers_before["w"])
 
