@@ -68,11 +68,6 @@ def nesterov_sgd(
     them out, and steps anew while they are lent). Every gradient is read and checked (names, shapes) before any
     tensor changes, so a refusal changes nothing.
     """
-    return _sgd(params, grads, momentum_buf, lr, momentum, nesterov, in_place)
-
-
-def _sgd(params: Params, grads: Mapping[str, torch.Tensor], momentum_buf: Params, lr: float, momentum: float,
-         nesterov: bool, in_place: bool) -> tuple[Params, Params]:
     _check_hyperparameters(lr, momentum)
     _check_grads(params, grads)
     new_params: Params = {}
@@ -100,7 +95,7 @@ def _sgd(params: Params, grads: Mapping[str, torch.Tensor], momentum_buf: Params
         else:
             direction = g
         # `torch.add(..., alpha=-lr)` mirrors torch.optim.SGD's `p.add_(d, alpha=-lr)` bit for bit (the same kernel
-        # in place: tests/unit/test_outer_in_place.py).
+        # in place: tests/unit/test_in_place_close.py).
         if not in_place:
             new_params[name] = torch.add(p.to(work_dtype), direction, alpha=-lr).to(p.dtype)
         elif p.dtype == work_dtype:

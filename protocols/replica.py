@@ -53,6 +53,11 @@ class Replica:
     def digest(self) -> str:
         return digest(self.to_tensors())
 
+    def copy(self) -> Replica:
+        """The same replica in tensors of its own (a reader that keeps it while the coordinator steps its own in
+        place: protocols/round.py `lend`)."""
+        return Replica.from_tensors({name: t.clone() for name, t in self.to_tensors().items()})
+
     def to_tensors(self) -> Params:
         """The whole replica as one flat dict (round and outer steps as 0-d int64 tensors)."""
         out: Params = {"round": torch.tensor(self.round), "outer_steps": torch.tensor(self.outer_steps)}

@@ -75,7 +75,7 @@ class RecordingServer(CoordinatorServer):
 
     def _on_round(self, record: Any, aggregator: Any) -> None:  # the state machine's on_round hook
         # A copy: the coordinator steps its replica in place at the next close unless it is lent.
-        self.replicas.append(Replica.from_tensors({n: t.clone() for n, t in aggregator.replica.to_tensors().items()}))
+        self.replicas.append(aggregator.replica.copy())
         super()._on_round(record, aggregator)
 
 

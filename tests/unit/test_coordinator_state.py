@@ -12,7 +12,6 @@ from protocols.base import Update
 from protocols.config import PROTOCOL_VERSION
 from protocols.downlink import apply_aggregate
 from protocols.registry import build_protocol
-from protocols.replica import Replica
 from tests.conftest import tiny_config
 
 STATE = {"w": torch.ones(3, 2)}
@@ -149,7 +148,7 @@ def test_the_last_aggregates_are_kept_and_an_older_round_is_refused_naming_those
     for r in range(rounds):
         assert state.aggregator is not None
         # A copy: the coordinator steps its replica in place at each close, unless lent (`RoundAggregator.lend`).
-        replicas.append(Replica.from_tensors({n: t.clone() for n, t in state.aggregator.replica.to_tensors().items()}))
+        replicas.append(state.aggregator.replica.copy())
         state.submit(wid, "", r, update(0.1 * (r + 1)), {}, 10)
         hashes.append(state.state_hash)
     assert state.phase is Phase.FINISHED and len(set(hashes)) == rounds

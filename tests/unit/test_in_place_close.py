@@ -27,10 +27,6 @@ def _pointers(replica: Replica) -> dict[str, int]:
     return {name: t.data_ptr() for name, t in replica.params.items()}
 
 
-def _copy(replica: Replica) -> Replica:
-    return Replica.from_tensors(clone(replica.to_tensors()))
-
-
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_the_in_place_step_is_the_pure_steps_bits_in_the_same_tensors(momentum: float, nesterov: bool) -> None:
@@ -86,7 +82,7 @@ def test_an_in_place_close_makes_the_pure_closes_replicas_round_after_round(prot
     downlink = Downlink.from_config(DownlinkConfig(), protocol)
     pure = RoundAggregator(protocol, downlink, Replica(0, _params()))
     own = RoundAggregator(protocol, downlink, Replica(0, _params()), in_place=True)
-    worker = _copy(own.replica)
+    worker = own.replica.copy()
     pointers = _pointers(own.replica)
     for r in range(3):
         _sparseloco_round(pure, r)
@@ -125,7 +121,7 @@ def test_a_lent_replica_is_left_as_it_was_and_the_next_close_after_its_release_s
 def test_a_refused_aggregate_changes_nothing_in_place() -> None:
     protocol = DiLoCo()
     replica = Replica(0, _params(), momentum={"w": rand(3, (8, 512))})
-    before = _copy(replica)
+    before = replica.copy()
     nan = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in replica.params.items()}
     nan["h"][5] = float("nan")  # the last tensor: every earlier one would be stepped by then without the check
     with pytest.raises(ValueError, match="'h' contains NaN or Inf"):
@@ -141,7 +137,7 @@ def test_a_protocol_without_an_in_place_step_gets_a_new_replica() -> None:
     co2 = DiLoCo(overlap=OverlapConfig(enabled=True, mode="co2"))
     assert co2.overlapped
     replica = Replica(0, _params())
-    before = _copy(replica)
+    before = replica.copy()
     update = {n: rand(9, tuple(t.shape), 0.01) for n, t in replica.params.items()}
     assert co2.apply_in_place(update, replica) is None
     stepped = apply_aggregate(co2, Downlink("dense"), Aggregate(0, {n: dense(t) for n, t in update.items()}), replica,
@@ -159,7 +155,7 @@ def test_a_relayed_round_applies_the_aggregators_own_update_which_is_what_every_
     protocol = SparseLoCo()
     downlink = Downlink.from_config(DownlinkConfig(), protocol)
     aggregator = RoundAggregator(protocol, downlink, Replica(0, _params()), in_place=True)
-    worker = _copy(aggregator.replica)
+    worker = aggregator.replica.copy()
     pointers = _pointers(aggregator.replica)
     _sparseloco_round(aggregator, 0, senders=2)  # two small updates: relaying them is smaller than their union
 

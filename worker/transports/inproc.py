@@ -98,7 +98,7 @@ class InprocTransport(StarTransport):
     def _pull(self, resync: bool) -> Replica:
         snap = self.state.snapshot(self.worker_id, self.token, resync)
         try:  # a copy: the coordinator steps its own replica in place once the loan is back
-            replica = Replica.from_tensors({name: t.clone() for name, t in snap.replica.to_tensors().items()})
+            replica = snap.replica.copy()
         finally:
             snap.release()
         nbytes = sum(t.numel() * t.element_size() for t in replica.to_tensors().values())
