@@ -12,6 +12,9 @@ Peak RSS is measured per call of the coordinator's functions: each wrapped call 
 so every row's `peak_over_entry` is the most that call added on top of what was resident when it started.
 Rows also give the live bytes of torch tensors and numpy arrays after the call (a gc walk, each storage
 counted once): what RSS holds beyond them is the allocator's (freed, not returned to the system).
+The result also counts the wire bytes both ways, per worker over the run, from the workers' side:
+`bytes_sent_per_worker` (its updates, plus the initial state shared out over the workers; `state_sent_bytes`
+alone), `bytes_received_per_worker` (the aggregates it pulls) and `bytes_total_per_worker`.
 
 The client side (the initial parameters, the two updates of bench/coordinator_scale.py's two client processes)
 is built by a separate process, which serializes their streams to files read back here message by message, so
@@ -171,6 +174,17 @@ def _write_stream(messages: Iterator[Any], path: Path) -> None:
             f.write(len(data).to_bytes(8, "little") + data)
 
 
+def _stream_bytes(path: Path) -> int:
+    """The wire bytes of a stream `_write_stream` wrote: its messages, serialized, without the framing."""
+    total = 0
+    with path.open("rb") as f:
+        while size := f.read(8):
+            n = int.from_bytes(size, "little")
+            f.seek(n, 1)
+            total += n
+    return total
+
+
 def _read_stream(path: Path) -> Iterator[pb.PushMessage]:
     with path.open("rb") as f:
         while size := f.read(8):
@@ -225,6 +239,11 @@ def _measure(tmp: Path, cfg: Any, workers: int, rounds: int, account: bool, trim
     _reset_peak()
     state = run.state
     members = [state.join_session(f"h{i}", "", PROTOCOL_VERSION)[0] for i in range(workers)]
+    # Bytes both ways, from the workers' side: what they push (the initial state once, an update a round each)
+    # and what they pull (the aggregate a round each), as serialized messages on the wire.
+    state_sent = _stream_bytes(tmp / "initial.bin")
+    protocol_sent = rounds * sum(_stream_bytes(tmp / f"update{i * 2 // workers}.bin") for i in range(workers))
+    received = 0
     with profiler.phase("initial: whole upload"):
         with profiler.phase("initial: read_push"):
             _, entries = serde.read_push(_read_stream(tmp / "initial.bin"), state.max_push_bytes)
@@ -243,8 +262,7 @@ def _measure(tmp: Path, cfg: Any, workers: int, rounds: int, account: bool, trim
         aggregate, digest_after = state.aggregates[r]
         with profiler.phase("pulls: encode once, stream per pull"):
             for _ in members:  # serialized once: a pull only names the shared bytes (gRPC's core copies them)
-                for _ in aggregates.of(aggregate).stream(digest_after):
-                    pass
+                received += sum(len(message) for message in aggregates.of(aggregate).stream(digest_after))
         if libc is not None:
             libc.malloc_trim(0)
     status = proc_status()
@@ -253,6 +271,10 @@ def _measure(tmp: Path, cfg: Any, workers: int, rounds: int, account: bool, trim
     return {"rows": rows, "baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "model_fp32_bytes": model_bytes,
             "rss_over_model": peak / model_bytes, "rss_growth_over_model": (peak - baseline) / model_bytes,
             "final_rss_bytes": status["VmRSS"], "final_live_bytes": live_array_bytes(),
+            "bytes_sent_per_worker": (state_sent + protocol_sent) / workers,
+            "bytes_received_per_worker": received / workers,
+            "bytes_total_per_worker": (state_sent + protocol_sent + received) / workers,
+            "protocol_sent_per_worker": protocol_sent / workers, "state_sent_bytes": state_sent,
             "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
 
 
