@@ -36,7 +36,9 @@ Columns:
   `Sections`).
 - `memory_by_kind`, `memory_growth_by_kind`: the coordinator's resident bytes by kind as the run ends (thread
   stacks and their count, malloc's arenas and main heap, other anonymous and file-backed pages; glibc's bytes in
-  use, free but kept, and mapped: bench/proc_memory.py) and their growth over start-up.
+  use, free but kept, and mapped: bench/proc_memory.py) and their growth over start-up;
+  `memory_by_kind_at_peak`, `memory_growth_at_peak`: the same at the highest resident set sampled (taken at each
+  new high by 2 MiB), so what the peak held, not only what stayed after it.
 - `running_at_peak`, `max_rise_over_model`: the coordinator's resident set sampled every 10 ms: the calls
   running at the sampled peak, and per kind of call (the ones above, plus `read_push`, `initial_state`, `apply`,
   `encode_pull`) the most it rose during one call, in model sizes (bench/scale_procs.py `Sections`).
@@ -221,6 +223,8 @@ def run_contender(workers: int, rounds: int, model: dict[str, int], client_procs
         end, start = done["memory_by_kind"], ready.get("baseline_by_kind", {})
         row["memory_by_kind"] = end
         row["memory_growth_by_kind"] = proc_memory.growth(start, end)
+        if row.get("memory_by_kind_at_peak"):
+            row["memory_growth_at_peak"] = proc_memory.growth(start, row["memory_by_kind_at_peak"])
     if sampler is not None:  # where the coordinator's CPU went, per worker: what grows faster than the workers
         row["perf"] = perf_profile.summary(work / "perf.data")
         row["perf_samples_per_worker_by_group"] = {group: samples / workers for group, samples

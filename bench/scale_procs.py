@@ -46,6 +46,7 @@ from worker.model import GPT
 VOCAB = 65  # the Shakespeare character vocabulary: the model is the default GPT at that size
 PROBE_PERIOD_S = 0.1
 MEMORY_PERIOD_S = 0.01
+PEAK_STEP_BYTES = 2 << 20  # a new high by this much takes a breakdown of the resident set
 LOOP_PERIOD_S = 0.05
 LOOP_STALL_S = 0.5  # a quarter of the heartbeat interval
 
@@ -90,6 +91,7 @@ class Sections:
                                                 "lock_wait": []}
         self.intervals: list[tuple[str, float, float]] = []
         self.rss: list[tuple[float, int]] = []
+        self.at_peak: dict[str, int] = {}  # the resident set by kind at its highest sampled break-down
         self.cpu_at_close: list[float] = []  # the process's CPU seconds (every thread) as each round closed
         # Objects the garbage collector tracks (frozen ones apart), as each round closed: a count that grows from
         # round to round is something kept per round, and every full collection walks it.
@@ -169,8 +171,16 @@ class Sections:
                 self.intervals.append(("loop_stall", t0 + LOOP_PERIOD_S, t1))
 
     def watch_memory(self, stop: threading.Event) -> None:
+        """The resident set every MEMORY_PERIOD_S and, at each new high by PEAK_STEP_BYTES or more, what it is
+        made of then (`proc_memory.breakdown`, a few ms: taken at new highs only), so the row can say what the
+        peak held, where the breakdown at the run's end says only what stayed."""
+        high = 0
         while not stop.wait(MEMORY_PERIOD_S):
-            self.rss.append((time.perf_counter(), proc_status()["VmRSS"]))
+            rss = proc_status()["VmRSS"]
+            self.rss.append((time.perf_counter(), rss))
+            if rss >= high + PEAK_STEP_BYTES:
+                high = rss
+                self.at_peak = proc_memory.breakdown() | {"rss": rss}
 
     def report(self) -> dict[str, Any]:
         """Max and mean seconds per section, and the coordinator's CPU seconds in each round after the first
@@ -216,7 +226,7 @@ class Sections:
             if before >= 0 and during:
                 rise[key] = max(rise.get(key, 0.0), (max(during) - self.rss[before][1]) / model_bytes)
         return {"sampled_peak_rss_bytes": peak, "running_at_peak": active, "max_rise_over_model": rise,
-                "rss_samples": len(self.rss)}
+                "rss_samples": len(self.rss), "memory_by_kind_at_peak": self.at_peak}
 
 
 def run_coordinator(spec: dict[str, Any], work: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 import bench.common
 from bench import perf_profile
 from bench.coordinator_scale import _split, main, verdicts
+from bench.scale_procs import PEAK_STEP_BYTES
 
 
 def test_workers_are_split_over_the_client_processes_without_loss() -> None:
@@ -88,6 +89,10 @@ def test_quick_run_writes_a_row_per_contender(tmp_path: Path, monkeypatch: pytes
         kinds = r["memory_by_kind"]
         assert kinds["threads"] > r["workers"] and kinds["thread_stack_count"] >= r["workers"]
         assert r["memory_growth_by_kind"]["thread_stack_count"] > 0
+        # What the highest sampled resident set was made of: taken within PEAK_STEP_BYTES of it.
+        at_peak = r["memory_by_kind_at_peak"]
+        assert r["sampled_peak_rss_bytes"] - PEAK_STEP_BYTES <= at_peak["rss"] <= r["peak_rss_bytes"]
+        assert at_peak["malloc_in_use"] > 0 and set(r["memory_growth_at_peak"]) >= {"main_heap", "other_anonymous"}
         # The coordinator saw every heartbeat the probe timed while rounds ran (bench/heartbeat_split.py).
         split = r["heartbeat_split"]
         assert split["probe_beats_traced"] >= r["heartbeat_samples"] and split["matched"] <= split["slow_samples"]
