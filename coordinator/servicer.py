@@ -9,7 +9,7 @@ room for all of them plus the quick calls (heartbeats, joins), and a stream that
 client taking the next one) is ended with DEADLINE_EXCEEDED. The token and round of a push are checked from
 its header, before any payload is buffered.
 
-Admission: a push whose header passed then needs one of READS_PER_CORE admission slots per core to have its
+Admission: a push whose header passed then needs one of PUSH_READS_PER_CORE admission slots per core to have its
 payload read. It waits for one in turn, up to ADMISSION_WAIT_S, reading nothing meanwhile (what the client
 sent waits in gRPC's flow-control window), and is then refused with the busy RESOURCE_EXHAUSTED, which the
 worker's client retries with backoff. Once read, decoding, checking and folding it waits for one of
@@ -20,7 +20,7 @@ poll, which keeps the slot for it (coordinator/reservations.py), and only then o
 that waits inside its stream has already sent what the stream's window lets through, often the whole update, and
 that waits in the coordinator's buffers. A push's deadline, PUSH_BASE_S plus its declared bytes at
 MIN_PUSH_RATE, starts once it is admitted; it must finish by then however it paces its messages. Pulls (an
-aggregate, a whole replica) are admitted alike, READS_PER_CORE per core at once, before their stream starts:
+aggregate, a whole replica) are admitted alike, SENDS_PER_CORE per core at once, before their stream starts:
 a round's pulls all come at once, and each pull in flight holds a serialized chunk (1 MiB) in gRPC's buffers.
 
 Threads: an open call is a coroutine on the server's event loop (coordinator/server.py), so a thousand workers
@@ -74,11 +74,16 @@ PUSH_BASE_S = 120.0
 MIN_PUSH_RATE = 32 << 10  # bytes per second: 1 GiB within 9 hours
 # Pushes admitted at once per core (payload read and buffered): a push's reading goes at its client's pace,
 # so enough of them to keep the cores busy, not all (a 1,000-worker bench with 2,004 at once on 2 cores ran
-# hundreds of them past their deadline together, BENCHMARKS.md "Coordinator scale").
-READS_PER_CORE = 32
-# Of those, decoded, checked and folded at once per core: CPU work, and a decoded update holds several times
+# hundreds of them past their deadline together, BENCHMARKS.md "Coordinator scale"). Each one read holds its
+# update in gRPC's buffers, then as bytes, a message and tensors: 8 per core instead of 32 took the peak at 1,000
+# workers from 6.9-7.2x the model to 6.3x, rounds within the machine's spread (BENCHMARKS.md "What the peak holds").
+PUSH_READS_PER_CORE = 8
+# Of the pushes read, decoded, checked and folded at once per core: CPU work, and a decoded update holds several times
 # its wire bytes, so more at once only costs memory.
 DECODES_PER_CORE = 2
+# Pulls sent at once per core: a round's bytes are mostly its pulls (every worker pulls the whole aggregate), so
+# more of them at once than pushes, each holding one serialized chunk in gRPC's buffers.
+SENDS_PER_CORE = 32
 # How long an authenticated push waits for admission before it is refused as busy (and retried by its client),
 # well within the client's own 600 s limit on a push. Refusing at once instead made 1,000 bench clients retry
 # about 200 times a second, their CPU and the coordinator's going into refused streams; with 60 s, a 1,000-push
@@ -116,7 +121,8 @@ class CallLimits:
         self.pushes = 2 * workers + 4  # each worker pushes one at a time; the rest is for retries and strangers
         # Of those, how many may be past their header (admitted: payload read) at once, and of those how many
         # may be decoded at once.
-        self.admitted = min(self.pushes, max(1, READS_PER_CORE * _cores()))
+        self.admitted = min(self.pushes, max(1, PUSH_READS_PER_CORE * _cores()))
+        self.sends = max(1, SENDS_PER_CORE * _cores())  # pulls being sent at once
         self.decodes = min(self.admitted, max(1, DECODES_PER_CORE * _cores()))
         self.waits = 2 * workers + 2
         self.reserves = 2 * workers + 2  # ReservePush long polls: one per worker, and room for retries
@@ -176,7 +182,7 @@ class CoordinatorServicer(lowband_pb2_grpc.CoordinatorServicer):
         self.admitted = Slots("pushes being received and decoded", limits.admitted)
         self.decoding = Slots("pushes being decoded", limits.decodes)
         self.reservations = Reservations(self.admitted, RESERVATION_HOLD_S)
-        self.sending = Slots("pulls being sent", limits.admitted)
+        self.sending = Slots("pulls being sent", limits.sends)
         self.wait_slots = Slots("WaitRound calls", limits.waits)
         self.reserve_slots = Slots("ReservePush calls", limits.reserves)
         self.pull_slots = Slots("state or aggregate pulls", limits.pulls)

@@ -104,7 +104,7 @@ def chunks(entries: dict[str, Payload]) -> list[pb.PushMessage]:
 
 @contextmanager
 def admission_held(server: CoordinatorServer, member: CoordinatorClient) -> Iterator[Any]:
-    """The coordinator's one admitted slot (the test sets READS_PER_CORE to 0) held by `member`'s push whose header
+    """The coordinator's one admitted slot (the test sets PUSH_READS_PER_CORE to 0) held by `member`'s push whose header
     came and whose stream then stalled; yields that call's future, which ends (INVALID_ARGUMENT: no payload) once
     the block is left."""
     release = threading.Event()

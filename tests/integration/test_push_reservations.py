@@ -24,7 +24,7 @@ from worker.client import CoordinatorClient
 @pytest.mark.parametrize("reserving", [True, False])
 def test_a_reserved_push_sends_nothing_until_its_slot_is_free(reserving: bool,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted push, whatever the cores
+    monkeypatch.setattr("coordinator.servicer.PUSH_READS_PER_CORE", 0)  # one admitted push, whatever the cores
     if not reserving:
         monkeypatch.setattr(CoordinatorClient, "_reserve", lambda self, round_: None)
     with running(stream_idle_s=600.0) as (server, (first, second)):
@@ -82,7 +82,7 @@ def test_a_reservation_is_judged_as_its_push_would_be() -> None:
 def test_reservations_waiting_at_once_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each waiting ReservePush holds a server thread, so only so many may wait (CallLimits.reserves); one more
     is refused as busy at once, and none of them keeps a slot once the wait is over."""
-    monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted push, whatever the cores
+    monkeypatch.setattr("coordinator.servicer.PUSH_READS_PER_CORE", 0)  # one admitted push, whatever the cores
     with running(stream_idle_s=600.0) as (server, (first, second)), \
             grpc.insecure_channel(server.address, options=m.GRPC_OPTIONS) as channel:
         stub = lowband_pb2_grpc.CoordinatorStub(channel)

@@ -216,7 +216,7 @@ def test_pushes_past_the_admitted_ones_queue_and_get_through_once_one_is_done(
     for admission, though stream slots are free; past ADMISSION_WAIT_S it is refused as busy (not wrong) and
     its client retries with backoff. Either way it folds once the slot is free again. The member pushes without
     reserving a slot first, as a push whose reservation lapsed does (a reserved push: test_push_reservations)."""
-    monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted push, whatever the cores
+    monkeypatch.setattr("coordinator.servicer.PUSH_READS_PER_CORE", 0)  # one admitted push, whatever the cores
     monkeypatch.setattr("coordinator.servicer.ADMISSION_WAIT_S", wait_s)
     monkeypatch.setattr(CoordinatorClient, "_reserve", lambda self, round_: None)
     with running(stream_idle_s=600.0) as (server, (first, second)):
@@ -247,7 +247,7 @@ def test_pulls_past_the_admitted_ones_wait_their_turn(monkeypatch: pytest.Monkey
     """Pulls are admitted like pushes (coordinator/servicer.py `sending`): with one admitted, held by a pull
     whose client stopped reading, a member's next pull waits for it instead of streaming alongside, and gets
     the whole state once the held one is gone."""
-    monkeypatch.setattr("coordinator.servicer.READS_PER_CORE", 0)  # one admitted pull, whatever the cores
+    monkeypatch.setattr("coordinator.servicer.SENDS_PER_CORE", 0)  # one admitted pull, whatever the cores
     cfg = tiny_config(protocol={"kind": "diloco", "inner_steps": 5},
                       cluster={"workers": 1, "token": TOKEN, "stream_idle_s": 600.0})
     server = CoordinatorServer(cfg).start()
