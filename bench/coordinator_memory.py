@@ -174,21 +174,20 @@ def _write_stream(messages: Iterator[Any], path: Path) -> None:
             f.write(len(data).to_bytes(8, "little") + data)
 
 
-def _stream_bytes(path: Path) -> int:
-    """The wire bytes of a stream `_write_stream` wrote: its messages, serialized, without the framing."""
-    total = 0
+def _frames(path: Path) -> Iterator[bytes]:
+    """The serialized messages of a stream `_write_stream` wrote, without the framing."""
     with path.open("rb") as f:
         while size := f.read(8):
-            n = int.from_bytes(size, "little")
-            f.seek(n, 1)
-            total += n
-    return total
+            yield f.read(int.from_bytes(size, "little"))
+
+
+def _stream_bytes(path: Path) -> int:
+    """The wire bytes of a stream `_write_stream` wrote: its messages, serialized."""
+    return sum(len(data) for data in _frames(path))
 
 
 def _read_stream(path: Path) -> Iterator[pb.PushMessage]:
-    with path.open("rb") as f:
-        while size := f.read(8):
-            yield pb.PushMessage.FromString(f.read(int.from_bytes(size, "little")))
+    return (pb.PushMessage.FromString(data) for data in _frames(path))
 
 
 def prepare(workers: int, rounds: int, work: Path) -> None:
@@ -242,7 +241,8 @@ def _measure(tmp: Path, cfg: Any, workers: int, rounds: int, account: bool, trim
     # Bytes both ways, from the workers' side: what they push (the initial state once, an update a round each)
     # and what they pull (the aggregate a round each), as serialized messages on the wire.
     state_sent = _stream_bytes(tmp / "initial.bin")
-    protocol_sent = rounds * sum(_stream_bytes(tmp / f"update{i * 2 // workers}.bin") for i in range(workers))
+    update_bytes = [_stream_bytes(tmp / f"update{k}.bin") for k in range(2)]  # the two distinct updates
+    protocol_sent = rounds * sum(update_bytes[i * 2 // workers] for i in range(workers))
     received = 0
     with profiler.phase("initial: whole upload"):
         with profiler.phase("initial: read_push"):
