@@ -1,14 +1,15 @@
 """CO2 overlap vs synchronous rounds on emulated slow links, every contender side by side in one invocation.
 
     python -m bench.overlap [--quick] [--steps 384] [--inner-steps 8,32,128] [--bandwidths 5,20,100,1000]
-                            [--contenders compute-only,ddp,...] [--no-extras] [--out overlap]
+                            [--contenders compute-only,ddp,...] [--no-extras] [--model small] [--out overlap]
 
 Run it inside a loopback-only namespace: `deploy/loopback.sh .venv/bin/python -m bench.overlap`.
 
 4 workers train the same small GPT (bench/overlap_runs.py: 2 layers, 64 wide, 108k parameters; batch 8 x 64
-characters) for the same number of inner steps each (`--steps`, the token budget), on every cell of a
-grid of inner steps H x emulated link speed (Mbit/s each way, token bucket per direction, the bytes the
-transport really moved; `link.bandwidth_mbps`). Contenders:
+characters; `--model wide`: 4 layers, 128 wide, 0.8M parameters, ~8x the compute per step) for the same
+number of inner steps each (`--steps`, the token budget), on every cell of a grid of inner steps H x emulated
+link speed (Mbit/s each way, token bucket per direction, the bytes the transport really moved;
+`link.bandwidth_mbps`). Contenders:
 
 - compute-only: the 4 workers train and never communicate: the ceiling. Measured before the first block of
   runs (one block per link speed, then the 50%-speed runs, then the heterogeneous ones) and after each;
@@ -74,7 +75,7 @@ from bench.overlap_runs import (
     CONTENDERS,
     COORDINATED,
     DILOCO_OUTER,
-    MODEL,
+    MODELS,
     WORKERS,
     Measurement,
     Pool,
@@ -116,6 +117,7 @@ class Grid:
     ddp_link_s: float = 30.0
     # The *-arrival contenders' overlap.delay_steps (None: merge whenever the aggregate arrives).
     arrival_delay: int | None = ARRIVAL_DELAY
+    model: str = "small"  # a key of bench.overlap_runs.MODELS
 
     def overlap_for(self, contender: str) -> dict[str, Any] | None:
         """What this grid changes in `contender`'s overlap section: the arrival delay, if it is not the default."""
@@ -128,12 +130,12 @@ QUICK = Grid(steps=64, inner_steps=[8], bandwidths=[20.0, 1000.0],
              contenders=["compute-only", "diloco-sync", "diloco-co2"], extras=False)
 
 
-def parameters() -> int:
-    """Parameters of the benchmark's GPT (the corpus fixes the vocabulary)."""
+def parameters(model: str = "small") -> int:
+    """Parameters of the benchmark's GPT `model` (the corpus fixes the vocabulary)."""
     from worker.data import load_corpus
     from worker.model import GPT
 
-    cfg = run_config("compute-only", 1)
+    cfg = run_config("compute-only", 1, model=model)
     vocab = load_corpus(cfg.data.eval_fraction, cfg.data.max_chars).tokenizer.vocab_size
     return sum(p.numel() for p in GPT(cfg.model, vocab).parameters())
 
@@ -192,7 +194,8 @@ class Runner:
         """One run; None (and the error kept in `failures`) if it failed."""
         began = time.perf_counter()
         try:
-            m = measure(self.pool, contender, run_config(contender, steps, inner_steps or 1, link, overlap))
+            m = measure(self.pool, contender,
+                        run_config(contender, steps, inner_steps or 1, link, overlap, self.grid.model))
         except Exception as err:  # one contender failing leaves the others' rows
             self.failures.append({"contender": contender, "inner_steps": inner_steps, "link_mbps": link,
                                   "overlap": overlap, "error": str(err)[-3000:]})
@@ -322,10 +325,10 @@ def collect(grid: Grid, log: Callable[[str], None] = print) -> dict[str, Any]:
     unknown = [c for c in grid.contenders if c not in CONTENDERS]
     if unknown:
         raise ValueError(f"unknown contenders {unknown}; choose from {', '.join(CONTENDERS)}")
-    params = parameters()
+    params = parameters(grid.model)
     notes: list[str] = []
     extras: dict[str, Any] = {}
-    with Pool() as pool:
+    with Pool(grid.model) as pool:
         runner = Runner(pool, grid, params, log)
         runner.ceiling()
         if not runner.ceilings:
@@ -378,7 +381,8 @@ def collect(grid: Grid, log: Callable[[str], None] = print) -> dict[str, Any]:
         "ceiling_tokens_per_s": ceiling,
         "compute_only_tokens_per_s": [c.tokens_per_s for c in runner.ceilings],
         "parameters": params,
-        "model": MODEL,
+        "model": MODELS[grid.model],
+        "model_name": grid.model,
         "batch_size": BATCH,
         "workers": WORKERS,
         "steps_per_worker": grid.steps,
@@ -517,6 +521,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arrival-delay", type=_delay, default=ARRIVAL_DELAY,
                         help=f"the *-arrival contenders' overlap.delay_steps: inner steps before the merge, or "
                              f"'none' to merge whenever the aggregate arrives (default {ARRIVAL_DELAY})")
+    parser.add_argument("--model", choices=sorted(MODELS), default="small",
+                        help="the GPT every run trains: small (2 layers, 64 wide, 108k parameters; the grid's) or "
+                             "wide (4 layers, 128 wide, 0.8M: ~8x the compute per step; default small)")
     parser.add_argument("--out", help="result name in bench/results (default overlap; overlap_quick with --quick)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else Grid()
@@ -528,6 +535,7 @@ def main(argv: list[str] | None = None) -> None:
         extras=base.extras and not args.no_extras,
         ddp_link_s=args.ddp_link_s,
         arrival_delay=args.arrival_delay,
+        model=args.model,
     )
     if grid.steps < 1:
         parser.error(f"--steps must be >= 1, got {grid.steps}")

@@ -36,6 +36,11 @@ WORKERS = 4
 # round: 6.9 Mbit, 1.4 s at 5 Mbit/s, against ~0.6 s of compute for 32 inner steps of batch 8 x 64 here
 # (4 workers on 2 cores), so H=32's synchronous rounds cross 50% utilization near 10 Mbit/s.
 MODEL: dict[str, Any] = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64}
+# 4 layers, 128 wide: 0.8M parameters and ~8x the compute per step. A round's protocol and transport CPU grows
+# far less than that (much of it is per tensor, not per parameter), so on these 2 shared cores it takes a
+# smaller share from the training: `--model wide` asks what the overlap gives once compute dominates the CPU.
+WIDE_MODEL: dict[str, Any] = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}
+MODELS: dict[str, dict[str, Any]] = {"small": MODEL, "wide": WIDE_MODEL}
 BATCH = 8
 EVAL_BATCHES = 8
 MAX_CHARS = 1_000_000  # of the corpus, read by every process: keeps start-up short
@@ -131,10 +136,13 @@ def run_config(
     inner_steps: int = 1,
     link: float | list[float] | None = None,
     overlap: dict[str, Any] | None = None,
+    model: str = "small",
 ) -> RunConfig:
-    """The config of `contender`: the shared model, data and budget; its protocol; `overlap` keys merged
-    into its overlap section, or for OUTER_KEYS into its outer step (the ablations); `link` as in
+    """The config of `contender`: the shared model (`MODELS[model]`), data and budget; its protocol; `overlap`
+    keys merged into its overlap section, or for OUTER_KEYS into its outer step (the ablations); `link` as in
     `link_section`."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     if contender in COORDINATED:
         kind, section = COORDINATED[contender]
         protocol: dict[str, Any] = {"kind": kind, "inner_steps": inner_steps}
@@ -157,7 +165,7 @@ def run_config(
         raise ValueError(f"unknown contender {contender!r}; choose from {', '.join(CONTENDERS)}")
     data: dict[str, Any] = {
         "name": f"overlap-{contender}",
-        "model": MODEL,
+        "model": MODELS[model],
         "data": {"batch_size": BATCH, "max_chars": MAX_CHARS},
         "train": {"steps": steps, "eval_batches": EVAL_BATCHES, "eval_every_steps": 1_000_000},
         "protocol": protocol,
@@ -248,8 +256,9 @@ class Pool:
     process leaves the others stuck in it: the pool then ends them all and starts afresh for the next run.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model: str = "small") -> None:
         self.procs: list[Any] = []
+        self.model = model  # the warm-up's: first-touch costs of this model's sizes stay out of the timings
         self._start()
 
     def _start(self) -> None:
@@ -261,7 +270,7 @@ class Pool:
                                   daemon=True) for i, inbox in enumerate(self.inboxes)]
         for p in self.procs:
             p.start()
-        self.run(("compute", run_config("compute-only", 4)))  # warm-up: first-touch costs stay out of timings
+        self.run(("compute", run_config("compute-only", 4, model=self.model)))  # warm-up: first-touch costs
 
     def __enter__(self) -> Pool:
         return self

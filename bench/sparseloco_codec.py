@@ -1,11 +1,11 @@
 """CPU cost of one round's protocol work, SparseLoCo against dense DiLoCo, on bench.overlap's model.
 
-    python -m bench.sparseloco_codec [--rounds 20] [--out sparseloco_codec]
+    python -m bench.sparseloco_codec [--rounds 20] [--model small] [--out sparseloco_codec]
 
 bench.overlap's 4 workers and coordinator share 2 cores with the training, so every ms of CPU a round
 spends outside the inner steps is taken from them. This times, in one process with one torch thread, the
 pure protocol code of one round of `bench.overlap`'s contenders on its 108k-parameter GPT (20 tensors),
-4 workers, with random pseudo-gradients:
+4 workers, with random pseudo-gradients (`--model wide`: bench.overlap's wide model, 0.8M parameters, 38 tensors):
 
 - make_update: one worker's update (pseudo-gradient, error feedback, codec), per worker;
 - submit:      the aggregator checking and folding one update (`RoundAggregator.submit`), per update;
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from bench.common import command_line, write_result
-from bench.overlap_runs import WORKERS, run_config
+from bench.overlap_runs import MODELS, WORKERS, run_config
 from compression.error_feedback import ErrorFeedback
 from protocols.base import Update
 from protocols.downlink import Downlink, apply_aggregate
@@ -54,8 +54,8 @@ def per_tensor(protocol: Any) -> Callable[[Params, Params, Any], tuple[Update, A
     return make_update
 
 
-def measure(contender: str, params: Params, rounds: int) -> dict[str, Any]:
-    cfg = run_config(contender.removesuffix("-per-tensor"), 32, inner_steps=32)
+def measure(contender: str, params: Params, rounds: int, model: str = "small") -> dict[str, Any]:
+    cfg = run_config(contender.removesuffix("-per-tensor"), 32, inner_steps=32, model=model)
     protocol = build_protocol(cfg)
     downlink = Downlink.of(cfg.protocol, protocol)
     make = per_tensor(protocol) if contender.endswith("-per-tensor") else protocol.make_update
@@ -94,17 +94,20 @@ def measure(contender: str, params: Params, rounds: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per contender (median reported)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="small",
+                        help="bench.overlap's model to time (default small)")
     parser.add_argument("--out", default="sparseloco_codec", help="bench/results/<out>.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    session = Session.build(run_config("diloco-sync", 32, inner_steps=32), 0, WORKERS, evaluates=False)
+    session = Session.build(run_config("diloco-sync", 32, inner_steps=32, model=args.model), 0, WORKERS,
+                            evaluates=False)
     params = {n: p.detach().clone() for n, p in session.params().items()}
-    rows = [measure(contender, params, args.rounds) for contender in CONTENDERS]
+    rows = [measure(contender, params, args.rounds, args.model) for contender in CONTENDERS]
     base = rows[0]["round_cpu_ms"]
     for row in rows:
         row["vs_diloco"] = row["round_cpu_ms"] / base
     write_result(args.out, command_line("bench.sparseloco_codec"), rows, COLUMNS, threads=1,
-                 tensors=len(params), parameters=sum(p.numel() for p in params.values()))
+                 tensors=len(params), parameters=sum(p.numel() for p in params.values()), model=args.model)
 
 
 if __name__ == "__main__":
