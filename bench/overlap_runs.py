@@ -36,9 +36,10 @@ WORKERS = 4
 # round: 6.9 Mbit, 1.4 s at 5 Mbit/s, against ~0.6 s of compute for 32 inner steps of batch 8 x 64 here
 # (4 workers on 2 cores), so H=32's synchronous rounds cross 50% utilization near 10 Mbit/s.
 MODEL: dict[str, Any] = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 64}
-# 4 layers, 128 wide: 0.8M parameters and ~8x the compute per step. A round's protocol and transport CPU grows
-# far less than that (much of it is per tensor, not per parameter), so on these 2 shared cores it takes a
-# smaller share from the training: `--model wide` asks what the overlap gives once compute dominates the CPU.
+# 4 layers, 128 wide: 0.8M parameters and ~8x the compute per step. `--model wide` asks whether the CPU a round's
+# protocol and transport take from the training on these 2 shared cores shrinks as a share once compute grows.
+# Measured: it does not, since the codec's CPU grows with the parameters too (BENCHMARKS.md, "A wider model at
+# the 50% point": 442 ms a round against 48 ms).
 WIDE_MODEL: dict[str, Any] = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}
 MODELS: dict[str, dict[str, Any]] = {"small": MODEL, "wide": WIDE_MODEL}
 BATCH = 8

@@ -5,7 +5,7 @@
 bench.overlap's 4 workers and coordinator share 2 cores with the training, so every ms of CPU a round
 spends outside the inner steps is taken from them. This times, in one process with one torch thread, the
 pure protocol code of one round of `bench.overlap`'s contenders on its 108k-parameter GPT (20 tensors),
-4 workers, with random pseudo-gradients (`--model wide`: bench.overlap's wide model, 0.8M parameters, 38 tensors):
+4 workers, with random pseudo-gradients (`--model wide`: bench.overlap's wide model, 0.8M parameters, 36 tensors):
 
 - make_update: one worker's update (pseudo-gradient, error feedback, codec), per worker;
 - submit:      the aggregator checking and folding one update (`RoundAggregator.submit`), per update;
