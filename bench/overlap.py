@@ -74,6 +74,7 @@ from bench.overlap_runs import (
     BATCH,
     CONTENDERS,
     COORDINATED,
+    DEFAULT_MODEL,
     DILOCO_OUTER,
     MODELS,
     WORKERS,
@@ -117,7 +118,7 @@ class Grid:
     ddp_link_s: float = 30.0
     # The *-arrival contenders' overlap.delay_steps (None: merge whenever the aggregate arrives).
     arrival_delay: int | None = ARRIVAL_DELAY
-    model: str = "small"  # a key of bench.overlap_runs.MODELS
+    model: str = DEFAULT_MODEL  # a key of bench.overlap_runs.MODELS
 
     def overlap_for(self, contender: str) -> dict[str, Any] | None:
         """What this grid changes in `contender`'s overlap section: the arrival delay, if it is not the default."""
@@ -130,7 +131,7 @@ QUICK = Grid(steps=64, inner_steps=[8], bandwidths=[20.0, 1000.0],
              contenders=["compute-only", "diloco-sync", "diloco-co2"], extras=False)
 
 
-def parameters(model: str = "small") -> int:
+def parameters(model: str = DEFAULT_MODEL) -> int:
     """Parameters of the benchmark's GPT `model` (the corpus fixes the vocabulary)."""
     from worker.data import load_corpus
     from worker.model import GPT
@@ -521,9 +522,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arrival-delay", type=_delay, default=ARRIVAL_DELAY,
                         help=f"the *-arrival contenders' overlap.delay_steps: inner steps before the merge, or "
                              f"'none' to merge whenever the aggregate arrives (default {ARRIVAL_DELAY})")
-    parser.add_argument("--model", choices=sorted(MODELS), default="small",
+    parser.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL,
                         help="the GPT every run trains: small (2 layers, 64 wide, 108k parameters; the grid's) or "
-                             "wide (4 layers, 128 wide, 0.8M: ~8x the compute per step; default small)")
+                             f"wide (4 layers, 128 wide, 0.8M: ~8x the compute per step; default {DEFAULT_MODEL})")
     parser.add_argument("--out", help="result name in bench/results (default overlap; overlap_quick with --quick)")
     args = parser.parse_args(argv)
     base = QUICK if args.quick else Grid()

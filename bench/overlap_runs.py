@@ -42,6 +42,7 @@ MODEL: dict[str, Any] = {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 
 # the 50% point": 442 ms a round against 48 ms).
 WIDE_MODEL: dict[str, Any] = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64}
 MODELS: dict[str, dict[str, Any]] = {"small": MODEL, "wide": WIDE_MODEL}
+DEFAULT_MODEL = "small"  # the grid's, and what every run trains unless told otherwise
 BATCH = 8
 EVAL_BATCHES = 8
 MAX_CHARS = 1_000_000  # of the corpus, read by every process: keeps start-up short
@@ -137,7 +138,7 @@ def run_config(
     inner_steps: int = 1,
     link: float | list[float] | None = None,
     overlap: dict[str, Any] | None = None,
-    model: str = "small",
+    model: str = DEFAULT_MODEL,
 ) -> RunConfig:
     """The config of `contender`: the shared model (`MODELS[model]`), data and budget; its protocol; `overlap`
     keys merged into its overlap section, or for OUTER_KEYS into its outer step (the ablations); `link` as in
@@ -257,7 +258,7 @@ class Pool:
     process leaves the others stuck in it: the pool then ends them all and starts afresh for the next run.
     """
 
-    def __init__(self, model: str = "small") -> None:
+    def __init__(self, model: str = DEFAULT_MODEL) -> None:
         self.procs: list[Any] = []
         self.model = model  # the warm-up's: first-touch costs of this model's sizes stay out of the timings
         self._start()

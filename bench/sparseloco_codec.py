@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from bench.common import command_line, write_result
-from bench.overlap_runs import MODELS, WORKERS, run_config
+from bench.overlap_runs import DEFAULT_MODEL, MODELS, WORKERS, run_config
 from compression.error_feedback import ErrorFeedback
 from protocols.base import Update
 from protocols.downlink import Downlink, apply_aggregate
@@ -54,7 +54,7 @@ def per_tensor(protocol: Any) -> Callable[[Params, Params, Any], tuple[Update, A
     return make_update
 
 
-def measure(contender: str, params: Params, rounds: int, model: str = "small") -> dict[str, Any]:
+def measure(contender: str, params: Params, rounds: int, model: str = DEFAULT_MODEL) -> dict[str, Any]:
     cfg = run_config(contender.removesuffix("-per-tensor"), 32, inner_steps=32, model=model)
     protocol = build_protocol(cfg)
     downlink = Downlink.of(cfg.protocol, protocol)
@@ -94,8 +94,8 @@ def measure(contender: str, params: Params, rounds: int, model: str = "small") -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per contender (median reported)")
-    parser.add_argument("--model", choices=sorted(MODELS), default="small",
-                        help="bench.overlap's model to time (default small)")
+    parser.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL,
+                        help=f"bench.overlap's model to time (default {DEFAULT_MODEL})")
     parser.add_argument("--out", default="sparseloco_codec", help="bench/results/<out>.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
