@@ -37,11 +37,12 @@ of the weights.
    `--seed` is the run seed of the base and of every contender (model init, data streams, LoRA's random A).
 
 Why all-gather in fresh processes: per-worker peak memory is only honest if a worker is a process of its own
-that ran nothing else. `worker.spawn.spawn_on_loopback` starts 4 fresh processes per contender (one torch
-thread each) that run `worker.runners.run_allgather_rank` (cluster.transport allgather: every rank aggregates,
-so there is no coordinator process to account for); rank 0 evaluates (it alone holds eval batches and eval
-points; the loss is that of the replica every rank shares, `replicas_agree`). Bytes are what each rank's
-all-gather moved (it receives the other 3 ranks' updates), per worker, both directions, averaged over workers.
+that ran nothing else. `worker.spawn.spawn_on_loopback` starts 4 fresh processes per contender (forked from a
+server that imported torch and nothing else; one torch thread each) that run `worker.runners.run_allgather_rank`
+(cluster.transport allgather: every rank aggregates, so there is no coordinator process to account for); rank 0
+evaluates (it alone holds eval batches and eval points; the loss is that of the replica every rank shares,
+`replicas_agree`). Bytes are what each rank's all-gather moved (it receives the other 3 ranks' updates), per worker,
+both directions, averaged over workers.
 The gRPC star would need a coordinator process beside them (and bench.overlap's long-lived worker pool would
 carry one contender's peak into the next); the in-process runner shares one process among the workers.
 
