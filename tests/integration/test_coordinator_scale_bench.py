@@ -104,9 +104,10 @@ def test_quick_run_writes_a_row_per_contender(tmp_path: Path, monkeypatch: pytes
 @pytest.mark.skipif(perf_profile.available() is not None, reason=f"{perf_profile.available()}")
 def test_perf_samples_the_coordinator_per_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
-    main(["--quick", "--perf", "--out", "scale"])
+    # One contender of --quick's two: the sampling is the same for every row.
+    main(["--workers", "4", "--rounds", "2", "--model", "quick", "--perf", "--out", "scale"])
     doc = json.loads((tmp_path / "scale.json").read_text())
-    assert doc["config"]["perf"] is True
+    assert doc["config"]["perf"] is True and [r["contender"] for r in doc["rows"]] == ["workers-4"]
     for r in doc["rows"]:
         groups = r["perf"]["samples_by_group"]
         assert r["perf"]["samples"] == sum(groups.values()) > 0
