@@ -6,9 +6,9 @@ PIP := $(PY) -m pip
 LOOPBACK := deploy/loopback.sh
 RECIPE ?= deploy/recipes/diloco.yaml
 ARGS ?=
-# The whole suite takes 13-17 minutes on 2 cores, but this sandbox's 2 cores ran at about half speed on 2026-12-02
-# (the integration tests alone took ~30 minutes; the same modules on the code before and after a change took the
-# same time). Past this limit it is stuck, and fails instead of waiting; CI's own limit is 90 minutes.
+# The whole suite (pytest alone) took 20-21 minutes on this sandbox's 2 idle cores on 2026-12-03, and this
+# sandbox's cores have run at about half speed on some days (2026-12-02: the integration tests alone took ~30
+# minutes). Past this limit it is stuck, and fails instead of waiting; CI's own limit is 90 minutes.
 TEST_LIMIT_S ?= 3600
 
 .PHONY: install run test lint proto bench clean docker-test
