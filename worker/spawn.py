@@ -3,11 +3,13 @@
 Used by the DDP baseline and the all-gather transport to launch local jobs and tests without Ray.
 
 The processes are forked from multiprocessing's fork server with torch imported there once, not spawned: a
-spawned process imports torch again (about 2.5 s of CPU each, 4.5 s of wall for 4 ranks on 2 cores, against
-0.05 s forked once the server is up). The server is a fresh single-threaded interpreter that imported torch and
+spawned process imports torch again (measured ad hoc on 2 cores, not kept: 4 ranks started in 4.5 s spawned, in
+0.05 s forked once the server was up). The server is a fresh single-threaded interpreter that imported torch and
 nothing else, so a rank still starts from a process that ran nothing of the caller's (no gRPC, no threads). What
 a spawned rank got from its parent at start, and a forked one would take from the server instead, is passed
-along: the environment and the working directory as they are when the job starts.
+along: the environment and the working directory as they are when the job starts. Settings read once when a
+process starts (glibc's MALLOC_* and GLIBC_TUNABLES, what torch reads at import) are the server's: as the
+caller's environment was when its first job started the server.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def pin_gloo_to_loopback(init_method: str) -> None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
-# Imported once in the fork server, before any rank is forked from it; the caller's main module as a spawned rank
-# imports it (as __mp_main__), so a target defined there is found.
+# Imported once in the fork server, before any rank is forked from it. The caller's main module is imported there
+# (as __mp_main__) as a spawned rank imports it, so a target defined in it is found.
 PRELOAD = ["__main__", "torch"]
 
 
